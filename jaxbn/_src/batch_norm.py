@@ -1,0 +1,151 @@
+"""jaxbn.BatchNorm: a flax.linen BatchNorm with torch.nn.BatchNorm{1,2,3}d's semantics."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.typing import Dtype, Initializer
+
+from jaxbn._src import checks
+from jaxbn._src.normalization import normalize
+from jaxbn._src.running import RunningStats, update_running_stats
+from jaxbn._src.statistics import batch_statistics
+
+
+def compute_dtype(x_dtype, param_dtype):
+  """Statistics and normalisation run in at least float32; half inputs are upcast, as in torch."""
+  return jnp.promote_types(jnp.promote_types(x_dtype, jnp.float32), param_dtype)
+
+
+def counter_dtype():
+  """torch's num_batches_tracked is int64; int32 unless jax_enable_x64 is on."""
+  return jax.dtypes.canonicalize_dtype(jnp.int64)
+
+
+def broadcast_shape(shape: Sequence[int], feature_axes: Sequence[int]) -> tuple[int, ...]:
+  return tuple(d if i in feature_axes else 1 for i, d in enumerate(shape))
+
+
+class BatchNorm(nn.Module):
+  """Batch normalisation with PyTorch's semantics, as a drop-in for ``flax.linen.BatchNorm``.
+
+  Differences from flax that make converted torch models behave identically:
+  ``momentum`` is the weight of the new batch (torch's 0.1, not flax's 0.9); the running variance
+  is updated with the unbiased batch variance; ``momentum=None`` gives a cumulative average;
+  ``num_batches_tracked`` is kept; ``track_running_stats=False`` uses batch statistics in both
+  modes; the output keeps the input's dtype.
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp, jaxbn
+    >>> bn = jaxbn.BatchNorm(use_running_average=False)
+    >>> x = jax.random.normal(jax.random.key(0), (8, 5, 5, 3))
+    >>> variables = bn.init(jax.random.key(1), x)
+    >>> y, updates = bn.apply(variables, x, mutable=['batch_stats'])
+    >>> int(updates['batch_stats']['num_batches_tracked'])
+    1
+
+  Attributes:
+    use_running_average: True: normalise with the running statistics (torch's ``eval()``);
+      False: with the batch's (torch's ``train()``). A field, a call argument, or both (flax's
+      ``merge_param``: exactly one must be set).
+    axis: the channel axis (or axes): -1 for NHWC, 1 for torch's NCHW layout.
+    momentum: torch's convention, ``running = (1 - momentum) * running + momentum * batch``;
+      ``None`` for the cumulative average ``1 / num_batches_tracked``.
+    epsilon: added to the variance; must be > 0 where batch statistics are used.
+    dtype: the output dtype; default: the input's dtype (torch's rule).
+    param_dtype: dtype of ``scale``, ``bias`` and the running statistics.
+    use_bias, use_scale: torch's ``affine`` (and ``bias``) flags.
+    bias_init, scale_init: initialisers (torch: zeros and ones).
+    track_running_stats: False: no ``batch_stats`` collection; batch statistics in both modes.
+      Running statistics passed in anyway are used in eval and never updated, as in torch.
+    axis_name, axis_index_groups: compute statistics over the devices of a mapped axis, with
+      torch SyncBatchNorm's count-weighted merge.
+
+  Variables: ``params/{scale, bias}`` and ``batch_stats/{mean, var, num_batches_tracked}``. Running
+  statistics are updated only in training mode, outside ``init``, and when ``batch_stats`` is
+  passed as ``mutable``.
+  """
+
+  use_running_average: bool | None = None
+  axis: int | Sequence[int] = -1
+  momentum: float | None = 0.1
+  epsilon: float = 1e-5
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = nn.initializers.zeros
+  scale_init: Initializer = nn.initializers.ones
+  track_running_stats: bool = True
+  axis_name: str | None = None
+  axis_index_groups: Any = None
+
+  def __post_init__(self):
+    checks.check_momentum(self.momentum)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+    use_running_average = nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average
+    )
+    feature_axes = checks.feature_axes(x.shape, self.axis)
+    reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
+    feature_shape = tuple(x.shape[i] for i in feature_axes)
+    checks.check_channels(
+        f"BatchNorm '{'/'.join(self.scope.path) or '<root>'}'",
+        x.shape,
+        feature_axes,
+        {
+            f"{collection}/{name}": self.get_variable(collection, name).shape
+            for collection, name in (("params", "scale"), ("params", "bias"), ("batch_stats", "mean"))
+            if self.has_variable(collection, name)
+        },
+    )
+
+    running = None
+    if self.track_running_stats or self.has_variable("batch_stats", "mean"):
+      running = RunningStats(
+          self.variable("batch_stats", "mean", jnp.zeros, feature_shape, self.param_dtype),
+          self.variable("batch_stats", "var", jnp.ones, feature_shape, self.param_dtype),
+          self.variable("batch_stats", "num_batches_tracked", jnp.zeros, (), counter_dtype()),
+      )
+    uses_batch_stats = not use_running_average or running is None
+    checks.check_epsilon(self.epsilon, uses_batch_stats=uses_batch_stats)
+
+    shape = broadcast_shape(x.shape, feature_axes)
+    scale = bias = None
+    if self.use_scale:
+      scale = self.param("scale", self.scale_init, feature_shape, self.param_dtype).reshape(shape)
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype).reshape(shape)
+
+    x_compute = x.astype(compute_dtype(x.dtype, self.param_dtype))
+    if uses_batch_stats:
+      if self.axis_name is None:  # with sync, only the global count matters
+        checks.check_batch_size(x.shape, reduction_axes)
+      stats = batch_statistics(
+          x_compute,
+          reduction_axes,
+          axis_name=None if self.is_initializing() else self.axis_name,
+          axis_index_groups=self.axis_index_groups,
+      )
+      y = normalize(x_compute - stats.shift, stats.mean_offset, stats.var, scale, bias, self.epsilon)
+      if (
+          self.track_running_stats
+          and not self.is_initializing()
+          and self.is_mutable_collection("batch_stats")
+      ):
+        updated = update_running_stats(
+            RunningStats(*(v.value for v in running)), stats, self.momentum
+        )
+        for variable, value in zip(running, updated):
+          variable.value = value
+    else:
+      mean, var = (v.value.reshape(shape) for v in running[:2])
+      y = normalize(x_compute, mean, var, scale, bias, self.epsilon)
+    return y.astype(self.dtype or x.dtype)

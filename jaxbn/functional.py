@@ -1,0 +1,18 @@
+"""The functional core every jaxbn layer calls: statistics, normalisation, running update.
+
+Use these to build a BatchNorm variant (NNX, Equinox, a custom layer) with jaxbn's semantics
+without a second copy of the maths.
+"""
+
+from jaxbn._src.normalization import normalize
+from jaxbn._src.running import RunningStats, update_factor, update_running_stats
+from jaxbn._src.statistics import BatchStats, batch_statistics
+
+__all__ = [
+    "BatchStats",
+    "RunningStats",
+    "batch_statistics",
+    "normalize",
+    "update_factor",
+    "update_running_stats",
+]
