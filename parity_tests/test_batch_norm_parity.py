@@ -115,15 +115,19 @@ def run_parity(config: Config, rank: int, train_steps: int = 20, eval_steps: int
                            **tolerances)
 
 
-RANK_IDS = {2: "1d-NC", 3: "1d-NCL", 4: "2d", 5: "3d"}
+RANK_NAMES = {2: "1d-NC", 3: "1d-NCL", 4: "2d", 5: "3d"}
+# (N, C) input has one layout: axis=1 and axis=-1 are the same axis.
+LAYOUTS = [(rank, channels_last) for rank in (2, 3, 4, 5) for channels_last in (False, True)
+           if rank > 2 or not channels_last]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
-@pytest.mark.parametrize("rank", [2, 3, 4, 5], ids=RANK_IDS.get)
+@pytest.mark.parametrize(
+    "rank, channels_last",
+    LAYOUTS,
+    ids=[f"{RANK_NAMES[r]}-{'NHWC' if c else 'NCHW'}" for r, c in LAYOUTS],
+)
 def test_ranks_layouts_dtypes(rank, channels_last, dtype):
-  if rank == 2 and channels_last:
-    pytest.skip("(N, C) input: axis=1 and axis=-1 are the same axis, covered by the NCHW case")
   with jax.enable_x64(dtype == np.float64):
     run_parity(Config(dtype=dtype, channels_last=channels_last), rank)
 

@@ -93,6 +93,7 @@ class BatchNorm(nn.Module):
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average
     )
+    x = jnp.asarray(x)  # float64 numpy becomes float32 unless jax_enable_x64 is on
     feature_axes = checks.feature_axes(x.shape, self.axis)
     reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
     feature_shape = tuple(x.shape[i] for i in feature_axes)
