@@ -10,6 +10,7 @@ from flax import linen as nn
 from flax.typing import Dtype, Initializer
 
 from jaxbn._src import checks
+from jaxbn._src.modes import forced_eval
 from jaxbn._src.normalization import normalize
 from jaxbn._src.running import RunningStats, update_running_stats
 from jaxbn._src.statistics import batch_statistics
@@ -93,6 +94,7 @@ class BatchNorm(nn.Module):
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average
     )
+    use_running_average = use_running_average or forced_eval(self.scope.path)
     x = jnp.asarray(x)  # float64 numpy becomes float32 unless jax_enable_x64 is on
     feature_axes = checks.feature_axes(x.shape, self.axis)
     reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)

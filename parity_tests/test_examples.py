@@ -1,0 +1,26 @@
+"""The examples run end to end (with fewer steps) and print what they promise."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+EXAMPLES = pathlib.Path(__file__).parent.parent / "examples"
+
+
+def run(script, *args):
+  result = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr
+  return result.stdout
+
+
+def test_why_jaxbn_prints_the_table():
+  out = run("why_jaxbn.py", "--steps", "3")
+  assert "eval output" in out and "running var (rel.)" in out and "torch: 3" in out
+
+
+def test_finetune_frozen_backbone_keeps_frozen_arrays_bit_identical():
+  out = run("finetune_frozen_backbone.py", "--steps", "10")
+  assert out.count("bit-identical after 10 adamw steps: True") == 8
