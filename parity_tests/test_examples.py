@@ -24,3 +24,9 @@ def test_why_jaxbn_prints_the_table():
 def test_finetune_frozen_backbone_keeps_frozen_arrays_bit_identical():
   out = run("finetune_frozen_backbone.py", "--steps", "10")
   assert out.count("bit-identical after 10 adamw steps: True") == 8
+
+
+def test_data_parallel_train_syncs_statistics_over_uneven_batches():
+  out = run("data_parallel_train.py", "--devices", "4", "--epochs", "1")
+  assert "on 4 devices (+1 masked)" in out
+  assert "max relative difference" in out

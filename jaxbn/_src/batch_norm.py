@@ -13,7 +13,7 @@ from jaxbn._src import checks
 from jaxbn._src.modes import forced_eval
 from jaxbn._src.normalization import normalize
 from jaxbn._src.running import RunningStats, update_running_stats
-from jaxbn._src.statistics import batch_statistics
+from jaxbn._src.statistics import batch_statistics, replicated
 
 
 def compute_dtype(x_dtype, param_dtype):
@@ -90,7 +90,11 @@ class BatchNorm(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+  def __call__(
+      self, x: jax.Array, use_running_average: bool | None = None, *, mask: jax.Array | None = None
+  ) -> jax.Array:
+    """Normalises ``x``; ``mask`` (boolean, broadcastable to ``x``, e.g. ``valid[:, None, None,
+    None]`` for padded examples) restricts the batch statistics to the marked elements."""
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average
     )
@@ -129,11 +133,14 @@ class BatchNorm(nn.Module):
 
     x_compute = x.astype(compute_dtype(x.dtype, self.param_dtype))
     if uses_batch_stats:
-      if self.axis_name is None:  # with sync, only the global count matters
+      if mask is not None:
+        checks.check_mask(mask, x.shape)
+      elif self.axis_name is None:  # with sync or a mask only the (traced) global count matters
         checks.check_batch_size(x.shape, reduction_axes)
       stats = batch_statistics(
           x_compute,
           reduction_axes,
+          mask=mask,
           axis_name=None if self.is_initializing() else self.axis_name,
           axis_index_groups=self.axis_index_groups,
       )
@@ -143,9 +150,13 @@ class BatchNorm(nn.Module):
           and not self.is_initializing()
           and self.is_mutable_collection("batch_stats")
       ):
+        # Buffers, as in torch (updated under no_grad): no gradient flows into them.
         updated = update_running_stats(
-            RunningStats(*(v.value for v in running)), stats, self.momentum
+            RunningStats(*(v.value for v in running)), jax.lax.stop_gradient(stats), self.momentum
         )
+        if self.axis_name is not None:
+          mean, var = replicated(jnp.stack(updated[:2]), self.axis_name, self.axis_index_groups)
+          updated = RunningStats(mean, var, updated.num_batches_tracked)
         for variable, value in zip(running, updated):
           variable.value = value
     else:

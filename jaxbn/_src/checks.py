@@ -6,6 +6,8 @@ import math
 import warnings
 from typing import Sequence
 
+import numpy as np
+
 
 class MomentumConventionWarning(UserWarning):
   """A momentum that looks like flax's convention (``running = m * running + (1 - m) * batch``)."""
@@ -84,3 +86,16 @@ def check_channels(
         f" {tuple(axes)}, but the layer's variables hold {listing}. Check the channel axis (-1 for"
         " NHWC, 1 for NCHW) and that these variables belong to this layer."
     )
+
+
+def check_mask(mask, shape: Sequence[int]) -> None:
+  """A mask must be boolean and broadcastable to the input (flax's convention)."""
+  if mask.dtype != bool:
+    raise ValueError(f"mask must be boolean, got dtype {mask.dtype}. Pass e.g. valid != 0.")
+  try:
+    np.broadcast_shapes(mask.shape, tuple(shape))
+  except ValueError:
+    raise ValueError(
+        f"mask of shape {tuple(mask.shape)} does not broadcast to the input's {tuple(shape)}. For one"
+        " flag per example give it the input's rank, e.g. valid[:, None, None, None] for NHWC."
+    ) from None

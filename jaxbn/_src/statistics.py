@@ -1,14 +1,17 @@
 """Per-channel batch statistics: the one place jaxbn reduces over a batch.
 
-The mean is returned as ``shift + mean_offset``, where ``shift`` is a value taken from the batch
-itself. Subtracting a nearby float from ``x`` is exact (Sterbenz), so sums of ``x - shift`` keep
-full precision even when ``|mean| / std`` is 1e4 or more, where the textbook
-``E[x^2] - E[x]^2`` in float32 returns garbage. Normalising ``(x - shift) - mean_offset`` instead
-of ``x - mean`` also avoids rounding the mean to float32 before the subtraction.
+The corrected two-pass algorithm (Chan, Golub & LeVeque): a first pass gives a rough mean, the
+``shift``; the second sums ``x - shift`` and its square. Subtracting a nearby float from ``x`` is
+exact (Sterbenz), the residuals are small, so their sums keep full precision even when
+``|mean| / std`` is 1e4 or more, where the textbook ``E[x^2] - E[x]^2`` in float32 returns garbage.
+The mean is kept as ``shift + mean_offset``: normalising ``(x - shift) - mean_offset`` instead of
+``x - mean`` avoids rounding the mean to float32 before the subtraction. Only reductions touch the
+batch axes, so this works unchanged on a batch sharded across devices (explicit sharding too).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -20,10 +23,11 @@ class BatchStats(NamedTuple):
   """Per-channel statistics of a batch, with shape ``keepdims`` over the reduced axes.
 
   Attributes:
-    shift: one element of the batch per channel (no gradient flows through it).
+    shift: the rough, first-pass mean per channel (no gradient flows through it).
     mean_offset: batch mean minus ``shift``.
     var: the biased (population) variance, the one used to normalise.
-    count: elements per channel over the whole (global, if synced) batch.
+    count: elements per channel over the whole (global, if synced) batch; with a mask, the
+      valid ones.
   """
 
   shift: jax.Array
@@ -46,32 +50,38 @@ def batch_statistics(
     x: jax.Array,
     reduction_axes: Sequence[int],
     *,
+    mask: jax.Array | None = None,
     axis_name: str | None = None,
     axis_index_groups: Any = None,
 ) -> BatchStats:
   """Mean and biased variance of ``x`` over ``reduction_axes``, optionally across devices.
 
-  ``x`` should already be in the statistics dtype (float32 for half inputs). With ``axis_name``,
-  each device reduces its own shard and one ``all_gather`` merges ``(count, mean, M2)`` weighted
-  by count, torch SyncBatchNorm's rule, so uneven per-device batches give the global statistics.
+  ``x`` should already be in the statistics dtype (float32 for half inputs). ``mask`` (boolean,
+  broadcastable to ``x``) marks the elements that count, e.g. ``valid[:, None, None, None]`` for
+  a padded per-device batch. With ``axis_name``, each device reduces its own shard and one
+  ``all_gather`` merges ``(count, mean, M2)`` weighted by count, torch SyncBatchNorm's rule, so
+  uneven per-device batches give exactly the statistics of the global batch.
   """
   reduction_axes = tuple(reduction_axes)
-  first = tuple(slice(0, 1) if i in reduction_axes else slice(None) for i in range(x.ndim))
-  shift = lax.stop_gradient(x[first])
-  centered = x - shift
-  count = 1
-  for i in reduction_axes:
-    count *= x.shape[i]
-  count = jnp.asarray(count, jnp.int32)
-  # Corrected two-pass (Chan, Golub & LeVeque): the second pass also sums the residuals, whose
-  # float32 partial sums stay small, and adds that correction to the first pass's mean. Without it
-  # the mean is off by tens of ulps once the shift lies a few standard deviations from the mean.
-  rough_offset = jnp.mean(centered, reduction_axes, keepdims=True)
-  residual = centered - rough_offset
-  correction = jnp.mean(residual, reduction_axes, keepdims=True)
-  offset = rough_offset + correction
-  var = jnp.mean(jnp.square(residual), reduction_axes, keepdims=True) - jnp.square(correction)
-  local = BatchStats(shift, offset, var, count)
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, x.shape)
+
+  def total(values):
+    if mask is not None:
+      values = jnp.where(mask, values, 0)  # also keeps NaN or inf padding out of the sums
+    return jnp.sum(values, reduction_axes, keepdims=True)
+
+  if mask is None:
+    stats_shape = tuple(1 if i in reduction_axes else d for i, d in enumerate(x.shape))
+    count = jnp.full(stats_shape, math.prod(x.shape[i] for i in reduction_axes), jnp.int32)
+  else:
+    count = jnp.sum(mask, reduction_axes, keepdims=True, dtype=jnp.int32)
+  n = jnp.maximum(count, 1).astype(x.dtype)  # a device may hold no valid element
+  shift = lax.stop_gradient(total(x) / n)
+  residual = x - shift
+  mean_offset = total(residual) / n
+  var = jnp.maximum(total(jnp.square(residual)) / n - jnp.square(mean_offset), 0)
+  local = BatchStats(shift, mean_offset, var, count)
   if axis_name is None:
     return local
   return _merge_across_devices(local, axis_name, axis_index_groups)
@@ -79,18 +89,35 @@ def batch_statistics(
 
 def _merge_across_devices(local: BatchStats, axis_name, axis_index_groups) -> BatchStats:
   """Chan et al.'s parallel merge of per-device (count, mean, M2), in one collective round."""
-  gathered = lax.all_gather(
-      (local.shift, local.mean_offset, local.var, local.count),
-      axis_name,
-      axis_index_groups=axis_index_groups,
+  # One all_gather of the four stacked arrays; counts travel as floats (exact below 2**24 per
+  # channel and device in float32).
+  stacked = jnp.stack([local.shift, local.mean_offset, local.var, local.count.astype(local.var.dtype)])
+  shifts, offsets, variances, counts = jnp.moveaxis(
+      lax.all_gather(stacked, axis_name, axis_index_groups=axis_index_groups), 1, 0
   )
-  shifts, offsets, variances, counts = gathered
-  shift = shifts[0]
-  # Re-express every device's mean relative to one common shift; differences of nearby floats
-  # are exact, so the offsets stay small and precise.
+  # Re-express every device's mean relative to the shift of the device holding the most
+  # elements; differences of nearby floats are exact, so the offsets stay small and precise.
+  shift = jnp.take_along_axis(shifts, jnp.argmax(counts, axis=0)[None], axis=0)[0]
   offsets = (shifts - shift) + offsets
-  weights = counts.astype(offsets.dtype).reshape((-1,) + (1,) * offsets[0].ndim)
-  total = jnp.sum(weights, axis=0)
-  offset = jnp.sum(weights * offsets, axis=0) / total
-  m2 = jnp.sum(weights * variances + weights * jnp.square(offsets - offset), axis=0)
-  return BatchStats(shift, offset, m2 / total, jnp.sum(counts))
+  total = jnp.sum(counts, axis=0)
+  n = jnp.maximum(total, 1)
+  offset = jnp.sum(counts * offsets, axis=0) / n
+  m2 = jnp.sum(counts * (variances + jnp.square(offsets - offset)), axis=0)
+  return BatchStats(shift, offset, m2 / n, total.astype(jnp.int32))
+
+
+def _varying_axes(value: jax.Array) -> frozenset:
+  """Mesh axes along which shard_map's type system considers ``value`` to differ."""
+  aval = jax.typeof(value)
+  manual = getattr(aval, "mat", None)  # jax >= 0.9; earlier releases call it ``vma``
+  return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
+
+
+def replicated(values: jax.Array, axis_name: str, axis_index_groups: Any = None) -> jax.Array:
+  """``values`` computed from merged statistics are equal on every device of a group, but inside
+  shard_map ``all_gather``'s result is typed device-varying, so ``out_specs=P()`` would reject
+  them. A ``pmax`` of equal values is exact and types them replicated; it runs only there (not
+  under pmap or vmap) and only on per-channel vectors."""
+  if axis_name not in _varying_axes(values):
+    return values
+  return lax.pmax(values, axis_name, axis_index_groups=axis_index_groups)
