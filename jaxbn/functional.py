@@ -6,13 +6,14 @@ without a second copy of the maths.
 
 from jaxbn._src.normalization import normalize
 from jaxbn._src.running import RunningStats, update_factor, update_running_stats
-from jaxbn._src.statistics import BatchStats, batch_statistics
+from jaxbn._src.statistics import BatchStats, batch_statistics, replicated
 
 __all__ = [
     "BatchStats",
     "RunningStats",
     "batch_statistics",
     "normalize",
+    "replicated",
     "update_factor",
     "update_running_stats",
 ]

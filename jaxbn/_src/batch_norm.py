@@ -104,7 +104,7 @@ class BatchNorm(nn.Module):
     reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
     feature_shape = tuple(x.shape[i] for i in feature_axes)
     checks.check_channels(
-        f"BatchNorm '{'/'.join(self.scope.path) or '<root>'}'",
+        checks.layer_label("BatchNorm", self.scope.path),
         x.shape,
         feature_axes,
         {

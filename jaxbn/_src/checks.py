@@ -73,6 +73,11 @@ def check_batch_size(shape: Sequence[int], reduction_axes: Sequence[int]) -> Non
     )
 
 
+def layer_label(kind: str, path: Sequence[str]) -> str:
+  """How errors name a layer: its class and module path, e.g. ``BatchNorm 'layer1/0/bn1'``."""
+  return f"{kind} '{'/'.join(path) or '<root>'}'"
+
+
 def check_channels(
     layer: str, shape: Sequence[int], axes: Sequence[int], held: dict[str, tuple[int, ...]]
 ) -> None:

@@ -66,7 +66,7 @@ class FrozenBatchNorm(nn.Module):
     feature_shape = tuple(x.shape[i] for i in feature_axes)
     names = ["mean", "var"] + ["scale"] * self.use_scale + ["bias"] * self.use_bias
     checks.check_channels(
-        f"FrozenBatchNorm '{'/'.join(self.scope.path) or '<root>'}'",
+        checks.layer_label("FrozenBatchNorm", self.scope.path),
         x.shape,
         feature_axes,
         {f"params/{n}": self.get_variable("params", n).shape for n in names if self.has_variable("params", n)},
