@@ -2,7 +2,8 @@
 batch, which is what torch's SyncBatchNorm computes (torch runs it on CUDA only).
 
 Eight simulated CPU devices (conftest.py). Equal and uneven per-device batches (padding marked
-by ``mask``), with and without ``axis_index_groups``, under shard_map, pmap and vmap; and plain
+by ``mask``), with and without ``axis_index_groups``, under shard_map; uneven under pmap and
+vmap; and plain
 jit over a batch-sharded input without ``axis_name``. After every step: outputs, gradients w.r.t.
 input, scale and bias (summed over the devices of a group), running statistics, counter.
 Tolerances as test_batch_norm_parity: outputs and input gradients 2e-6; scale and bias gradients
@@ -144,47 +145,31 @@ def test_shard_map_matches_torch_on_the_global_batch(case):
         assert_matches(actual, expected, n=len(rows) * np.prod(SPATIAL))
 
 
-def test_pmap_matches_torch_on_the_global_batch():
-  counts = [2] * DEVICES
+MAPS = {
+    "pmap": lambda step: jax.pmap(step, axis_name="data"),
+    "vmap": lambda step: jax.jit(jax.vmap(step, axis_name="data")),
+}
+
+
+@pytest.mark.parametrize("mapping", MAPS)
+def test_pmap_and_vmap_match_torch_on_the_global_batch(mapping):
+  counts, pad_to = [2, 1, 2, 2], 2  # uneven: one device holds a padded example
   module = jaxbn.BatchNorm(axis_name="data")
-  step = jax.pmap(device_step(module), axis_name="data")
+  step = MAPS[mapping](device_step(module))
   torch_bn = torch.nn.BatchNorm2d(CHANNELS)
-  variables = variables_from_torch(torch_bn)
-  params, batch_stats = jax.tree.map(lambda a: a[:, None], per_device(variables, DEVICES))
+  params, batch_stats = jax.tree.map(lambda a: a[:, None], per_device(variables_from_torch(torch_bn), len(counts)))
   rng = np.random.default_rng(1)
+  split = lambda a: a.reshape(len(counts), pad_to, *a.shape[1:])  # noqa: E731
   for _ in range(3):
     x = random_batch(rng, (sum(counts), CHANNELS, *SPATIAL), np.float32)
     cotangent = rng.standard_normal(x.shape).astype(np.float32)
-    x_dev, mask = to_devices(x, counts, 2)
-    cot_dev, _ = to_devices(cotangent, counts, 2)
-    split = lambda a: a.reshape(DEVICES, 2, *a.shape[1:])  # noqa: E731
+    x_dev, mask = to_devices(x, counts, pad_to)
+    cot_dev, _ = to_devices(cotangent, counts, pad_to)
+    cot_dev = np.where(mask, cot_dev, 0).astype(np.float32)
     y, dx, dparams, batch_stats = step(params, batch_stats, split(x_dev), split(cot_dev), split(mask))
     expected = torch_reference(torch_bn, x, cotangent)
-    actual = dict(y=from_devices(np.asarray(y).reshape(x_dev.shape), counts, 2),
-                  dx=from_devices(np.asarray(dx).reshape(x_dev.shape), counts, 2),
-                  scale=dparams["scale"][0, 0], bias=dparams["bias"][0, 0],
-                  stats=jax.tree.map(lambda a: np.asarray(a[0, 0]), batch_stats))
-    assert_matches(actual, expected, n=x.size // CHANNELS)
-
-
-def test_vmap_matches_torch_on_the_global_batch():
-  counts = [3, 3, 3, 3]
-  module = jaxbn.BatchNorm(axis_name="data")
-  step = jax.jit(jax.vmap(device_step(module), axis_name="data"))
-  torch_bn = torch.nn.BatchNorm2d(CHANNELS)
-  variables = variables_from_torch(torch_bn)
-  params, batch_stats = jax.tree.map(lambda a: a[:, None], per_device(variables, len(counts)))
-  rng = np.random.default_rng(2)
-  for _ in range(3):
-    x = random_batch(rng, (sum(counts), CHANNELS, *SPATIAL), np.float32)
-    cotangent = rng.standard_normal(x.shape).astype(np.float32)
-    x_dev, mask = to_devices(x, counts, 3)
-    cot_dev, _ = to_devices(cotangent, counts, 3)
-    split = lambda a: a.reshape(len(counts), 3, *a.shape[1:])  # noqa: E731
-    y, dx, dparams, batch_stats = step(params, batch_stats, split(x_dev), split(cot_dev), split(mask))
-    expected = torch_reference(torch_bn, x, cotangent)
-    actual = dict(y=from_devices(np.asarray(y).reshape(x_dev.shape), counts, 3),
-                  dx=from_devices(np.asarray(dx).reshape(x_dev.shape), counts, 3),
+    actual = dict(y=from_devices(np.asarray(y).reshape(x_dev.shape), counts, pad_to),
+                  dx=from_devices(np.asarray(dx).reshape(x_dev.shape), counts, pad_to),
                   scale=dparams["scale"][0, 0], bias=dparams["bias"][0, 0],
                   stats=jax.tree.map(lambda a: np.asarray(a[0, 0]), batch_stats))
     assert_matches(actual, expected, n=x.size // CHANNELS)
