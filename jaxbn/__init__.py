@@ -1,7 +1,8 @@
 """jaxbn: BatchNorm for Flax that behaves exactly like PyTorch's."""
 
-from jaxbn import functional
+from jaxbn import convert, functional, models
 from jaxbn._src.batch_norm import BatchNorm
+from jaxbn._src.checkpoint import CheckpointError, load_state_dict, save_state_dict
 from jaxbn._src.checks import MomentumConventionWarning
 from jaxbn._src.freezing import freeze, frozen_mask, keep_frozen, unfreeze
 from jaxbn._src.frozen import FrozenBatchNorm
@@ -9,13 +10,18 @@ from jaxbn._src.modes import eval_mode
 
 __all__ = [
     "BatchNorm",
+    "CheckpointError",
     "FrozenBatchNorm",
     "MomentumConventionWarning",
     "eval_mode",
+    "convert",
     "freeze",
     "frozen_mask",
     "functional",
     "keep_frozen",
+    "load_state_dict",
+    "models",
+    "save_state_dict",
     "unfreeze",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,135 @@
+"""Reading and writing PyTorch state_dicts as numpy arrays (.pt/.pth/.bin and .safetensors)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import pickle
+from typing import Mapping
+
+import ml_dtypes
+import numpy as np
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+# Keys under which training frameworks nest a model's state_dict in a checkpoint.
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be read safely or completely."""
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """A PyTorch state_dict from ``.pt``/``.pth``/``.bin`` or ``.safetensors``, as numpy arrays.
+
+  Dtypes are kept (bfloat16 as ``ml_dtypes.bfloat16``, ``num_batches_tracked`` as int64). Torch
+  files are unpickled with ``weights_only=True``: a pickle that would run code is refused.
+  ``.safetensors`` files need no torch. Example::
+
+    >>> state_dict = jaxbn.load_state_dict("resnet18.safetensors")  # doctest: +SKIP
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise CheckpointError(f"{path}: no such file.")
+  if path.suffix == ".safetensors":
+    return _load_safetensors(path)
+  if path.suffix in TORCH_SUFFIXES:
+    return _load_torch(path)
+  raise CheckpointError(
+      f"{path}: unknown checkpoint type {path.suffix!r}; jaxbn reads {', '.join(TORCH_SUFFIXES)} and .safetensors."
+  )
+
+
+def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+
+  try:
+    return dict(load_file(str(path)))
+  except (SafetensorError, OSError, ValueError) as error:
+    raise CheckpointError(f"{path}: not a readable .safetensors file (truncated or corrupt?): {error}") from None
+
+
+def _load_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
+  try:
+    import torch
+  except ImportError:
+    raise CheckpointError(
+        f"{path}: reading torch pickles needs torch (pip install 'jaxbn[torch]'); .safetensors files do not."
+    ) from None
+  try:
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as error:
+    raise CheckpointError(
+        f"{path}: refused to unpickle: the file holds objects beyond tensors, and unpickling them"
+        " could run code. If you trust the file, load it yourself with"
+        " torch.load(path, weights_only=False), take its state_dict, and pass that on; better,"
+        f" re-save it as .safetensors. torch said: {str(error).splitlines()[0]}"
+    ) from None
+  except (RuntimeError, EOFError, OSError) as error:
+    raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {error}") from None
+  return state_dict_to_numpy(_unwrap(loaded, path))
+
+
+def _unwrap(loaded, path) -> Mapping:
+  """The state_dict inside a checkpoint: the mapping itself, or one nested under a usual key."""
+  if not isinstance(loaded, Mapping):
+    raise CheckpointError(f"{path}: holds a {type(loaded).__name__}, not a state_dict.")
+  if all(_is_tensor(v) for v in loaded.values()):
+    return loaded
+  for key in WRAPPER_KEYS:
+    if isinstance(loaded.get(key), Mapping) and all(_is_tensor(v) for v in loaded[key].values()):
+      return loaded[key]
+  raise CheckpointError(
+      f"{path}: not a state_dict (name -> tensor) and none is nested under {WRAPPER_KEYS};"
+      f" top-level keys: {sorted(loaded)[:10]}."
+  )
+
+
+def _is_tensor(value) -> bool:
+  import torch
+
+  return isinstance(value, torch.Tensor)
+
+
+def state_dict_to_numpy(state_dict: Mapping) -> dict[str, np.ndarray]:
+  """torch tensors -> numpy arrays, dtypes kept (bfloat16 through ml_dtypes)."""
+  import torch
+
+  result = {}
+  for key, tensor in state_dict.items():
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+      result[key] = tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+    else:
+      result[key] = tensor.numpy().copy()
+  return result
+
+
+def numpy_to_torch(state_dict: Mapping[str, np.ndarray]) -> dict:
+  """numpy arrays -> torch tensors, dtypes kept."""
+  import torch
+
+  result = {}
+  for key, array in state_dict.items():
+    array = np.asarray(array)
+    if array.dtype == ml_dtypes.bfloat16:
+      result[key] = torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
+    else:
+      result[key] = torch.from_numpy(np.ascontiguousarray(array).copy())
+  return result
+
+
+def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
+  """Writes a numpy state_dict as ``.safetensors`` (no torch needed) or ``.pt``/``.pth``."""
+  path = pathlib.Path(path)
+  if path.suffix == ".safetensors":
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, str(path))
+  elif path.suffix in TORCH_SUFFIXES:
+    import torch
+
+    torch.save(numpy_to_torch(state_dict), path)
+  else:
+    raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; use .safetensors, .pt or .pth.")

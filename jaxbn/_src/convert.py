@@ -1,0 +1,225 @@
+"""PyTorch state_dict <-> Flax variables, by rule rather than by per-model key tables.
+
+A torch key ``a.b.c.weight`` names module path ``a.b.c`` and leaf ``weight``; the Flax variables
+hold the same module path (``rename`` maps paths that differ). Which Flax leaf a torch leaf
+becomes depends on what the Flax module at that path holds (the template):
+
+  weight              -> params/kernel (OI... -> ...IO), params/scale, params/embedding
+  bias                -> params/bias
+  running_mean, _var  -> batch_stats/mean, var (BatchNorm) or params/mean, var (FrozenBatchNorm)
+  num_batches_tracked -> batch_stats/num_batches_tracked (int64 -> the counter dtype); dropped
+                         for FrozenBatchNorm (as torchvision's FrozenBatchNorm2d does); 0 when an
+                         old checkpoint lacks it
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import numpy as np
+from flax import traverse_util
+from flax.core import unfreeze
+
+from jaxbn._src.batch_norm import counter_dtype
+
+Rename = Callable[[str], str] | Sequence[tuple[str, str]] | None
+
+# torch leaf -> (collection, Flax leaf) candidates, in order of preference.
+TO_FLAX = {
+    "weight": [("params", "kernel"), ("params", "scale"), ("params", "embedding")],
+    "bias": [("params", "bias")],
+    "running_mean": [("batch_stats", "mean"), ("params", "mean")],
+    "running_var": [("batch_stats", "var"), ("params", "var")],
+    "num_batches_tracked": [("batch_stats", "num_batches_tracked")],
+}
+TO_TORCH = {flax: torch for torch, candidates in TO_FLAX.items() for flax in candidates}
+
+
+class ConversionError(ValueError):
+  """A state_dict that does not fit the Flax variables; lists every problem at once."""
+
+
+class Converted(NamedTuple):
+  """The result of ``from_torch``: variables and, like torch's load_state_dict, what did not fit.
+
+  Attributes:
+    variables: the Flax variables.
+    missing: Flax paths the state_dict has nothing for (kept from the template in non-strict mode
+      when the template holds arrays).
+    unexpected: torch keys with no place in the Flax variables.
+    mismatched: ``(torch key, torch shape, Flax path, expected shape)`` for shapes that differ
+      after the layout change.
+  """
+
+  variables: dict
+  missing: list[str]
+  unexpected: list[str]
+  mismatched: list[tuple[str, tuple, str, tuple]]
+
+
+def kernel_to_flax(weight: np.ndarray) -> np.ndarray:
+  """torch ``(out, in, *spatial)`` (conv, any rank, grouped or depthwise) or ``(out, in)``
+  (linear) -> Flax ``(*spatial, in, out)``."""
+  return np.transpose(weight, (*range(2, weight.ndim), 1, 0))
+
+
+def kernel_to_torch(kernel: np.ndarray) -> np.ndarray:
+  """The inverse of ``kernel_to_flax``."""
+  return np.transpose(kernel, (kernel.ndim - 1, kernel.ndim - 2, *range(kernel.ndim - 2)))
+
+
+def _renamer(rename: Rename) -> Callable[[str], str]:
+  if rename is None:
+    return lambda path: path
+  if callable(rename):
+    return rename
+  rules = [(re.compile(pattern), replacement) for pattern, replacement in rename]
+
+  def apply(path: str) -> str:
+    for pattern, replacement in rules:
+      path = pattern.sub(replacement, path)
+    return path
+
+  return apply
+
+
+def _split(path: str) -> tuple[str, ...]:
+  return tuple(p for p in path.split(".") if p)
+
+
+def _flat(variables: Mapping) -> dict[tuple[str, ...], Any]:
+  return traverse_util.flatten_dict(unfreeze(variables))
+
+
+def from_torch(
+    state_dict: Mapping[str, Any],
+    template: Mapping,
+    *,
+    rename: Rename = None,
+    strict: bool = True,
+    dtype: Any = None,
+) -> Converted:
+  """A torch state_dict as the Flax variables that ``template`` describes.
+
+  Args:
+    state_dict: torch key -> array (numpy or torch tensors; see ``jaxbn.load_state_dict``).
+    template: the Flax model's variables, from ``model.init`` or ``jax.eval_shape(model.init, ...)``.
+    rename: maps a torch module path (``'layer1.0.conv1'``) to the Flax one (dotted): a callable,
+      or ``(regex, replacement)`` pairs applied in order.
+    strict: raise one ConversionError listing every missing key, unexpected key and shape
+      mismatch (torch's load_state_dict style); else return them in the result.
+    dtype: cast floating arrays to this dtype; default: keep the checkpoint's dtypes.
+
+  Example::
+
+    >>> template = jax.eval_shape(model.init, jax.random.key(0), x)        # doctest: +SKIP
+    >>> variables = jaxbn.convert.from_torch(state_dict, template).variables  # doctest: +SKIP
+  """
+  rename = _renamer(rename)
+  flat_template = _flat(template)
+  modules: dict[tuple[str, ...], dict[tuple[str, str], Any]] = collections.defaultdict(dict)
+  for (collection, *path, leaf), value in flat_template.items():
+    modules[tuple(path)][(collection, leaf)] = value
+
+  flat: dict[tuple[str, ...], np.ndarray] = {}
+  unexpected, mismatched = [], []
+  for key, array in state_dict.items():
+    module_path, _, torch_leaf = key.rpartition(".")
+    path = _split(rename(module_path))
+    holds = modules.get(path, {})
+    target = next((c for c in TO_FLAX.get(torch_leaf, ()) if c in holds), None)
+    if target is None:
+      if torch_leaf == "num_batches_tracked" and ("params", "mean") in holds:
+        continue  # a FrozenBatchNorm keeps no counter
+      unexpected.append(key)
+      continue
+    array = _to_numpy(array)
+    if target[1] == "kernel":
+      array = kernel_to_flax(array)
+    destination = (target[0], *path, target[1])
+    expected = holds[target]
+    if tuple(array.shape) != tuple(expected.shape):
+      mismatched.append((key, tuple(_to_numpy(state_dict[key]).shape), "/".join(destination), tuple(expected.shape)))
+      continue
+    if target[1] == "num_batches_tracked":
+      array = array.astype(counter_dtype())
+    elif dtype is not None and np.issubdtype(array.dtype, np.floating):
+      array = array.astype(dtype)
+    flat[destination] = array
+
+  missing = []
+  for destination, value in flat_template.items():
+    if destination in flat:
+      continue
+    if destination[-1] == "num_batches_tracked" and destination[:-1] + ("mean",) in flat:
+      flat[destination] = np.zeros((), counter_dtype())  # torch fills it for old checkpoints
+      continue
+    missing.append("/".join(destination))
+    if not strict and isinstance(value, (np.ndarray, jax.Array)):
+      flat[destination] = value
+
+  if strict and (missing or unexpected or mismatched):
+    raise ConversionError(_describe(missing, unexpected, mismatched))
+  return Converted(traverse_util.unflatten_dict(flat), missing, unexpected, mismatched)
+
+
+def _describe(missing, unexpected, mismatched) -> str:
+  lines = ["the state_dict does not fit the Flax variables:"]
+  if missing:
+    lines.append(f"  missing ({len(missing)}; in the Flax model, not in the state_dict): {', '.join(missing)}")
+  if unexpected:
+    lines.append(f"  unexpected ({len(unexpected)}; no place in the Flax model): {', '.join(unexpected)}")
+  for key, torch_shape, destination, expected in mismatched:
+    lines.append(f"  shape mismatch: {key} {torch_shape} -> {destination} expects {expected}")
+  lines.append(
+      "Module paths must match (torch 'layer1.0.conv1' = Flax layer1/0/conv1): map those that"
+      " differ with rename=; strict=False returns a partial result with this report."
+  )
+  return "\n".join(lines)
+
+
+def to_state_dict(variables: Mapping, *, rename: Rename = None) -> dict[str, np.ndarray]:
+  """Flax variables -> a torch state_dict of numpy arrays (no torch needed).
+
+  ``rename`` maps Flax module paths (dotted) to torch ones. Counters come back as int64.
+  """
+  rename = _renamer(rename)
+  state_dict, unknown = {}, []
+  for (collection, *path, leaf), value in _flat(variables).items():
+    torch_leaf = TO_TORCH.get((collection, leaf))
+    if torch_leaf is None:
+      unknown.append("/".join((collection, *path, leaf)))
+      continue
+    value = np.asarray(value)
+    if leaf == "kernel":
+      value = kernel_to_torch(value)
+    elif leaf == "num_batches_tracked":
+      value = value.astype(np.int64)
+    module_path = rename(".".join(path))
+    state_dict[f"{module_path}.{torch_leaf}" if module_path else torch_leaf] = value
+  if unknown:
+    raise ConversionError(
+        f"no torch name for {len(unknown)} Flax variable(s): {', '.join(unknown)}. jaxbn maps"
+        f" {sorted('/'.join(k) for k in TO_TORCH)}."
+    )
+  return state_dict
+
+
+def to_torch(variables: Mapping, *, rename: Rename = None) -> dict:
+  """Flax variables -> a torch state_dict of tensors, loadable with ``strict=True``."""
+  from jaxbn._src.checkpoint import numpy_to_torch
+
+  return numpy_to_torch(to_state_dict(variables, rename=rename))
+
+
+def _to_numpy(array) -> np.ndarray:
+  if isinstance(array, np.ndarray):
+    return array
+  if type(array).__module__.startswith("torch"):
+    from jaxbn._src.checkpoint import state_dict_to_numpy
+
+    return state_dict_to_numpy({"": array})[""]
+  return np.asarray(array)

@@ -1,0 +1,21 @@
+"""PyTorch state_dict <-> Flax variables (see ``jaxbn/_src/convert.py`` for the rules)."""
+
+from jaxbn._src.convert import (
+    ConversionError,
+    Converted,
+    from_torch,
+    kernel_to_flax,
+    kernel_to_torch,
+    to_state_dict,
+    to_torch,
+)
+
+__all__ = [
+    "ConversionError",
+    "Converted",
+    "from_torch",
+    "kernel_to_flax",
+    "kernel_to_torch",
+    "to_state_dict",
+    "to_torch",
+]

@@ -1,0 +1,29 @@
+"""Flax models that mirror torchvision's, for exact conversion of their checkpoints."""
+
+from jaxbn.models.resnet import (
+    MODELS,
+    BasicBlock,
+    Bottleneck,
+    ResNet,
+    resnet18,
+    resnet34,
+    resnet50,
+    resnet101,
+    resnet152,
+    resnext50_32x4d,
+    wide_resnet50_2,
+)
+
+__all__ = [
+    "MODELS",
+    "BasicBlock",
+    "Bottleneck",
+    "ResNet",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "wide_resnet50_2",
+]
