@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-models clean
 
 # One idempotent set-up for every target: a venv with jaxbn (editable) and its torch and test extras.
 setup: $(STAMP)
@@ -14,11 +14,16 @@ $(STAMP): pyproject.toml constraints-dev.txt
 	$(PY) -m pip install --quiet -c constraints-dev.txt -e '.[torch,test]'
 	touch $(STAMP)
 
+# The main job: torchvision resnet18 -> checkpoint -> jaxbn, checked layer by layer.
 demo: $(STAMP)
-	$(PY) examples/why_jaxbn.py
+	$(VENV)/bin/jaxbn check --model resnet18
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Every torchvision ResNet, not only the two CI runs.
+test-models: $(STAMP)
+	$(PY) -m pytest -m full_models parity_tests/test_resnet_parity.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

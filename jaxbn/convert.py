@@ -6,6 +6,7 @@ from jaxbn._src.convert import (
     from_torch,
     kernel_to_flax,
     kernel_to_torch,
+    template_from_state_dict,
     to_state_dict,
     to_torch,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "from_torch",
     "kernel_to_flax",
     "kernel_to_torch",
+    "template_from_state_dict",
     "to_state_dict",
     "to_torch",
 ]

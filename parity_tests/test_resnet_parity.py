@@ -136,7 +136,10 @@ def run_parity(name, tmp_path):
   for key, value in state_dict.items():
     assert back[key].dtype == value.dtype, key
     np.testing.assert_array_equal(back[key], value, err_msg=key)
-  getattr(torchvision.models, name)(num_classes=10).load_state_dict(jaxbn.convert.to_torch(variables), strict=True)
+  as_torch = jaxbn.convert.to_torch(variables)
+  for key, value in torch_model.state_dict().items():  # torch's loader would accept (1,) for ()
+    assert as_torch[key].shape == value.shape and as_torch[key].dtype == value.dtype, key
+  getattr(torchvision.models, name)(num_classes=10).load_state_dict(as_torch, strict=True)
 
   torch64 = copy.deepcopy(torch_model).double()
   torch_model.eval()

@@ -116,7 +116,7 @@ def numpy_to_torch(state_dict: Mapping[str, np.ndarray]) -> dict:
     if array.dtype == ml_dtypes.bfloat16:
       result[key] = torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
     else:
-      result[key] = torch.from_numpy(np.ascontiguousarray(array).copy())
+      result[key] = torch.from_numpy(np.array(array, order="C"))  # copies; keeps 0-d arrays 0-d
   return result
 
 
@@ -126,7 +126,7 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLik
   if path.suffix == ".safetensors":
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, str(path))
+    save_file({k: np.asarray(v, order="C") for k, v in state_dict.items()}, str(path))
   elif path.suffix in TORCH_SUFFIXES:
     import torch
 

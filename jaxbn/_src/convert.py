@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import collections
 import re
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
@@ -101,6 +102,7 @@ def from_torch(
     rename: Rename = None,
     strict: bool = True,
     dtype: Any = None,
+    progress: Callable[[Iterable], Iterable] | None = None,
 ) -> Converted:
   """A torch state_dict as the Flax variables that ``template`` describes.
 
@@ -112,6 +114,7 @@ def from_torch(
     strict: raise one ConversionError listing every missing key, unexpected key and shape
       mismatch (torch's load_state_dict style); else return them in the result.
     dtype: cast floating arrays to this dtype; default: keep the checkpoint's dtypes.
+    progress: wraps the iteration over tensors (e.g. ``tqdm.tqdm``) for a progress bar.
 
   Example::
 
@@ -126,7 +129,7 @@ def from_torch(
 
   flat: dict[tuple[str, ...], np.ndarray] = {}
   unexpected, mismatched = [], []
-  for key, array in state_dict.items():
+  for key, array in (progress or iter)(state_dict.items()):
     module_path, _, torch_leaf = key.rpartition(".")
     path = _split(rename(module_path))
     holds = modules.get(path, {})
@@ -146,7 +149,7 @@ def from_torch(
       continue
     if target[1] == "num_batches_tracked":
       array = array.astype(counter_dtype())
-    elif dtype is not None and np.issubdtype(array.dtype, np.floating):
+    elif dtype is not None and jnp.issubdtype(array.dtype, jnp.floating):  # bfloat16 included
       array = array.astype(dtype)
     flat[destination] = array
 
@@ -166,6 +169,28 @@ def from_torch(
   return Converted(traverse_util.unflatten_dict(flat), missing, unexpected, mismatched)
 
 
+def template_from_state_dict(state_dict: Mapping[str, Any]) -> dict:
+  """Flax variable shapes inferred from torch names and shapes alone, for models jaxbn has no
+  Flax definition of: ``weight`` of rank >= 2 is a kernel (conv or linear), of rank 1 a scale;
+  BatchNorm buffers go to ``batch_stats``. Embedding tables (rank-2 ``weight`` kept as is in
+  Flax) are indistinguishable from linear kernels here: convert those with a real template."""
+  flat = {}
+  for key, array in state_dict.items():
+    module_path, _, leaf = key.rpartition(".")
+    shape = tuple(np.shape(array))
+    if leaf == "weight":
+      collection, flax_leaf = ("params", "kernel") if len(shape) >= 2 else ("params", "scale")
+      shape = (*shape[2:], shape[1], shape[0]) if len(shape) >= 2 else shape
+    elif leaf in ("bias",):
+      collection, flax_leaf = "params", "bias"
+    elif leaf in ("running_mean", "running_var", "num_batches_tracked"):
+      collection, flax_leaf = "batch_stats", TO_FLAX[leaf][0][1]
+    else:
+      continue  # reported as unexpected by from_torch
+    flat[(collection, *_split(module_path), flax_leaf)] = jax.ShapeDtypeStruct(shape, np.asarray(array).dtype)
+  return traverse_util.unflatten_dict(flat)
+
+
 def _describe(missing, unexpected, mismatched) -> str:
   lines = ["the state_dict does not fit the Flax variables:"]
   if missing:
@@ -181,14 +206,15 @@ def _describe(missing, unexpected, mismatched) -> str:
   return "\n".join(lines)
 
 
-def to_state_dict(variables: Mapping, *, rename: Rename = None) -> dict[str, np.ndarray]:
+def to_state_dict(variables: Mapping, *, rename: Rename = None,
+                  progress: Callable[[Iterable], Iterable] | None = None) -> dict[str, np.ndarray]:
   """Flax variables -> a torch state_dict of numpy arrays (no torch needed).
 
   ``rename`` maps Flax module paths (dotted) to torch ones. Counters come back as int64.
   """
   rename = _renamer(rename)
   state_dict, unknown = {}, []
-  for (collection, *path, leaf), value in _flat(variables).items():
+  for (collection, *path, leaf), value in (progress or iter)(_flat(variables).items()):
     torch_leaf = TO_TORCH.get((collection, leaf))
     if torch_leaf is None:
       unknown.append("/".join((collection, *path, leaf)))
@@ -216,8 +242,10 @@ def to_torch(variables: Mapping, *, rename: Rename = None) -> dict:
 
 
 def _to_numpy(array) -> np.ndarray:
+  """A copy: ``tensor.numpy()`` shares memory with torch's live buffers, which torch updates
+  in place; variables must not change under the user's feet."""
   if isinstance(array, np.ndarray):
-    return array
+    return array.copy()
   if type(array).__module__.startswith("torch"):
     from jaxbn._src.checkpoint import state_dict_to_numpy
 

@@ -1,0 +1,187 @@
+"""Behaviour checks between a torch model and its Flax port, per BatchNorm layer.
+
+Both models see the same batches, first in training mode (their running statistics move) and
+then in eval mode; every BatchNorm layer's output is compared, and after each training step
+its running statistics. Layers are matched by module path (torch ``layer1.0.bn1`` = Flax
+``layer1/0/bn1``), as in conversion. The Flax model must take ``train: bool``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import traverse_util
+
+from jaxbn._src.batch_norm import BatchNorm
+from jaxbn._src.convert import Rename, _renamer
+from jaxbn._src.frozen import FrozenBatchNorm
+
+
+@dataclasses.dataclass
+class LayerDifference:
+  """One BatchNorm layer at one step: output differences and running-statistic drift."""
+
+  layer: str
+  mode: str  # "train" or "eval"
+  step: int
+  max_abs: float
+  max_rel: float  # max |difference| / max |torch output|
+  mean_drift: float | None = None  # max |running mean difference| / max(|torch|, 1)
+  var_drift: float | None = None
+
+
+@dataclasses.dataclass
+class ConfigMismatch:
+  layer: str
+  field: str
+  torch: Any
+  flax: Any
+
+
+def _torch_batchnorms(torch_model) -> dict[str, Any]:
+  import torch
+  from torchvision.ops import FrozenBatchNorm2d
+
+  return {name: m for name, m in torch_model.named_modules()
+          if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d))}
+
+
+def compare_config(torch_model, flax_model: nn.Module, example_input, *, rename: Rename = None,
+                   **apply_kwargs) -> list[ConfigMismatch]:
+  """eps, momentum, affine and track_running_stats of every torch BatchNorm against the Flax
+  layer at the same path (these are not in a state_dict, so conversion cannot see them).
+  A Flax layer that is flax.linen.BatchNorm is reported too: its semantics differ from torch's."""
+  rename = _renamer(rename)
+  found: dict[str, nn.Module] = {}
+
+  def record(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name == "__call__" and isinstance(module, (BatchNorm, FrozenBatchNorm, nn.BatchNorm)):
+      found["/".join(module.scope.path)] = module
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda x: flax_model.init(jax.random.key(0), x, **apply_kwargs), example_input)
+
+  mismatches = []
+  for name, layer in _torch_batchnorms(torch_model).items():
+    path = "/".join(rename(name).split("."))
+    flax_layer = found.get(path)
+    if flax_layer is None:
+      mismatches.append(ConfigMismatch(name, "layer", type(layer).__name__, "no BatchNorm at this path"))
+      continue
+    if isinstance(flax_layer, nn.BatchNorm) and not isinstance(flax_layer, BatchNorm):
+      mismatches.append(ConfigMismatch(name, "class", type(layer).__name__,
+                                       "flax.linen.BatchNorm (biased running var, opposite momentum)"))
+      continue
+    frozen_torch = not hasattr(layer, "momentum")  # torchvision's FrozenBatchNorm2d
+    if frozen_torch != isinstance(flax_layer, FrozenBatchNorm):
+      mismatches.append(ConfigMismatch(name, "class", type(layer).__name__, type(flax_layer).__name__))
+    if layer.eps != flax_layer.epsilon:
+      mismatches.append(ConfigMismatch(name, "eps", layer.eps, flax_layer.epsilon))
+    if frozen_torch or isinstance(flax_layer, FrozenBatchNorm):
+      continue
+    if layer.momentum != flax_layer.momentum:
+      mismatches.append(ConfigMismatch(name, "momentum", layer.momentum, flax_layer.momentum))
+    if layer.affine != (flax_layer.use_scale and flax_layer.use_bias):
+      mismatches.append(ConfigMismatch(name, "affine", layer.affine, (flax_layer.use_scale, flax_layer.use_bias)))
+    if layer.track_running_stats != flax_layer.track_running_stats:
+      mismatches.append(ConfigMismatch(name, "track_running_stats", layer.track_running_stats,
+                                       flax_layer.track_running_stats))
+  return mismatches
+
+
+def compare(torch_model, flax_model: nn.Module, variables: dict, batches: Sequence[np.ndarray], *,
+            train_steps: int | None = None, rename: Rename = None, channels_last: bool = True) -> list[LayerDifference]:
+  """Runs both models on ``batches`` (torch layout, NCHW): the first ``train_steps`` (default:
+  all but one) in training mode, the rest in eval; returns one LayerDifference per BatchNorm
+  layer and step. ``torch_model`` is put in train/eval mode and its statistics move, as in
+  training. ``channels_last``: the Flax model takes NHWC input."""
+  import torch
+
+  rename = _renamer(rename)
+  train_steps = len(batches) - 1 if train_steps is None else train_steps
+  torch_layers = _torch_batchnorms(torch_model)
+  outputs: dict[str, np.ndarray] = {}
+  # Copy at once: torchvision's ReLU(inplace=True) overwrites the BatchNorm output right after.
+  hooks = [layer.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o.detach().numpy().copy()))
+           for name, layer in torch_layers.items()]
+
+  def is_batchnorm(module, method):
+    return method == "__call__" and isinstance(module, (BatchNorm, FrozenBatchNorm))
+
+  @jax.jit
+  def flax_train(variables, x):
+    return flax_model.apply(variables, x, train=True, mutable=["batch_stats", "intermediates"],
+                            capture_intermediates=is_batchnorm)
+
+  @jax.jit
+  def flax_eval(variables, x):
+    return flax_model.apply(variables, x, train=False, mutable=["intermediates"], capture_intermediates=is_batchnorm)
+
+  report = []
+  try:
+    for step, x in enumerate(batches):
+      train = step < train_steps
+      torch_model.train(train)
+      with torch.no_grad():
+        torch_model(torch.from_numpy(x))
+      flax_input = np.moveaxis(x, 1, -1) if channels_last else x
+      if train:
+        _, state = flax_train(variables, flax_input)
+        variables = {**variables, "batch_stats": state["batch_stats"]}
+      else:
+        _, state = flax_eval(variables, flax_input)
+      captured = {"/".join(path[:-1]): value[0] for path, value in traverse_util.flatten_dict(state["intermediates"]).items()}
+      stats = traverse_util.flatten_dict(variables.get("batch_stats", {}), sep="/")
+      for name, layer in torch_layers.items():
+        path = "/".join(rename(name).split("."))
+        expected = outputs[name]
+        actual = np.asarray(captured[path], np.float64)
+        if channels_last and expected.ndim > 2:
+          actual = np.moveaxis(actual, -1, 1)
+        difference = np.max(np.abs(actual - expected))
+        row = LayerDifference(name, "train" if train else "eval", step, float(difference),
+                              float(difference / max(np.max(np.abs(expected)), 1e-30)))
+        if train and getattr(layer, "running_mean", None) is not None and f"{path}/mean" in stats:
+          for field, leaf, buffer in (("mean_drift", "mean", layer.running_mean), ("var_drift", "var", layer.running_var)):
+            ours = np.asarray(stats[f"{path}/{leaf}"], np.float64)
+            theirs = buffer.detach().numpy().astype(np.float64)
+            setattr(row, field, float(np.max(np.abs(ours - theirs) / np.maximum(np.abs(theirs), 1.0))))
+        report.append(row)
+  finally:
+    for hook in hooks:
+      hook.remove()
+  return report
+
+
+def format_table(report: Sequence[LayerDifference]) -> str:
+  """Per layer, the worst step in each mode: a readable table."""
+  worst: dict[tuple[str, str], LayerDifference] = {}
+  for row in report:
+    key = (row.layer, row.mode)
+    if key not in worst or row.max_rel > worst[key].max_rel:
+      worst[key] = row
+  layers = list(dict.fromkeys(row.layer for row in report))
+  width = max([len(name) for name in layers] + [5])
+  lines = [f"{'layer':<{width}}  {'train max rel':>13}  {'eval max rel':>12}  {'mean drift':>10}  {'var drift':>10}"]
+
+  def cell(value, width):
+    return f"{value:{width}.2e}" if value is not None else f"{'-':>{width}}"
+
+  def drift(layer, field):
+    values = [getattr(r, field) for r in report if r.layer == layer and getattr(r, field) is not None]
+    return cell(max(values) if values else None, 10)
+
+  for name in layers:
+    train, evaluation = worst.get((name, "train")), worst.get((name, "eval"))
+    lines.append(f"{name:<{width}}  {cell(train and train.max_rel, 13)}  {cell(evaluation and evaluation.max_rel, 12)}"
+                 f"  {drift(name, 'mean_drift')}  {drift(name, 'var_drift')}")
+  rows = [r.max_rel for r in report]
+  lines.append(f"{len(layers)} BatchNorm layers, {len({r.step for r in report})} steps; worst relative output"
+               f" difference {max(rows):.2e}")
+  return "\n".join(lines)

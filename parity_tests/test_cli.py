@@ -1,0 +1,58 @@
+"""The jaxbn command: ``check`` end to end on a small resnet18, ``convert`` both ways."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import torch
+import torchvision
+
+import jaxbn
+
+
+def jaxbn_command(*args):
+  result = subprocess.run([sys.executable, "-m", "jaxbn.cli", *args], capture_output=True, text=True, timeout=600)
+  return result.returncode, result.stdout + result.stderr
+
+
+def test_check_reports_every_batchnorm_layer_and_passes():
+  code, out = jaxbn_command("check", "--model", "resnet18", "--steps", "2", "--size", "32", "--num-classes", "10")
+  assert code == 0, out
+  assert "all layers match" in out and "20 BatchNorm layers, 3 steps" in out and "OK: worst relative" in out
+  assert "layer4.1.bn2" in out and "convert (rules)" in out
+
+
+def test_check_fails_when_tolerance_is_not_met():
+  code, out = jaxbn_command("check", "--steps", "1", "--size", "32", "--num-classes", "10", "--tolerance", "1e-12")
+  assert code == 1 and "FAILED: worst relative difference" in out
+
+
+def test_check_takes_a_weights_file(tmp_path):
+  torch.manual_seed(1)
+  model = torchvision.models.resnet18(num_classes=10)
+  torch.save(model.state_dict(), tmp_path / "weights.pth")
+  code, out = jaxbn_command("check", "--weights", str(tmp_path / "weights.pth"), "--steps", "1", "--size", "32",
+                            "--num-classes", "10")
+  assert code == 0 and "weights from" in out, out
+
+
+def test_convert_round_trips_through_flax_formats(tmp_path):
+  torch.manual_seed(0)
+  model = torchvision.models.resnet18(num_classes=10)
+  model.train()
+  model(torch.randn(2, 3, 32, 32))  # non-trivial statistics and counters
+  torch.save(model.state_dict(), tmp_path / "model.pth")
+  original = jaxbn.load_state_dict(tmp_path / "model.pth")
+  for flax_file, options in (("model.msgpack", ["--model", "resnet18"]), ("model.safetensors", [])):
+    code, out = jaxbn_command("convert", str(tmp_path / "model.pth"), str(tmp_path / flax_file), *options)
+    assert code == 0, out
+    back = tmp_path / f"back-{flax_file}.pth"
+    code, out = jaxbn_command("convert", str(tmp_path / flax_file), str(back))
+    assert code == 0, out
+    restored = jaxbn.load_state_dict(back)
+    assert restored.keys() == original.keys()
+    for key, value in original.items():
+      assert restored[key].dtype == value.dtype and restored[key].shape == value.shape, key
+      np.testing.assert_array_equal(restored[key], value, err_msg=key)
