@@ -4,6 +4,7 @@ from jaxbn import convert, functional, models
 from jaxbn._src.batch_norm import BatchNorm
 from jaxbn._src.checkpoint import CheckpointError, load_state_dict, save_state_dict
 from jaxbn._src.checks import MomentumConventionWarning
+from jaxbn._src.folding import FoldedBatchNorm, fold_batchnorm
 from jaxbn._src.freezing import freeze, frozen_mask, keep_frozen, unfreeze
 from jaxbn._src.frozen import FrozenBatchNorm
 from jaxbn._src.modes import eval_mode
@@ -11,9 +12,11 @@ from jaxbn._src.modes import eval_mode
 __all__ = [
     "BatchNorm",
     "CheckpointError",
+    "FoldedBatchNorm",
     "FrozenBatchNorm",
     "MomentumConventionWarning",
     "eval_mode",
+    "fold_batchnorm",
     "convert",
     "freeze",
     "frozen_mask",
