@@ -139,13 +139,14 @@ def from_torch(
         continue  # a FrozenBatchNorm keeps no counter
       unexpected.append(key)
       continue
+    torch_shape = tuple(array.shape)
     array = _to_numpy(array)
     if target[1] == "kernel":
       array = kernel_to_flax(array)
     destination = (target[0], *path, target[1])
     expected = holds[target]
     if tuple(array.shape) != tuple(expected.shape):
-      mismatched.append((key, tuple(_to_numpy(state_dict[key]).shape), "/".join(destination), tuple(expected.shape)))
+      mismatched.append((key, torch_shape, "/".join(destination), tuple(expected.shape)))
       continue
     if target[1] == "num_batches_tracked":
       array = array.astype(counter_dtype())
