@@ -40,7 +40,7 @@ def check(args) -> int:
 
   import jaxbn
   import jaxbn.parity
-  from jaxbn._src.checkpoint import numpy_to_torch
+  from jaxbn._src.checkpoint import numpy_to_torch, state_dict_to_numpy
 
   torch.manual_seed(args.seed)
   torch_model = getattr(torchvision.models, args.model)(num_classes=args.num_classes)
@@ -61,7 +61,7 @@ def check(args) -> int:
   timings = {}
   with tempfile.TemporaryDirectory() as directory:
     path = pathlib.Path(directory) / f"{args.model}.safetensors"
-    jaxbn.save_state_dict(jaxbn._src.checkpoint.state_dict_to_numpy(torch_model.state_dict()), path)
+    jaxbn.save_state_dict(state_dict_to_numpy(torch_model.state_dict()), path)
     start = time.perf_counter()
     state_dict = jaxbn.load_state_dict(path)
     timings["load .safetensors"] = time.perf_counter() - start
