@@ -7,9 +7,10 @@
       relative difference exceeds --tolerance.
 
   jaxbn convert IN OUT [--model NAME]
-      torch checkpoint (.pth/.pt/.bin/.safetensors, dotted keys) -> Flax variables (.msgpack, or
-      .safetensors with 'params/...' keys); and Flax -> torch (.pth/.safetensors). Without
-      --model, Flax shapes are inferred from torch names (see convert.template_from_state_dict).
+      torch checkpoint (.pth/.pt/.bin/.safetensors, dotted keys) -> Flax variables: an orbax
+      checkpoint directory (OUT without a suffix), .msgpack (flax.serialization), or .safetensors
+      with 'params/...' keys; and any of those -> torch (.pth/.safetensors). Without --model,
+      Flax shapes are inferred from torch names (see convert.template_from_state_dict).
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def check(args) -> int:
 
 
 def _is_flax_file(path: pathlib.Path) -> bool:
-  if path.suffix == ".msgpack":
+  if path.suffix == ".msgpack" or path.is_dir():
     return True
   if path.suffix == ".safetensors":
     from safetensors import safe_open
@@ -130,9 +131,13 @@ def convert(args) -> int:
   import jaxbn
 
   source, target = pathlib.Path(args.input), pathlib.Path(args.output)
-  size = source.stat().st_size if source.is_file() else 0
+  size = source.stat().st_size if source.is_file() else sum(f.stat().st_size for f in source.rglob("*") if f.is_file())
   if _is_flax_file(source):  # Flax -> torch
-    if source.suffix == ".msgpack":
+    if source.is_dir():
+      import orbax.checkpoint as ocp
+
+      variables = ocp.StandardCheckpointer().restore(source.resolve())
+    elif source.suffix == ".msgpack":
       variables = serialization.msgpack_restore(source.read_bytes())
     else:
       variables = traverse_util.unflatten_dict(jaxbn.load_state_dict(source), sep="/")
@@ -149,12 +154,19 @@ def convert(args) -> int:
   else:
     template = jaxbn.convert.template_from_state_dict(state_dict)
   variables = jaxbn.convert.from_torch(state_dict, template, progress=_progress(size, "converting")).variables
-  if target.suffix == ".msgpack":
+  if not target.suffix:
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(target.resolve(), jax.tree.map(np.asarray, variables))
+    checkpointer.wait_until_finished()
+  elif target.suffix == ".msgpack":
     target.write_bytes(serialization.msgpack_serialize(jax.tree.map(np.asarray, variables)))
   elif target.suffix == ".safetensors":
     jaxbn.save_state_dict(traverse_util.flatten_dict(variables, sep="/"), target)
   else:
-    raise SystemExit(f"jaxbn convert: write Flax variables as .msgpack or .safetensors, not {target.suffix!r}")
+    raise SystemExit(f"jaxbn convert: write Flax variables to an orbax directory (no suffix), .msgpack or"
+                     f" .safetensors, not {target.suffix!r}")
   print(f"{source} (torch state_dict) -> {target}: {len(jax.tree.leaves(variables))} Flax arrays")
   return 0
 

@@ -45,7 +45,8 @@ def test_convert_round_trips_through_flax_formats(tmp_path):
   model(torch.randn(2, 3, 32, 32))  # non-trivial statistics and counters
   torch.save(model.state_dict(), tmp_path / "model.pth")
   original = jaxbn.load_state_dict(tmp_path / "model.pth")
-  for flax_file, options in (("model.msgpack", ["--model", "resnet18"]), ("model.safetensors", [])):
+  for flax_file, options in (("model.msgpack", ["--model", "resnet18"]), ("model.safetensors", []),
+                             ("orbax-checkpoint", ["--model", "resnet18"])):
     code, out = jaxbn_command("convert", str(tmp_path / "model.pth"), str(tmp_path / flax_file), *options)
     assert code == 0, out
     back = tmp_path / f"back-{flax_file}.pth"
