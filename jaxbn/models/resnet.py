@@ -44,7 +44,9 @@ class Downsample(nn.Module):
     return self.norm(use_running_average=not train, name="1")(x)
 
 
-class BasicBlock(nn.Module):
+class Block(nn.Module):
+  """torchvision's block arguments, shared by BasicBlock and Bottleneck."""
+
   planes: int
   stride: int = 1
   downsample: bool = False
@@ -52,6 +54,9 @@ class BasicBlock(nn.Module):
   base_width: int = 64
   dilation: int = 1
   norm: Callable = BatchNorm
+
+
+class BasicBlock(Block):
   expansion = 1
 
   @nn.compact
@@ -65,16 +70,9 @@ class BasicBlock(nn.Module):
     return nn.relu(out + identity)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(Block):
   """torchvision's Bottleneck (ResNet v1.5: the stride sits on the 3x3 convolution)."""
 
-  planes: int
-  stride: int = 1
-  downsample: bool = False
-  groups: int = 1
-  base_width: int = 64
-  dilation: int = 1
-  norm: Callable = BatchNorm
   expansion = 4
 
   @nn.compact
