@@ -18,15 +18,17 @@ max(|value|, 1), gradients to the tensor's largest |gradient|.
   torch float32 and torch float64 differ by 6e-3 one step later and by 0.36 in eval after three
   (resnet18: 8e-4); a trained net normalises near-constant channels, amplifying rounding by up
   to 1/sqrt(eps) = 316. So torch float64, run in lock-step, is the arbiter: over each group of
-  arrays (logits; all running statistics; all gradients) jaxbn's L2 distance to float64 must be
-  at most twice torch float32's, plus the identical-parameter tolerance above as a floor.
-  Measured on the first step's gradients: total L2 error vs float64 equal for both (resnet18
-  1.7e-4, resnet50 1.7e-2). Per tensor the ratio of the two rounding errors is heavy-tailed
-  (median 1.0; one resnet50 tensor 12x in one compilation, 1.06x in another), so per-tensor
-  exactness is proven in float64 instead:
-- jaxbn in float64 against torch in float64, same parameters and batch: every gradient within
-  1e-9 of its tensor's largest |gradient| (measured 3.4e-13 in total on resnet50). A conversion
-  fault (a wrong transpose, a missed layer) is off by O(1).
+  arrays (logits; all running statistics) jaxbn's L2 distance to float64 must be at most twice
+  torch float32's, plus the identical-parameter tolerance above as a floor.
+- Gradients are proven in float64: jaxbn in float64 against torch in float64, same parameters
+  and batch, every tensor within 1e-9 of its largest |gradient| (measured 3.4e-13 in total on
+  resnet50). A conversion fault (a wrong transpose, a missed layer) is off by O(1).
+  Float32 gradients of a whole network are not comparable between two float32 implementations:
+  on resnet34, one output of layer4.1.bn1 is +4.0e-6 in float64, +2.0e-5 in torch float32 and
+  -8.8e-6 in jaxbn float32 (both forward errors ~1e-5), so the ReLU after it passes the gradient
+  in torch and blocks it in jaxbn, and layer4.1.conv1's gradient differs by 5% while that block
+  on its own, fed the float64 input, is as exact in jaxbn as in torch (3.9e-7 vs 8.5e-7).
+  Single-layer float32 gradients are checked against torch in test_batch_norm_parity.
 """
 
 from __future__ import annotations
@@ -163,12 +165,12 @@ def run_parity(name, tmp_path):
 
     grads, (logits, updates) = jax.grad(loss_fn, has_aux=True)(params)
     param_updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, param_updates), updates["batch_stats"], opt_state, logits, grads
+    return optax.apply_updates(params, param_updates), updates["batch_stats"], opt_state, logits
 
   for step, (x, labels) in enumerate(batches(rng, 3)):
-    logits32, grads32 = torch_sgd_step(torch_model, optimizer, x, labels)
+    logits32, _ = torch_sgd_step(torch_model, optimizer, x, labels)
     logits64, grads64 = torch_sgd_step(torch64, optimizer64, x.astype(np.float64), labels)
-    params, batch_stats, opt_state, logits, grads = train_step(
+    params, batch_stats, opt_state, logits = train_step(
         params, batch_stats, opt_state, np.moveaxis(x, 1, -1), labels)
     assert_tracks({"logits": logits}, {"logits": logits32}, {"logits": logits64}, floor,
                   f"train-mode step {step}")
@@ -180,7 +182,6 @@ def run_parity(name, tmp_path):
     assert_tracks(*({k: v[k] / scale[k] for k in stats64} for v in (stats, stats32, stats64)), floor,
                   f"running statistics, step {step}")
     if step == 0:
-      assert_tracks(jaxbn.convert.to_state_dict({"params": grads}), grads32, grads64, floor, "gradients")
       assert_float64_gradients_exact(name, variables, grads64, x, labels)
   torch_model.eval()
   torch64.eval()
