@@ -20,6 +20,7 @@ from flax.typing import Dtype
 
 from jaxbn._src import checks
 from jaxbn._src.batch_norm import broadcast_shape
+from jaxbn._src.freezing import layers_holding_stats
 
 
 class FoldedBatchNorm(nn.Module):
@@ -88,7 +89,7 @@ def fold_batchnorm(
   params = traverse_util.flatten_dict(unfreeze(variables.get("params", {})))
   stats = traverse_util.flatten_dict(unfreeze(variables.get("batch_stats", {})))
   merged = {**params, **stats}
-  norms = {path[:-1] for path in merged if path[-1] == "mean" and path[:-1] + ("var",) in merged}
+  norms = layers_holding_stats(merged)
   kernels = {path[:-1] for path in params if path[-1] == "kernel"}
   given = {tuple(k.split("/")): tuple(v.split("/")) for k, v in (producers or {}).items()}
   unfound = []

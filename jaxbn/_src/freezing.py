@@ -19,7 +19,8 @@ from jaxbn._src.modes import split_path, under
 STATS = ("mean", "var")
 
 
-def _layers_holding_stats(flat: Mapping[tuple[str, ...], Any]) -> set[tuple[str, ...]]:
+def layers_holding_stats(flat: Mapping[tuple[str, ...], Any]) -> set[tuple[str, ...]]:
+  """Module paths with both ``mean`` and ``var`` in a flattened collection: the BatchNorm layers."""
   return {path[:-1] for path in flat if path[-1] == "mean" and path[:-1] + ("var",) in flat}
 
 
@@ -35,7 +36,7 @@ def freeze(variables: Mapping[str, Any]) -> dict:
   """
   params = traverse_util.flatten_dict(variables.get("params", {}))
   stats = traverse_util.flatten_dict(variables.get("batch_stats", {}))
-  layers = _layers_holding_stats(stats)
+  layers = layers_holding_stats(stats)
   moved = {path: value for path, value in stats.items() if path[:-1] in layers and path[-1] in STATS}
   return _with_collections(variables, {**params, **moved}, {p: v for p, v in stats.items() if p not in moved})
 
@@ -45,7 +46,7 @@ def unfreeze(variables: Mapping[str, Any]) -> dict:
   FrozenBatchNorm2d drops it) starts at 0."""
   params = traverse_util.flatten_dict(variables.get("params", {}))
   stats = traverse_util.flatten_dict(variables.get("batch_stats", {}))
-  layers = _layers_holding_stats(params)
+  layers = layers_holding_stats(params)
   moved = {path: value for path, value in params.items() if path[:-1] in layers and path[-1] in STATS}
   for layer in layers:
     stats.setdefault(layer + ("num_batches_tracked",), jnp.zeros((), counter_dtype()))
@@ -76,10 +77,10 @@ def frozen_mask(
   """
   params = traverse_util.flatten_dict(variables.get("params", {}))
   stats = traverse_util.flatten_dict(variables.get("batch_stats", {}))
-  frozen_layers = _layers_holding_stats(params)
+  frozen_layers = layers_holding_stats(params)
   module_prefixes = [split_path(m) for m in modules]
   affine_prefixes = [split_path(m) for m in batchnorm_affine]
-  batchnorm_layers = {layer for layer in _layers_holding_stats(stats) if under(layer, affine_prefixes)}
+  batchnorm_layers = {layer for layer in layers_holding_stats(stats) if under(layer, affine_prefixes)}
   mask = {
       path: path[:-1] in frozen_layers or under(path, module_prefixes) or path[:-1] in batchnorm_layers
       for path in params
