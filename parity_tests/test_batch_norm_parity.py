@@ -19,7 +19,6 @@ bias are sums of n unit-scale terms per channel, so their tolerance is multiplie
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import numpy as np

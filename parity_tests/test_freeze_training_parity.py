@@ -20,8 +20,6 @@ from __future__ import annotations
 import collections
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -30,7 +28,7 @@ from flax import traverse_util
 from torchvision.ops import FrozenBatchNorm2d
 
 import jaxbn
-from parity_tests.torch_reference import variables_from_torch
+from parity_tests.torch_reference import classification_train_step, variables_from_torch
 
 LR, MOMENTUM, WEIGHT_DECAY, STEPS = 0.05, 0.9, 1e-3, 20
 LOGITS_ATOL, PARAMS_ATOL, STATS_RTOL = 4e-6, 1e-5, 4e-6
@@ -163,17 +161,7 @@ def test_frozen_backbone_training_matches_torch(how):
   )
   opt_state = tx.init(params)
 
-  @jax.jit
-  def step(params, batch_stats, opt_state, x, labels):
-    def loss(params):
-      with jaxbn.eval_mode(*eval_prefixes):
-        logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                                      mutable=["batch_stats"])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (logits, updates)
-
-    grads, (logits, updates) = jax.grad(loss, has_aux=True)(params)
-    param_updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, param_updates), updates["batch_stats"], opt_state, logits
+  step = classification_train_step(model, tx, eval_prefixes)
 
   rng = np.random.default_rng(0)
   for i in range(STEPS):

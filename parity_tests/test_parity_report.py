@@ -8,6 +8,7 @@ import collections
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 import torch
 
 import jaxbn
@@ -70,3 +71,12 @@ def test_resnet_accepts_nchw_input():
   variables = nhwc.init(jax.random.key(0), np.moveaxis(x, 1, -1))
   nchw = jaxbn.models.resnet18(num_classes=5, input_layout="NCHW")
   np.testing.assert_array_equal(nchw.apply(variables, x), nhwc.apply(variables, np.moveaxis(x, 1, -1)))
+
+
+@pytest.mark.parametrize("factory, last", [(jaxbn.models.resnet18, "bn2"), (jaxbn.models.resnet50, "bn3")])
+def test_zero_init_residual_zeroes_each_blocks_last_norm_scale(factory, last):
+  variables = factory(num_classes=3, zero_init_residual=True).init(jax.random.key(0), np.ones((1, 32, 32, 3), np.float32))
+  block = variables["params"]["layer1"]["0"]
+  np.testing.assert_array_equal(block[last]["scale"], 0.0)
+  np.testing.assert_array_equal(block["bn1"]["scale"], 1.0)
+  np.testing.assert_array_equal(variables["params"]["bn1"]["scale"], 1.0)

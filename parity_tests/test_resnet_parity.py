@@ -42,9 +42,9 @@ import optax
 import pytest
 import torch
 import torchvision
-from flax import traverse_util
 
 import jaxbn
+from parity_tests.torch_reference import classification_train_step
 
 LR, MOMENTUM, WEIGHT_DECAY = 1e-3, 0.9, 1e-4
 TOLERANCE = {"resnet18": 1e-5}  # identical parameters; the floor after updates
@@ -168,16 +168,7 @@ def run_parity(name, tmp_path):
   params, batch_stats = variables["params"], variables["batch_stats"]
   opt_state = tx.init(params)
 
-  @jax.jit
-  def train_step(params, batch_stats, opt_state, x, labels):
-    def loss_fn(params):
-      logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                                    mutable=["batch_stats"])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (logits, updates)
-
-    grads, (logits, updates) = jax.grad(loss_fn, has_aux=True)(params)
-    param_updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, param_updates), updates["batch_stats"], opt_state, logits
+  train_step = classification_train_step(model, tx)
 
   for step, (x, labels) in enumerate(batches(rng, 3)):
     logits32, _ = torch_sgd_step(torch_model, optimizer, x, labels)

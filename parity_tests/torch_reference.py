@@ -14,6 +14,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import torch
 
 import jaxbn
@@ -155,3 +156,23 @@ def random_batch(rng: np.random.Generator, shape, dtype, channel_axis=1):
   mean = rng.uniform(-1, 1, channels).reshape(bshape)
   std = rng.uniform(0.5, 2, channels).reshape(bshape)
   return (rng.standard_normal(shape) * std + mean).astype(dtype)
+
+
+def classification_train_step(model, tx, eval_prefixes=()) -> Callable:
+  """A jitted optax step of ``model`` (called with ``train=True``) on softmax cross-entropy:
+  (params, batch_stats, opt_state, x, labels) -> (params, batch_stats, opt_state, logits).
+  ``eval_prefixes`` are held in eval mode with jaxbn.eval_mode."""
+
+  @jax.jit
+  def step(params, batch_stats, opt_state, x, labels):
+    def loss(params):
+      with jaxbn.eval_mode(*eval_prefixes):
+        logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                      mutable=["batch_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (logits, updates)
+
+    grads, (logits, updates) = jax.grad(loss, has_aux=True)(params)
+    param_updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, param_updates), updates["batch_stats"], opt_state, logits
+
+  return step

@@ -152,14 +152,9 @@ class ResNet(nn.Module):
       raise ValueError(f"input_layout must be 'NHWC' or 'NCHW', got {self.input_layout!r}")
     if self.input_layout == "NCHW":
       x = jnp.transpose(x, (0, 2, 3, 1))
-    last_norm = "bn3" if self.block is Bottleneck else "bn2"
     norm = self.norm
     if self.zero_init_residual:
-      base = self.norm
-
-      def norm(*, name, **kwargs):  # noqa: F811 - the zero-initialised variant of the norm class
-        init = nn.initializers.zeros if name == last_norm else nn.initializers.ones
-        return base(scale_init=init, name=name, **kwargs)
+      norm = functools.partial(_zero_init_last_norm, self.norm, "bn3" if self.block is Bottleneck else "bn2")
 
     x = conv(64, 7, 2, name="conv1")(x)
     x = nn.relu(norm(use_running_average=not train, name="bn1")(x))
@@ -177,6 +172,12 @@ class ResNet(nn.Module):
       inplanes = planes * self.block.expansion
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, kernel_init=linear_init, name="fc")(x)
+
+
+def _zero_init_last_norm(norm, last_name, *, name, **kwargs):
+  """torchvision's zero_init_residual: each block's last norm starts with scale 0."""
+  init = nn.initializers.zeros if name == last_name else nn.initializers.ones
+  return norm(scale_init=init, name=name, **kwargs)
 
 
 def _factory(name, block, layers, **defaults):
