@@ -18,6 +18,7 @@ import optax
 import torch
 
 import jaxbn
+from jaxbn._src.checkpoint import numpy_to_tensor, tensor_to_numpy
 
 TORCH_DTYPES = {
     np.dtype(np.float16): torch.float16,
@@ -28,17 +29,9 @@ TORCH_DTYPES = {
 TORCH_BN = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
 
 
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-  if t.dtype == torch.bfloat16:
-    return t.detach().float().numpy().astype(jnp.bfloat16)
-  return t.detach().numpy().copy()  # torch updates its buffers in place
-
-
-def to_torch(a) -> torch.Tensor:
-  a = np.asarray(a)
-  if a.dtype == jnp.bfloat16:
-    return torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
-  return torch.from_numpy(a.copy())
+# Copies both ways (torch updates its buffers in place), dtypes kept, bfloat16 included.
+to_numpy = tensor_to_numpy
+to_torch = numpy_to_tensor
 
 
 def variables_from_torch(module: torch.nn.Module) -> dict:

@@ -92,32 +92,34 @@ def _is_tensor(value) -> bool:
   return isinstance(value, torch.Tensor)
 
 
-def state_dict_to_numpy(state_dict: Mapping) -> dict[str, np.ndarray]:
-  """torch tensors -> numpy arrays, dtypes kept (bfloat16 through ml_dtypes)."""
+def tensor_to_numpy(tensor) -> np.ndarray:
+  """A torch tensor as a numpy array of its own (a copy), dtype kept (bfloat16 through ml_dtypes)."""
   import torch
 
-  result = {}
-  for key, tensor in state_dict.items():
-    tensor = tensor.detach().cpu()
-    if tensor.dtype == torch.bfloat16:
-      result[key] = tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
-    else:
-      result[key] = tensor.numpy().copy()
-  return result
+  tensor = tensor.detach().cpu()
+  if tensor.dtype == torch.bfloat16:
+    return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+  return tensor.numpy().copy()
+
+
+def numpy_to_tensor(array):
+  """A numpy array as a torch tensor of its own (a copy), dtype and 0-d shape kept."""
+  import torch
+
+  array = np.asarray(array)
+  if array.dtype == ml_dtypes.bfloat16:
+    return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
+  return torch.from_numpy(np.array(array, order="C"))
+
+
+def state_dict_to_numpy(state_dict: Mapping) -> dict[str, np.ndarray]:
+  """torch tensors -> numpy arrays, dtypes kept (bfloat16 through ml_dtypes)."""
+  return {key: tensor_to_numpy(tensor) for key, tensor in state_dict.items()}
 
 
 def numpy_to_torch(state_dict: Mapping[str, np.ndarray]) -> dict:
   """numpy arrays -> torch tensors, dtypes kept."""
-  import torch
-
-  result = {}
-  for key, array in state_dict.items():
-    array = np.asarray(array)
-    if array.dtype == ml_dtypes.bfloat16:
-      result[key] = torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
-    else:
-      result[key] = torch.from_numpy(np.array(array, order="C"))  # copies; keeps 0-d arrays 0-d
-  return result
+  return {key: numpy_to_tensor(array) for key, array in state_dict.items()}
 
 
 def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:

@@ -182,7 +182,7 @@ def template_from_state_dict(state_dict: Mapping[str, Any]) -> dict:
     if leaf == "weight":
       collection, flax_leaf = ("params", "kernel") if len(shape) >= 2 else ("params", "scale")
       shape = (*shape[2:], shape[1], shape[0]) if len(shape) >= 2 else shape
-    elif leaf in ("bias",):
+    elif leaf == "bias":
       collection, flax_leaf = "params", "bias"
     elif leaf in ("running_mean", "running_var", "num_batches_tracked"):
       collection, flax_leaf = "batch_stats", TO_FLAX[leaf][0][1]
@@ -248,7 +248,7 @@ def _to_numpy(array) -> np.ndarray:
   if isinstance(array, np.ndarray):
     return array.copy()
   if type(array).__module__.startswith("torch"):
-    from jaxbn._src.checkpoint import state_dict_to_numpy
+    from jaxbn._src.checkpoint import tensor_to_numpy
 
-    return state_dict_to_numpy({"": array})[""]
+    return tensor_to_numpy(array)
   return np.asarray(array)
