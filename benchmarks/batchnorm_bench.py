@@ -4,7 +4,7 @@ For each shape and dtype, every implementation is timed round-robin (one call ea
 so drift of the machine hits all alike; medians are reported, with ratios to jaxbn, effective
 GB/s against the memory-traffic minimum (train forward: 3 passes over the tensor — two reads
 for the statistics and normalisation, one write; forward+backward: 3 + 5; inference: 2), and the
-temporary memory of XLA's compiled executables.
+memory kept: XLA's temporary buffers and the residuals saved for the backward.
 
   python benchmarks/batchnorm_bench.py [--reps 15] [--batch 32] [--out benchmarks/results.md]
 """
@@ -37,27 +37,35 @@ PASSES = {"train fwd": 3, "train fwd+bwd": 8, "inference": 2}
 
 
 def jax_callables(module, x):
+  """Compiled train forward, train step and inference, and the bytes each keeps: XLA's temporary
+  buffers and, for the train step, the residuals the backward reads (the vjp closure)."""
   variables = module.init(jax.random.key(0), x, use_running_average=True)
-  cotangent = jnp.ones_like(x)
+  # An argument, not a constant: XLA would fold a constant cotangent into the backward.
+  cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(x.shape), x.dtype)
 
-  def train_forward(variables, x):
+  def train_forward(variables, x, cotangent):
     return module.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
 
-  def train_step(variables, x):
+  def forward_with_vjp(variables, x):
     def forward(x, params):
       return module.apply({**variables, "params": params}, x, use_running_average=False, mutable=["batch_stats"])
 
-    y, vjp, updates = jax.vjp(forward, x, variables["params"], has_aux=True)
-    return vjp(cotangent), updates
+    return jax.vjp(forward, x, variables["params"], has_aux=True)
 
-  def inference(variables, x):
+  def train_step(variables, x, cotangent):
+    y, vjp, updates = forward_with_vjp(variables, x)
+    return y, vjp(cotangent), updates  # y too: in a network the next layer reads it
+
+  def inference(variables, x, cotangent):
     return module.apply(variables, x, use_running_average=True)
 
-  compiled = {name: jax.jit(fn).lower(variables, x).compile()
+  compiled = {name: jax.jit(fn).lower(variables, x, cotangent).compile()
               for name, fn in (("train fwd", train_forward), ("train fwd+bwd", train_step), ("inference", inference))}
-  temp = {name: c.memory_analysis().temp_size_in_bytes for name, c in compiled.items()}
-  calls = {name: (lambda c=c: jax.block_until_ready(c(variables, x))) for name, c in compiled.items()}
-  return calls, temp
+  memory = {name: c.memory_analysis().temp_size_in_bytes for name, c in compiled.items()}
+  residuals = jax.eval_shape(lambda v, x: jax.tree.leaves(forward_with_vjp(v, x)[1]), variables, x)
+  memory["residuals"] = sum(r.size * r.dtype.itemsize for r in residuals)
+  calls = {name: (lambda c=c: jax.block_until_ready(c(variables, x, cotangent))) for name, c in compiled.items()}
+  return calls, memory
 
 
 def torch_callables(x_nhwc: np.ndarray, channels_last: bool, dtype: torch.dtype):
@@ -116,8 +124,9 @@ def main() -> None:
             f" flax {__import__('flax').__version__}; {datetime.date.today()}; medians of {args.reps}"
             " interleaved runs.")
   rows = ["| shape | dtype | mode | jaxbn ms | GB/s | flax fast / jaxbn | flax two-pass / jaxbn |"
-          " torch NCHW / jaxbn | torch channels_last / jaxbn | XLA temp MiB (jaxbn, flax two-pass) |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          " torch NCHW / jaxbn | torch channels_last / jaxbn | XLA temp MiB (jaxbn, flax two-pass) |"
+          " residuals MiB (jaxbn, flax two-pass) |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
   print(header)
   for index, (name, shape_of) in enumerate(SHAPES):
     if args.shapes and index not in args.shapes:
@@ -125,10 +134,10 @@ def main() -> None:
     for dtype_name in args.dtypes:
       dtype = jnp.dtype(dtype_name)
       x = jnp.asarray(np.random.default_rng(0).standard_normal(shape_of(args.batch)), dtype)
-      calls, temps = {}, {}
-      calls["jaxbn"], temps["jaxbn"] = jax_callables(jaxbn.BatchNorm(), x)
-      calls["flax fast"], temps["flax fast"] = jax_callables(nn.BatchNorm(momentum=0.9, use_fast_variance=True, dtype=dtype), x)
-      calls["flax two-pass"], temps["flax two-pass"] = jax_callables(nn.BatchNorm(momentum=0.9, use_fast_variance=False, dtype=dtype), x)
+      calls, memory = {}, {}
+      calls["jaxbn"], memory["jaxbn"] = jax_callables(jaxbn.BatchNorm(), x)
+      calls["flax fast"], memory["flax fast"] = jax_callables(nn.BatchNorm(momentum=0.9, use_fast_variance=True, dtype=dtype), x)
+      calls["flax two-pass"], memory["flax two-pass"] = jax_callables(nn.BatchNorm(momentum=0.9, use_fast_variance=False, dtype=dtype), x)
       x_np = np.asarray(x.astype(jnp.float32))
       torch_dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
       for label, last in (("torch NCHW", False), ("torch channels_last", True)):
@@ -136,6 +145,7 @@ def main() -> None:
           continue
         calls[label] = torch_callables(x_np, last, torch_dtype)
       medians = measure(calls, args.reps)
+      mib = lambda impl, key: f"{memory[impl][key] / 2**20:.1f}"  # noqa: E731
       for mode, passes in PASSES.items():
         ours = medians["jaxbn"][mode]
         gbps = passes * x.size * x.dtype.itemsize / ours / 1e9
@@ -143,7 +153,9 @@ def main() -> None:
         row = (f"| {name.replace('N', str(args.batch), 1) if name.startswith('N') else name} | {dtype_name} | {mode}"
                f" | {ours * 1e3:.2f} | {gbps:.1f} | {ratio('flax fast')} | {ratio('flax two-pass')}"
                f" | {ratio('torch NCHW')} | {ratio('torch channels_last')}"
-               f" | {temps['jaxbn'][mode] / 2**20:.1f}, {temps['flax two-pass'][mode] / 2**20:.1f} |")
+               f" | {mib('jaxbn', mode)}, {mib('flax two-pass', mode)}")
+        residuals = f"{mib('jaxbn', 'residuals')}, {mib('flax two-pass', 'residuals')}"
+        row += f" | {residuals if mode == 'train fwd+bwd' else '-'} |"
         rows.append(row)
         print(row, flush=True)
   table = header + "\n\n" + "\n".join(rows) + "\n\nRatios above 1: jaxbn is faster.\n"

@@ -13,7 +13,8 @@ from jaxbn._src import checks
 from jaxbn._src.modes import forced_eval
 from jaxbn._src.normalization import normalize
 from jaxbn._src.running import RunningStats, update_running_stats
-from jaxbn._src.statistics import batch_statistics, replicated
+from jaxbn._src.statistics import replicated
+from jaxbn._src.training import batch_normalize
 
 
 def compute_dtype(x_dtype, param_dtype):
@@ -131,20 +132,22 @@ class BatchNorm(nn.Module):
     if self.use_bias:
       bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype).reshape(shape)
 
-    x_compute = x.astype(compute_dtype(x.dtype, self.param_dtype))
     if uses_batch_stats:
       if mask is not None:
         checks.check_mask(mask, x.shape)
       elif self.axis_name is None:  # with sync or a mask only the (traced) global count matters
         checks.check_batch_size(x.shape, reduction_axes)
-      stats = batch_statistics(
-          x_compute,
+      y, stats = batch_normalize(
+          x,
           reduction_axes,
+          scale,
+          bias,
+          self.epsilon,
           mask=mask,
           axis_name=None if self.is_initializing() else self.axis_name,
           axis_index_groups=self.axis_index_groups,
+          dtype=compute_dtype(x.dtype, self.param_dtype),
       )
-      y = normalize(x_compute - stats.shift, stats.mean_offset, stats.var, scale, bias, self.epsilon)
       if (
           self.track_running_stats
           and not self.is_initializing()
@@ -161,5 +164,5 @@ class BatchNorm(nn.Module):
           variable.value = value
     else:
       mean, var = (v.value.reshape(shape) for v in running[:2])
-      y = normalize(x_compute, mean, var, scale, bias, self.epsilon)
+      y = normalize(x.astype(compute_dtype(x.dtype, self.param_dtype)), mean, var, scale, bias, self.epsilon)
     return y.astype(self.dtype or x.dtype)

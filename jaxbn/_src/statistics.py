@@ -12,7 +12,7 @@ batch axes, so this works unchanged on a batch sharded across devices (explicit 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,26 +65,44 @@ def batch_statistics(
   reduction_axes = tuple(reduction_axes)
   if mask is not None:
     mask = jnp.broadcast_to(mask, x.shape)
-
-  def total(values):
-    if mask is not None:
-      values = jnp.where(mask, values, 0)  # also keeps NaN or inf padding out of the sums
-    return jnp.sum(values, reduction_axes, keepdims=True)
-
   if mask is None:
     stats_shape = tuple(1 if i in reduction_axes else d for i, d in enumerate(x.shape))
     count = jnp.full(stats_shape, math.prod(x.shape[i] for i in reduction_axes), jnp.int32)
   else:
     count = jnp.sum(mask, reduction_axes, keepdims=True, dtype=jnp.int32)
   n = jnp.maximum(count, 1).astype(x.dtype)  # a device may hold no valid element
-  shift = lax.stop_gradient(total(x) / n)
-  residual = x - shift
-  mean_offset = total(residual) / n
-  var = jnp.maximum(total(jnp.square(residual)) / n - jnp.square(mean_offset), 0)
+  shift = lax.stop_gradient(masked_sum(lambda x: x, [x], reduction_axes, mask) / n)
+  mean_offset = masked_sum(lambda x: x - shift, [x], reduction_axes, mask, view=1) / n
+  sum_of_squares = masked_sum(lambda x: jnp.square(x - shift), [x], reduction_axes, mask, view=2)
+  var = jnp.maximum(sum_of_squares / n - jnp.square(mean_offset), 0)
   local = BatchStats(shift, mean_offset, var, count)
   if axis_name is None:
     return local
   return _merge_across_devices(local, axis_name, axis_index_groups)
+
+
+def masked_sum(
+    fn: Callable[..., jax.Array],
+    arrays: Sequence[jax.Array],
+    reduction_axes: Sequence[int],
+    mask: jax.Array | None = None,
+    *,
+    view: int = 0,
+) -> jax.Array:
+  """``sum(fn(*arrays))`` over ``reduction_axes`` (keepdims), counting only where ``mask``.
+
+  ``fn`` sees ``arrays`` with ``view`` leading unit axes added (per-channel operands it closes
+  over broadcast as usual). Why: XLA merges identical elementwise ops, so ``x - shift`` feeding
+  two sums and the normalisation would become one tensor with three consumers, which XLA:CPU
+  writes out in full, an extra write and read of the batch. Giving each use its own ``view``
+  keeps them apart, and each sum fuses with its producer into one read of its inputs.
+  """
+  lead = (1,) * view
+  values = fn(*(a.reshape(lead + a.shape) for a in arrays))
+  if mask is not None:  # where, not multiply: also keeps NaN or inf padding out of the sums
+    values = jnp.where(mask.reshape(lead + mask.shape), values, 0)
+  total = jnp.sum(values, tuple(view + a for a in reduction_axes), keepdims=True)
+  return total.reshape(total.shape[view:])
 
 
 def _merge_across_devices(local: BatchStats, axis_name, axis_index_groups) -> BatchStats:
@@ -111,6 +129,14 @@ def _varying_axes(value: jax.Array) -> frozenset:
   aval = jax.typeof(value)
   manual = getattr(aval, "mat", None)  # jax >= 0.9; earlier releases call it ``vma``
   return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
+
+
+def summed_like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
+  """A cotangent summed over the shard_map axes along which it varies but its primal does not: a
+  replicated parameter used on every device gets the sum of the per-device gradients, as
+  autodiff gives it (the transpose of the implicit broadcast is a psum)."""
+  extra = tuple(sorted(_varying_axes(cotangent) - _varying_axes(primal)))
+  return lax.psum(cotangent, extra) if extra else cotangent
 
 
 def replicated(values: jax.Array, axis_name: str, axis_index_groups: Any = None) -> jax.Array:

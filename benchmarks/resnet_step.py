@@ -1,0 +1,130 @@
+"""Whole-model training speed: jaxbn ResNets vs the same Flax model with flax.linen.BatchNorm vs
+torchvision in torch (eager channels_last, and torch.compile where it works), images/s.
+
+One SGD step (softmax cross-entropy, momentum 0.9) on random images; the JAX steps are jitted and
+donate params, batch_stats and optimiser state, as a training loop would. Implementations are
+timed round-robin in one run, so drift of the machine hits all alike; medians are reported.
+
+  python benchmarks/resnet_step.py [--models resnet18 resnet50] [--batch 8] [--size 112] [--reps 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import platform
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+import torchvision
+
+import jaxbn.models
+
+
+def jax_step(model, x, labels):
+  """A zero-argument callable running one donated, jitted train step in place."""
+  variables = model.init(jax.random.key(0), x, train=False)
+  tx = optax.sgd(0.01, momentum=0.9)
+  state = [variables["params"], variables["batch_stats"], tx.init(variables["params"])]
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+  def step(params, batch_stats, opt_state, x, labels):
+    def loss(params):
+      logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                    mutable=["batch_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
+
+    grads, updates = jax.grad(loss, has_aux=True)(params)
+    param_updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, param_updates), updates["batch_stats"], opt_state
+
+  def run():
+    state[:] = jax.block_until_ready(step(*state, x, labels))
+
+  return run
+
+
+def torch_step(name, x_nchw, labels, compiled):
+  model = getattr(torchvision.models, name)().to(memory_format=torch.channels_last).train()
+  optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+  x = torch.from_numpy(x_nchw).contiguous(memory_format=torch.channels_last)
+  y = torch.from_numpy(labels).long()
+  forward = torch.compile(model) if compiled else model
+
+  def run():
+    optimizer.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(forward(x), y).backward()
+    optimizer.step()
+
+  return run
+
+
+def measure(calls: dict, reps: int) -> dict[str, float]:
+  for call in calls.values():  # warm-up (compilation)
+    call()
+  times = {name: [] for name in calls}
+  for _ in range(reps):
+    for name, call in calls.items():
+      start = time.perf_counter()
+      call()
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--size", type=int, default=112)
+  parser.add_argument("--reps", type=int, default=7)
+  parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+  parser.add_argument("--out", help="also write the markdown table here")
+  args = parser.parse_args()
+  device = jax.devices()[0]
+  header = (f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, JAX on"
+            f" {device.platform}; torch {torch.__version__}, jax {jax.__version__}; {datetime.date.today()};"
+            f" train step, batch {args.batch} at {args.size}x{args.size}, float32, medians of {args.reps}"
+            " interleaved steps.")
+  rows = ["| model | implementation | ms / step | images/s | jaxbn speed-up |", "|---|---|---|---|---|"]
+  print(header)
+  rng = np.random.default_rng(0)
+  x_nchw = rng.standard_normal((args.batch, 3, args.size, args.size)).astype(np.float32)
+  labels = rng.integers(0, 1000, args.batch).astype(np.int32)
+  x = jnp.asarray(np.moveaxis(x_nchw, 1, -1))
+  for name in args.models:
+    build = getattr(jaxbn.models, name)
+    calls = {
+        "jaxbn.BatchNorm": jax_step(build(), x, labels),
+        "flax.linen.BatchNorm": jax_step(
+            build(norm=functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)), x, labels),
+        "torch eager channels_last": torch_step(name, x_nchw, labels, compiled=False),
+    }
+    if not args.no_compile:
+      try:
+        compiled = torch_step(name, x_nchw, labels, compiled=True)
+        compiled()
+        calls["torch.compile channels_last"] = compiled
+      except Exception as error:  # noqa: BLE001 - inductor needs a working C++ toolchain
+        print(f"torch.compile unavailable: {type(error).__name__}: {error}")
+    medians = measure(calls, args.reps)
+    ours = medians["jaxbn.BatchNorm"]
+    for impl, seconds in medians.items():
+      row = (f"| {name} | {impl} | {seconds * 1e3:.0f} | {args.batch / seconds:.1f} |"
+             f" {seconds / ours:.2f} |")
+      rows.append(row)
+      print(row, flush=True)
+  table = header + "\n\n" + "\n".join(rows) + "\n\njaxbn speed-up: that implementation's time / jaxbn's (above 1: jaxbn is faster).\n"
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(table)
+
+
+if __name__ == "__main__":
+  main()
