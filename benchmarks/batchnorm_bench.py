@@ -1,7 +1,7 @@
 """BatchNorm speed: jaxbn vs flax.linen.BatchNorm vs torch, interleaved in one run.
 
-For each shape and dtype, every implementation is timed round-robin (one call each, repeated),
-so drift of the machine hits all alike; medians are reported, with ratios to jaxbn, effective
+For each shape and dtype, every implementation is timed round-robin (a short burst each, in a
+fresh random order each round; see ``measure``), so drift of the machine hits all alike; medians are reported, with ratios to jaxbn, effective
 GB/s against the memory-traffic minimum (train forward: 3 passes over the tensor — two reads
 for the statistics and normalisation, one write; forward+backward: 3 + 5; inference: 2), and the
 memory kept: XLA's temporary buffers and the residuals saved for the backward.
@@ -11,9 +11,17 @@ memory kept: XLA's temporary buffers and the residuals saved for the backward.
 
 from __future__ import annotations
 
+import os
+
+# torch's OpenMP threads spin for a while after each op; interleaved with XLA's own threads on the
+# same cores that spinning would be charged to whichever call runs next. Sleeping waits keep
+# every measurement to its own work (set before torch starts its thread pool).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import datetime
 import platform
+import random
 import statistics
 import time
 
@@ -95,17 +103,21 @@ def torch_callables(x_nhwc: np.ndarray, channels_last: bool, dtype: torch.dtype)
   return {"train fwd": train_forward, "train fwd+bwd": train_step, "inference": inference}
 
 
-def measure(calls: dict[str, dict], reps: int) -> dict[str, dict[str, float]]:
-  """calls[impl][mode] -> median seconds, interleaved over implementations."""
+def measure(calls: dict[str, dict], reps: int, burst: int = 3) -> dict[str, dict[str, float]]:
+  """calls[impl][mode] -> median seconds. Each round runs every (impl, mode) in a fresh random
+  order as a short burst whose first call is not timed: interleaving spreads the machine's drift
+  over all, and the untimed call absorbs the switch between frameworks (thread pools waking,
+  caches refilled by the other library), which would otherwise be charged to whoever runs next."""
+  order = [(impl, mode) for impl, modes in calls.items() for mode in modes]
   times = {impl: {mode: [] for mode in modes} for impl, modes in calls.items()}
-  for impl, modes in calls.items():  # warm-up
-    for call in modes.values():
-      call()
+  shuffle = random.Random(0).shuffle
   for _ in range(reps):
-    for impl, modes in calls.items():
-      for mode, call in modes.items():
+    shuffle(order)
+    for impl, mode in order:
+      calls[impl][mode]()
+      for _ in range(burst - 1):
         start = time.perf_counter()
-        call()
+        calls[impl][mode]()
         times[impl][mode].append(time.perf_counter() - start)
   return {impl: {mode: statistics.median(t) for mode, t in modes.items()} for impl, modes in times.items()}
 

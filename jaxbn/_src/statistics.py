@@ -63,13 +63,11 @@ def batch_statistics(
   uneven per-device batches give exactly the statistics of the global batch.
   """
   reduction_axes = tuple(reduction_axes)
-  if mask is not None:
-    mask = jnp.broadcast_to(mask, x.shape)
   if mask is None:
     stats_shape = tuple(1 if i in reduction_axes else d for i, d in enumerate(x.shape))
     count = jnp.full(stats_shape, math.prod(x.shape[i] for i in reduction_axes), jnp.int32)
   else:
-    count = jnp.sum(mask, reduction_axes, keepdims=True, dtype=jnp.int32)
+    count = jnp.sum(jnp.broadcast_to(mask, x.shape), reduction_axes, keepdims=True, dtype=jnp.int32)
   n = jnp.maximum(count, 1).astype(x.dtype)  # a device may hold no valid element
   shift = lax.stop_gradient(masked_sum(lambda x: x, [x], reduction_axes, mask) / n)
   mean_offset = masked_sum(lambda x: x - shift, [x], reduction_axes, mask, view=1) / n
@@ -100,7 +98,8 @@ def masked_sum(
   lead = (1,) * view
   values = fn(*(a.reshape(lead + a.shape) for a in arrays))
   if mask is not None:  # where, not multiply: also keeps NaN or inf padding out of the sums
-    values = jnp.where(mask.reshape(lead + mask.shape), values, 0)
+    mask = jnp.asarray(mask)
+    values = jnp.where(mask.reshape((1,) * (values.ndim - mask.ndim) + mask.shape), values, 0)
   total = jnp.sum(values, tuple(view + a for a in reduction_axes), keepdims=True)
   return total.reshape(total.shape[view:])
 
