@@ -3,7 +3,8 @@ torchvision in torch (eager channels_last, and torch.compile where it works), im
 
 One SGD step (softmax cross-entropy, momentum 0.9) on random images; the JAX steps are jitted and
 donate params, batch_stats and optimiser state, as a training loop would. Implementations are
-timed round-robin in one run, so drift of the machine hits all alike; medians are reported.
+timed round-robin in one run (batchnorm_bench.measure: shuffled, the first step of each turn
+untimed), so drift of the machine hits all alike; medians are reported.
 
   python benchmarks/resnet_step.py [--models resnet18 resnet50] [--batch 8] [--size 112] [--reps 7]
 """
@@ -26,6 +27,7 @@ import torch
 import torchvision
 
 import jaxbn.models
+from batchnorm_bench import measure  # the same interleaved, burst-wise timing
 
 
 def jax_step(model, x, labels):
@@ -66,18 +68,6 @@ def torch_step(name, x_nchw, labels, compiled):
   return run
 
 
-def measure(calls: dict, reps: int) -> dict[str, float]:
-  for call in calls.values():  # warm-up (compilation)
-    call()
-  times = {name: [] for name in calls}
-  for _ in range(reps):
-    for name, call in calls.items():
-      start = time.perf_counter()
-      call()
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
@@ -102,8 +92,11 @@ def main() -> None:
     build = getattr(jaxbn.models, name)
     calls = {
         "jaxbn.BatchNorm": jax_step(build(), x, labels),
-        "flax.linen.BatchNorm": jax_step(
+        "flax.linen.BatchNorm (fast variance, its default)": jax_step(
             build(norm=functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)), x, labels),
+        "flax.linen.BatchNorm (two-pass variance)": jax_step(
+            build(norm=functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5, use_fast_variance=False)),
+            x, labels),
         "torch eager channels_last": torch_step(name, x_nchw, labels, compiled=False),
     }
     if not args.no_compile:
@@ -113,7 +106,8 @@ def main() -> None:
         calls["torch.compile channels_last"] = compiled
       except Exception as error:  # noqa: BLE001 - inductor needs a working C++ toolchain
         print(f"torch.compile unavailable: {type(error).__name__}: {error}")
-    medians = measure(calls, args.reps)
+    medians = {impl: modes["step"] for impl, modes in measure(
+        {impl: {"step": call} for impl, call in calls.items()}, args.reps, burst=2).items()}
     ours = medians["jaxbn.BatchNorm"]
     for impl, seconds in medians.items():
       row = (f"| {name} | {impl} | {seconds * 1e3:.0f} | {args.batch / seconds:.1f} |"

@@ -13,7 +13,7 @@ import jaxbn
 
 @pytest.mark.parametrize("mean", [1e4, 1e5])
 def test_large_mean_float32(mean):
-  """64x16x16x8 float32, std 1. Measured: jaxbn 4.3e-7 / 5.9e-7, torch 6.4e-4 / 4.2e-3,
+  """64x16x16x8 float32, std 1. Measured: jaxbn 4.3e-7 / 4.7e-7, torch 6.4e-4 / 4.2e-3,
   flax use_fast_variance=True 1.5e3. Asserted: jaxbn's output within 1e-6 of the float64 result
   (and so below torch's error, also asserted), running var within 5e-7 relative."""
   x = (np.random.default_rng(0).standard_normal((64, 16, 16, 8)) + mean).astype(np.float32)

@@ -1,4 +1,5 @@
-"""jaxbn.functional.batch_normalize's hand-written gradient against torch autograd.
+"""The training path, jaxbn.functional.batch_normalize: its hand-written gradient against torch
+autograd, what it keeps for the backward, and that a jitted step traces once.
 
 The loss reads the output and the returned batch mean and variance, so every term of the custom
 VJP is exercised: torch differentiates ``F.batch_norm(training=True)`` plus ``torch.var_mean``.
@@ -11,12 +12,14 @@ test_batch_norm_parity.
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
+import jaxbn
 from jaxbn.functional import batch_normalize
 
 TOLERANCE = {np.float64: 1e-13, np.float32: 2e-6}
@@ -97,3 +100,48 @@ def test_half_input_keeps_its_dtype_and_matches_the_float32_gradient():
   dx_half, dx_float = grad(x), grad(x.astype(jnp.float32))
   assert dx_half.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(dx_half, np.float32), dx_float, rtol=2**-8, atol=1e-6)
+
+
+def residual_bytes(module, x):
+  """Bytes the backward of a training-mode call keeps (the leaves of the vjp closure)."""
+  variables = module.init(jax.random.key(0), x, use_running_average=True)
+
+  def forward(x, params):
+    return module.apply({**variables, "params": params}, x, use_running_average=False, mutable=["batch_stats"])
+
+  leaves = jax.eval_shape(lambda x: jax.tree.leaves(jax.vjp(forward, x, variables["params"], has_aux=True)[1]), x)
+  return sum(leaf.size * leaf.dtype.itemsize for leaf in leaves)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_backward_keeps_only_the_input_and_per_channel_vectors(dtype):
+  """x in its own dtype plus a few per-channel vectors; flax.linen.BatchNorm keeps more."""
+  x = jnp.zeros((16, 8, 8, 32), dtype)
+  kept = residual_bytes(jaxbn.BatchNorm(), x)
+  per_channel_bytes = 32 * 4
+  assert x.nbytes <= kept <= x.nbytes + 10 * per_channel_bytes
+  assert kept < residual_bytes(nn.BatchNorm(use_fast_variance=False), x)
+
+
+def test_a_jitted_train_step_traces_once():
+  """Running statistics and the batch counter change every step without a retrace."""
+  module = jaxbn.BatchNorm(momentum=None)  # the cumulative average reads num_batches_tracked
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((8, 4, 4, 3)), jnp.float32)
+  variables = module.init(jax.random.key(0), x, use_running_average=True)
+  traces = []
+
+  @jax.jit
+  def step(variables, x):
+    traces.append(None)
+
+    def loss(params):
+      y, updates = module.apply({**variables, "params": params}, x, use_running_average=False,
+                                mutable=["batch_stats"])
+      return jnp.sum(y ** 3), updates
+    grads, updates = jax.grad(loss, has_aux=True)(variables["params"])
+    return {"params": jax.tree.map(lambda p, g: p - 0.1 * g, variables["params"], grads), **updates}
+
+  for i in range(4):
+    variables = step(variables, x + i)
+  assert int(variables["batch_stats"]["num_batches_tracked"]) == 4
+  assert len(traces) == 1
