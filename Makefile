@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-models clean
+.PHONY: setup demo test test-models bench clean
 
 # One idempotent set-up for every target: a venv with jaxbn (editable) and its torch and test extras.
 setup: $(STAMP)
@@ -24,6 +24,11 @@ test: $(STAMP)
 # Every torchvision ResNet, not only the two CI runs.
 test-models: $(STAMP)
 	$(PY) -m pytest -m full_models parity_tests/test_resnet_parity.py
+
+# The benchmark tables the README quotes (a few minutes on 2 cores; run on an idle machine).
+bench: $(STAMP)
+	cd benchmarks && ../$(PY) batchnorm_bench.py --out results-cpu.md
+	cd benchmarks && ../$(PY) resnet_step.py --out results-resnet-cpu.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

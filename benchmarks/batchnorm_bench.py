@@ -1,12 +1,13 @@
 """BatchNorm speed: jaxbn vs flax.linen.BatchNorm vs torch, interleaved in one run.
 
 For each shape and dtype, every implementation is timed round-robin (a short burst each, in a
-fresh random order each round; see ``measure``), so drift of the machine hits all alike; medians are reported, with ratios to jaxbn, effective
-GB/s against the memory-traffic minimum (train forward: 3 passes over the tensor — two reads
-for the statistics and normalisation, one write; forward+backward: 3 + 5; inference: 2), and the
-memory kept: XLA's temporary buffers and the residuals saved for the backward.
+fresh random order each round; see ``measure``), so drift of the machine hits all alike;
+medians are reported, with ratios to jaxbn, effective GB/s against the memory-traffic minimum
+(train forward: 3 passes over the tensor, two reads for the statistics and normalisation and
+one write; forward+backward: 3 + 5; inference: 2), and the memory kept: XLA's temporary
+buffers and the residuals saved for the backward.
 
-  python benchmarks/batchnorm_bench.py [--reps 15] [--batch 32] [--out benchmarks/results.md]
+  python benchmarks/batchnorm_bench.py [--reps 9] [--batch 32] [--out benchmarks/results-cpu.md]
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def measure(calls: dict[str, dict], reps: int, burst: int = 3) -> dict[str, dict
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--reps", type=int, default=15)
+  parser.add_argument("--reps", type=int, default=9)
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
   parser.add_argument("--shapes", type=int, nargs="+", help="indices into SHAPES (default: all)")
@@ -133,8 +134,8 @@ def main() -> None:
   device = jax.devices()[0]
   header = (f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, JAX on"
             f" {device.platform} ({device.device_kind}); torch {torch.__version__}, jax {jax.__version__},"
-            f" flax {__import__('flax').__version__}; {datetime.date.today()}; medians of {args.reps}"
-            " interleaved runs.")
+            f" flax {__import__('flax').__version__}; {datetime.date.today()}; medians of {args.reps} interleaved"
+            " rounds of 2 timed calls each (after one untimed).")
   rows = ["| shape | dtype | mode | jaxbn ms | GB/s | flax fast / jaxbn | flax two-pass / jaxbn |"
           " torch NCHW / jaxbn | torch channels_last / jaxbn | XLA temp MiB (jaxbn, flax two-pass) |"
           " residuals MiB (jaxbn, flax two-pass) |",

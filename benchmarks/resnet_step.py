@@ -81,7 +81,7 @@ def main() -> None:
   header = (f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, JAX on"
             f" {device.platform}; torch {torch.__version__}, jax {jax.__version__}; {datetime.date.today()};"
             f" train step, batch {args.batch} at {args.size}x{args.size}, float32, medians of {args.reps}"
-            " interleaved steps.")
+            " interleaved turns of one timed step (after one untimed).")
   rows = ["| model | implementation | ms / step | images/s | jaxbn speed-up |", "|---|---|---|---|---|"]
   print(header)
   rng = np.random.default_rng(0)

@@ -6,7 +6,7 @@ without a second copy of the maths.
 
 from jaxbn._src.normalization import normalize
 from jaxbn._src.running import RunningStats, update_factor, update_running_stats
-from jaxbn._src.statistics import BatchStats, batch_statistics, masked_sum, replicated
+from jaxbn._src.statistics import BatchStats, batch_statistics, replicated
 from jaxbn._src.training import batch_normalize
 
 __all__ = [
@@ -14,7 +14,6 @@ __all__ = [
     "RunningStats",
     "batch_normalize",
     "batch_statistics",
-    "masked_sum",
     "normalize",
     "replicated",
     "update_factor",

@@ -7,8 +7,8 @@ The forward is ``batch_statistics`` then ``normalize``. The gradient is torch's:
 
 plus the terms of any cotangent of the returned statistics (``d mean_offset / n +
 2 d var * x_mu / n``). It keeps only ``x`` (in its own dtype), the mean and ``inv_std`` from the
-forward, and reads the batch three times (the two sums, then ``dx``), where autodiff of the
-forward saves and re-reads more. Across devices the two sums are summed, as torch
+forward, and makes three passes over the batch (the two sums, then ``dx``), where autodiff of
+the forward saves and re-reads more. Across devices the two sums are summed, as torch
 SyncBatchNorm all-reduces them; parameter gradients are what autodiff gives: per device, or
 summed over shard_map's devices when the parameter is replicated there.
 """
@@ -40,9 +40,9 @@ def batch_normalize(
 ) -> tuple[jax.Array, BatchStats]:
   """Normalises ``x`` with its own batch statistics; returns ``(y, stats)``.
 
-  ``scale`` and ``bias`` hold one value per channel (shape ``(C,)`` or keepdims), or are None. Statistics and ``y``
-  are computed in ``dtype`` (default: ``x``'s dtype promoted to at least float32); ``x`` itself
-  is kept for the backward in its own dtype. ``mask``, ``axis_name`` and ``axis_index_groups``
+  ``scale`` and ``bias`` hold one value per channel (shape ``(C,)`` or keepdims), or are None.
+  Statistics and ``y`` are computed in ``dtype`` (default: ``x``'s dtype promoted to at least
+  float32); ``x`` itself is kept for the backward in its own dtype. ``mask``, ``axis_name`` and ``axis_index_groups``
   are as in ``batch_statistics``; masked-out elements get ``y`` computed from the statistics of
   the valid ones and a zero gradient.
 
@@ -55,12 +55,13 @@ def batch_normalize(
     >>> stats.var.shape
     (1, 1, 1, 3)
   """
+  reduction_axes = tuple(sorted(axis % x.ndim for axis in reduction_axes))
   dtype = jnp.dtype(dtype or jnp.promote_types(x.dtype, jnp.float32))
   stats_shape = tuple(1 if i in reduction_axes else d for i, d in enumerate(x.shape))
   scale = jnp.ones(stats_shape, dtype) if scale is None else jnp.reshape(scale, stats_shape).astype(dtype)
   bias = jnp.zeros(stats_shape, dtype) if bias is None else jnp.reshape(bias, stats_shape).astype(dtype)
   return _batch_normalize(
-      tuple(reduction_axes), float(epsilon), axis_name, axis_index_groups, dtype, x, scale, bias, mask
+      reduction_axes, float(epsilon), axis_name, axis_index_groups, dtype, x, scale, bias, mask
   )
 
 
@@ -77,6 +78,7 @@ def _forward(reduction_axes, epsilon, axis_name, axis_index_groups, dtype, x, sc
   )
   y = normalize(x.astype(dtype) - stats.shift, stats.mean_offset, stats.var, scale, bias, epsilon)
   inv_std = lax.rsqrt(stats.var + epsilon)
+  # bias only for its shard_map type (see summed_like); the rest is what dx needs.
   return (y, stats), (x, scale, bias, mask, stats.shift, stats.mean_offset, inv_std, stats.count)
 
 
