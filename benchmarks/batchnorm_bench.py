@@ -123,6 +123,20 @@ def measure(calls: dict[str, dict], reps: int, burst: int = 3) -> dict[str, dict
   return {impl: {mode: statistics.median(t) for mode, t in modes.items()} for impl, modes in times.items()}
 
 
+def machine() -> str:
+  """The machine, thread count, library versions and date, for a results header."""
+  device = jax.devices()[0]
+  return (f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, JAX on"
+          f" {device.platform} ({device.device_kind}); torch {torch.__version__}, jax {jax.__version__},"
+          f" flax {__import__('flax').__version__}; {datetime.date.today()}")
+
+
+def write_table(path: str | None, header: str, rows: list[str], footer: str) -> None:
+  if path:
+    with open(path, "w") as f:
+      f.write(header + "\n\n" + "\n".join(rows) + "\n\n" + footer + "\n")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--reps", type=int, default=9)
@@ -131,11 +145,8 @@ def main() -> None:
   parser.add_argument("--shapes", type=int, nargs="+", help="indices into SHAPES (default: all)")
   parser.add_argument("--out", help="also write the markdown table here")
   args = parser.parse_args()
-  device = jax.devices()[0]
-  header = (f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, JAX on"
-            f" {device.platform} ({device.device_kind}); torch {torch.__version__}, jax {jax.__version__},"
-            f" flax {__import__('flax').__version__}; {datetime.date.today()}; medians of {args.reps} interleaved"
-            " rounds of 2 timed calls each (after one untimed).")
+  header = (f"{machine()}; medians of {args.reps} interleaved rounds of 2 timed calls each (after one"
+            " untimed).")
   rows = ["| shape | dtype | mode | jaxbn ms | GB/s | flax fast / jaxbn | flax two-pass / jaxbn |"
           " torch NCHW / jaxbn | torch channels_last / jaxbn | XLA temp MiB (jaxbn, flax two-pass) |"
           " residuals MiB (jaxbn, flax two-pass) |",
@@ -171,10 +182,7 @@ def main() -> None:
         row += f" | {residuals if mode == 'train fwd+bwd' else '-'} |"
         rows.append(row)
         print(row, flush=True)
-  table = header + "\n\n" + "\n".join(rows) + "\n\nRatios above 1: jaxbn is faster.\n"
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(table)
+  write_table(args.out, header, rows, "Ratios above 1: jaxbn is faster.")
 
 
 if __name__ == "__main__":

@@ -12,11 +12,7 @@ untimed), so drift of the machine hits all alike; medians are reported.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import platform
-import statistics
-import time
 
 import flax.linen as nn
 import jax
@@ -27,7 +23,7 @@ import torch
 import torchvision
 
 import jaxbn.models
-from batchnorm_bench import measure  # the same interleaved, burst-wise timing
+from batchnorm_bench import machine, measure, write_table  # the same timing and reporting
 
 
 def jax_step(model, x, labels):
@@ -77,11 +73,8 @@ def main() -> None:
   parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
   parser.add_argument("--out", help="also write the markdown table here")
   args = parser.parse_args()
-  device = jax.devices()[0]
-  header = (f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, JAX on"
-            f" {device.platform}; torch {torch.__version__}, jax {jax.__version__}; {datetime.date.today()};"
-            f" train step, batch {args.batch} at {args.size}x{args.size}, float32, medians of {args.reps}"
-            " interleaved turns of one timed step (after one untimed).")
+  header = (f"{machine()}; train step, batch {args.batch} at {args.size}x{args.size}, float32, medians of"
+            f" {args.reps} interleaved turns of one timed step (after one untimed).")
   rows = ["| model | implementation | ms / step | images/s | jaxbn speed-up |", "|---|---|---|---|---|"]
   print(header)
   rng = np.random.default_rng(0)
@@ -114,10 +107,8 @@ def main() -> None:
              f" {seconds / ours:.2f} |")
       rows.append(row)
       print(row, flush=True)
-  table = header + "\n\n" + "\n".join(rows) + "\n\njaxbn speed-up: that implementation's time / jaxbn's (above 1: jaxbn is faster).\n"
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(table)
+  write_table(args.out, header, rows,
+              "jaxbn speed-up: that implementation's time / jaxbn's (above 1: jaxbn is faster).")
 
 
 if __name__ == "__main__":
