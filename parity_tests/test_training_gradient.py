@@ -85,6 +85,39 @@ def test_masked_gradients_match_torch_on_the_valid_examples():
   np.testing.assert_allclose(db, expected[2], atol=tol * np.sqrt(valid * 16), rtol=0)
 
 
+def test_synced_gradients_match_torch_on_the_global_batch():
+  """Eight devices under shard_map, each with a shard of the batch and replicated parameters: the
+  input gradient (stats cotangents included) equals torch's on the whole batch, and the
+  parameter gradients arrive summed over devices, as autodiff gives them."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  devices = 8
+  rng = np.random.default_rng(4)
+  x = (rng.standard_normal((2 * devices, 3, 4, 4)) * 2 + 3).astype(np.float32)
+  weight, bias = np.float32([0.5, 1.0, 1.5]), np.float32([0.1, 0.0, -0.1])
+  cy = rng.standard_normal(x.shape).astype(np.float32)
+  cm, cv = rng.standard_normal((2, 3)).astype(np.float32)
+  expected = torch_gradients(x, weight, bias, (cy, cm, cv), 1e-5)
+
+  def loss(x, weight, bias, cy):
+    y, stats = batch_normalize(x, (0, 1, 2), weight, bias, 1e-5, axis_name="data")
+    # Every device holds the same statistics: each adds 1/devices of their terms.
+    stats_terms = jnp.sum(stats.mean.ravel() * cm) + jnp.sum(stats.var.ravel() * cv)
+    return jnp.sum(y * cy) + stats_terms / devices
+
+  mesh = jax.make_mesh((devices,), ("data",))
+  grads = jax.jit(jax.shard_map(
+      jax.grad(loss, argnums=(0, 1, 2)), mesh=mesh,
+      in_specs=(P("data"), P(), P(), P("data")), out_specs=(P("data"), P(), P())))
+  sharded = NamedSharding(mesh, P("data"))
+  dx, dw, db = grads(jax.device_put(np.moveaxis(x, 1, -1), sharded), weight, bias,
+                     jax.device_put(np.moveaxis(cy, 1, -1), sharded))
+  tol = TOLERANCE[np.float32]
+  np.testing.assert_allclose(np.moveaxis(np.asarray(dx), -1, 1), expected[0], atol=tol, rtol=0)
+  np.testing.assert_allclose(dw, expected[1], atol=tol * np.sqrt(x.size // 3), rtol=0)
+  np.testing.assert_allclose(db, expected[2], atol=tol * np.sqrt(x.size // 3), rtol=0)
+
+
 def test_half_input_keeps_its_dtype_and_matches_the_float32_gradient():
   """bfloat16 in: statistics in float32, the gradient returned in bfloat16, equal to the float32
   computation on the same values up to bfloat16 rounding (relative 2**-8)."""
