@@ -46,6 +46,11 @@ class BatchStats(NamedTuple):
     return self.var * (count / (count - 1))
 
 
+def kept_shape(shape: Sequence[int], reduction_axes: Sequence[int]) -> tuple[int, ...]:
+  """``shape`` with the reduced axes kept as size 1: the shape of every per-channel statistic."""
+  return tuple(1 if i in reduction_axes else d for i, d in enumerate(shape))
+
+
 def batch_statistics(
     x: jax.Array,
     reduction_axes: Sequence[int],
@@ -64,8 +69,7 @@ def batch_statistics(
   """
   reduction_axes = tuple(reduction_axes)
   if mask is None:
-    stats_shape = tuple(1 if i in reduction_axes else d for i, d in enumerate(x.shape))
-    count = jnp.full(stats_shape, math.prod(x.shape[i] for i in reduction_axes), jnp.int32)
+    count = jnp.full(kept_shape(x.shape, reduction_axes), math.prod(x.shape[i] for i in reduction_axes), jnp.int32)
   else:
     count = jnp.sum(jnp.broadcast_to(mask, x.shape), reduction_axes, keepdims=True, dtype=jnp.int32)
   n = jnp.maximum(count, 1).astype(x.dtype)  # a device may hold no valid element

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbn._src.normalization import normalize
-from jaxbn._src.statistics import BatchStats, batch_statistics, masked_sum, summed_like
+from jaxbn._src.statistics import BatchStats, batch_statistics, kept_shape, masked_sum, summed_like
 
 
 def batch_normalize(
@@ -42,9 +42,9 @@ def batch_normalize(
 
   ``scale`` and ``bias`` hold one value per channel (shape ``(C,)`` or keepdims), or are None.
   Statistics and ``y`` are computed in ``dtype`` (default: ``x``'s dtype promoted to at least
-  float32); ``x`` itself is kept for the backward in its own dtype. ``mask``, ``axis_name`` and ``axis_index_groups``
-  are as in ``batch_statistics``; masked-out elements get ``y`` computed from the statistics of
-  the valid ones and a zero gradient.
+  float32); ``x`` itself is kept for the backward in its own dtype. ``mask``, ``axis_name`` and
+  ``axis_index_groups`` are as in ``batch_statistics``; masked-out elements get ``y`` computed
+  from the statistics of the valid ones and a zero gradient.
 
   Example::
 
@@ -57,7 +57,7 @@ def batch_normalize(
   """
   reduction_axes = tuple(sorted(axis % x.ndim for axis in reduction_axes))
   dtype = jnp.dtype(dtype or jnp.promote_types(x.dtype, jnp.float32))
-  stats_shape = tuple(1 if i in reduction_axes else d for i, d in enumerate(x.shape))
+  stats_shape = kept_shape(x.shape, reduction_axes)
   scale = jnp.ones(stats_shape, dtype) if scale is None else jnp.reshape(scale, stats_shape).astype(dtype)
   bias = jnp.zeros(stats_shape, dtype) if bias is None else jnp.reshape(bias, stats_shape).astype(dtype)
   return _batch_normalize(
@@ -72,11 +72,11 @@ def _batch_normalize(reduction_axes, epsilon, axis_name, axis_index_groups, dtyp
 
 
 def _forward(reduction_axes, epsilon, axis_name, axis_index_groups, dtype, x, scale, bias, mask):
+  x_compute = x.astype(dtype)
   stats = batch_statistics(
-      x.astype(dtype), reduction_axes, mask=mask, axis_name=axis_name,
-      axis_index_groups=axis_index_groups,
+      x_compute, reduction_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
   )
-  y = normalize(x.astype(dtype) - stats.shift, stats.mean_offset, stats.var, scale, bias, epsilon)
+  y = normalize(x_compute - stats.shift, stats.mean_offset, stats.var, scale, bias, epsilon)
   inv_std = lax.rsqrt(stats.var + epsilon)
   # bias only for its shard_map type (see summed_like); the rest is what dx needs.
   return (y, stats), (x, scale, bias, mask, stats.shift, stats.mean_offset, inv_std, stats.count)
