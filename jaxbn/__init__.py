@@ -1,8 +1,8 @@
 """jaxbn: BatchNorm for Flax that behaves exactly like PyTorch's."""
 
-from jaxbn import convert, functional, models
+from jaxbn import convert, functional, models, parity
 from jaxbn._src.batch_norm import BatchNorm
-from jaxbn._src.checkpoint import CheckpointError, load_state_dict, save_state_dict
+from jaxbn._src.checkpoint import CheckpointError, load_state_dict, read_batchnorm_config, save_state_dict
 from jaxbn._src.checks import MomentumConventionWarning
 from jaxbn._src.folding import FoldedBatchNorm, fold_batchnorm
 from jaxbn._src.freezing import freeze, frozen_mask, keep_frozen, unfreeze
@@ -24,6 +24,8 @@ __all__ = [
     "keep_frozen",
     "load_state_dict",
     "models",
+    "parity",
+    "read_batchnorm_config",
     "save_state_dict",
     "unfreeze",
 ]

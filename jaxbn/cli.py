@@ -6,11 +6,20 @@
       jaxbn in training and eval, BN configuration check, timings. Exit status 1 when the worst
       relative difference exceeds --tolerance.
 
-  jaxbn convert IN OUT [--model NAME]
+  jaxbn convert IN OUT [--model NAME] [--overwrite]
       torch checkpoint (.pth/.pt/.bin/.safetensors, dotted keys) -> Flax variables: an orbax
       checkpoint directory (OUT without a suffix), .msgpack (flax.serialization), or .safetensors
       with 'params/...' keys; and any of those -> torch (.pth/.safetensors). Without --model,
-      Flax shapes are inferred from torch names (see convert.template_from_state_dict).
+      Flax shapes are inferred from torch names (see convert.template_from_state_dict). The
+      BatchNorm configuration (eps, momentum, ...) recorded in IN, or else --model's, is written
+      with OUT and checked against --model.
+
+  jaxbn inspect FILE
+      every BatchNorm layer in a checkpoint (torch or Flax): channels, counter, recorded
+      configuration, and running statistics that look wrong. Exit status 1 if any does.
+
+A user error (a missing file, a checkpoint that does not fit the model, an existing output)
+prints one line naming the problem and the fix, and exits with status 2.
 """
 
 from __future__ import annotations
@@ -24,6 +33,17 @@ import time
 import numpy as np
 
 LARGE_CHECKPOINT_BYTES = 50 * 2**20  # progress bars above this
+RESNETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2"]
+
+
+class UsageError(Exception):
+  """A user mistake: reported as one line and exit status 2, without a traceback."""
+
+
+def _does_not_fit(source, what: str, missing, unexpected, mismatched, fix: str) -> UsageError:
+  example = (mismatched or unexpected or missing)[0]
+  return UsageError(f"{source} does not fit {what}: {len(missing)} missing, {len(unexpected)} unexpected and"
+                    f" {len(mismatched)} wrongly shaped tensors (e.g. {example}). {fix}")
 
 
 def _progress(total_bytes: int, description: str):
@@ -40,13 +60,23 @@ def check(args) -> int:
   import torchvision
 
   import jaxbn
-  import jaxbn.parity
+  from jaxbn._src import layer_config
   from jaxbn._src.checkpoint import numpy_to_torch, state_dict_to_numpy
+  from jaxbn._src.inspection import inspect_state_dict
 
   torch.manual_seed(args.seed)
   torch_model = getattr(torchvision.models, args.model)(num_classes=args.num_classes)
   if args.weights:
-    torch_model.load_state_dict(numpy_to_torch(jaxbn.load_state_dict(args.weights)), strict=True)
+    weights = jaxbn.load_state_dict(args.weights)
+    expected = {k: tuple(v.shape) for k, v in torch_model.state_dict().items()}
+    missing = sorted(expected.keys() - weights.keys())
+    unexpected = sorted(weights.keys() - expected.keys())
+    mismatched = [f"{k} {tuple(weights[k].shape)} != {expected[k]}" for k in sorted(weights.keys() & expected.keys())
+                  if tuple(weights[k].shape) != expected[k]]
+    if missing or unexpected or mismatched:
+      raise _does_not_fit(args.weights, f"torchvision's {args.model}(num_classes={args.num_classes})", missing,
+                          unexpected, mismatched, "Pass the --model the weights were saved from, and its --num-classes.")
+    torch_model.load_state_dict(numpy_to_torch(weights), strict=True)
   rng = np.random.default_rng(args.seed)
 
   def batch():
@@ -62,10 +92,11 @@ def check(args) -> int:
   timings = {}
   with tempfile.TemporaryDirectory() as directory:
     path = pathlib.Path(directory) / f"{args.model}.safetensors"
-    jaxbn.save_state_dict(state_dict_to_numpy(torch_model.state_dict()), path)
+    jaxbn.save_state_dict(torch_model, path)  # the BatchNorm configuration is recorded with it
     start = time.perf_counter()
     state_dict = jaxbn.load_state_dict(path)
     timings["load .safetensors"] = time.perf_counter() - start
+    recorded = jaxbn.read_batchnorm_config(path)
   model = jaxbn.models.MODELS[args.model](num_classes=args.num_classes)
   x = batch()
   start = time.perf_counter()
@@ -75,8 +106,8 @@ def check(args) -> int:
   variables = jaxbn.convert.from_torch(state_dict, template).variables
   timings["convert (rules)"] = time.perf_counter() - start
 
-  mismatches = jaxbn.parity.compare_config(torch_model, model, np.moveaxis(x, 1, -1))
-  print("BatchNorm configuration (eps, momentum, affine, tracking):",
+  mismatches = layer_config.mismatches(recorded, layer_config.flax_configs(model, np.moveaxis(x, 1, -1)))
+  print("BatchNorm configuration recorded in the checkpoint (eps, momentum, affine, tracking):",
         "all layers match" if not mismatches else "")
   for m in mismatches:
     print(f"  {m.layer}: {m.field} torch={m.torch} flax={m.flax}")
@@ -106,6 +137,16 @@ def check(args) -> int:
   for name, seconds in timings.items():
     print(f"  {name:<46} {seconds * 1e3:9.1f} ms")
   worst = max(row.max_rel for row in report)
+  # NaN compares False with any tolerance: non-finite statistics or differences fail by name.
+  corrupted = [f"{framework} {layer.layer}: {problem}"
+               for framework, state in (("checkpoint", state_dict), ("torch after the check",
+                                                                     state_dict_to_numpy(torch_model.state_dict())))
+               for layer in inspect_state_dict(state) for problem in layer.problems if "non-finite" in problem]
+  corrupted += sorted({f"jaxbn {row.layer}: non-finite output or running statistics ({row.mode}, step {row.step})"
+                       for row in report if not np.all(np.isfinite([row.max_rel, row.mean_drift or 0, row.var_drift or 0]))})
+  if corrupted:
+    print("\nFAILED: non-finite running statistics:\n  " + "\n  ".join(corrupted))
+    return 1
   if worst > args.tolerance:
     print(f"\nFAILED: worst relative difference {worst:.2e} > tolerance {args.tolerance:.0e}")
     return 1
@@ -124,50 +165,134 @@ def _is_flax_file(path: pathlib.Path) -> bool:
   return False
 
 
-def convert(args) -> int:
-  import jax
+def _read_flax(source: pathlib.Path) -> dict:
+  """Flax variables from an orbax directory, .msgpack or a '/'-keyed .safetensors file."""
   from flax import serialization, traverse_util
 
   import jaxbn
 
-  source, target = pathlib.Path(args.input), pathlib.Path(args.output)
-  size = source.stat().st_size if source.is_file() else sum(f.stat().st_size for f in source.rglob("*") if f.is_file())
-  if _is_flax_file(source):  # Flax -> torch
-    if source.is_dir():
-      import orbax.checkpoint as ocp
+  if source.is_dir():
+    import orbax.checkpoint as ocp
 
-      variables = ocp.StandardCheckpointer().restore(source.resolve())
-    elif source.suffix == ".msgpack":
-      variables = serialization.msgpack_restore(source.read_bytes())
-    else:
-      variables = traverse_util.unflatten_dict(jaxbn.load_state_dict(source), sep="/")
-    state_dict = jaxbn.convert.to_state_dict(variables, progress=_progress(size, "converting"))
-    jaxbn.save_state_dict(state_dict, target)
-    print(f"{source} (Flax variables) -> {target}: {len(state_dict)} torch tensors")
-    return 0
+    return ocp.StandardCheckpointer().restore(source.resolve())
+  if source.suffix == ".msgpack":
+    return serialization.msgpack_restore(source.read_bytes())
+  return traverse_util.unflatten_dict(jaxbn.load_state_dict(source), sep="/")
 
-  state_dict = jaxbn.load_state_dict(source)
-  if args.model:
-    fc = state_dict.get("fc.weight")
-    model = jaxbn.models.MODELS[args.model](num_classes=fc.shape[0] if fc is not None else 1000)
-    template = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32))
-  else:
-    template = jaxbn.convert.template_from_state_dict(state_dict)
-  variables = jaxbn.convert.from_torch(state_dict, template, progress=_progress(size, "converting")).variables
+
+def _write_flax(variables: dict, target: pathlib.Path, configs) -> None:
+  """Flax variables to an orbax directory (no suffix), .msgpack or .safetensors, with the
+  BatchNorm configuration in the safetensors header or in a batchnorm.json beside the others."""
+  import jax
+  from flax import serialization, traverse_util
+
+  import jaxbn
+  from jaxbn._src.checkpoint import config_sidecar
+  from jaxbn._src.layer_config import METADATA_KEY, to_metadata
+
+  if target.suffix == ".safetensors":
+    jaxbn.save_state_dict(traverse_util.flatten_dict(variables, sep="/"), target, batchnorm_config=configs)
+    return
+  arrays = jax.tree.map(np.asarray, variables)
   if not target.suffix:
     import orbax.checkpoint as ocp
 
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(target.resolve(), jax.tree.map(np.asarray, variables))
+    checkpointer.save(target.resolve(), arrays, force=True)
     checkpointer.wait_until_finished()
   elif target.suffix == ".msgpack":
-    target.write_bytes(serialization.msgpack_serialize(jax.tree.map(np.asarray, variables)))
-  elif target.suffix == ".safetensors":
-    jaxbn.save_state_dict(traverse_util.flatten_dict(variables, sep="/"), target)
+    target.write_bytes(serialization.msgpack_serialize(arrays))
   else:
-    raise SystemExit(f"jaxbn convert: write Flax variables to an orbax directory (no suffix), .msgpack or"
-                     f" .safetensors, not {target.suffix!r}")
-  print(f"{source} (torch state_dict) -> {target}: {len(jax.tree.leaves(variables))} Flax arrays")
+    raise UsageError(f"write Flax variables to an orbax directory (OUT without a suffix), .msgpack or .safetensors,"
+                     f" not {target.suffix!r}.")
+  sidecar = config_sidecar(target)
+  if configs:
+    sidecar.write_text(to_metadata(configs)[METADATA_KEY])
+  elif sidecar.exists():  # from an overwritten conversion
+    sidecar.unlink()
+
+
+def _is_flax_file(path: pathlib.Path) -> bool:
+  if path.suffix == ".msgpack" or path.is_dir():
+    return True
+  if path.suffix == ".safetensors":
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+      return any("/" in key for key in f.keys())
+  return False
+
+
+def convert(args) -> int:
+  import jax
+
+  import jaxbn
+  from jaxbn._src import layer_config
+
+  source, target = pathlib.Path(args.input), pathlib.Path(args.output)
+  if not source.exists():
+    raise UsageError(f"{source}: no such file or directory.")
+  if target.exists() and not args.overwrite:
+    raise UsageError(f"{target} exists already; pass --overwrite to replace it, or choose another OUT.")
+  size = source.stat().st_size if source.is_file() else sum(f.stat().st_size for f in source.rglob("*") if f.is_file())
+  recorded = jaxbn.read_batchnorm_config(source)
+  if _is_flax_file(source):  # Flax -> torch
+    state_dict = jaxbn.convert.to_state_dict(_read_flax(source), progress=_progress(size, "converting"))
+    jaxbn.save_state_dict(state_dict, target, batchnorm_config=recorded)
+    print(f"{source} (Flax variables) -> {target}: {len(state_dict)} torch tensors")
+    return 0
+
+  state_dict = jaxbn.load_state_dict(source)
+  configs = recorded
+  if args.model:
+    fc = state_dict.get("fc.weight")
+    model = jaxbn.models.MODELS[args.model](num_classes=fc.shape[0] if fc is not None else 1000)
+    x = np.zeros((1, 64, 64, 3), np.float32)
+    template = jax.eval_shape(model.init, jax.random.key(0), x)
+  else:
+    template = jaxbn.convert.template_from_state_dict(state_dict)
+  converted = jaxbn.convert.from_torch(state_dict, template, strict=False, progress=_progress(size, "converting"))
+  if converted.missing or converted.unexpected or converted.mismatched:
+    mismatched = [f"{key} {shape}" for key, shape, *_ in converted.mismatched]
+    raise _does_not_fit(source, f"jaxbn.models.{args.model}", converted.missing, converted.unexpected, mismatched,
+                        "Pass the --model the checkpoint was saved from, or leave --model out to take the layout"
+                        " from the checkpoint.")
+  if args.model:
+    model_configs = layer_config.flax_configs(model, x)
+    if recorded is not None:
+      layer_config.check(recorded, model_configs, source=str(source))
+    configs = recorded or model_configs
+  _write_flax(converted.variables, target, configs)
+  print(f"{source} (torch state_dict) -> {target}: {len(jax.tree.leaves(converted.variables))} Flax arrays"
+        + (f", BatchNorm configuration of {len(configs)} layers recorded" if configs else ""))
+  return 0
+
+
+def inspect(args) -> int:
+  import jaxbn
+  from jaxbn._src.inspection import inspect_state_dict
+
+  source = pathlib.Path(args.file)
+  if not source.exists():
+    raise UsageError(f"{source}: no such file or directory.")
+  state_dict = (jaxbn.convert.to_state_dict(_read_flax(source)) if _is_flax_file(source)
+                else jaxbn.load_state_dict(source))
+  configs = jaxbn.read_batchnorm_config(source) or {}
+  layers = inspect_state_dict(state_dict)
+  print(f"{source}: {len(state_dict)} tensors, {len(layers)} BatchNorm layers;"
+        f" configuration {'recorded' if configs else 'not recorded (eps and momentum unknown)'}")
+  width = max([len(layer.layer) for layer in layers] + [5])
+  print(f"{'layer':<{width}}  {'channels':>8}  {'batches':>8}  {'class':<15}  {'eps':>7}  {'momentum':>8}  problems")
+  for layer in layers:
+    config = configs.get(layer.layer)
+    counter = "-" if layer.num_batches_tracked is None else str(layer.num_batches_tracked)
+    kind, eps, momentum = (config.kind, f"{config.eps:g}", str(config.momentum)) if config else ("?", "?", "?")
+    print(f"{layer.layer:<{width}}  {layer.channels:>8}  {counter:>8}  {kind:<15}  {eps:>7}  {momentum:>8}"
+          f"  {'; '.join(layer.problems) or 'ok'}")
+  suspicious = [layer.layer for layer in layers if layer.problems]
+  if suspicious:
+    print(f"\n{len(suspicious)} layer(s) with suspicious running statistics: {', '.join(suspicious)}")
+    return 1
   return 0
 
 
@@ -175,8 +300,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="jaxbn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest="command", required=True)
   check_parser = commands.add_parser("check", help="compare a torchvision model and its jaxbn port")
-  check_parser.add_argument("--model", default="resnet18", choices=["resnet18", "resnet34", "resnet50", "resnet101",
-                                                                    "resnet152", "resnext50_32x4d", "wide_resnet50_2"])
+  check_parser.add_argument("--model", default="resnet18", choices=RESNETS)
   check_parser.add_argument("--weights", help="a .pth/.safetensors state_dict for the model (default: random init)")
   check_parser.add_argument("--num-classes", type=int, default=1000)
   check_parser.add_argument("--steps", type=int, default=3, help="training steps (BN statistics) before the check")
@@ -187,9 +311,20 @@ def main(argv=None) -> int:
   convert_parser = commands.add_parser("convert", help="torch checkpoint <-> Flax variables")
   convert_parser.add_argument("input")
   convert_parser.add_argument("output")
-  convert_parser.add_argument("--model", help="a jaxbn.models name to take the Flax layout from")
+  convert_parser.add_argument("--model", choices=RESNETS, help="the jaxbn.models network to take the Flax layout"
+                              " from (default: inferred from the checkpoint's names and shapes)")
+  convert_parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+  inspect_parser = commands.add_parser("inspect", help="list a checkpoint's BatchNorm layers and flag bad statistics")
+  inspect_parser.add_argument("file")
   args = parser.parse_args(argv)
-  return check(args) if args.command == "check" else convert(args)
+  from jaxbn._src.checkpoint import CheckpointError
+  from jaxbn._src.convert import ConversionError  # ConfigMismatchError too
+
+  try:
+    return {"check": check, "convert": convert, "inspect": inspect}[args.command](args)
+  except (UsageError, CheckpointError, ConversionError, OSError) as error:
+    print(f"jaxbn {args.command}: error: {error}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

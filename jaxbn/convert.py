@@ -10,13 +10,18 @@ from jaxbn._src.convert import (
     to_state_dict,
     to_torch,
 )
+from jaxbn._src.layer_config import ConfigMismatchError, LayerConfig
+from jaxbn._src.loading import load
 
 __all__ = [
+    "ConfigMismatchError",
     "ConversionError",
     "Converted",
+    "LayerConfig",
     "from_torch",
     "kernel_to_flax",
     "kernel_to_torch",
+    "load",
     "template_from_state_dict",
     "to_state_dict",
     "to_torch",

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.experimental import checkify
 from flax.typing import Dtype, Initializer
 
 from jaxbn._src import checks
@@ -66,6 +67,11 @@ class BatchNorm(nn.Module):
       Running statistics passed in anyway are used in eval and never updated, as in torch.
     axis_name, axis_index_groups: compute statistics over the devices of a mapped axis, with
       torch SyncBatchNorm's count-weighted merge.
+    runtime_checks: with ``mask`` or ``axis_name`` the count of values per channel is known only
+      at run time, so a count of 1, where torch raises, cannot raise; the running statistics are
+      then left unchanged (as torch leaves them). True adds torch's error as a
+      ``jax.experimental.checkify`` check: wrap the step in
+      ``checkify.checkify(step, errors=checkify.user_checks)`` and call ``err.throw()``.
 
   Variables: ``params/{scale, bias}`` and ``batch_stats/{mean, var, num_batches_tracked}``. Running
   statistics are updated only in training mode, outside ``init``, and when ``batch_stats`` is
@@ -85,6 +91,7 @@ class BatchNorm(nn.Module):
   track_running_stats: bool = True
   axis_name: str | None = None
   axis_index_groups: Any = None
+  runtime_checks: bool = False
 
   def __post_init__(self):
     checks.check_momentum(self.momentum)
@@ -100,12 +107,14 @@ class BatchNorm(nn.Module):
         "use_running_average", self.use_running_average, use_running_average
     )
     use_running_average = use_running_average or forced_eval(self.scope.path)
+    label = checks.layer_label("BatchNorm", self.scope.path)
+    checks.check_input_dtype(label, x)
     x = jnp.asarray(x)  # float64 numpy becomes float32 unless jax_enable_x64 is on
     feature_axes = checks.feature_axes(x.shape, self.axis)
     reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
     feature_shape = tuple(x.shape[i] for i in feature_axes)
     checks.check_channels(
-        checks.layer_label("BatchNorm", self.scope.path),
+        label,
         x.shape,
         feature_axes,
         {
@@ -148,6 +157,13 @@ class BatchNorm(nn.Module):
           axis_index_groups=self.axis_index_groups,
           dtype=compute_dtype(x.dtype, self.param_dtype),
       )
+      if self.runtime_checks and (mask is not None or self.axis_name is not None):
+        checkify.check(
+            jnp.all(stats.count != 1),
+            f"{label}: Expected more than 1 value per channel when training, got 1 valid value"
+            " in channel {} (mask / axis_name)",
+            jnp.argmax(stats.count.reshape(-1) == 1),
+        )
       if (
           self.track_running_stats
           and not self.is_initializing()

@@ -122,16 +122,75 @@ def numpy_to_torch(state_dict: Mapping[str, np.ndarray]) -> dict:
   return {key: numpy_to_tensor(array) for key, array in state_dict.items()}
 
 
-def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
-  """Writes a numpy state_dict as ``.safetensors`` (no torch needed) or ``.pt``/``.pth``."""
+def save_state_dict(state_dict, path: str | os.PathLike, *, batchnorm_config=None) -> None:
+  """Writes a state_dict as ``.safetensors`` (no torch needed) or ``.pt``/``.pth``.
+
+  ``state_dict``: name -> numpy array or tensor, or a torch module, whose state_dict is written
+  and whose BatchNorm configuration (eps, momentum, affine, track_running_stats, class) is
+  recorded. ``batchnorm_config`` (layer -> ``LayerConfig``) records it explicitly. The record
+  goes into the ``.safetensors`` header, where ``read_batchnorm_config`` and
+  ``jaxbn.convert.load`` find it; a torch pickle has no place for it. Example::
+
+    >>> jaxbn.save_state_dict(torch_model, "model.safetensors")  # doctest: +SKIP
+  """
   path = pathlib.Path(path)
+  if hasattr(state_dict, "named_modules"):  # a torch module
+    from jaxbn._src.layer_config import torch_configs
+
+    batchnorm_config = torch_configs(state_dict) if batchnorm_config is None else batchnorm_config
+    state_dict = state_dict.state_dict()
   if path.suffix == ".safetensors":
     from safetensors.numpy import save_file
 
-    save_file({k: np.asarray(v, order="C") for k, v in state_dict.items()}, str(path))
+    from jaxbn._src.layer_config import to_metadata
+
+    arrays = {k: np.asarray(as_numpy(v), order="C") for k, v in state_dict.items()}
+    save_file(arrays, str(path), metadata=to_metadata(batchnorm_config) if batchnorm_config else None)
+    _apply_umask(path)
   elif path.suffix in TORCH_SUFFIXES:
     import torch
 
-    torch.save(numpy_to_torch(state_dict), path)
+    torch.save(numpy_to_torch({k: as_numpy(v) for k, v in state_dict.items()}), path)
   else:
     raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; use .safetensors, .pt or .pth.")
+
+
+def read_batchnorm_config(path: str | os.PathLike):
+  """The BatchNorm configuration recorded with a checkpoint (layer -> ``LayerConfig``), or None
+  for a file written without one: a ``.safetensors`` header, or the ``batchnorm.json`` that
+  ``jaxbn convert`` writes into an orbax directory or beside a ``.msgpack`` file."""
+  from jaxbn._src.layer_config import METADATA_KEY, from_metadata
+
+  path = pathlib.Path(path)
+  if path.suffix == ".safetensors":
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+      return from_metadata(f.metadata())
+  sidecar = config_sidecar(path)
+  if sidecar.is_file():
+    return from_metadata({METADATA_KEY: sidecar.read_text()})
+  return None
+
+
+def config_sidecar(path: pathlib.Path) -> pathlib.Path:
+  """Where formats without a metadata header keep the BatchNorm configuration."""
+  return path / "batchnorm.json" if path.is_dir() or not path.suffix else path.with_name(path.name + ".batchnorm.json")
+
+
+def as_numpy(array) -> np.ndarray:
+  """A numpy array of its own from a numpy array, torch tensor or jax array. A copy:
+  ``tensor.numpy()`` shares memory with torch's live buffers, which torch updates in place;
+  variables must not change under the user's feet."""
+  if isinstance(array, np.ndarray):
+    return array.copy()
+  if type(array).__module__.startswith("torch"):
+    return tensor_to_numpy(array)
+  return np.asarray(array)
+
+
+def _apply_umask(path: pathlib.Path) -> None:
+  """safetensors creates files 0600; give them the mode every other writer gives (0666 & ~umask)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o666 & ~umask)

@@ -6,6 +6,7 @@ import math
 import warnings
 from typing import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -104,3 +105,24 @@ def check_mask(mask, shape: Sequence[int]) -> None:
         f"mask of shape {tuple(mask.shape)} does not broadcast to the input's {tuple(shape)}. For one"
         " flag per example give it the input's rank, e.g. valid[:, None, None, None] for NHWC."
     ) from None
+
+
+# torch's names for the dtypes it refuses, so the message reads as torch's does.
+_TORCH_DTYPE_NAMES = {
+    "bool": "Bool", "int8": "Char", "uint8": "Byte", "int16": "Short", "uint16": "UInt16",
+    "int32": "Int", "uint32": "UInt32", "int64": "Long", "uint64": "UInt64",
+    "complex64": "ComplexFloat", "complex128": "ComplexDouble",
+}
+
+
+def check_input_dtype(layer: str, x) -> None:
+  """Integer, boolean and complex inputs are refused (torch: NotImplementedError), before jax
+  would promote an integer input to float and the output cast it back, truncated."""
+  dtype = np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
+  if jnp.issubdtype(dtype, jnp.floating):  # bfloat16 and the float8s too
+    return
+  raise TypeError(
+      f"{layer}: \"batch_norm\" not implemented for '{_TORCH_DTYPE_NAMES.get(dtype.name, dtype.name)}'"
+      f" (input dtype {dtype.name}). BatchNorm takes float16, bfloat16, float32 or float64 input:"
+      " cast it first, e.g. x.astype(jnp.float32)."
+  )

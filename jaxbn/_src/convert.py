@@ -25,6 +25,7 @@ from flax import traverse_util
 from flax.core import unfreeze
 
 from jaxbn._src.batch_norm import counter_dtype
+from jaxbn._src.checkpoint import as_numpy
 
 Rename = Callable[[str], str] | Sequence[tuple[str, str]] | None
 
@@ -140,7 +141,7 @@ def from_torch(
       unexpected.append(key)
       continue
     torch_shape = tuple(array.shape)
-    array = _to_numpy(array)
+    array = as_numpy(array)
     if target[1] == "kernel":
       array = kernel_to_flax(array)
     destination = (target[0], *path, target[1])
@@ -240,15 +241,3 @@ def to_torch(variables: Mapping, *, rename: Rename = None) -> dict:
   from jaxbn._src.checkpoint import numpy_to_torch
 
   return numpy_to_torch(to_state_dict(variables, rename=rename))
-
-
-def _to_numpy(array) -> np.ndarray:
-  """A copy: ``tensor.numpy()`` shares memory with torch's live buffers, which torch updates
-  in place; variables must not change under the user's feet."""
-  if isinstance(array, np.ndarray):
-    return array.copy()
-  if type(array).__module__.startswith("torch"):
-    from jaxbn._src.checkpoint import tensor_to_numpy
-
-    return tensor_to_numpy(array)
-  return np.asarray(array)

@@ -50,6 +50,7 @@ class FoldedBatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None):
+    checks.check_input_dtype(checks.layer_label("FoldedBatchNorm", self.scope.path), x)
     x = jnp.asarray(x)
     feature_axes = checks.feature_axes(x.shape, self.axis)
     bias = self.param("bias", nn.initializers.zeros, tuple(x.shape[i] for i in feature_axes), self.param_dtype)

@@ -61,12 +61,14 @@ class FrozenBatchNorm(nn.Module):
   def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
     del use_running_average  # always the stored statistics
     checks.check_epsilon(self.epsilon, uses_batch_stats=False)
+    label = checks.layer_label("FrozenBatchNorm", self.scope.path)
+    checks.check_input_dtype(label, x)
     x = jnp.asarray(x)
     feature_axes = checks.feature_axes(x.shape, self.axis)
     feature_shape = tuple(x.shape[i] for i in feature_axes)
     names = ["mean", "var"] + ["scale"] * self.use_scale + ["bias"] * self.use_bias
     checks.check_channels(
-        checks.layer_label("FrozenBatchNorm", self.scope.path),
+        label,
         x.shape,
         feature_axes,
         {f"params/{n}": self.get_variable("params", n).shape for n in names if self.has_variable("params", n)},

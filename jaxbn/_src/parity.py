@@ -16,9 +16,11 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from jaxbn._src import layer_config
 from jaxbn._src.batch_norm import BatchNorm
 from jaxbn._src.convert import Rename, _renamer
 from jaxbn._src.frozen import FrozenBatchNorm
+from jaxbn._src.layer_config import ConfigMismatch
 
 
 @dataclasses.dataclass
@@ -34,20 +36,9 @@ class LayerDifference:
   var_drift: float | None = None
 
 
-@dataclasses.dataclass
-class ConfigMismatch:
-  layer: str
-  field: str
-  torch: Any
-  flax: Any
-
-
 def _torch_batchnorms(torch_model) -> dict[str, Any]:
-  import torch
-  from torchvision.ops import FrozenBatchNorm2d
-
-  return {name: m for name, m in torch_model.named_modules()
-          if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d))}
+  names = layer_config.torch_configs(torch_model)
+  return {name: m for name, m in torch_model.named_modules() if name in names}
 
 
 def compare_config(torch_model, flax_model: nn.Module, example_input, *, rename: Rename = None,
@@ -56,43 +47,11 @@ def compare_config(torch_model, flax_model: nn.Module, example_input, *, rename:
   layer at the same path (these are not in a state_dict, so conversion cannot see them).
   A Flax layer that is flax.linen.BatchNorm is reported too: its semantics differ from torch's."""
   rename = _renamer(rename)
-  found: dict[str, nn.Module] = {}
-
-  def record(next_fun, args, kwargs, context):
-    module = context.module
-    if context.method_name == "__call__" and isinstance(module, (BatchNorm, FrozenBatchNorm, nn.BatchNorm)):
-      found["/".join(module.scope.path)] = module
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(record):
-    jax.eval_shape(lambda x: flax_model.init(jax.random.key(0), x, **apply_kwargs), example_input)
-
-  mismatches = []
-  for name, layer in _torch_batchnorms(torch_model).items():
-    path = "/".join(rename(name).split("."))
-    flax_layer = found.get(path)
-    if flax_layer is None:
-      mismatches.append(ConfigMismatch(name, "layer", type(layer).__name__, "no BatchNorm at this path"))
-      continue
-    if isinstance(flax_layer, nn.BatchNorm) and not isinstance(flax_layer, BatchNorm):
-      mismatches.append(ConfigMismatch(name, "class", type(layer).__name__,
-                                       "flax.linen.BatchNorm (biased running var, opposite momentum)"))
-      continue
-    frozen_torch = not hasattr(layer, "momentum")  # torchvision's FrozenBatchNorm2d
-    if frozen_torch != isinstance(flax_layer, FrozenBatchNorm):
-      mismatches.append(ConfigMismatch(name, "class", type(layer).__name__, type(flax_layer).__name__))
-    if layer.eps != flax_layer.epsilon:
-      mismatches.append(ConfigMismatch(name, "eps", layer.eps, flax_layer.epsilon))
-    if frozen_torch or isinstance(flax_layer, FrozenBatchNorm):
-      continue
-    if layer.momentum != flax_layer.momentum:
-      mismatches.append(ConfigMismatch(name, "momentum", layer.momentum, flax_layer.momentum))
-    if layer.affine != (flax_layer.use_scale and flax_layer.use_bias):
-      mismatches.append(ConfigMismatch(name, "affine", layer.affine, (flax_layer.use_scale, flax_layer.use_bias)))
-    if layer.track_running_stats != flax_layer.track_running_stats:
-      mismatches.append(ConfigMismatch(name, "track_running_stats", layer.track_running_stats,
-                                       flax_layer.track_running_stats))
-  return mismatches
+  configs = layer_config.torch_configs(torch_model)
+  torch_name = {rename(name): name for name in configs}
+  expected = {rename(name): config for name, config in configs.items()}
+  found = layer_config.mismatches(expected, layer_config.flax_configs(flax_model, example_input, **apply_kwargs))
+  return [dataclasses.replace(m, layer=torch_name[m.layer]) for m in found]
 
 
 def compare(torch_model, flax_model: nn.Module, variables: dict, batches: Sequence[np.ndarray], *,

@@ -32,10 +32,22 @@ def update_factor(
 def update_running_stats(
     running: RunningStats, batch: BatchStats, momentum: float | None
 ) -> RunningStats:
-  """One training step's update: ``running = (1 - f) * running + f * batch``.
+  """One training step's update: ``running = (1 - f) * running + f * batch``; the counter always
+  counts the batch.
 
   The variance fed in is the unbiased batch variance (``n / (n - 1)``), as torch does; ``batch``
   has keepdims shape, ``running`` the per-channel shape. Dtypes of ``running`` are kept.
+
+  A channel with fewer than two values in the (global, valid) batch keeps its mean and variance:
+  torch leaves them unchanged on an empty batch and raises before touching them on a single
+  value (after counting the batch), where ``n / (n - 1)`` would write NaN. Example::
+
+    >>> import jax.numpy as jnp
+    >>> from jaxbn.functional import RunningStats, batch_statistics, update_running_stats
+    >>> running = RunningStats(jnp.zeros(2), jnp.ones(2), jnp.zeros((), jnp.int32))
+    >>> empty = batch_statistics(jnp.zeros((0, 2)), (0,))
+    >>> update_running_stats(running, empty, momentum=0.3)
+    RunningStats(mean=Array([0., 0.], dtype=float32), var=Array([1., 1.], dtype=float32), num_batches_tracked=Array(1, dtype=int32))
   """
   num_batches_tracked = running.num_batches_tracked + 1
 
@@ -43,7 +55,8 @@ def update_running_stats(
     dtype = jnp.promote_types(old.dtype, new.dtype)
     factor = update_factor(momentum, num_batches_tracked, dtype)
     new = new.reshape(old.shape).astype(dtype)
-    return ((1 - factor) * old + factor * new).astype(old.dtype)
+    enough = batch.count.reshape(old.shape) >= 2
+    return jnp.where(enough, (1 - factor) * old + factor * new, old).astype(old.dtype)
 
   return RunningStats(
       blend(running.mean, batch.mean),

@@ -76,7 +76,9 @@ def batch_statistics(
   shift = lax.stop_gradient(masked_sum(lambda x: x, [x], reduction_axes, mask) / n)
   mean_offset = masked_sum(lambda x: x - shift, [x], reduction_axes, mask, view=1) / n
   sum_of_squares = masked_sum(lambda x: jnp.square(x - shift), [x], reduction_axes, mask, view=2)
-  var = jnp.maximum(sum_of_squares / n - jnp.square(mean_offset), 0)
+  mean_square = sum_of_squares / n
+  # Past float32's range the square of the offset may overflow too: keep inf, not inf - inf.
+  var = jnp.where(mean_square == jnp.inf, mean_square, jnp.maximum(mean_square - jnp.square(mean_offset), 0))
   local = BatchStats(shift, mean_offset, var, count)
   if axis_name is None:
     return local

@@ -1,0 +1,146 @@
+"""BatchNorm configuration, the part of a model a state_dict does not hold: eps, momentum,
+affine, track_running_stats and the layer's class. Read from torch and Flax models, written
+into checkpoints, compared on load.
+
+Layers are named by torch module path (``layer1.0.bn1``); a Flax path ``layer1/0/bn1`` is the
+same layer. In a file the configuration is one JSON string under ``METADATA_KEY``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+
+from jaxbn._src.convert import ConversionError
+
+METADATA_KEY = "jaxbn.batchnorm"
+FROZEN = "FrozenBatchNorm"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerConfig:
+  """One BatchNorm layer's configuration. ``kind``: ``BatchNorm``, ``SyncBatchNorm``,
+  ``FrozenBatchNorm`` (no momentum or tracking), or ``flax.linen.BatchNorm``."""
+
+  kind: str
+  eps: float
+  momentum: float | None = None
+  affine: bool = True
+  track_running_stats: bool = True
+
+
+@dataclasses.dataclass
+class ConfigMismatch:
+  """A layer whose configuration differs between the expected (torch, or a file) and Flax."""
+
+  layer: str
+  field: str
+  torch: Any
+  flax: Any
+
+
+class ConfigMismatchError(ConversionError):
+  """BatchNorm layers configured differently from the checkpoint's record; lists all of them."""
+
+
+def torch_configs(torch_model) -> dict[str, LayerConfig]:
+  """The BatchNorm layers of a torch module (BatchNorm1d/2d/3d, SyncBatchNorm, torchvision's
+  FrozenBatchNorm2d and subclasses such as timm's BatchNormAct2d), by module path."""
+  import torch
+
+  configs = {}
+  for name, module in torch_model.named_modules():
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+      kind = "SyncBatchNorm" if isinstance(module, torch.nn.SyncBatchNorm) else "BatchNorm"
+      configs[name] = LayerConfig(kind, float(module.eps), module.momentum, bool(module.affine),
+                                  bool(module.track_running_stats))
+    elif type(module).__name__ == "FrozenBatchNorm2d":
+      configs[name] = LayerConfig(FROZEN, float(module.eps))
+  return configs
+
+
+def flax_configs(flax_model: nn.Module, example_input, **apply_kwargs) -> dict[str, LayerConfig]:
+  """The BatchNorm layers a Flax model calls on ``example_input`` (traced, nothing computed), by
+  torch-style dotted path. ``apply_kwargs`` are the model's call arguments (e.g. ``train``)."""
+  from jaxbn._src.batch_norm import BatchNorm
+  from jaxbn._src.frozen import FrozenBatchNorm
+
+  configs: dict[str, LayerConfig] = {}
+
+  def record(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name == "__call__":
+      name = ".".join(module.scope.path)
+      if isinstance(module, FrozenBatchNorm):
+        configs[name] = LayerConfig(FROZEN, float(module.epsilon))
+      elif isinstance(module, BatchNorm):
+        configs[name] = LayerConfig(
+            "SyncBatchNorm" if module.axis_name is not None else "BatchNorm", float(module.epsilon),
+            module.momentum, module.use_scale and module.use_bias, module.track_running_stats)
+      elif isinstance(module, nn.BatchNorm):
+        configs[name] = LayerConfig("flax.linen.BatchNorm", float(module.epsilon), module.momentum)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda x: flax_model.init(jax.random.key(0), x, **apply_kwargs), example_input)
+  return configs
+
+
+def mismatches(expected: Mapping[str, LayerConfig], actual: Mapping[str, LayerConfig]) -> list[ConfigMismatch]:
+  """Every field that differs, layer by layer (``expected`` from torch or a file). BatchNorm and
+  SyncBatchNorm count as the same class: on one device they compute the same thing."""
+  found = []
+  for name, want in expected.items():
+    have = actual.get(name)
+    if have is None:
+      found.append(ConfigMismatch(name, "layer", want.kind, "no BatchNorm at this path"))
+      continue
+    if have.kind == "flax.linen.BatchNorm":
+      found.append(ConfigMismatch(name, "class", want.kind, "flax.linen.BatchNorm (biased running var, opposite"
+                                  " momentum): use jaxbn.BatchNorm"))
+      continue
+    if (want.kind == FROZEN) != (have.kind == FROZEN):
+      found.append(ConfigMismatch(name, "class", want.kind, have.kind))
+    if want.eps != have.eps:
+      found.append(ConfigMismatch(name, "eps", want.eps, have.eps))
+    if FROZEN in (want.kind, have.kind):
+      continue
+    for field in ("momentum", "affine", "track_running_stats"):
+      if getattr(want, field) != getattr(have, field):
+        found.append(ConfigMismatch(name, field, getattr(want, field), getattr(have, field)))
+  return found
+
+
+def to_metadata(configs: Mapping[str, LayerConfig]) -> dict[str, str]:
+  """String metadata for a .safetensors header (or a JSON file beside other formats)."""
+  return {METADATA_KEY: json.dumps({name: dataclasses.asdict(c) for name, c in configs.items()}, sort_keys=True)}
+
+
+def from_metadata(metadata: Mapping[str, str] | None) -> dict[str, LayerConfig] | None:
+  """The configuration recorded by ``to_metadata``; None for files written without it."""
+  if not metadata or METADATA_KEY not in metadata:
+    return None
+  return {name: LayerConfig(**fields) for name, fields in json.loads(metadata[METADATA_KEY]).items()}
+
+
+def check(recorded: Mapping[str, LayerConfig], actual: Mapping[str, LayerConfig], *, strict: bool = True,
+          source: str = "the checkpoint") -> list[ConfigMismatch]:
+  """Compares the configuration recorded in ``source`` with the Flax model's: one
+  ConfigMismatchError listing every differing layer and field, or with ``strict=False`` one
+  warning; returns the mismatches."""
+  found = mismatches(recorded, actual)
+  if found:
+    lines = [f"{len(found)} BatchNorm setting(s) differ between {source} and the Flax model:"]
+    lines += [f"  {m.layer}: {m.field} recorded {m.torch!r}, model {m.flax!r}" for m in found]
+    lines.append("Build the Flax layers with the recorded values (e.g. jaxbn.BatchNorm(epsilon=...,"
+                 " momentum=...)); the outputs and running statistics differ otherwise.")
+    if strict:
+      raise ConfigMismatchError("\n".join(lines))
+    warnings.warn("\n".join(lines), stacklevel=2)
+  return found
+
