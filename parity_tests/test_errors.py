@@ -85,3 +85,46 @@ def test_input_without_a_batch_axis():
 def test_use_running_average_must_be_given_once():
   with pytest.raises(ValueError, match="use_running_average"):
     jaxbn.BatchNorm().init(jax.random.key(0), np.ones((4, 3)))
+
+
+# Path arguments never match nothing silently (a typo used to give an all-False mask or no effect).
+
+def _resnet18_variables():
+  model = jaxbn.models.resnet18(num_classes=4)
+  x = np.zeros((2, 32, 32, 3), np.float32)
+  return model, x, model.init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("option", ["modules", "batchnorm_affine"])
+@pytest.mark.parametrize("typo", ["layer_1", "Layer1"])
+def test_frozen_mask_path_that_matches_nothing(option, typo):
+  _, _, variables = _resnet18_variables()
+  with pytest.raises(ValueError, match=rf"frozen_mask\({option}=\.\.\.\): '{typo}' \(closest: layer1.*\) matches no module path"):
+    jaxbn.frozen_mask(variables, **{option: [typo]})
+
+
+def test_frozen_mask_and_eval_mode_take_torch_dotted_paths():
+  model, x, variables = _resnet18_variables()
+  dotted, slashed = jaxbn.frozen_mask(variables, modules=["layer1.0"]), jaxbn.frozen_mask(variables, modules=["layer1/0"])
+  assert jax.tree.leaves(dotted) == jax.tree.leaves(slashed) and sum(jax.tree.leaves(dotted)) == 6
+  with jaxbn.eval_mode("layer1.0"):
+    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  assert int(updates["batch_stats"]["layer1"]["0"]["bn1"]["num_batches_tracked"]) == 0
+  assert int(updates["batch_stats"]["layer1"]["1"]["bn1"]["num_batches_tracked"]) == 1
+
+
+def test_eval_mode_path_that_matches_no_layer():
+  model, x, variables = _resnet18_variables()
+  with pytest.raises(ValueError, match=r"eval_mode\('layer_1',\): 'layer_1' \(closest: layer1.*\) matches no module path"):
+    with jaxbn.eval_mode("layer_1"):
+      model.apply(variables, x, train=True, mutable=["batch_stats"])
+
+
+def test_eval_mode_around_a_compiled_function_warns():
+  """eval_mode acts at trace time: around a call that hits jit's cache it cannot act at all."""
+  model, x, variables = _resnet18_variables()
+  step = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
+  step(variables, x)
+  with pytest.warns(UserWarning, match="no jaxbn.BatchNorm ran inside this context.*inside the function you jit"):
+    with jaxbn.eval_mode("layer1"):
+      step(variables, x)

@@ -154,14 +154,21 @@ def test_init_does_not_count_a_batch():
   assert int(variables["batch_stats"]["num_batches_tracked"]) == 0
 
 
-def test_running_stats_update_only_when_batch_stats_is_mutable():
+def test_training_without_mutable_batch_stats_is_an_error_not_a_silent_no_update():
+  """flax.linen.BatchNorm raises here too. Before: batch statistics used, running statistics
+  silently never updated, the counter stuck at 0. The opt-out says so explicitly."""
   module = jaxbn.BatchNorm(use_running_average=False)
   x = random_batch(np.random.default_rng(6), (8, 3), np.float32, channel_axis=1)
   variables = module.init(jax.random.key(0), x)
-  y = module.apply(variables, x)  # batch statistics, nothing written
+  with pytest.raises(ValueError, match=r"""BatchNorm '<root>'.*not mutable.*mutable=\["batch_stats"\].*update_stats=False"""):
+    module.apply(variables, x)
   y_mutable, updates = module.apply(variables, x, mutable=["batch_stats"])
-  np.testing.assert_array_equal(y, y_mutable)
   assert int(updates["batch_stats"]["num_batches_tracked"]) == 1
+  y = jaxbn.BatchNorm(use_running_average=False, update_stats=False).apply(variables, x)  # batch statistics, no update
+  np.testing.assert_array_equal(y, y_mutable)
+  _, unchanged = jaxbn.BatchNorm(use_running_average=False, update_stats=False).apply(variables, x, mutable=["batch_stats"])
+  assert int(unchanged["batch_stats"]["num_batches_tracked"]) == 0
+  jaxbn.BatchNorm(use_running_average=False, track_running_stats=False).apply({"params": variables["params"]}, x)
 
 
 def test_jitted_training_loop_matches_torch():

@@ -67,6 +67,9 @@ class BatchNorm(nn.Module):
       Running statistics passed in anyway are used in eval and never updated, as in torch.
     axis_name, axis_index_groups: compute statistics over the devices of a mapped axis, with
       torch SyncBatchNorm's count-weighted merge.
+    update_stats: False: training mode normalises with batch statistics and never writes the
+      running statistics, so ``batch_stats`` need not be mutable. With True (the default), training
+      without ``mutable=["batch_stats"]`` is an error, as in flax, rather than a silent no-update.
     runtime_checks: with ``mask`` or ``axis_name`` the count of values per channel is known only
       at run time, so a count of 1, where torch raises, cannot raise; the running statistics are
       then left unchanged (as torch leaves them). True adds torch's error as a
@@ -74,8 +77,8 @@ class BatchNorm(nn.Module):
       ``checkify.checkify(step, errors=checkify.user_checks)`` and call ``err.throw()``.
 
   Variables: ``params/{scale, bias}`` and ``batch_stats/{mean, var, num_batches_tracked}``. Running
-  statistics are updated only in training mode, outside ``init``, and when ``batch_stats`` is
-  passed as ``mutable``.
+  statistics are updated in training mode outside ``init``; ``batch_stats`` must then be passed
+  as ``mutable`` (or ``update_stats=False`` set).
   """
 
   use_running_average: bool | None = None
@@ -91,6 +94,7 @@ class BatchNorm(nn.Module):
   track_running_stats: bool = True
   axis_name: str | None = None
   axis_index_groups: Any = None
+  update_stats: bool = True
   runtime_checks: bool = False
 
   def __post_init__(self):
@@ -164,11 +168,16 @@ class BatchNorm(nn.Module):
             " in channel {} (mask / axis_name)",
             jnp.argmax(stats.count.reshape(-1) == 1),
         )
-      if (
-          self.track_running_stats
-          and not self.is_initializing()
-          and self.is_mutable_collection("batch_stats")
-      ):
+      updates = self.track_running_stats and self.update_stats and not self.is_initializing()
+      if updates and not self.is_mutable_collection("batch_stats"):
+        raise ValueError(
+            f"{label}: training mode (use_running_average=False) updates the running statistics,"
+            ' but the "batch_stats" collection is not mutable, so they would silently stay as they'
+            ' are. Pass mutable=["batch_stats"] to apply and keep the updates it returns; to'
+            " normalise with batch statistics without updating them, build the layer with"
+            " update_stats=False."
+        )
+      if updates:
         # Buffers, as in torch (updated under no_grad): no gradient flows into them.
         updated = update_running_stats(
             RunningStats(*(v.value for v in running)), jax.lax.stop_gradient(stats), self.momentum

@@ -14,7 +14,7 @@ import optax
 from flax import traverse_util
 
 from jaxbn._src.batch_norm import counter_dtype
-from jaxbn._src.modes import split_path, under
+from jaxbn._src.modes import check_prefixes_match, split_path, under
 
 STATS = ("mean", "var")
 
@@ -73,13 +73,16 @@ def frozen_mask(
   Always True for FrozenBatchNorm arrays. Also True for every parameter under ``modules`` (module
   paths such as ``'layer1'``; torch: ``requires_grad_(False)`` on a submodule), and for the scale
   and bias of the BatchNorm layers under ``batchnorm_affine`` (``''`` for all of them; torch:
-  ``bn.weight.requires_grad = False``).
+  ``bn.weight.requires_grad = False``). Paths are Flax (``'layer1/0'``) or torch (``'layer1.0'``)
+  module paths; one that matches nothing raises ValueError naming the closest paths.
   """
   params = traverse_util.flatten_dict(variables.get("params", {}))
   stats = traverse_util.flatten_dict(variables.get("batch_stats", {}))
   frozen_layers = layers_holding_stats(params)
   module_prefixes = [split_path(m) for m in modules]
   affine_prefixes = [split_path(m) for m in batchnorm_affine]
+  check_prefixes_match(module_prefixes, [path[:-1] for path in params], "frozen_mask(modules=...)")
+  check_prefixes_match(affine_prefixes, layers_holding_stats(stats), "frozen_mask(batchnorm_affine=...)")
   batchnorm_layers = {layer for layer in layers_holding_stats(stats) if under(layer, affine_prefixes)}
   mask = {
       path: path[:-1] in frozen_layers or under(path, module_prefixes) or path[:-1] in batchnorm_layers

@@ -4,18 +4,46 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, Sequence
+import dataclasses
+import difflib
+import re
+import warnings
+from typing import Collection, Iterator, Sequence
 
-_EVAL_PREFIXES: contextvars.ContextVar[tuple[tuple[str, ...], ...]] = contextvars.ContextVar(
-    "jaxbn_eval_prefixes", default=()
-)
+
+@dataclasses.dataclass
+class _EvalScope:
+  """One ``eval_mode`` context: its path prefixes and the BatchNorm layers that consulted it."""
+
+  prefixes: tuple[tuple[str, ...], ...]
+  consulted: set[tuple[str, ...]] = dataclasses.field(default_factory=set)
+
+
+_EVAL_SCOPES: contextvars.ContextVar[tuple[_EvalScope, ...]] = contextvars.ContextVar("jaxbn_eval_scopes", default=())
 
 
 def split_path(path: str | Sequence[str]) -> tuple[str, ...]:
-  """'backbone/layer1' -> ('backbone', 'layer1'); '' -> () (the whole model)."""
+  """'backbone/layer1' or torch's 'backbone.layer1' -> ('backbone', 'layer1'); '' -> () (the
+  whole model)."""
   if isinstance(path, str):
-    return tuple(part for part in path.split("/") if part)
+    return tuple(part for part in re.split(r"[/.]", path) if part)
   return tuple(path)
+
+
+def check_prefixes_match(prefixes: Sequence[tuple[str, ...]], paths: Collection[tuple[str, ...]], what: str) -> None:
+  """A path argument that matches none of ``paths`` (module paths) is a typo, not a no-op:
+  raise, naming the closest module paths that exist."""
+  unmatched = [p for p in prefixes if p and not any(tuple(path[: len(p)]) == p for path in paths)]
+  if not unmatched:
+    return
+  known = sorted({"/".join(path[:i]) for path in paths for i in range(1, len(path) + 1)})
+  lines = []
+  for prefix in unmatched:
+    close = difflib.get_close_matches("/".join(prefix), known, n=3, cutoff=0.5)
+    lines.append(f"'{'/'.join(prefix)}'" + (f" (closest: {', '.join(close)})" if close else ""))
+  raise ValueError(f"{what}: {'; '.join(lines)} match{'es' if len(lines) == 1 else ''} no module path."
+                   f" Paths are module paths, 'layer1/0' or torch's 'layer1.0'; the model has"
+                   f" {', '.join(known[:12])}{', ...' if len(known) > 12 else ''}.")
 
 
 def under(path: Sequence[str], prefixes: Sequence[tuple[str, ...]]) -> bool:
@@ -46,12 +74,26 @@ def eval_mode(*paths: str) -> Iterator[None]:
     >>> int(updates['batch_stats']['head']['num_batches_tracked'])
     1
   """
-  token = _EVAL_PREFIXES.set(_EVAL_PREFIXES.get() + tuple(split_path(p) for p in paths))
+  scope = _EvalScope(tuple(split_path(p) for p in paths))
+  token = _EVAL_SCOPES.set(_EVAL_SCOPES.get() + (scope,))
   try:
     yield
   finally:
-    _EVAL_PREFIXES.reset(token)
+    _EVAL_SCOPES.reset(token)
+  if not scope.consulted:
+    warnings.warn(
+        "jaxbn.eval_mode: no jaxbn.BatchNorm ran inside this context, so it had no effect. It acts"
+        " while the model is traced: put it inside the function you jit, not around a call of a"
+        " function that is already compiled.",
+        stacklevel=3,
+    )
+  else:
+    check_prefixes_match(scope.prefixes, scope.consulted, f"jaxbn.eval_mode{tuple(paths)}")
 
 
 def forced_eval(module_path: Sequence[str]) -> bool:
-  return under(module_path, _EVAL_PREFIXES.get())
+  path = tuple(module_path)
+  scopes = _EVAL_SCOPES.get()
+  for scope in scopes:
+    scope.consulted.add(path)
+  return any(under(path, scope.prefixes) for scope in scopes)
