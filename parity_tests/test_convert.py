@@ -139,13 +139,38 @@ def test_strict_reports_every_problem_at_once():
   with pytest.raises(ConversionError) as info:
     jaxbn.convert.from_torch(state_dict, template)
   message = str(info.value)
-  for part in ["missing (2", "params/bn/bias", "params/conv/kernel", "unexpected (1", "head.weight",
-               "shape mismatch: conv.weight (4, 2, 3, 3) -> params/conv/kernel expects (3, 3, 3, 4)", "rename="]:
+  for part in ["missing (1", "params/bn/bias", "unexpected (1", "head.weight",
+               "shape mismatch: conv.weight (4, 2, 3, 3) -> params/conv/kernel expects (3, 3, 3, 4)"
+               " (torch layout (4, 3, 3, 3))", "these do not, e.g. head.weight", "rename="]:
     assert part in message, (part, message)
   report = jaxbn.convert.from_torch(state_dict, template, strict=False)
   assert report.unexpected == ["head.weight"]
-  assert report.missing == ["params/bn/bias", "params/conv/kernel"]
+  assert report.missing == ["params/bn/bias"]  # the wrongly shaped kernel is reported as that only
   assert report.mismatched == [("conv.weight", (4, 2, 3, 3), "params/conv/kernel", (3, 3, 3, 4))]
+
+
+def test_rename_hint_only_when_paths_differ():
+  template = jax.eval_shape(Two().init, jax.random.key(0), np.ones((1, 5, 5, 3)))
+  state_dict = two_state_dict()
+  state_dict["conv.weight"] = np.zeros((4, 2, 3, 3), np.float32)
+  with pytest.raises(ConversionError) as info:
+    jaxbn.convert.from_torch(state_dict, template)
+  assert "rename=" not in str(info.value) and "missing" not in str(info.value), str(info.value)
+
+
+def test_flax_linen_batchnorm_in_the_template_is_named():
+  """Its num_batches_tracked has no place: say why, and name jaxbn.BatchNorm."""
+
+  class FlaxBN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.BatchNorm(use_running_average=True, name="bn")(nn.Conv(4, (3, 3), name="conv")(x))
+
+  template = jax.eval_shape(FlaxBN().init, jax.random.key(0), np.ones((1, 5, 5, 3)))
+  with pytest.raises(ConversionError, match=r"bn: the Flax layer keeps batch_stats without num_batches_tracked, as"
+                     r" flax.linen.BatchNorm does.*jaxbn.BatchNorm") as info:
+    jaxbn.convert.from_torch(two_state_dict(), template)
+  assert "rename=" not in str(info.value)
 
 
 def test_rename_maps_paths_that_differ():

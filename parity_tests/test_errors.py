@@ -128,3 +128,10 @@ def test_eval_mode_around_a_compiled_function_warns():
   with pytest.warns(UserWarning, match="no jaxbn.BatchNorm ran inside this context.*inside the function you jit"):
     with jaxbn.eval_mode("layer1"):
       step(variables, x)
+
+
+def test_nchw_input_into_an_nhwc_resnet_names_input_layout():
+  """Before: flax's ScopeParamShapeError about a (7, 7, 64, 64) kernel."""
+  model, x, variables = _resnet18_variables()
+  with pytest.raises(ValueError, match=r"\(2, 3, 32, 32\) looks like torch's NCHW layout.*input_layout='NCHW'"):
+    model.apply(variables, np.zeros((2, 3, 32, 32), np.float32))

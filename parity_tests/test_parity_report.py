@@ -80,3 +80,29 @@ def test_zero_init_residual_zeroes_each_blocks_last_norm_scale(factory, last):
   np.testing.assert_array_equal(block[last]["scale"], 0.0)
   np.testing.assert_array_equal(block["bn1"]["scale"], 1.0)
   np.testing.assert_array_equal(variables["params"]["bn1"]["scale"], 1.0)
+
+
+def test_jaxbn_parity_comes_with_import_jaxbn_and_compare_takes_the_model_flag():
+  """``import jaxbn`` alone gives ``jaxbn.parity`` (the README's spelling); a model whose mode
+  flag is not called ``train`` is compared through train_kwargs / eval_kwargs."""
+  import subprocess
+  import sys
+
+  code = "import jaxbn; print(jaxbn.parity.compare_config.__name__)"
+  assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "compare_config"
+
+  class Flagged(nn.Module):
+    @nn.compact
+    def __call__(self, x, use_running_average: bool):
+      x = nn.Conv(4, (3, 3), padding=1, use_bias=False, name="conv")(x)
+      return jaxbn.BatchNorm(name="bn")(x, use_running_average=use_running_average)
+
+  rng = np.random.default_rng(0)
+  batches = [rng.standard_normal((4, 3, 5, 5)).astype(np.float32) for _ in range(3)]
+  template = jax.eval_shape(lambda x: Flagged().init(jax.random.key(0), x, use_running_average=True), X)
+  state = {k: v.numpy().copy() for k, v in torch_net().state_dict().items()}
+  variables = jaxbn.convert.from_torch(state, template).variables
+  report = jaxbn.parity.compare(torch_net(), Flagged(), variables, batches,
+                                train_kwargs={"use_running_average": False}, eval_kwargs={"use_running_average": True})
+  assert [(r.mode, r.step) for r in report] == [("train", 0), ("train", 1), ("eval", 2)]
+  assert max(r.max_rel for r in report) < 1e-5

@@ -155,9 +155,10 @@ def from_torch(
       array = array.astype(dtype)
     flat[destination] = array
 
+  wrongly_shaped = {tuple(destination.split("/")) for *_, destination, _ in mismatched}
   missing = []
   for destination, value in flat_template.items():
-    if destination in flat:
+    if destination in flat or destination in wrongly_shaped:
       continue
     if destination[-1] == "num_batches_tracked" and destination[:-1] + ("mean",) in flat:
       flat[destination] = np.zeros((), counter_dtype())  # torch fills it for old checkpoints
@@ -167,7 +168,7 @@ def from_torch(
       flat[destination] = value
 
   if strict and (missing or unexpected or mismatched):
-    raise ConversionError(_describe(missing, unexpected, mismatched))
+    raise ConversionError(_describe(missing, unexpected, mismatched, modules, rename))
   return Converted(traverse_util.unflatten_dict(flat), missing, unexpected, mismatched)
 
 
@@ -193,18 +194,29 @@ def template_from_state_dict(state_dict: Mapping[str, Any]) -> dict:
   return traverse_util.unflatten_dict(flat)
 
 
-def _describe(missing, unexpected, mismatched) -> str:
+def _describe(missing, unexpected, mismatched, modules, rename) -> str:
   lines = ["the state_dict does not fit the Flax variables:"]
   if missing:
     lines.append(f"  missing ({len(missing)}; in the Flax model, not in the state_dict): {', '.join(missing)}")
   if unexpected:
     lines.append(f"  unexpected ({len(unexpected)}; no place in the Flax model): {', '.join(unexpected)}")
   for key, torch_shape, destination, expected in mismatched:
-    lines.append(f"  shape mismatch: {key} {torch_shape} -> {destination} expects {expected}")
-  lines.append(
-      "Module paths must match (torch 'layer1.0.conv1' = Flax layer1/0/conv1): map those that"
-      " differ with rename=; strict=False returns a partial result with this report."
-  )
+    torch_layout = f" (torch layout {tuple(kernel_to_torch(np.empty(expected, np.int8)).shape)})" if destination.endswith(
+        "/kernel") else ""
+    lines.append(f"  shape mismatch: {key} {torch_shape} -> {destination} expects {expected}{torch_layout}")
+  flax_batchnorms = sorted({key.rpartition(".")[0] for key in unexpected if key.endswith(".num_batches_tracked")
+                            and ("batch_stats", "mean") in modules.get(_split(rename(key.rpartition(".")[0])), {})})
+  if flax_batchnorms:
+    lines.append(f"  {', '.join(flax_batchnorms)}: the Flax layer keeps batch_stats without num_batches_tracked, as"
+                 " flax.linen.BatchNorm does (biased running var, opposite momentum): build it with jaxbn.BatchNorm.")
+  elsewhere = [key for key in unexpected if _split(rename(key.rpartition(".")[0])) not in modules]
+  if elsewhere and missing:
+    lines.append(
+        "Module paths must match (torch 'layer1.0.conv1' = Flax layer1/0/conv1) and these do not, e.g."
+        f" {elsewhere[0]}: map those that differ with rename=; strict=False returns a partial result with this report."
+    )
+  else:
+    lines.append("strict=False returns a partial result with this report.")
   return "\n".join(lines)
 
 

@@ -3,7 +3,8 @@
 Both models see the same batches, first in training mode (their running statistics move) and
 then in eval mode; every BatchNorm layer's output is compared, and after each training step
 its running statistics. Layers are matched by module path (torch ``layer1.0.bn1`` = Flax
-``layer1/0/bn1``), as in conversion. The Flax model must take ``train: bool``.
+``layer1/0/bn1``), as in conversion. The Flax model's mode flag is passed as keyword arguments
+(``train=True`` / ``train=False`` unless told otherwise).
 """
 
 from __future__ import annotations
@@ -55,13 +56,28 @@ def compare_config(torch_model, flax_model: nn.Module, example_input, *, rename:
 
 
 def compare(torch_model, flax_model: nn.Module, variables: dict, batches: Sequence[np.ndarray], *,
-            train_steps: int | None = None, rename: Rename = None, channels_last: bool = True) -> list[LayerDifference]:
-  """Runs both models on ``batches`` (torch layout, NCHW): the first ``train_steps`` (default:
-  all but one) in training mode, the rest in eval; returns one LayerDifference per BatchNorm
-  layer and step. ``torch_model`` is put in train/eval mode and its statistics move, as in
-  training. ``channels_last``: the Flax model takes NHWC input."""
+            train_steps: int | None = None, rename: Rename = None, channels_last: bool = True,
+            train_kwargs: dict | None = None, eval_kwargs: dict | None = None) -> list[LayerDifference]:
+  """Runs both models on ``batches`` and compares every BatchNorm layer's output and, after each
+  training step, its running statistics.
+
+  Args:
+    torch_model: the torch model; it is put in train/eval mode and its statistics move.
+    flax_model, variables: the Flax port and its variables (e.g. from ``convert.from_torch``),
+      with jaxbn layers at the torch module paths (``rename`` maps paths that differ).
+    batches: inputs in torch's layout (NCHW); the first ``train_steps`` (default: all but one)
+      run in training mode, the rest in eval.
+    channels_last: the Flax model takes NHWC input (the batches are transposed for it).
+    train_kwargs, eval_kwargs: the Flax model's call arguments for each mode; default
+      ``{"train": True}`` and ``{"train": False}`` (e.g. ``{"use_running_average": False}`` for a
+      model whose flag has another name).
+
+  Returns one LayerDifference per BatchNorm layer and step (see ``format_table``).
+  """
   import torch
 
+  train_kwargs = {"train": True} if train_kwargs is None else train_kwargs
+  eval_kwargs = {"train": False} if eval_kwargs is None else eval_kwargs
   rename = _renamer(rename)
   train_steps = len(batches) - 1 if train_steps is None else train_steps
   torch_layers = _torch_batchnorms(torch_model)
@@ -75,12 +91,12 @@ def compare(torch_model, flax_model: nn.Module, variables: dict, batches: Sequen
 
   @jax.jit
   def flax_train(variables, x):
-    return flax_model.apply(variables, x, train=True, mutable=["batch_stats", "intermediates"],
+    return flax_model.apply(variables, x, **train_kwargs, mutable=["batch_stats", "intermediates"],
                             capture_intermediates=is_batchnorm)
 
   @jax.jit
   def flax_eval(variables, x):
-    return flax_model.apply(variables, x, train=False, mutable=["intermediates"], capture_intermediates=is_batchnorm)
+    return flax_model.apply(variables, x, **eval_kwargs, mutable=["intermediates"], capture_intermediates=is_batchnorm)
 
   report = []
   try:

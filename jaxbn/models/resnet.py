@@ -152,6 +152,13 @@ class ResNet(nn.Module):
       raise ValueError(f"input_layout must be 'NHWC' or 'NCHW', got {self.input_layout!r}")
     if self.input_layout == "NCHW":
       x = jnp.transpose(x, (0, 2, 3, 1))
+    stem = self.variables.get("params", {}).get("conv1", {}).get("kernel")
+    if stem is not None and x.ndim == 4 and x.shape[-1] != stem.shape[2] and x.shape[1] == stem.shape[2]:
+      raise ValueError(
+          f"the input of shape {tuple(x.shape)} looks like torch's NCHW layout ({stem.shape[2]} channels on"
+          f" axis 1), but this ResNet takes {self.input_layout}: transpose it with"
+          " np.moveaxis(x, 1, -1), or build the model with input_layout='NCHW'."
+      )
     norm = self.norm
     if self.zero_init_residual:
       norm = functools.partial(_zero_init_last_norm, self.norm, "bn3" if self.block is Bottleneck else "bn2")
