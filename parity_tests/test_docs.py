@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from jaxbn._src import batch_norm, folding, frozen, modes, training
+from jaxbn._src import batch_norm, folding, frozen, modes, normalization, running, statistics, training
 from jaxbn.models import resnet
 
 README = pathlib.Path(__file__).parent.parent / "README.md"
@@ -23,7 +23,7 @@ def test_readme_usage_example_runs():
   assert namespace["y"].shape == (32, 56, 56, 64)
 
 
-@pytest.mark.parametrize("module", [batch_norm, folding, frozen, modes, resnet, training], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [batch_norm, folding, frozen, modes, normalization, resnet, running, statistics, training], ids=lambda m: m.__name__)
 def test_docstring_examples(module):
   results = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
   assert results.attempted > 0 and results.failed == 0, results

@@ -18,6 +18,13 @@ def normalize(
 
   Subtracting first (torch's CUDA order) rather than torch CPU's ``x * a + (bias - mean * a)``
   keeps precision on data with a large mean; the two differ by a few ulps on ordinary data.
+  ``scale`` and ``bias`` may be None (torch's ``affine=False``); the result has the promoted
+  dtype of the arguments (callers cast it back). Example::
+
+    >>> import jax.numpy as jnp
+    >>> from jaxbn.functional import normalize
+    >>> normalize(jnp.array([1.0, 3.0]), 2.0, 1.0, None, None, 0.0).tolist()
+    [-1.0, 1.0]
   """
   multiplier = lax.rsqrt(var + epsilon)
   if scale is not None:

@@ -11,7 +11,14 @@ from jaxbn._src.statistics import BatchStats
 
 
 class RunningStats(NamedTuple):
-  """torch's three BatchNorm buffers: ``running_mean``, ``running_var``, ``num_batches_tracked``."""
+  """torch's three BatchNorm buffers, per channel.
+
+  Attributes:
+    mean: ``running_mean`` (torch's initial value 0).
+    var: ``running_var``, fed with the UNBIASED batch variance (initial value 1).
+    num_batches_tracked: training batches counted so far (int32, int64 under x64); it drives the
+      cumulative average of ``momentum=None``.
+  """
 
   mean: jax.Array
   var: jax.Array
@@ -23,7 +30,13 @@ def update_factor(
 ) -> jax.Array | float:
   """Weight of the new batch: ``momentum`` (torch's convention), or ``1 / num_batches_tracked``
   (a cumulative average) when ``momentum`` is None. ``num_batches_tracked`` already counts the
-  new batch, as in torch."""
+  new batch, as in torch. Example::
+
+    >>> import jax.numpy as jnp
+    >>> from jaxbn.functional import update_factor
+    >>> update_factor(0.1, jnp.array(5)), float(update_factor(None, jnp.array(4)))
+    (0.1, 0.25)
+  """
   if momentum is None:
     return 1 / num_batches_tracked.astype(dtype)
   return momentum

@@ -66,6 +66,15 @@ def batch_statistics(
   a padded per-device batch. With ``axis_name``, each device reduces its own shard and one
   ``all_gather`` merges ``(count, mean, M2)`` weighted by count, torch SyncBatchNorm's rule, so
   uneven per-device batches give exactly the statistics of the global batch.
+
+  Returns a BatchStats with keepdims shapes; ``count`` is an int32 array (0 for an empty batch,
+  whose mean and variance are then 0). Example::
+
+    >>> import jax.numpy as jnp
+    >>> from jaxbn.functional import batch_statistics
+    >>> stats = batch_statistics(jnp.array([[1.0, 10.0], [3.0, 10.0]]), (0,))
+    >>> stats.mean.tolist(), stats.var.tolist(), stats.unbiased_var.tolist(), stats.count.tolist()
+    ([[2.0, 10.0]], [[1.0, 0.0]], [[2.0, 0.0]], [[2, 2]])
   """
   reduction_axes = tuple(reduction_axes)
   if mask is None:
@@ -148,7 +157,14 @@ def replicated(values: jax.Array, axis_name: str, axis_index_groups: Any = None)
   """``values`` computed from merged statistics are equal on every device of a group, but inside
   shard_map ``all_gather``'s result is typed device-varying, so ``out_specs=P()`` would reject
   them. A ``pmax`` of equal values is exact and types them replicated; it runs only there (not
-  under pmap or vmap) and only on per-channel vectors."""
+  under pmap or vmap) and only on per-channel vectors. Returns ``values`` unchanged in value.
+  Example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxbn.functional import replicated
+    >>> jax.vmap(lambda v: replicated(v, "devices"), axis_name="devices")(jnp.ones((2, 3))).shape
+    (2, 3)
+  """
   if axis_name not in _varying_axes(values):
     return values
   return lax.pmax(values, axis_name, axis_index_groups=axis_index_groups)
