@@ -212,17 +212,6 @@ def _write_flax(variables: dict, target: pathlib.Path, configs) -> None:
     sidecar.unlink()
 
 
-def _is_flax_file(path: pathlib.Path) -> bool:
-  if path.suffix == ".msgpack" or path.is_dir():
-    return True
-  if path.suffix == ".safetensors":
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as f:
-      return any("/" in key for key in f.keys())
-  return False
-
-
 def convert(args) -> int:
   import jax
 

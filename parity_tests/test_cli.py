@@ -57,3 +57,26 @@ def test_convert_round_trips_through_flax_formats(tmp_path):
     for key, value in original.items():
       assert restored[key].dtype == value.dtype and restored[key].shape == value.shape, key
       np.testing.assert_array_equal(restored[key], value, err_msg=key)
+
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path):
+  """No traceback for a user mistake: the problem and the fix in one line, status 2."""
+  torch.manual_seed(0)
+  torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "r18.pth")
+  (tmp_path / "taken").mkdir()
+  cases = [
+      (("convert", str(tmp_path / "r18.pth"), str(tmp_path / "taken"), "--model", "resnet18"),
+       "taken exists already; pass --overwrite"),
+      (("convert", str(tmp_path / "r18.pth"), str(tmp_path / "x.msgpack"), "--model", "resnet50"),
+       "r18.pth does not fit jaxbn.models.resnet50: "),
+      (("convert", str(tmp_path / "r18.pth"), str(tmp_path / "x.msgpack"), "--model", "mobilenet_v3_small"),
+       "invalid choice: 'mobilenet_v3_small'"),
+      (("check", "--model", "resnet34", "--weights", str(tmp_path / "r18.pth"), "--num-classes", "10"),
+       "r18.pth does not fit torchvision's resnet34(num_classes=10)"),
+  ]
+  for args, expected in cases:
+    code, out = jaxbn_command(*args)
+    assert code == 2 and expected in out and "Traceback" not in out, (args, out)
+  code, out = jaxbn_command("convert", str(tmp_path / "r18.pth"), str(tmp_path / "taken"), "--model", "resnet18",
+                            "--overwrite")
+  assert code == 0, out

@@ -7,8 +7,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from jax.experimental import checkify
 from flax.typing import Dtype, Initializer
+from jax.experimental import checkify
 
 from jaxbn._src import checks
 from jaxbn._src.modes import forced_eval
