@@ -33,7 +33,6 @@ import time
 import numpy as np
 
 LARGE_CHECKPOINT_BYTES = 50 * 2**20  # progress bars above this
-RESNETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2"]
 
 
 class UsageError(Exception):
@@ -286,10 +285,12 @@ def inspect(args) -> int:
 
 
 def main(argv=None) -> int:
+  from jaxbn.models import MODELS
+
   parser = argparse.ArgumentParser(prog="jaxbn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest="command", required=True)
   check_parser = commands.add_parser("check", help="compare a torchvision model and its jaxbn port")
-  check_parser.add_argument("--model", default="resnet18", choices=RESNETS)
+  check_parser.add_argument("--model", default="resnet18", choices=list(MODELS))
   check_parser.add_argument("--weights", help="a .pth/.safetensors state_dict for the model (default: random init)")
   check_parser.add_argument("--num-classes", type=int, default=1000)
   check_parser.add_argument("--steps", type=int, default=3, help="training steps (BN statistics) before the check")
@@ -300,7 +301,7 @@ def main(argv=None) -> int:
   convert_parser = commands.add_parser("convert", help="torch checkpoint <-> Flax variables")
   convert_parser.add_argument("input")
   convert_parser.add_argument("output")
-  convert_parser.add_argument("--model", choices=RESNETS, help="the jaxbn.models network to take the Flax layout"
+  convert_parser.add_argument("--model", choices=list(MODELS), help="the jaxbn.models network to take the Flax layout"
                               " from (default: inferred from the checkpoint's names and shapes)")
   convert_parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
   inspect_parser = commands.add_parser("inspect", help="list a checkpoint's BatchNorm layers and flag bad statistics")
