@@ -8,28 +8,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax.typing import Dtype, Initializer
-from jax.experimental import checkify
 
 from jaxbn._src import checks
+from jaxbn._src.layer import batch_norm_call, counter_dtype, prepare
 from jaxbn._src.modes import forced_eval
-from jaxbn._src.normalization import normalize
-from jaxbn._src.running import RunningStats, update_running_stats
-from jaxbn._src.statistics import replicated
-from jaxbn._src.training import batch_normalize
-
-
-def compute_dtype(x_dtype, param_dtype):
-  """Statistics and normalisation run in at least float32; half inputs are upcast, as in torch."""
-  return jnp.promote_types(jnp.promote_types(x_dtype, jnp.float32), param_dtype)
-
-
-def counter_dtype():
-  """torch's num_batches_tracked is int64; int32 unless jax_enable_x64 is on."""
-  return jax.dtypes.canonicalize_dtype(jnp.int64)
-
-
-def broadcast_shape(shape: Sequence[int], feature_axes: Sequence[int]) -> tuple[int, ...]:
-  return tuple(d if i in feature_axes else 1 for i, d in enumerate(shape))
+from jaxbn._src.running import RunningStats
 
 
 class BatchNorm(nn.Module):
@@ -112,22 +95,18 @@ class BatchNorm(nn.Module):
     )
     use_running_average = use_running_average or forced_eval(self.scope.path)
     label = checks.layer_label("BatchNorm", self.scope.path)
-    checks.check_input_dtype(label, x)
-    x = jnp.asarray(x)  # float64 numpy becomes float32 unless jax_enable_x64 is on
-    feature_axes = checks.feature_axes(x.shape, self.axis)
-    reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
-    feature_shape = tuple(x.shape[i] for i in feature_axes)
+    prepared = prepare(label, x, self.axis)
+    feature_shape = prepared.feature_shape
     checks.check_channels(
         label,
-        x.shape,
-        feature_axes,
+        prepared.x.shape,
+        prepared.feature_axes,
         {
             f"{collection}/{name}": self.get_variable(collection, name).shape
             for collection, name in (("params", "scale"), ("params", "bias"), ("batch_stats", "mean"))
             if self.has_variable(collection, name)
         },
     )
-
     running = None
     if self.track_running_stats or self.has_variable("batch_stats", "mean"):
       running = RunningStats(
@@ -135,59 +114,37 @@ class BatchNorm(nn.Module):
           self.variable("batch_stats", "var", jnp.ones, feature_shape, self.param_dtype),
           self.variable("batch_stats", "num_batches_tracked", jnp.zeros, (), counter_dtype()),
       )
-    uses_batch_stats = not use_running_average or running is None
-    checks.check_epsilon(self.epsilon, uses_batch_stats=uses_batch_stats)
+    scale = self.param("scale", self.scale_init, feature_shape, self.param_dtype) if self.use_scale else None
+    bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype) if self.use_bias else None
 
-    shape = broadcast_shape(x.shape, feature_axes)
-    scale = bias = None
-    if self.use_scale:
-      scale = self.param("scale", self.scale_init, feature_shape, self.param_dtype).reshape(shape)
-    if self.use_bias:
-      bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype).reshape(shape)
-
-    if uses_batch_stats:
-      if mask is not None:
-        checks.check_mask(mask, x.shape)
-      elif self.axis_name is None:  # with sync or a mask only the (traced) global count matters
-        checks.check_batch_size(x.shape, reduction_axes)
-      y, stats = batch_normalize(
-          x,
-          reduction_axes,
-          scale,
-          bias,
-          self.epsilon,
-          mask=mask,
-          axis_name=None if self.is_initializing() else self.axis_name,
-          axis_index_groups=self.axis_index_groups,
-          dtype=compute_dtype(x.dtype, self.param_dtype),
+    updates = (self.track_running_stats and self.update_stats and not use_running_average
+               and not self.is_initializing())
+    if updates and not self.is_mutable_collection("batch_stats"):
+      raise ValueError(
+          f"{label}: training mode (use_running_average=False) updates the running statistics,"
+          ' but the "batch_stats" collection is not mutable, so they would silently stay as they'
+          ' are. Pass mutable=["batch_stats"] to apply and keep the updates it returns; to'
+          " normalise with batch statistics without updating them, build the layer with"
+          " update_stats=False."
       )
-      if self.runtime_checks and (mask is not None or self.axis_name is not None):
-        checkify.check(
-            jnp.all(stats.count != 1),
-            f"{label}: Expected more than 1 value per channel when training, got 1 valid value"
-            " in channel {} (mask / axis_name)",
-            jnp.argmax(stats.count.reshape(-1) == 1),
-        )
-      updates = self.track_running_stats and self.update_stats and not self.is_initializing()
-      if updates and not self.is_mutable_collection("batch_stats"):
-        raise ValueError(
-            f"{label}: training mode (use_running_average=False) updates the running statistics,"
-            ' but the "batch_stats" collection is not mutable, so they would silently stay as they'
-            ' are. Pass mutable=["batch_stats"] to apply and keep the updates it returns; to'
-            " normalise with batch statistics without updating them, build the layer with"
-            " update_stats=False."
-        )
-      if updates:
-        # Buffers, as in torch (updated under no_grad): no gradient flows into them.
-        updated = update_running_stats(
-            RunningStats(*(v.value for v in running)), jax.lax.stop_gradient(stats), self.momentum
-        )
-        if self.axis_name is not None:
-          mean, var = replicated(jnp.stack(updated[:2]), self.axis_name, self.axis_index_groups)
-          updated = RunningStats(mean, var, updated.num_batches_tracked)
-        for variable, value in zip(running, updated):
-          variable.value = value
-    else:
-      mean, var = (v.value.reshape(shape) for v in running[:2])
-      y = normalize(x.astype(compute_dtype(x.dtype, self.param_dtype)), mean, var, scale, bias, self.epsilon)
-    return y.astype(self.dtype or x.dtype)
+    y, updated = batch_norm_call(
+        label,
+        prepared,
+        scale=scale,
+        bias=bias,
+        running=None if running is None else RunningStats(*(v.value for v in running)),
+        use_running_average=use_running_average,
+        momentum=self.momentum,
+        epsilon=self.epsilon,
+        update=updates,
+        param_dtype=self.param_dtype,
+        dtype=self.dtype,
+        mask=mask,
+        axis_name=None if self.is_initializing() else self.axis_name,
+        axis_index_groups=self.axis_index_groups,
+        runtime_checks=self.runtime_checks,
+    )
+    if updated is not None:
+      for variable, value in zip(running, updated):
+        variable.value = value
+    return y

@@ -24,7 +24,7 @@ import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
-from jaxbn._src.batch_norm import counter_dtype
+from jaxbn._src.layer import counter_dtype
 from jaxbn._src.checkpoint import as_numpy
 
 Rename = Callable[[str], str] | Sequence[tuple[str, str]] | None

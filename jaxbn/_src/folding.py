@@ -8,6 +8,7 @@ that the same model code runs with ``norm=jaxbn.FoldedBatchNorm``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -19,13 +20,15 @@ from flax.core import unfreeze
 from flax.typing import Dtype
 
 from jaxbn._src import checks
-from jaxbn._src.batch_norm import broadcast_shape
+from jaxbn._src.layer import folded_call, prepare
 from jaxbn._src.freezing import layers_holding_stats
+from jaxbn._src.frozen import IgnoredBatchNormFields
 
 
-class FoldedBatchNorm(nn.Module):
+class FoldedBatchNorm(IgnoredBatchNormFields):
   """What remains of a BatchNorm folded into the preceding kernel by ``jaxbn.fold_batchnorm``:
-  ``y = x + bias``. Accepts BatchNorm's fields (ignored) so it can be a model's norm class.
+  ``y = x + bias``. Accepts BatchNorm's fields (ignored, keyword-only; positional order ``axis,
+  dtype, param_dtype``) so it can be a model's norm class.
 
   Example::
 
@@ -38,23 +41,16 @@ class FoldedBatchNorm(nn.Module):
   axis: int | Sequence[int] = -1
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
-  # Accepted for drop-in use as a model's norm class; folding has used or removed them.
-  use_running_average: bool | None = None
-  momentum: float | None = 0.1
-  epsilon: float = 1e-5
-  use_bias: bool = True
-  use_scale: bool = True
-  track_running_stats: bool = True
-  axis_name: str | None = None
-  axis_index_groups: Any = None
+  # Folding has used or removed these.
+  epsilon: float = dataclasses.field(default=1e-5, kw_only=True)
+  use_bias: bool = dataclasses.field(default=True, kw_only=True)
+  use_scale: bool = dataclasses.field(default=True, kw_only=True)
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None):
-    checks.check_input_dtype(checks.layer_label("FoldedBatchNorm", self.scope.path), x)
-    x = jnp.asarray(x)
-    feature_axes = checks.feature_axes(x.shape, self.axis)
-    bias = self.param("bias", nn.initializers.zeros, tuple(x.shape[i] for i in feature_axes), self.param_dtype)
-    return (x + bias.reshape(broadcast_shape(x.shape, feature_axes))).astype(self.dtype or x.dtype)
+    prepared = prepare(checks.layer_label("FoldedBatchNorm", self.scope.path), x, self.axis)
+    bias = self.param("bias", nn.initializers.zeros, prepared.feature_shape, self.param_dtype)
+    return folded_call(prepared, bias=bias, dtype=self.dtype)
 
 
 def _producer(norm_path: tuple[str, ...], kernels: set[tuple[str, ...]]) -> tuple[str, ...] | None:

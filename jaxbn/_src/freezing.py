@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from jaxbn._src.batch_norm import counter_dtype
+from jaxbn._src.layer import counter_dtype
 from jaxbn._src.modes import check_prefixes_match, split_path, under
 
 STATS = ("mean", "var")

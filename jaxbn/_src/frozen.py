@@ -10,11 +10,22 @@ from flax import linen as nn
 from flax.typing import Dtype
 
 from jaxbn._src import checks
-from jaxbn._src.batch_norm import broadcast_shape, compute_dtype
-from jaxbn._src.normalization import normalize
+from jaxbn._src.layer import frozen_call, prepare
 
 
-class FrozenBatchNorm(nn.Module):
+class IgnoredBatchNormFields(nn.Module, kw_only=True):
+  """jaxbn.BatchNorm's fields that a frozen or folded layer accepts and ignores, so that it can be
+  passed wherever a model takes its norm class (``norm(use_running_average=..., momentum=...)``).
+  Keyword-only: a subclass's own fields alone are positional."""
+
+  use_running_average: bool | None = None
+  momentum: float | None = 0.1
+  track_running_stats: bool = True
+  axis_name: str | None = None
+  axis_index_groups: Any = None
+
+
+class FrozenBatchNorm(IgnoredBatchNormFields):
   """BatchNorm with fixed statistics and affine: ``(x - mean) / sqrt(var + eps) * scale + bias``.
 
   All four arrays live in ``params`` (apply needs only ``{'params': ...}``) and are constants:
@@ -25,7 +36,8 @@ class FrozenBatchNorm(nn.Module):
 
   It accepts jaxbn.BatchNorm's fields, so it can be passed wherever a model takes its norm class;
   ``use_running_average``, ``momentum``, ``track_running_stats`` and ``axis_name`` are ignored
-  (a frozen layer always normalises with its stored statistics).
+  (a frozen layer always normalises with its stored statistics) and keyword-only; the positional
+  order is ``axis, epsilon, dtype, param_dtype, use_bias, use_scale``.
 
   Example::
 
@@ -50,42 +62,22 @@ class FrozenBatchNorm(nn.Module):
   param_dtype: Dtype = jnp.float32
   use_bias: bool = True
   use_scale: bool = True
-  # Accepted for drop-in use as a model's norm class; a frozen layer ignores them.
-  use_running_average: bool | None = None
-  momentum: float | None = 0.1
-  track_running_stats: bool = True
-  axis_name: str | None = None
-  axis_index_groups: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
     del use_running_average  # always the stored statistics
-    checks.check_epsilon(self.epsilon, uses_batch_stats=False)
     label = checks.layer_label("FrozenBatchNorm", self.scope.path)
-    checks.check_input_dtype(label, x)
-    x = jnp.asarray(x)
-    feature_axes = checks.feature_axes(x.shape, self.axis)
-    feature_shape = tuple(x.shape[i] for i in feature_axes)
+    prepared = prepare(label, x, self.axis)
     names = ["mean", "var"] + ["scale"] * self.use_scale + ["bias"] * self.use_bias
     checks.check_channels(
         label,
-        x.shape,
-        feature_axes,
+        prepared.x.shape,
+        prepared.feature_axes,
         {f"params/{n}": self.get_variable("params", n).shape for n in names if self.has_variable("params", n)},
     )
     init = {"mean": nn.initializers.zeros, "var": nn.initializers.ones,
             "scale": nn.initializers.ones, "bias": nn.initializers.zeros}
-    shape = broadcast_shape(x.shape, feature_axes)
-    frozen = {
-        n: jax.lax.stop_gradient(self.param(n, init[n], feature_shape, self.param_dtype)).reshape(shape)
-        for n in names
-    }
-    y = normalize(
-        x.astype(compute_dtype(x.dtype, self.param_dtype)),
-        frozen["mean"],
-        frozen["var"],
-        frozen.get("scale"),
-        frozen.get("bias"),
-        self.epsilon,
-    )
-    return y.astype(self.dtype or x.dtype)
+    frozen = {n: self.param(n, init[n], prepared.feature_shape, self.param_dtype) for n in names}
+    return frozen_call(prepared, mean=frozen["mean"], var=frozen["var"], scale=frozen.get("scale"),
+                       bias=frozen.get("bias"), epsilon=self.epsilon, param_dtype=self.param_dtype,
+                       dtype=self.dtype)
