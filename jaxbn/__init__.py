@@ -1,6 +1,6 @@
 """jaxbn: BatchNorm for Flax that behaves exactly like PyTorch's."""
 
-from jaxbn import convert, functional, models, parity
+from jaxbn import convert, functional, models, nnx, parity
 from jaxbn._src.batch_norm import BatchNorm
 from jaxbn._src.checkpoint import CheckpointError, load_state_dict, read_batchnorm_config, save_state_dict
 from jaxbn._src.checks import MomentumConventionWarning
@@ -24,6 +24,7 @@ __all__ = [
     "keep_frozen",
     "load_state_dict",
     "models",
+    "nnx",
     "parity",
     "read_batchnorm_config",
     "save_state_dict",

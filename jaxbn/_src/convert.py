@@ -26,6 +26,7 @@ from flax.core import unfreeze
 
 from jaxbn._src.layer import counter_dtype
 from jaxbn._src.checkpoint import as_numpy
+from jaxbn._src.nnx_state import as_variables, is_nnx, update
 
 Rename = Callable[[str], str] | Sequence[tuple[str, str]] | None
 
@@ -109,7 +110,9 @@ def from_torch(
 
   Args:
     state_dict: torch key -> array (numpy or torch tensors; see ``jaxbn.load_state_dict``).
-    template: the Flax model's variables, from ``model.init`` or ``jax.eval_shape(model.init, ...)``.
+    template: the Flax model's variables, from ``model.init`` or ``jax.eval_shape(model.init, ...)``;
+      or an NNX module, filled in place (``variables`` is then its ``nnx.state``), or an NNX
+      state (``variables`` is a filled copy).
     rename: maps a torch module path (``'layer1.0.conv1'``) to the Flax one (dotted): a callable,
       or ``(regex, replacement)`` pairs applied in order.
     strict: raise one ConversionError listing every missing key, unexpected key and shape
@@ -122,6 +125,11 @@ def from_torch(
     >>> template = jax.eval_shape(model.init, jax.random.key(0), x)        # doctest: +SKIP
     >>> variables = jaxbn.convert.from_torch(state_dict, template).variables  # doctest: +SKIP
   """
+  if is_nnx(template):
+    converted = from_torch(state_dict, as_variables(template), rename=rename, strict=strict, dtype=dtype,
+                           progress=progress)
+    filled = update(template, converted.variables, partial=True)  # non-strict: the rest as it was
+    return converted._replace(variables=nnx_state(filled))
   rename = _renamer(rename)
   flat_template = _flat(template)
   modules: dict[tuple[str, ...], dict[tuple[str, str], Any]] = collections.defaultdict(dict)
@@ -170,6 +178,12 @@ def from_torch(
   if strict and (missing or unexpected or mismatched):
     raise ConversionError(_describe(missing, unexpected, mismatched, modules, rename))
   return Converted(traverse_util.unflatten_dict(flat), missing, unexpected, mismatched)
+
+
+def nnx_state(module_or_state):
+  from flax import nnx
+
+  return nnx.state(module_or_state) if isinstance(module_or_state, nnx.Module) else module_or_state
 
 
 def template_from_state_dict(state_dict: Mapping[str, Any]) -> dict:
@@ -225,7 +239,9 @@ def to_state_dict(variables: Mapping, *, rename: Rename = None,
   """Flax variables -> a torch state_dict of numpy arrays (no torch needed).
 
   ``rename`` maps Flax module paths (dotted) to torch ones. Counters come back as int64.
+  ``variables`` may be an NNX module or state.
   """
+  variables = as_variables(variables)
   rename = _renamer(rename)
   state_dict, unknown = {}, []
   for (collection, *path, leaf), value in (progress or iter)(_flat(variables).items()):
@@ -249,7 +265,8 @@ def to_state_dict(variables: Mapping, *, rename: Rename = None,
 
 
 def to_torch(variables: Mapping, *, rename: Rename = None) -> dict:
-  """Flax variables -> a torch state_dict of tensors, loadable with ``strict=True``."""
+  """Flax variables (or an NNX module or state) -> a torch state_dict of tensors, loadable with
+  ``strict=True``."""
   from jaxbn._src.checkpoint import numpy_to_torch
 
   return numpy_to_torch(to_state_dict(variables, rename=rename))

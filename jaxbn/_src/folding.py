@@ -21,7 +21,7 @@ from flax.typing import Dtype
 
 from jaxbn._src import checks
 from jaxbn._src.layer import folded_call, prepare
-from jaxbn._src.freezing import layers_holding_stats
+from jaxbn._src.freezing import layers_holding_stats, linen_variables
 from jaxbn._src.frozen import IgnoredBatchNormFields
 
 
@@ -70,19 +70,20 @@ def _producer(norm_path: tuple[str, ...], kernels: set[tuple[str, ...]]) -> tupl
 def fold_batchnorm(
     variables: Mapping[str, Any],
     *,
-    epsilon: float = 1e-5,
+    epsilon: float | Mapping[str, float] = 1e-5,
     producers: Mapping[str, str] | None = None,
 ) -> dict:
   """Variables of a model in eval mode -> those of the same model built with
   ``norm=jaxbn.FoldedBatchNorm``, each BatchNorm or FrozenBatchNorm folded into the convolution
   or dense layer before it (found by torchvision's naming, or given in ``producers`` as
-  ``{'norm/path': 'conv/path'}``). ``epsilon`` is the norms' eps (not stored in variables).
+  ``{'norm/path': 'conv/path'}``). ``epsilon`` is the norms' eps (not stored in variables), or ``{'norm/path': eps}``.
 
   Example::
 
     >>> folded = jaxbn.fold_batchnorm(variables)                        # doctest: +SKIP
     >>> jaxbn.models.resnet50(norm=jaxbn.FoldedBatchNorm).apply(folded, x)  # doctest: +SKIP
   """
+  variables = linen_variables(variables, "fold_batchnorm")
   params = traverse_util.flatten_dict(unfreeze(variables.get("params", {})))
   stats = traverse_util.flatten_dict(unfreeze(variables.get("batch_stats", {})))
   merged = {**params, **stats}
@@ -98,7 +99,8 @@ def fold_batchnorm(
     mean, var = (np.asarray(merged[norm + (leaf,)], np.float64) for leaf in ("mean", "var"))
     scale = np.asarray(params.get(norm + ("scale",), 1.0), np.float64)
     beta = np.asarray(params.get(norm + ("bias",), 0.0), np.float64)
-    multiplier = scale / np.sqrt(var + epsilon)
+    eps = epsilon["/".join(norm)] if isinstance(epsilon, Mapping) else epsilon
+    multiplier = scale / np.sqrt(var + eps)
     kernel = params[producer + ("kernel",)]
     params[producer + ("kernel",)] = (np.asarray(kernel, np.float64) * multiplier).astype(kernel.dtype)
     if producer + ("bias",) in params:  # the producer's own bias is scaled by the norm too

@@ -15,6 +15,20 @@ from flax import traverse_util
 
 from jaxbn._src.layer import counter_dtype
 from jaxbn._src.modes import check_prefixes_match, split_path, under
+from jaxbn._src.nnx_state import as_variables, is_nnx, update
+
+NNX_MODULE_FIX = ("{name} takes Linen variables or an NNX state; an NNX module's layers are swapped in place"
+                  " with jaxbn.nnx.{name}(model).")
+
+
+def linen_variables(variables, name: str) -> Mapping[str, Any]:
+  """Linen variables as they are, an NNX state as Linen variables; an NNX module is refused
+  with the NNX function that does the job."""
+  from flax import nnx
+
+  if isinstance(variables, nnx.Module):
+    raise TypeError(NNX_MODULE_FIX.format(name=name))
+  return as_variables(variables)
 
 STATS = ("mean", "var")
 
@@ -33,7 +47,9 @@ def freeze(variables: Mapping[str, Any]) -> dict:
 
   Running mean and var move into ``params``; ``num_batches_tracked`` stays in ``batch_stats`` (a
   FrozenBatchNorm never reads it) so that ``unfreeze`` restores it. Everything else is untouched.
+  An NNX state gives Linen variables (for NNX modules: ``jaxbn.nnx.freeze``).
   """
+  variables = linen_variables(variables, "freeze")
   params = traverse_util.flatten_dict(variables.get("params", {}))
   stats = traverse_util.flatten_dict(variables.get("batch_stats", {}))
   layers = layers_holding_stats(stats)
@@ -44,6 +60,7 @@ def freeze(variables: Mapping[str, Any]) -> dict:
 def unfreeze(variables: Mapping[str, Any]) -> dict:
   """The inverse of ``freeze``; a counter that was never recorded (torchvision's
   FrozenBatchNorm2d drops it) starts at 0."""
+  variables = linen_variables(variables, "unfreeze")
   params = traverse_util.flatten_dict(variables.get("params", {}))
   stats = traverse_util.flatten_dict(variables.get("batch_stats", {}))
   layers = layers_holding_stats(params)
@@ -63,7 +80,7 @@ def _with_collections(variables, params, stats) -> dict:
 
 
 def frozen_mask(
-    variables: Mapping[str, Any],
+    variables: Any,
     *,
     modules: Sequence[str] = (),
     batchnorm_affine: Sequence[str] = (),
@@ -75,7 +92,18 @@ def frozen_mask(
   and bias of the BatchNorm layers under ``batchnorm_affine`` (``''`` for all of them; torch:
   ``bn.weight.requires_grad = False``). Paths are Flax (``'layer1/0'``) or torch (``'layer1.0'``)
   module paths; one that matches nothing raises ValueError naming the closest paths.
+
+  ``variables`` may be an NNX module or state (e.g. a Linen model through ``nnx.bridge.ToNNX``):
+  the mask is then an ``nnx.State`` over its ``nnx.Param`` s, the tree ``nnx.Optimizer(model,
+  keep_frozen(tx, mask), wrt=nnx.Param)`` hands to optax. (Native NNX models choose what trains
+  with a filter: ``jaxbn.nnx.trainable``.)
   """
+  if is_nnx(variables):
+    from flax import nnx
+
+    params = nnx.state(variables, nnx.Param) if isinstance(variables, nnx.Module) else variables.filter(nnx.Param)
+    mask = frozen_mask(as_variables(variables), modules=modules, batchnorm_affine=batchnorm_affine)
+    return nnx.as_pure(update(params, {"params": mask}))
   params = traverse_util.flatten_dict(variables.get("params", {}))
   stats = traverse_util.flatten_dict(variables.get("batch_stats", {}))
   frozen_layers = layers_holding_stats(params)

@@ -25,7 +25,7 @@ FROZEN = "FrozenBatchNorm"
 @dataclasses.dataclass(frozen=True)
 class LayerConfig:
   """One BatchNorm layer's configuration. ``kind``: ``BatchNorm``, ``SyncBatchNorm``,
-  ``FrozenBatchNorm`` (no momentum or tracking), or ``flax.linen.BatchNorm``."""
+  ``FrozenBatchNorm`` (no momentum or tracking), ``flax.linen.BatchNorm`` or ``flax.nnx.BatchNorm``."""
 
   kind: str
   eps: float
@@ -64,12 +64,37 @@ def torch_configs(torch_model) -> dict[str, LayerConfig]:
   return configs
 
 
-def flax_configs(flax_model: nn.Module, example_input, **apply_kwargs) -> dict[str, LayerConfig]:
+def nnx_configs(model) -> dict[str, LayerConfig]:
+  """The BatchNorm layers an NNX module holds, by torch-style dotted path."""
+  from flax import nnx
+
+  from jaxbn._src.nnx_batch_norm import BatchNorm
+  from jaxbn._src.nnx_frozen import FrozenBatchNorm
+
+  configs = {}
+  for path, module in nnx.iter_modules(model):
+    name = ".".join(map(str, path))
+    if isinstance(module, FrozenBatchNorm):
+      configs[name] = LayerConfig(FROZEN, float(module.epsilon))
+    elif isinstance(module, BatchNorm):
+      configs[name] = LayerConfig(
+          "SyncBatchNorm" if module.axis_name is not None else "BatchNorm", float(module.epsilon), module.momentum,
+          module.scale is not None and module.bias is not None, module.track_running_stats)
+    elif isinstance(module, nnx.BatchNorm):
+      configs[name] = LayerConfig("flax.nnx.BatchNorm", float(module.epsilon), module.momentum)
+  return configs
+
+
+def flax_configs(flax_model, example_input=None, **apply_kwargs) -> dict[str, LayerConfig]:
   """The BatchNorm layers a Flax model calls on ``example_input`` (traced, nothing computed), by
-  torch-style dotted path. ``apply_kwargs`` are the model's call arguments (e.g. ``train``)."""
+  torch-style dotted path. ``apply_kwargs`` are the model's call arguments (e.g. ``train``).
+  An NNX module is read as it is (no input needed)."""
   from jaxbn._src.batch_norm import BatchNorm
   from jaxbn._src.frozen import FrozenBatchNorm
+  from jaxbn._src.nnx_state import is_nnx
 
+  if is_nnx(flax_model):
+    return nnx_configs(flax_model)
   configs: dict[str, LayerConfig] = {}
 
   def record(next_fun, args, kwargs, context):
@@ -100,9 +125,10 @@ def mismatches(expected: Mapping[str, LayerConfig], actual: Mapping[str, LayerCo
     if have is None:
       found.append(ConfigMismatch(name, "layer", want.kind, "no BatchNorm at this path"))
       continue
-    if have.kind == "flax.linen.BatchNorm":
-      found.append(ConfigMismatch(name, "class", want.kind, "flax.linen.BatchNorm (biased running var, opposite"
-                                  " momentum): use jaxbn.BatchNorm"))
+    if have.kind in ("flax.linen.BatchNorm", "flax.nnx.BatchNorm"):
+      fix = "jaxbn.nnx.BatchNorm" if have.kind == "flax.nnx.BatchNorm" else "jaxbn.BatchNorm"
+      found.append(ConfigMismatch(name, "class", want.kind, f"{have.kind} (biased running var, opposite"
+                                  f" momentum): use {fix}"))
       continue
     if (want.kind == FROZEN) != (have.kind == FROZEN):
       found.append(ConfigMismatch(name, "class", want.kind, have.kind))

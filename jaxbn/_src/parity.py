@@ -10,6 +10,7 @@ its running statistics. Layers are matched by module path (torch ``layer1.0.bn1`
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -22,6 +23,7 @@ from jaxbn._src.batch_norm import BatchNorm
 from jaxbn._src.convert import Rename, _renamer
 from jaxbn._src.frozen import FrozenBatchNorm
 from jaxbn._src.layer_config import ConfigMismatch
+from jaxbn._src.nnx_state import is_nnx
 
 
 @dataclasses.dataclass
@@ -42,11 +44,14 @@ def _torch_batchnorms(torch_model) -> dict[str, Any]:
   return {name: m for name, m in torch_model.named_modules() if name in names}
 
 
-def compare_config(torch_model, flax_model: nn.Module, example_input, *, rename: Rename = None,
+def compare_config(torch_model, flax_model, example_input=None, *, rename: Rename = None,
                    **apply_kwargs) -> list[ConfigMismatch]:
   """eps, momentum, affine and track_running_stats of every torch BatchNorm against the Flax
   layer at the same path (these are not in a state_dict, so conversion cannot see them).
-  A Flax layer that is flax.linen.BatchNorm is reported too: its semantics differ from torch's."""
+  A Flax layer that is flax's own BatchNorm is reported too: its semantics differ from torch's.
+  A Linen model is traced on ``example_input`` (with ``apply_kwargs``); an NNX module needs none."""
+  if example_input is None and not is_nnx(flax_model):
+    raise TypeError("compare_config needs example_input for a Linen model: its layers exist only when called.")
   rename = _renamer(rename)
   configs = layer_config.torch_configs(torch_model)
   torch_name = {rename(name): name for name in configs}
@@ -55,7 +60,60 @@ def compare_config(torch_model, flax_model: nn.Module, example_input, *, rename:
   return [dataclasses.replace(m, layer=torch_name[m.layer]) for m in found]
 
 
-def compare(torch_model, flax_model: nn.Module, variables: dict, batches: Sequence[np.ndarray], *,
+def _linen_runner(flax_model: nn.Module, variables, train_kwargs, eval_kwargs):
+  """A step function ``(x, train) -> (BatchNorm outputs by path, batch_stats)`` over Linen variables."""
+
+  def is_batchnorm(module, method):
+    return method == "__call__" and isinstance(module, (BatchNorm, FrozenBatchNorm))
+
+  @functools.partial(jax.jit, static_argnums=2)
+  def run(variables, x, train):
+    kwargs = train_kwargs if train else eval_kwargs
+    _, state = flax_model.apply(variables, x, **kwargs, mutable=["batch_stats", "intermediates"],
+                                capture_intermediates=is_batchnorm)
+    return state
+
+  def step(x, train):
+    nonlocal variables
+    state = run(variables, x, train)
+    if train:
+      variables = {**variables, "batch_stats": state["batch_stats"]}
+    captured = {"/".join(path[:-1]): value[0] for path, value in traverse_util.flatten_dict(state["intermediates"]).items()}
+    return captured, variables.get("batch_stats", {})
+
+  return step
+
+
+def _nnx_runner(flax_model, state, train_kwargs, eval_kwargs):
+  """The same over an NNX module: ``model.train()`` / ``model.eval()`` (plus the call keywords);
+  the module itself is left as it is."""
+  from flax import nnx
+
+  from jaxbn._src.nnx_state import to_variables
+
+  graphdef, own = nnx.split(flax_model)
+  state = own if state is None else state
+
+  @functools.partial(jax.jit, static_argnums=2)
+  def run(state, x, train):
+    model = nnx.merge(graphdef, state)
+    model.train() if train else model.eval()
+    _, outputs = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(
+        x, **(train_kwargs if train else eval_kwargs))
+    captured = {"/".join(map(str, path[:-1])): value.get_value()[0] for path, value in nnx.to_flat_state(outputs)}
+    return captured, nnx.state(model)
+
+  def step(x, train):
+    nonlocal state
+    captured, new_state = run(state, x, train)
+    if train:
+      state = new_state
+    return captured, to_variables(state).get("batch_stats", {})
+
+  return step
+
+
+def compare(torch_model, flax_model, variables, batches: Sequence[np.ndarray], *,
             train_steps: int | None = None, rename: Rename = None, channels_last: bool = True,
             train_kwargs: dict | None = None, eval_kwargs: dict | None = None) -> list[LayerDifference]:
   """Runs both models on ``batches`` and compares every BatchNorm layer's output and, after each
@@ -64,20 +122,26 @@ def compare(torch_model, flax_model: nn.Module, variables: dict, batches: Sequen
   Args:
     torch_model: the torch model; it is put in train/eval mode and its statistics move.
     flax_model, variables: the Flax port and its variables (e.g. from ``convert.from_torch``),
-      with jaxbn layers at the torch module paths (``rename`` maps paths that differ).
+      with jaxbn layers at the torch module paths (``rename`` maps paths that differ). For an NNX
+      module, ``variables`` is its state (None: its own); the module is not changed.
     batches: inputs in torch's layout (NCHW); the first ``train_steps`` (default: all but one)
       run in training mode, the rest in eval.
     channels_last: the Flax model takes NHWC input (the batches are transposed for it).
     train_kwargs, eval_kwargs: the Flax model's call arguments for each mode; default
-      ``{"train": True}`` and ``{"train": False}`` (e.g. ``{"use_running_average": False}`` for a
-      model whose flag has another name).
+      ``{"train": True}`` and ``{"train": False}`` for Linen (e.g. ``{"use_running_average":
+      False}`` for a model whose flag has another name), none for NNX, whose mode is set with
+      ``model.train()`` / ``model.eval()``.
 
   Returns one LayerDifference per BatchNorm layer and step (see ``format_table``).
   """
   import torch
 
-  train_kwargs = {"train": True} if train_kwargs is None else train_kwargs
-  eval_kwargs = {"train": False} if eval_kwargs is None else eval_kwargs
+  if is_nnx(flax_model):
+    step_flax = _nnx_runner(flax_model, variables, train_kwargs or {}, eval_kwargs or {})
+  else:
+    train_kwargs = {"train": True} if train_kwargs is None else train_kwargs
+    eval_kwargs = {"train": False} if eval_kwargs is None else eval_kwargs
+    step_flax = _linen_runner(flax_model, variables, train_kwargs, eval_kwargs)
   rename = _renamer(rename)
   train_steps = len(batches) - 1 if train_steps is None else train_steps
   torch_layers = _torch_batchnorms(torch_model)
@@ -86,18 +150,6 @@ def compare(torch_model, flax_model: nn.Module, variables: dict, batches: Sequen
   hooks = [layer.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o.detach().numpy().copy()))
            for name, layer in torch_layers.items()]
 
-  def is_batchnorm(module, method):
-    return method == "__call__" and isinstance(module, (BatchNorm, FrozenBatchNorm))
-
-  @jax.jit
-  def flax_train(variables, x):
-    return flax_model.apply(variables, x, **train_kwargs, mutable=["batch_stats", "intermediates"],
-                            capture_intermediates=is_batchnorm)
-
-  @jax.jit
-  def flax_eval(variables, x):
-    return flax_model.apply(variables, x, **eval_kwargs, mutable=["intermediates"], capture_intermediates=is_batchnorm)
-
   report = []
   try:
     for step, x in enumerate(batches):
@@ -105,14 +157,8 @@ def compare(torch_model, flax_model: nn.Module, variables: dict, batches: Sequen
       torch_model.train(train)
       with torch.no_grad():
         torch_model(torch.from_numpy(x))
-      flax_input = np.moveaxis(x, 1, -1) if channels_last else x
-      if train:
-        _, state = flax_train(variables, flax_input)
-        variables = {**variables, "batch_stats": state["batch_stats"]}
-      else:
-        _, state = flax_eval(variables, flax_input)
-      captured = {"/".join(path[:-1]): value[0] for path, value in traverse_util.flatten_dict(state["intermediates"]).items()}
-      stats = traverse_util.flatten_dict(variables.get("batch_stats", {}), sep="/")
+      captured, batch_stats = step_flax(np.moveaxis(x, 1, -1) if channels_last else x, train)
+      stats = traverse_util.flatten_dict(batch_stats, sep="/")
       for name, layer in torch_layers.items():
         path = "/".join(rename(name).split("."))
         expected = outputs[name]

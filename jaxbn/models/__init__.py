@@ -1,4 +1,7 @@
-"""Flax models that mirror torchvision's, for exact conversion of their checkpoints."""
+"""Flax models that mirror torchvision's, for exact conversion of their checkpoints: Linen here,
+NNX in ``jaxbn.models.nnx``."""
+
+from jaxbn.models import nnx
 
 from jaxbn.models.resnet import (
     MODELS,
@@ -18,6 +21,7 @@ __all__ = [
     "MODELS",
     "BasicBlock",
     "Bottleneck",
+    "nnx",
     "ResNet",
     "resnet18",
     "resnet34",

@@ -1,0 +1,90 @@
+"""NNX modules and states as Linen-style variables, so that every jaxbn tool takes either.
+
+The rules of conversion, freezing and folding are written once, on ``{'params': ...,
+'batch_stats': ...}`` with string module paths. An NNX state maps onto that by variable type:
+``nnx.Param`` -> ``params``, ``nnx.BatchStat`` -> ``batch_stats``, and ``jaxbn.nnx.Frozen`` ->
+``params`` (where a Linen FrozenBatchNorm keeps its arrays). List indices become strings, as
+Flax Linen names children ``'0'``, ``'1'``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+from flax import nnx
+from flax import traverse_util
+
+from jaxbn._src.nnx_frozen import Frozen
+
+COLLECTIONS = ((Frozen, "params"), (nnx.Param, "params"), (nnx.BatchStat, "batch_stats"))
+
+
+def is_nnx(obj) -> bool:
+  return isinstance(obj, (nnx.Module, nnx.State))
+
+
+def collection_of(variable: nnx.Variable) -> str | None:
+  return next((name for kind, name in COLLECTIONS if isinstance(variable, kind)), None)
+
+
+def _flat(module_or_state) -> list[tuple[tuple, nnx.Variable]]:
+  state = nnx.state(module_or_state) if isinstance(module_or_state, nnx.Module) else module_or_state
+  return list(nnx.to_flat_state(state))
+
+
+def to_variables(module_or_state) -> dict:
+  """``{'params': ..., 'batch_stats': ...}`` of the arrays an NNX module or state holds (other
+  variable types, such as RNG state, are left out)."""
+  flat = {}
+  for path, variable in _flat(module_or_state):
+    collection = collection_of(variable)
+    if collection is not None:
+      flat[(collection, *map(str, path))] = variable[...]
+  return traverse_util.unflatten_dict(flat)
+
+
+def as_variables(obj) -> Mapping[str, Any]:
+  """Linen variables as they are; an NNX module or state through ``to_variables``."""
+  return to_variables(obj) if is_nnx(obj) else obj
+
+
+def _assign(flat_state, variables: Mapping) -> list[str]:
+  """Sets each variable of ``flat_state`` to its value in ``variables``; returns the paths with none."""
+  values = traverse_util.flatten_dict(dict(variables))
+  unset = []
+  for path, variable in flat_state:
+    collection = collection_of(variable)
+    key = (collection, *map(str, path))
+    if collection is None:
+      continue
+    if key in values:
+      variable.set_value(values[key])
+    else:
+      unset.append("/".join(key))
+  return unset
+
+
+def update(module_or_state, variables: Mapping, *, partial: bool = False):
+  """Writes Linen-style ``variables`` into an NNX module in place (returns it), or into a copy of
+  an NNX state (returns the copy). Each variable keeps its type; every array must be given
+  unless ``partial``."""
+  if isinstance(module_or_state, nnx.Module):
+    target = module_or_state
+    flat = _flat(target)
+  else:
+    target = jax.tree.map(lambda value: value, module_or_state)  # new Variables, same arrays
+    flat = _flat(target)
+  unset = _assign(flat, variables)
+  if unset and not partial:
+    raise ValueError(f"no value for {', '.join(unset)}")
+  return target
+
+
+def like(obj, variables: Mapping):
+  """``variables`` in the form ``obj`` came in: an NNX state for an NNX module or state, else as is."""
+  if isinstance(obj, nnx.Module):
+    return nnx.state(update(obj, variables))
+  if isinstance(obj, nnx.State):
+    return update(obj, variables)
+  return variables
