@@ -1,4 +1,5 @@
-"""jaxbn.BatchNorm against real torch.nn.BatchNorm{1,2,3}d, checked after every step.
+"""jaxbn.BatchNorm (Linen) and jaxbn.nnx.BatchNorm against real torch.nn.BatchNorm{1,2,3}d,
+checked after every step. Every test runs both APIs (``api``) with the same tolerances.
 
 Each run: >= 20 training steps on different batches (different sizes too), then eval steps.
 After every step: outputs, gradients w.r.t. input, scale and bias under a random cotangent,
@@ -25,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from parity_tests.torch_reference import Config, jax_step, random_batch, torch_step, variables_from_torch
+from parity_tests.torch_reference import APIS, Config, jax_step, random_batch, torch_step, variables_from_torch
 
 TOLERANCE = {
     np.dtype(np.float32): dict(values=2e-6, stats=5e-7),
@@ -120,56 +121,64 @@ LAYOUTS = [(rank, channels_last) for rank in (2, 3, 4, 5) for channels_last in (
            if rank > 2 or not channels_last]
 
 
+api = pytest.mark.parametrize("api", APIS)
+
+
+@api
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
     "rank, channels_last",
     LAYOUTS,
     ids=[f"{RANK_NAMES[r]}-{'NHWC' if c else 'NCHW'}" for r, c in LAYOUTS],
 )
-def test_ranks_layouts_dtypes(rank, channels_last, dtype):
+def test_ranks_layouts_dtypes(rank, channels_last, dtype, api):
   with jax.enable_x64(dtype == np.float64):
-    run_parity(Config(dtype=dtype, channels_last=channels_last), rank)
+    run_parity(Config(dtype=dtype, channels_last=channels_last, api=api), rank)
 
 
+@api
 @pytest.mark.parametrize("momentum", [0.1, 0.01, 0.0, 1.0, None])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_momentum(momentum, dtype):
+def test_momentum(momentum, dtype, api):
   with jax.enable_x64(dtype == np.float64):
-    run_parity(Config(momentum=momentum, dtype=dtype, channels_last=True), rank=4)
+    run_parity(Config(momentum=momentum, dtype=dtype, channels_last=True, api=api), rank=4)
 
 
+@api
 @pytest.mark.parametrize(
-    "config",
+    "options",
     [
-        Config(affine=False),
-        Config(track_running_stats=False),
-        Config(affine=False, track_running_stats=False),
-        Config(eps=1e-3),
-        Config(eps=0.5, momentum=None, channels_last=True),
+        dict(affine=False),
+        dict(track_running_stats=False),
+        dict(affine=False, track_running_stats=False),
+        dict(eps=1e-3),
+        dict(eps=0.5, momentum=None, channels_last=True),
     ],
     ids=repr,
 )
-def test_options(config):
-  run_parity(config, rank=4)
+def test_options(options, api):
+  run_parity(Config(**options, api=api), rank=4)
 
 
+@api
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_two_values_per_channel(dtype):
+def test_two_values_per_channel(dtype, api):
   """n = 2, the smallest batch torch trains on: the Bessel factor n / (n - 1) is 2."""
   with jax.enable_x64(dtype == np.float64):
-    run_parity(Config(dtype=dtype), rank=2, shapes=[(2, 3)])
-    run_parity(Config(dtype=dtype, channels_last=True), rank=4, shapes=[(1, 3, 1, 2), (2, 3, 1, 1)])
+    run_parity(Config(dtype=dtype, api=api), rank=2, shapes=[(2, 3)])
+    run_parity(Config(dtype=dtype, channels_last=True, api=api), rank=4, shapes=[(1, 3, 1, 2), (2, 3, 1, 1)])
 
 
+@api
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_eval_with_zero_eps(dtype):
+def test_eval_with_zero_eps(dtype, api):
   """eps = 0 is legal in eval (some torchvision detection weights use it)."""
   with jax.enable_x64(dtype == np.float64):
     rng = np.random.default_rng(1)
     trained = Config(dtype=dtype).torch_module(4)
     for _ in range(3):  # non-trivial running statistics
       trained(torch.from_numpy(random_batch(rng, (4, 3, 5, 5), dtype)))
-    config = Config(dtype=dtype, eps=0.0)
+    config = Config(dtype=dtype, eps=0.0, api=api)
     torch_bn = config.torch_module(4)
     torch_bn.load_state_dict(trained.state_dict())
     x = random_batch(rng, (4, 3, 5, 5), dtype)

@@ -18,7 +18,7 @@ import pytest
 
 import jaxbn
 from parity_tests.test_batch_norm_parity import assert_stats_close
-from parity_tests.torch_reference import Config, jax_step, random_batch, torch_step, variables_from_torch
+from parity_tests.torch_reference import APIS, Config, jax_step, random_batch, torch_step, variables_from_torch
 
 HALF = [np.float16, jnp.bfloat16]
 
@@ -30,10 +30,11 @@ def ulp(values: np.ndarray, dtype) -> np.ndarray:
   return np.exp2(exponent) * float(info.eps)
 
 
+@pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
 @pytest.mark.parametrize("dtype", HALF, ids=lambda d: np.dtype(d).name)
-def test_half_input_float32_module(dtype, channels_last):
-  config = Config(dtype=np.float32, channels_last=channels_last)
+def test_half_input_float32_module(dtype, channels_last, api):
+  config = Config(dtype=np.float32, channels_last=channels_last, api=api)
   rng = np.random.default_rng(0)
   torch_bn = config.torch_module(4)
   variables = variables_from_torch(torch_bn)

@@ -1,7 +1,8 @@
 """Statistics across devices (``axis_name``) against torch BatchNorm over the concatenated global
 batch, which is what torch's SyncBatchNorm computes (torch runs it on CUDA only).
 
-Eight simulated CPU devices (conftest.py). Equal and uneven per-device batches (padding marked
+Eight simulated CPU devices (conftest.py). Each test runs jaxbn.BatchNorm and jaxbn.nnx.BatchNorm
+(``api``); the last one runs an NNX module in place under nnx.shard_map and nnx.jit. Equal and uneven per-device batches (padding marked
 by ``mask``), with and without ``axis_index_groups``, under shard_map; uneven under pmap and
 vmap; and plain
 jit over a batch-sharded input without ``axis_name``. After every step: outputs, gradients w.r.t.
@@ -20,7 +21,9 @@ import torch
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jaxbn
-from parity_tests.torch_reference import random_batch, to_torch, variables_from_torch
+from flax import nnx
+
+from parity_tests.torch_reference import APIS, make_batchnorm, random_batch, to_torch, variables_from_torch
 
 DEVICES, CHANNELS, SPATIAL = 8, 5, (3, 5)
 ATOL, STATS_RTOL = 2e-6, 5e-7
@@ -102,13 +105,14 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("case", CASES)
-def test_shard_map_matches_torch_on_the_global_batch(case):
+def test_shard_map_matches_torch_on_the_global_batch(case, api):
   counts, groups = CASES[case]
   pad_to = max(counts)
   mesh = jax.make_mesh((DEVICES,), ("data",))
   sharded = NamedSharding(mesh, P("data"))
-  module = jaxbn.BatchNorm(axis_name="data", axis_index_groups=groups)
+  module = make_batchnorm(api, CHANNELS, axis_name="data", axis_index_groups=groups)
   step = jax.jit(jax.shard_map(
       device_step(module, groups), mesh=mesh,
       in_specs=P("data"), out_specs=P("data"),
@@ -151,10 +155,11 @@ MAPS = {
 }
 
 
+@pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("mapping", MAPS)
-def test_pmap_and_vmap_match_torch_on_the_global_batch(mapping):
+def test_pmap_and_vmap_match_torch_on_the_global_batch(mapping, api):
   counts, pad_to = [2, 1, 2, 2], 2  # uneven: one device holds a padded example
-  module = jaxbn.BatchNorm(axis_name="data")
+  module = make_batchnorm(api, CHANNELS, axis_name="data")
   step = MAPS[mapping](device_step(module))
   torch_bn = torch.nn.BatchNorm2d(CHANNELS)
   params, batch_stats = jax.tree.map(lambda a: a[:, None], per_device(variables_from_torch(torch_bn), len(counts)))
@@ -175,10 +180,11 @@ def test_pmap_and_vmap_match_torch_on_the_global_batch(mapping):
     assert_matches(actual, expected, n=x.size // CHANNELS)
 
 
-def test_jit_over_a_batch_sharded_input_gives_global_statistics():
+@pytest.mark.parametrize("api", APIS)
+def test_jit_over_a_batch_sharded_input_gives_global_statistics(api):
   """No axis_name: XLA's SPMD partitioner inserts the collectives for a sharded batch."""
   mesh = jax.make_mesh((DEVICES,), ("data",))
-  module = jaxbn.BatchNorm()
+  module = make_batchnorm(api, CHANNELS)
   torch_bn = torch.nn.BatchNorm2d(CHANNELS)
   variables = variables_from_torch(torch_bn)
 
@@ -205,6 +211,35 @@ def test_jit_over_a_batch_sharded_input_gives_global_statistics():
                   scale=dparams["scale"], bias=dparams["bias"], stats=jax.tree.map(np.asarray, stats))
     assert_matches(actual, expected, n=x.size // CHANNELS)
     variables = {**variables, "batch_stats": stats}
+
+
+def test_nnx_module_updated_in_place_under_nnx_shard_map_and_nnx_jit():
+  """The NNX way: the module itself goes through nnx.jit, its state replicated across the mesh;
+  under nnx.shard_map with axis_name, and under nnx.jit alone over a batch-sharded input. Both
+  layers' outputs and running statistics match torch on the global batch (tolerances above)."""
+  mesh = jax.make_mesh((DEVICES,), ("data",))
+  sharding = NamedSharding(mesh, P("data"))
+  torch_bn = torch.nn.BatchNorm2d(CHANNELS)
+  synced = jaxbn.nnx.BatchNorm(CHANNELS, axis_name="data", rngs=nnx.Rngs(0))
+  plain = jaxbn.nnx.BatchNorm(CHANNELS, rngs=nnx.Rngs(0))
+
+  @nnx.jit
+  def synced_step(bn, x):
+    return nnx.shard_map(lambda bn, x: bn(x), mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"))(bn, x)
+
+  plain_step = nnx.jit(lambda bn, x: bn(x))
+  rng = np.random.default_rng(4)
+  for _ in range(3):
+    x = random_batch(rng, (16, CHANNELS, *SPATIAL), np.float32)
+    expected = torch_bn(to_torch(x)).detach().numpy()
+    stats = variables_from_torch(torch_bn)["batch_stats"]
+    for bn, step in ((synced, synced_step), (plain, plain_step)):
+      y = step(bn, jax.device_put(np.moveaxis(x, 1, -1), sharding))
+      np.testing.assert_allclose(np.moveaxis(np.asarray(y), -1, 1), expected, atol=ATOL, rtol=0)
+      for name in ("mean", "var"):
+        ours = np.asarray(getattr(bn, name)[...])
+        assert np.max(np.abs(ours - stats[name]) / np.maximum(np.abs(stats[name]), 1.0)) <= STATS_RTOL, name
+      assert int(bn.num_batches_tracked[...]) == int(stats["num_batches_tracked"])
 
 
 def test_mask_must_broadcast_and_be_boolean():

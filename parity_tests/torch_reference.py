@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import torch
+from flax import nnx
 
 import jaxbn
 from jaxbn._src.checkpoint import numpy_to_tensor, tensor_to_numpy
@@ -64,6 +65,7 @@ class Config:
   track_running_stats: bool = True
   channels_last: bool = False
   dtype: type = np.float32  # the module's (params and buffers) dtype
+  api: str = "linen"  # or "nnx": the same matrix runs jaxbn.nnx.BatchNorm through NNXLayer
 
   def torch_module(self, rank: int) -> torch.nn.Module:
     module = TORCH_BN[rank](
@@ -81,24 +83,49 @@ class Config:
         module.bias.copy_(torch.randn(self.channels, generator=generator))
     return module
 
-  def jax_module(self) -> jaxbn.BatchNorm:
+  def jax_module(self):
+    """jaxbn.BatchNorm, or for ``api="nnx"`` a jaxbn.nnx.BatchNorm behind the same ``apply``."""
+    options = dict(axis=-1 if self.channels_last else 1, momentum=self.momentum, epsilon=self.eps,
+                   use_scale=self.affine, use_bias=self.affine, track_running_stats=self.track_running_stats,
+                   param_dtype=self.dtype)
     with warnings.catch_warnings():  # momentum=1.0 is tested on purpose
       warnings.simplefilter("ignore", jaxbn.MomentumConventionWarning)
-      return jaxbn.BatchNorm(
-          axis=-1 if self.channels_last else 1,
-          momentum=self.momentum,
-          epsilon=self.eps,
-          use_scale=self.affine,
-          use_bias=self.affine,
-          track_running_stats=self.track_running_stats,
-          param_dtype=self.dtype,
-      )
+      if self.api == "nnx":
+        return NNXLayer(jaxbn.nnx.BatchNorm(self.channels, **options, rngs=nnx.Rngs(0)))
+      return jaxbn.BatchNorm(**options)
 
   def to_layout(self, x_nchw: np.ndarray) -> np.ndarray:
     return np.moveaxis(x_nchw, 1, -1) if self.channels_last else x_nchw
 
   def from_layout(self, x: np.ndarray) -> np.ndarray:
     return np.moveaxis(x, -1, 1) if self.channels_last else x
+
+
+APIS = ["linen", "nnx"]
+
+
+class NNXLayer:
+  """Test plumbing: an NNX layer behind Linen's ``apply(variables, x, use_running_average,
+  mutable=...)``, so one parity matrix runs both APIs. The layer's state is replaced by
+  ``variables`` (jaxbn.nnx.update) on each call; the updated running statistics come back as
+  Linen's ``batch_stats``."""
+
+  def __init__(self, layer: nnx.Module):
+    self.graphdef, self.state = nnx.split(layer)
+
+  def apply(self, variables, x, use_running_average=None, *, mutable=False, **kwargs):
+    layer = nnx.merge(self.graphdef, jaxbn.nnx.update(self.state, variables))
+    y = layer(x, use_running_average, **kwargs)
+    if not mutable:
+      return y
+    return y, {k: v for k, v in jaxbn.nnx.to_variables(layer).items() if k in mutable}
+
+
+def make_batchnorm(api: str, channels: int, **options):
+  """jaxbn.BatchNorm(**options), or for ``api="nnx"`` jaxbn.nnx.BatchNorm behind NNXLayer."""
+  if api == "nnx":
+    return NNXLayer(jaxbn.nnx.BatchNorm(channels, use_running_average=None, **options, rngs=nnx.Rngs(0)))
+  return jaxbn.BatchNorm(**options)
 
 
 def jax_step(module: jaxbn.BatchNorm, train: bool) -> Callable:
