@@ -8,7 +8,8 @@ in jaxbn, torch float32 and torch float64, comparing after each step the train-m
 every running statistic and counter, the first step's gradients, and eval logits at the end.
 
 resnet18 and resnet50 run in CI (64x64 inputs, batch 4); the other torchvision ResNets are marked
-``full_models`` (``make test-models``).
+``full_models`` (``make test-models``). The NNX ResNets (jaxbn.models.nnx) run the same checks
+(``api="nnx"``: conversion into the module, an nnx.jit step with nnx.Optimizer): resnet18 in CI.
 
 Tolerances (float32). Logits relative to the largest |logit|, running statistics to
 max(|value|, 1), gradients to the tensor's largest |gradient|.
@@ -44,6 +45,8 @@ import torch
 import torchvision
 
 import jaxbn
+from flax import nnx
+
 from parity_tests.torch_reference import classification_train_step
 
 LR, MOMENTUM, WEIGHT_DECAY = 1e-3, 0.9, 1e-4
@@ -95,19 +98,90 @@ def assert_tracks(actual: dict, torch32: dict, torch64: dict, floor: float, what
   assert ours <= bound, f"{what}: jaxbn L2 {ours:.3g} from torch float64 > {bound:.3g} (torch float32: {theirs:.3g})"
 
 
-def assert_float64_gradients_exact(name, variables, torch64, x, labels):
-  """jaxbn in float64 against torch in float64 (same parameters, batch): per tensor, tight."""
-  with jax.enable_x64(True):
+class LinenTrainer:
+  """jaxbn.models (Linen) through the steps run_parity needs."""
+
+  def __init__(self, name, state_dict, x_nhwc, tx):
+    self.name, self.model = name, jaxbn.models.MODELS[name](num_classes=10)
+    template = jax.eval_shape(self.model.init, jax.random.key(0), x_nhwc)
+    self.variables = jaxbn.convert.from_torch(state_dict, template).variables
+    self.tx, self.step = tx, classification_train_step(self.model, tx)
+
+  def state_dict(self):
+    return jaxbn.convert.to_state_dict(self.variables)
+
+  def eval(self, x_nhwc):
+    return self.model.apply(self.variables, x_nhwc)
+
+  def train(self, x_nhwc, labels):
+    if not hasattr(self, "opt_state"):
+      self.opt_state = self.tx.init(self.variables["params"])
+    params, batch_stats, self.opt_state, logits = self.step(
+        self.variables["params"], self.variables["batch_stats"], self.opt_state, x_nhwc, labels)
+    self.variables = {"params": params, "batch_stats": batch_stats}
+    return logits
+
+  @staticmethod
+  def float64_gradients(name, state_dict, x_nhwc, labels):
     model = jaxbn.models.MODELS[name](num_classes=10, norm=functools.partial(jaxbn.BatchNorm, param_dtype=np.float64))
-    as64 = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float64) if np.asarray(a).dtype.kind == "f" else a, tree)  # noqa: E731
-    params, batch_stats = as64(variables["params"]), as64(variables["batch_stats"])
+    template = jax.eval_shape(model.init, jax.random.key(0), x_nhwc)
+    variables = jaxbn.convert.from_torch(state_dict, template, dtype=np.float64).variables
 
     def loss_fn(params):
-      logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, np.moveaxis(x, 1, -1).astype(np.float64),
-                              train=True, mutable=["batch_stats"])
+      logits, _ = model.apply({**variables, "params": params}, x_nhwc, train=True, mutable=["batch_stats"])
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-    grads = jaxbn.convert.to_state_dict({"params": jax.jit(jax.grad(loss_fn))(params)})
+    return jaxbn.convert.to_state_dict({"params": jax.jit(jax.grad(loss_fn))(variables["params"])})
+
+
+class NNXTrainer:
+  """jaxbn.models.nnx through the same steps: the module converted in place, nnx.jit, nnx.Optimizer."""
+
+  def __init__(self, name, state_dict, x_nhwc, tx):
+    self.model = jaxbn.models.nnx.MODELS[name](10, rngs=nnx.Rngs(0))
+    jaxbn.convert.from_torch(state_dict, self.model)
+    self.tx = tx
+
+  def state_dict(self):
+    return jaxbn.convert.to_state_dict(self.model)
+
+  def eval(self, x_nhwc):
+    self.model.eval()
+    return self.model(x_nhwc)
+
+  def train(self, x_nhwc, labels):
+    if not hasattr(self, "optimizer"):
+      self.optimizer = nnx.Optimizer(self.model, self.tx, wrt=nnx.Param)
+    self.model.train()
+    return nnx_train_step(self.model, self.optimizer, x_nhwc, labels)
+
+  @staticmethod
+  def float64_gradients(name, state_dict, x_nhwc, labels):
+    model = jaxbn.models.nnx.MODELS[name](10, rngs=nnx.Rngs(0),
+                                          norm=functools.partial(jaxbn.nnx.BatchNorm, param_dtype=np.float64))
+    jaxbn.convert.from_torch(state_dict, model, dtype=np.float64)
+    loss = lambda model: optax.softmax_cross_entropy_with_integer_labels(model(x_nhwc), labels).mean()  # noqa: E731
+    return jaxbn.convert.to_state_dict(nnx.jit(nnx.grad(loss))(model))
+
+
+@nnx.jit
+def nnx_train_step(model, optimizer, x, labels):
+  def loss(model):
+    logits = model(x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
+
+  grads, logits = nnx.grad(loss, has_aux=True)(model)
+  optimizer.update(model, grads)
+  return logits
+
+
+TRAINERS = {"linen": LinenTrainer, "nnx": NNXTrainer}
+
+
+def assert_float64_gradients_exact(trainer, name, state_dict, torch64, x, labels):
+  """jaxbn in float64 against torch in float64 (same parameters, batch): per tensor, tight."""
+  with jax.enable_x64(True):
+    grads = trainer.float64_gradients(name, state_dict, np.moveaxis(x, 1, -1).astype(np.float64), labels)
   for key, expected in torch64.items():
     error = np.max(np.abs(grads[key] - expected)) / np.max(np.abs(expected))
     assert error <= FLOAT64_RTOL, f"float64 gradient of {key}: relative error {error:.3g} > {FLOAT64_RTOL}"
@@ -119,7 +193,7 @@ def running_stats(model) -> dict:
           if key.rpartition(".")[2] in ("running_mean", "running_var", "num_batches_tracked")}
 
 
-def run_parity(name, tmp_path):
+def run_parity(name, tmp_path, api="linen"):
   floor = TOLERANCE.get(name, DEEP_TOLERANCE)
   torch.manual_seed(0)
   torch_model = getattr(torchvision.models, name)(num_classes=10)
@@ -139,18 +213,17 @@ def run_parity(name, tmp_path):
     assert value.dtype == from_safetensors[key].dtype
     np.testing.assert_array_equal(value, from_safetensors[key])
 
-  model = jaxbn.models.MODELS[name](num_classes=10)
   x, _ = next(batches(rng, 1))
-  template = jax.eval_shape(model.init, jax.random.key(0), np.moveaxis(x, 1, -1))
-  variables = jaxbn.convert.from_torch(state_dict, template).variables
+  tx = optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(LR, momentum=MOMENTUM))
+  trainer = TRAINERS[api](name, state_dict, np.moveaxis(x, 1, -1), tx)
 
   # Flax -> torch: every tensor back bit for bit, dtypes (int64 counters) included.
-  back = jaxbn.convert.to_state_dict(variables)
+  back = trainer.state_dict()
   assert back.keys() == state_dict.keys()
   for key, value in state_dict.items():
     assert back[key].dtype == value.dtype, key
     np.testing.assert_array_equal(back[key], value, err_msg=key)
-  as_torch = jaxbn.convert.to_torch(variables)
+  as_torch = jaxbn._src.checkpoint.numpy_to_torch(back)
   for key, value in torch_model.state_dict().items():  # torch's loader would accept (1,) for ()
     assert as_torch[key].shape == value.shape and as_torch[key].dtype == value.dtype, key
   getattr(torchvision.models, name)(num_classes=10).load_state_dict(as_torch, strict=True)
@@ -158,38 +231,32 @@ def run_parity(name, tmp_path):
   torch64 = copy.deepcopy(torch_model).double()
   torch_model.eval()
   expected = torch_model(torch.from_numpy(x)).detach().numpy()
-  logits = {"logits": model.apply(variables, np.moveaxis(x, 1, -1))}
+  logits = {"logits": trainer.eval(np.moveaxis(x, 1, -1))}
   assert_tracks(logits, {"logits": expected}, {"logits": expected}, floor, "eval after conversion")
 
   # Optimiser state (torch's momentum buffers) is not in a state_dict: all three start afresh.
   sgd = lambda m: torch.optim.SGD(m.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)  # noqa: E731
   optimizer, optimizer64 = sgd(torch_model), sgd(torch64)
-  tx = optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(LR, momentum=MOMENTUM))
-  params, batch_stats = variables["params"], variables["batch_stats"]
-  opt_state = tx.init(params)
-
-  train_step = classification_train_step(model, tx)
 
   for step, (x, labels) in enumerate(batches(rng, 3)):
     logits32, _ = torch_sgd_step(torch_model, optimizer, x, labels)
     logits64, grads64 = torch_sgd_step(torch64, optimizer64, x.astype(np.float64), labels)
-    params, batch_stats, opt_state, logits = train_step(
-        params, batch_stats, opt_state, np.moveaxis(x, 1, -1), labels)
+    logits = trainer.train(np.moveaxis(x, 1, -1), labels)
     assert_tracks({"logits": logits}, {"logits": logits32}, {"logits": logits64}, floor,
                   f"train-mode step {step}")
-    stats = jaxbn.convert.to_state_dict({"batch_stats": batch_stats})
     stats32, stats64 = running_stats(torch_model), running_stats(torch64)
+    stats = {key: value for key, value in trainer.state_dict().items() if key in stats32}
     for key in [k for k in stats if k.endswith("num_batches_tracked")]:
       assert int(stats.pop(key)) == int(stats32.pop(key)) == int(stats64.pop(key)), key
     scale = {key: np.maximum(np.abs(value), 1.0) for key, value in stats64.items()}  # relative
     assert_tracks(*({k: v[k] / scale[k] for k in stats64} for v in (stats, stats32, stats64)), floor,
                   f"running statistics, step {step}")
     if step == 0:
-      assert_float64_gradients_exact(name, variables, grads64, x, labels)
+      assert_float64_gradients_exact(TRAINERS[api], name, state_dict, grads64, x, labels)
   torch_model.eval()
   torch64.eval()
   x, _ = next(batches(rng, 1))
-  assert_tracks({"logits": model.apply({"params": params, "batch_stats": batch_stats}, np.moveaxis(x, 1, -1))},
+  assert_tracks({"logits": trainer.eval(np.moveaxis(x, 1, -1))},
                 {"logits": torch_model(torch.from_numpy(x)).detach().numpy()},
                 {"logits": torch64(torch.from_numpy(x).double()).detach().numpy()}, floor, "eval after training")
 
@@ -197,6 +264,10 @@ def run_parity(name, tmp_path):
 @pytest.mark.parametrize("name", CI_MODELS)
 def test_torchvision_resnet_parity(name, tmp_path):
   run_parity(name, tmp_path)
+
+
+def test_torchvision_resnet18_parity_nnx(tmp_path):
+  run_parity("resnet18", tmp_path, api="nnx")
 
 
 @pytest.mark.full_models
