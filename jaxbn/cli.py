@@ -96,16 +96,32 @@ def check(args) -> int:
     state_dict = jaxbn.load_state_dict(path)
     timings["load .safetensors"] = time.perf_counter() - start
     recorded = jaxbn.read_batchnorm_config(path)
-  model = jaxbn.models.MODELS[args.model](num_classes=args.num_classes)
   x = batch()
-  start = time.perf_counter()
-  template = jax.eval_shape(model.init, jax.random.key(0), np.moveaxis(x, 1, -1))
-  timings["template (jax.eval_shape of init)"] = time.perf_counter() - start
-  start = time.perf_counter()
-  variables = jaxbn.convert.from_torch(state_dict, template).variables
-  timings["convert (rules)"] = time.perf_counter() - start
+  flax_input = np.moveaxis(x, 1, -1)
+  if args.api == "nnx":
+    from flax import nnx
 
-  mismatches = layer_config.mismatches(recorded, layer_config.flax_configs(model, np.moveaxis(x, 1, -1)))
+    start = time.perf_counter()
+    model = jaxbn.models.nnx.MODELS[args.model](args.num_classes, rngs=nnx.Rngs(0))
+    timings["build the NNX module"] = time.perf_counter() - start
+    start = time.perf_counter()
+    jaxbn.convert.from_torch(state_dict, model)  # in place
+    timings["convert (rules)"] = time.perf_counter() - start
+    variables = None  # compare runs the module's own state, leaving it as it is
+    model.eval()
+    forward = nnx.jit(lambda model, x: model(x))
+    eval_fn = lambda _, x: forward(model, x)  # noqa: E731
+  else:
+    model = jaxbn.models.MODELS[args.model](num_classes=args.num_classes)
+    start = time.perf_counter()
+    template = jax.eval_shape(model.init, jax.random.key(0), flax_input)
+    timings["template (jax.eval_shape of init)"] = time.perf_counter() - start
+    start = time.perf_counter()
+    variables = jaxbn.convert.from_torch(state_dict, template).variables
+    timings["convert (rules)"] = time.perf_counter() - start
+    eval_fn = jax.jit(lambda v, x: model.apply(v, x))
+
+  mismatches = layer_config.mismatches(recorded, layer_config.flax_configs(model, flax_input))
   print("BatchNorm configuration recorded in the checkpoint (eps, momentum, affine, tracking):",
         "all layers match" if not mismatches else "")
   for m in mismatches:
@@ -119,8 +135,6 @@ def check(args) -> int:
         " steps and 1 eval step; drift: running statistics relative to max(|value|, 1)")
   print(jaxbn.parity.format_table(report))
 
-  eval_fn = jax.jit(lambda v, x: model.apply(v, x))
-  flax_input = np.moveaxis(x, 1, -1)
   eval_fn(variables, flax_input).block_until_ready()
   torch_model.eval()
   for name, run in (("eval forward, jaxbn (jitted)", lambda: eval_fn(variables, flax_input).block_until_ready()),
@@ -291,6 +305,8 @@ def main(argv=None) -> int:
   commands = parser.add_subparsers(dest="command", required=True)
   check_parser = commands.add_parser("check", help="compare a torchvision model and its jaxbn port")
   check_parser.add_argument("--model", default="resnet18", choices=list(MODELS))
+  check_parser.add_argument("--api", choices=["linen", "nnx"], default="linen",
+                            help="check the Flax Linen model (jaxbn.models) or the NNX one (jaxbn.models.nnx)")
   check_parser.add_argument("--weights", help="a .pth/.safetensors state_dict for the model (default: random init)")
   check_parser.add_argument("--num-classes", type=int, default=1000)
   check_parser.add_argument("--steps", type=int, default=3, help="training steps (BN statistics) before the check")

@@ -24,6 +24,12 @@ def test_check_reports_every_batchnorm_layer_and_passes():
   assert "layer4.1.bn2" in out and "convert (rules)" in out
 
 
+def test_check_runs_the_nnx_model():
+  code, out = jaxbn_command("check", "--api", "nnx", "--steps", "2", "--size", "32", "--num-classes", "10")
+  assert code == 0, out
+  assert "all layers match" in out and "20 BatchNorm layers, 3 steps" in out and "build the NNX module" in out
+
+
 def test_check_fails_when_tolerance_is_not_met():
   code, out = jaxbn_command("check", "--steps", "1", "--size", "32", "--num-classes", "10", "--tolerance", "1e-12")
   assert code == 1 and "FAILED: worst relative difference" in out

@@ -8,7 +8,9 @@ import re
 
 import pytest
 
-from jaxbn._src import batch_norm, folding, frozen, modes, normalization, running, statistics, training
+from jaxbn._src import (batch_norm, folding, frozen, modes, nnx_batch_norm, nnx_freezing, nnx_frozen, normalization,
+                        running, statistics, training)
+from jaxbn.models import nnx as nnx_models
 from jaxbn.models import resnet
 
 README = pathlib.Path(__file__).parent.parent / "README.md"
@@ -23,7 +25,21 @@ def test_readme_usage_example_runs():
   assert namespace["y"].shape == (32, 56, 56, 64)
 
 
-@pytest.mark.parametrize("module", [batch_norm, folding, frozen, modes, normalization, resnet, running, statistics, training], ids=lambda m: m.__name__)
+def test_readme_nnx_example_runs():
+  code = [block for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "jaxbn.models.nnx" in block]
+  assert len(code) == 1, "README has no NNX example"
+  namespace = {}
+  exec(compile(code[0], "README.md", "exec"), namespace)
+  assert int(namespace["model"].bn1.num_batches_tracked[...]) == 1
+  assert int(namespace["state_dict"]["bn1.num_batches_tracked"]) == 1
+  namespace["torch_model"].load_state_dict(namespace["state_dict"], strict=True)
+
+
+MODULES = [batch_norm, folding, frozen, modes, nnx_batch_norm, nnx_freezing, nnx_frozen, nnx_models, normalization,
+           resnet, running, statistics, training]
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
 def test_docstring_examples(module):
   results = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
   assert results.attempted > 0 and results.failed == 0, results

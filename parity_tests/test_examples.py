@@ -30,3 +30,10 @@ def test_data_parallel_train_syncs_statistics_over_uneven_batches():
   out = run("data_parallel_train.py", "--devices", "4", "--epochs", "1")
   assert "on 4 devices (+1 masked)" in out
   assert "max relative difference" in out
+
+
+def test_nnx_finetune_frozen_backbone_keeps_frozen_arrays_bit_identical():
+  out = run("nnx_finetune_frozen_backbone.py", "--steps", "5")
+  assert "BatchNorm settings that differ: 0" in out
+  assert "40 frozen BatchNorm arrays bit-identical after 5 adamw steps: True" in out
+  assert "untrained stage arrays bit-identical after 5 adamw steps: True" in out
