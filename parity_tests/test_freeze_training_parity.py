@@ -186,6 +186,14 @@ TORCH_NORMS = {
 }
 
 
+def torch_step(net, optimizer, x, labels) -> np.ndarray:
+  logits = net(torch.from_numpy(x))
+  optimizer.zero_grad()
+  torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels)).backward()
+  optimizer.step()
+  return logits.detach().numpy()
+
+
 def assert_tree_close(actual, expected, what, step):
   flat_actual = traverse_util.flatten_dict(actual)
   flat_expected = traverse_util.flatten_dict(expected)
@@ -212,13 +220,10 @@ def test_frozen_backbone_training_matches_torch_nnx(how):
   for i in range(STEPS):
     x = rng.standard_normal((6, 3, 5, 5)).astype(np.float32)
     labels = rng.integers(0, 4, 6)
-    logits_torch = net(torch.from_numpy(x))
-    torch_opt.zero_grad()
-    torch.nn.functional.cross_entropy(logits_torch, torch.from_numpy(labels)).backward()
-    torch_opt.step()
+    logits_torch = torch_step(net, torch_opt, x, labels)
     model.train()  # as torch's loop would: keep_eval must survive it
     logits = step(model, optimizer, np.moveaxis(x, 1, -1), labels)
-    np.testing.assert_allclose(logits, logits_torch.detach().numpy(), atol=LOGITS_ATOL, rtol=0)
+    np.testing.assert_allclose(logits, logits_torch, atol=LOGITS_ATOL, rtol=0)
     expected, ours = variables_from_torch_net(net), jaxbn.nnx.to_variables(model)
     assert_tree_close(ours["params"], expected["params"], "params", i)
     assert_tree_close(ours["batch_stats"], expected["batch_stats"], "batch_stats", i)
@@ -252,13 +257,10 @@ def test_frozen_backbone_training_matches_torch(how):
   for i in range(STEPS):
     x = rng.standard_normal((6, 3, 5, 5)).astype(np.float32)
     labels = rng.integers(0, 4, 6)
-    logits_torch = net(torch.from_numpy(x))
-    torch_opt.zero_grad()
-    torch.nn.functional.cross_entropy(logits_torch, torch.from_numpy(labels)).backward()
-    torch_opt.step()
+    logits_torch = torch_step(net, torch_opt, x, labels)
     params, batch_stats, opt_state, logits = step(params, batch_stats, opt_state,
                                                   np.moveaxis(x, 1, -1), labels)
-    np.testing.assert_allclose(logits, logits_torch.detach().numpy(), atol=LOGITS_ATOL, rtol=0)
+    np.testing.assert_allclose(logits, logits_torch, atol=LOGITS_ATOL, rtol=0)
     expected = variables_from_torch_net(net)
     assert_tree_close(params, expected["params"], "params", i)
     assert_tree_close(batch_stats, expected["batch_stats"], "batch_stats", i)

@@ -79,12 +79,3 @@ def update(module_or_state, variables: Mapping, *, partial: bool = False):
   if unset and not partial:
     raise ValueError(f"no value for {', '.join(unset)}")
   return target
-
-
-def like(obj, variables: Mapping):
-  """``variables`` in the form ``obj`` came in: an NNX state for an NNX module or state, else as is."""
-  if isinstance(obj, nnx.Module):
-    return nnx.state(update(obj, variables))
-  if isinstance(obj, nnx.State):
-    return update(obj, variables)
-  return variables

@@ -196,13 +196,16 @@ def _factory(name, block, layers, **defaults):
   return make
 
 
-resnet18 = _factory("resnet18", BasicBlock, (2, 2, 2, 2))
-resnet34 = _factory("resnet34", BasicBlock, (3, 4, 6, 3))
-resnet50 = _factory("resnet50", Bottleneck, (3, 4, 6, 3))
-resnet101 = _factory("resnet101", Bottleneck, (3, 4, 23, 3))
-resnet152 = _factory("resnet152", Bottleneck, (3, 8, 36, 3))
-resnext50_32x4d = _factory("resnext50_32x4d", Bottleneck, (3, 4, 6, 3), groups=32, width_per_group=4)
-wide_resnet50_2 = _factory("wide_resnet50_2", Bottleneck, (3, 4, 6, 3), width_per_group=128)
-
-MODELS = {m.__name__: m for m in (resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d,
-                                  wide_resnet50_2)}
+# torchvision's ResNet family: block, blocks per stage, width arguments (shared with models/nnx.py).
+FAMILY = {
+    "resnet18": ("basic", (2, 2, 2, 2), {}),
+    "resnet34": ("basic", (3, 4, 6, 3), {}),
+    "resnet50": ("bottleneck", (3, 4, 6, 3), {}),
+    "resnet101": ("bottleneck", (3, 4, 23, 3), {}),
+    "resnet152": ("bottleneck", (3, 8, 36, 3), {}),
+    "resnext50_32x4d": ("bottleneck", (3, 4, 6, 3), {"groups": 32, "width_per_group": 4}),
+    "wide_resnet50_2": ("bottleneck", (3, 4, 6, 3), {"width_per_group": 128}),
+}
+MODELS = {name: _factory(name, {"basic": BasicBlock, "bottleneck": Bottleneck}[block], layers, **defaults)
+          for name, (block, layers, defaults) in FAMILY.items()}
+resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d, wide_resnet50_2 = MODELS.values()
