@@ -26,7 +26,7 @@ from flax.core import unfreeze
 
 from jaxbn._src.layer import counter_dtype
 from jaxbn._src.checkpoint import as_numpy
-from jaxbn._src.nnx_state import as_variables, is_nnx, update
+from jaxbn._src.nnx_state import as_variables, is_nnx, state_of, update
 
 Rename = Callable[[str], str] | Sequence[tuple[str, str]] | None
 
@@ -129,7 +129,7 @@ def from_torch(
     converted = from_torch(state_dict, as_variables(template), rename=rename, strict=strict, dtype=dtype,
                            progress=progress)
     filled = update(template, converted.variables, partial=True)  # non-strict: the rest as it was
-    return converted._replace(variables=nnx_state(filled))
+    return converted._replace(variables=state_of(filled))
   rename = _renamer(rename)
   flat_template = _flat(template)
   modules: dict[tuple[str, ...], dict[tuple[str, str], Any]] = collections.defaultdict(dict)
@@ -178,12 +178,6 @@ def from_torch(
   if strict and (missing or unexpected or mismatched):
     raise ConversionError(_describe(missing, unexpected, mismatched, modules, rename))
   return Converted(traverse_util.unflatten_dict(flat), missing, unexpected, mismatched)
-
-
-def nnx_state(module_or_state):
-  from flax import nnx
-
-  return nnx.state(module_or_state) if isinstance(module_or_state, nnx.Module) else module_or_state
 
 
 def template_from_state_dict(state_dict: Mapping[str, Any]) -> dict:

@@ -6,7 +6,7 @@ not copied), and what an optimiser trains is chosen with a filter (``wrt=``) rat
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax.numpy as jnp
 from flax import nnx
@@ -26,7 +26,7 @@ def _str_path(path: Sequence) -> tuple[str, ...]:
   return tuple(str(part) for part in path)
 
 
-def layers(model: nnx.Module, kinds, paths: Sequence[str] = (), what: str = "") -> Iterator[tuple[tuple, nnx.Module]]:
+def layers(model: nnx.Module, kinds, paths: Sequence[str] = (), what: str = "") -> list[tuple[tuple, nnx.Module]]:
   """``(path, layer)`` for every layer of type ``kinds`` under one of ``paths`` (module paths,
   ``'layer1/0'`` or torch's ``'layer1.0'``; none: the whole model). A path that matches no such
   layer raises, naming the closest."""

@@ -28,9 +28,12 @@ def collection_of(variable: nnx.Variable) -> str | None:
   return next((name for kind, name in COLLECTIONS if isinstance(variable, kind)), None)
 
 
+def state_of(module_or_state) -> nnx.State:
+  return nnx.state(module_or_state) if isinstance(module_or_state, nnx.Module) else module_or_state
+
+
 def _flat(module_or_state) -> list[tuple[tuple, nnx.Variable]]:
-  state = nnx.state(module_or_state) if isinstance(module_or_state, nnx.Module) else module_or_state
-  return list(nnx.to_flat_state(state))
+  return list(nnx.to_flat_state(state_of(module_or_state)))
 
 
 def to_variables(module_or_state) -> dict:
@@ -69,13 +72,10 @@ def update(module_or_state, variables: Mapping, *, partial: bool = False):
   """Writes Linen-style ``variables`` into an NNX module in place (returns it), or into a copy of
   an NNX state (returns the copy). Each variable keeps its type; every array must be given
   unless ``partial``."""
-  if isinstance(module_or_state, nnx.Module):
-    target = module_or_state
-    flat = _flat(target)
-  else:
-    target = jax.tree.map(lambda value: value, module_or_state)  # new Variables, same arrays
-    flat = _flat(target)
-  unset = _assign(flat, variables)
+  target = module_or_state
+  if not isinstance(target, nnx.Module):
+    target = jax.tree.map(lambda value: value, target)  # new Variables, same arrays
+  unset = _assign(_flat(target), variables)
   if unset and not partial:
     raise ValueError(f"no value for {', '.join(unset)}")
   return target

@@ -23,7 +23,7 @@ from jaxbn._src.batch_norm import BatchNorm
 from jaxbn._src.convert import Rename, _renamer
 from jaxbn._src.frozen import FrozenBatchNorm
 from jaxbn._src.layer_config import ConfigMismatch
-from jaxbn._src.nnx_state import is_nnx
+from jaxbn._src.nnx_state import is_nnx, to_variables
 
 
 @dataclasses.dataclass
@@ -88,8 +88,6 @@ def _nnx_runner(flax_model, state, train_kwargs, eval_kwargs):
   """The same over an NNX module: ``model.train()`` / ``model.eval()`` (plus the call keywords);
   the module itself is left as it is."""
   from flax import nnx
-
-  from jaxbn._src.nnx_state import to_variables
 
   graphdef, own = nnx.split(flax_model)
   state = own if state is None else state
