@@ -8,6 +8,9 @@ from jaxbn._src.folding import FoldedBatchNorm, fold_batchnorm
 from jaxbn._src.freezing import freeze, frozen_mask, keep_frozen, unfreeze
 from jaxbn._src.frozen import FrozenBatchNorm
 from jaxbn._src.modes import eval_mode
+from jaxbn._src.port.api import Port, port
+from jaxbn._src.port.api import supported as port_supported
+from jaxbn._src.port.graph import PortError
 
 __all__ = [
     "BatchNorm",
@@ -15,6 +18,8 @@ __all__ = [
     "FoldedBatchNorm",
     "FrozenBatchNorm",
     "MomentumConventionWarning",
+    "Port",
+    "PortError",
     "eval_mode",
     "fold_batchnorm",
     "convert",
@@ -26,6 +31,8 @@ __all__ = [
     "models",
     "nnx",
     "parity",
+    "port",
+    "port_supported",
     "read_batchnorm_config",
     "save_state_dict",
     "unfreeze",

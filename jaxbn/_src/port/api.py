@@ -1,0 +1,128 @@
+"""``jaxbn.port``: any torch BatchNorm model as a Flax module and its variables."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from jaxbn._src import convert
+from jaxbn._src.checkpoint import state_dict_to_numpy
+from jaxbn._src.port import ops
+from jaxbn._src.port.graph import PortError, trace
+from jaxbn._src.port.interpreter import Ported
+from jaxbn._src.port.leaves import MODULES, Options, find, user_rule
+
+EXTEND = (
+    "Extend the port: custom_modules={TorchClass: factory} (factory(torch_module) returns a Flax"
+    " Linen module, called at the torch module's path, whose variables convert.from_torch fills),"
+    " custom_ops={torch_function_or_Tensor_method: jax_function} (same arguments as torch's),"
+    " leaf_modules=(TorchClass, ...) to keep a module whole instead of tracing into it."
+)
+
+
+class Port(NamedTuple):
+  """``module`` (a ``Ported`` Linen module) and its ``variables``, converted from the torch model."""
+
+  module: Ported
+  variables: dict
+
+
+def _as_numpy(value):
+  if isinstance(value, torch.Tensor):
+    return value.detach().cpu().numpy()
+  return np.asarray(value)
+
+
+def port(
+    torch_model: torch.nn.Module,
+    example_input: Any,
+    *,
+    dtype: Any = None,
+    axis_name: str | None = None,
+    custom_modules: dict[type, Callable[[torch.nn.Module], nn.Module]] | None = None,
+    custom_ops: dict[Callable, Callable] | None = None,
+    leaf_modules: tuple[type, ...] = (),
+    strict: bool = True,
+) -> Port:
+  """A torch model as a Flax Linen module with the same module paths, and its variables.
+
+  torch.fx traces the model's train and eval forwards (they may differ: aux heads, dropout);
+  BatchNorm layers become ``jaxbn.BatchNorm(axis=1)`` with each torch layer's eps, momentum,
+  affine and track_running_stats (FrozenBatchNorm2d: ``jaxbn.FrozenBatchNorm``), other modules
+  and ops their torch-exact JAX twins (``jaxbn.port_ops()`` lists them). Weights and running
+  statistics come through ``jaxbn.convert.from_torch``, so ``to_torch``, ``parity.compare``,
+  ``freeze``, ``frozen_mask``, ``eval_mode`` and ``fold_batchnorm`` work on the result unchanged.
+
+  Args:
+    torch_model: the model; its mode is restored after tracing, nothing else is changed.
+    example_input: a tensor or array in torch's layout (NCHW), or a tuple of them: the shapes
+      the variables are created for.
+    dtype: cast floating variables (and the layers' param_dtype) to this; default: the torch
+      model's.
+    axis_name: the mapped axis over which SyncBatchNorm layers merge statistics.
+    custom_modules: ``{torch class: factory}``: ``factory(torch_module)`` returns an unbound
+      Flax Linen module used at that module's path (it gets the mode through a ``train``,
+      ``use_running_average`` or ``deterministic`` keyword, if its ``__call__`` has one).
+    custom_ops: ``{torch function or Tensor method: jax function}`` with torch's arguments.
+    leaf_modules: classes to keep whole rather than trace into (give them custom_modules).
+    strict: the state_dict must fit the ported variables exactly (as ``load_state_dict``).
+
+  Returns ``Port(module, variables)``: ``module.apply(variables, x)`` is torch's eval forward;
+  ``module.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})``
+  its training forward, with torch's running-statistic updates.
+
+  Raises PortError listing every unsupported module and op with its path and source line.
+
+  Example::
+
+    >>> import torch, torchvision, jaxbn                                     # doctest: +SKIP
+    >>> net = torchvision.models.mobilenet_v3_small()                        # doctest: +SKIP
+    >>> module, variables = jaxbn.port(net, torch.zeros(1, 3, 64, 64))       # doctest: +SKIP
+    >>> logits = module.apply(variables, x)                                  # doctest: +SKIP
+  """
+  if not isinstance(torch_model, torch.nn.Module):
+    raise TypeError(f"port takes a torch.nn.Module, got {type(torch_model).__name__}")
+  state_dict = state_dict_to_numpy(torch_model.state_dict())
+  floating = [v.dtype for v in state_dict.values() if np.issubdtype(v.dtype, np.floating)]
+  options = Options(param_dtype=jnp.dtype(dtype) if dtype is not None else (floating[0] if floating else jnp.float32),
+                    axis_name=axis_name)
+  modules = {**MODULES, **{cls: user_rule(factory) for cls, factory in (custom_modules or {}).items()}}
+  if find(torch_model, modules) is not None:
+    raise PortError(f"the model is a single {type(torch_model).__name__}, which the port runs as one piece inside a"
+                    f" model: port torch.nn.Sequential(model) (its paths gain a leading '0.').")
+  custom_ops = {(getattr(torch.Tensor, key) if isinstance(key, str) else key): ops.OpRule(fn)
+                for key, fn in (custom_ops or {}).items()}
+  traced = trace(torch_model, options, modules, custom_ops, tuple(leaf_modules))
+  if traced.problems:
+    lines = "\n".join(f"  - {p}" for p in traced.problems)
+    raise PortError(f"{type(torch_model).__name__}: {len(traced.problems)} unsupported node(s):\n{lines}\n{EXTEND}")
+  module = Ported(traced.programs[True], traced.programs[False], tuple(sorted(traced.leaves.items())),
+                  type(torch_model).__name__)
+  inputs = tuple(_as_numpy(x) for x in (example_input if isinstance(example_input, (tuple, list)) else (example_input,)))
+  template = jax.eval_shape(lambda *xs: module.init(jax.random.key(0), *xs), *inputs)
+  _check_all_called(state_dict, traced.leaves, strict)
+  converted = convert.from_torch(state_dict, template, strict=strict, dtype=dtype)
+  return Port(module, converted.variables)
+
+
+def _check_all_called(state_dict, leaves, strict):
+  """Weights of modules that neither forward calls would be dropped: name them."""
+  holders = sorted({path for path in (key.rpartition(".")[0] for key in state_dict)
+                    if not any(path == leaf or path.startswith(leaf + ".") for leaf in leaves)})
+  if holders and strict:
+    raise PortError(
+        f"{len(holders)} torch module(s) hold weights or buffers but neither the train nor the eval"
+        f" forward calls them, so the port has no place for them: {', '.join(holders)}. Pass"
+        " strict=False to leave them out (or call them in forward).")
+
+
+def supported() -> dict[str, list[str]]:
+  """What the port runs: torch module classes and torch functions / Tensor methods."""
+  from jaxbn._src.port import leaves
+
+  return {"modules": leaves.supported(), "functions and methods": ops.supported()}

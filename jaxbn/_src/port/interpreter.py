@@ -1,0 +1,157 @@
+"""The ported model: a Linen module that walks the traced program.
+
+Leaves (Conv, BatchNorm, ...) are built at their torch paths, ``features.3.block.0.1`` as
+``features/3/block/0/1``, through one nested ``Namespace`` per path part; everything else is a
+call of the op table. All fields are hashable records, so the module can be a static argument
+of ``jax.jit`` and can be used with ``nn.jit`` and ``nn.remat``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+
+from jaxbn._src.port.graph import Program, decode, references
+from jaxbn._src.port.leaves import NORMS, Conv, Leaf, Linear, swap_norm
+from jaxbn._src.port.ops import Context
+
+
+def _mode_keywords(leaf: Leaf, train: bool) -> dict:
+  if leaf.mode is None:
+    return {}
+  return {leaf.mode: train if leaf.mode == "train" else not train}
+
+
+class Namespace(nn.Module):
+  """One part of a torch module path; holds no variables of its own."""
+
+  @nn.compact
+  def __call__(self, path: tuple[str, ...], leaf: Leaf, train: bool, args, kwargs):
+    if len(path) == 1:
+      return leaf.prototype.clone(parent=self, name=path[0])(*args, **kwargs, **_mode_keywords(leaf, train))
+    return Namespace(name=path[0])(path[1:], leaf, train, args, kwargs)
+
+
+class Ported(nn.Module):
+  """A torch model ported by ``jaxbn.port``: ``apply(variables, *inputs, train=False)``.
+
+  ``train=True`` is torch's ``train()`` (pass ``mutable=["batch_stats"]``, and
+  ``rngs={"dropout": key}`` where the model has dropout or stochastic depth); ``train=False`` is
+  ``eval()``. Inputs and outputs are in torch's layout; outputs keep torch's structure (tuples,
+  namedtuples, dicts) as JAX pytrees. ``init`` creates the variables of both forwards.
+
+  Attributes:
+    train_program, eval_program: the traced forwards.
+    leaves: ``(dotted torch path, Leaf)`` pairs: the Flax module at each path.
+    name_of_torch_class: the torch model's class, for reading.
+  """
+
+  train_program: Program
+  eval_program: Program
+  leaves: tuple[tuple[str, Leaf], ...]
+  name_of_torch_class: str = ""
+
+  @nn.compact
+  def __call__(self, *inputs, train: bool = False, **named_inputs) -> Any:
+    leaves = dict(self.leaves)
+    top: dict[str, nn.Module] = {}  # built once per call: a module may be called many times
+
+    def call_module(path: str, args, kwargs, train_mode: bool):
+      first, *rest = path.split(".")
+      leaf = leaves[path]
+      if not rest:
+        if first not in top:
+          top[first] = leaf.prototype.clone(parent=self, name=first)
+        return top[first](*args, **kwargs, **_mode_keywords(leaf, train_mode))
+      if first not in top:
+        top[first] = Namespace(name=first)
+      return top[first](tuple(rest), leaf, train_mode, args, kwargs)
+
+    if self.is_initializing():
+      # Variables of both forwards; in eval mode, so that a one-sample example input suffices.
+      other = self.eval_program if train else self.train_program
+      run(other, inputs, named_inputs, call_module, Context(False, self._no_rng), False)
+      return run(self.train_program if train else self.eval_program, inputs, named_inputs, call_module,
+                 Context(False, self._no_rng), False)
+    context = Context(train, self._dropout_rng)
+    return run(self.train_program if train else self.eval_program, inputs, named_inputs, call_module, context, train)
+
+  def _dropout_rng(self):
+    if not self.has_rng("dropout"):
+      raise ValueError(f"{self.name_of_torch_class or 'the ported model'}: train=True runs dropout or stochastic"
+                       " depth, which needs randomness: apply(..., rngs={'dropout': key}).")
+    return self.make_rng("dropout")
+
+  @staticmethod
+  def _no_rng():
+    raise AssertionError("no randomness during init")
+
+  @nn.nowrap
+  def batchnorm_layers(self) -> dict[str, nn.Module]:
+    """The BatchNorm-like layers (jaxbn.BatchNorm, FrozenBatchNorm, FoldedBatchNorm) by torch path."""
+    return {path: leaf.prototype for path, leaf in self.leaves if isinstance(leaf.prototype, NORMS)}
+
+  @nn.nowrap
+  def batchnorm_epsilons(self) -> dict[str, float]:
+    """``{'flax/path': eps}``, for ``jaxbn.fold_batchnorm(..., epsilon=)``."""
+    return {path.replace(".", "/"): layer.epsilon for path, layer in self.batchnorm_layers().items()}
+
+  @nn.nowrap
+  def batchnorm_producers(self) -> dict[str, str]:
+    """``{'norm/path': 'conv/path'}`` for every norm fed directly by a convolution or linear layer
+    whose output nothing else reads (so folding changes nothing else), from the eval forward."""
+    nodes = self.eval_program.nodes
+    readers: dict[str, int] = {}
+    for node in nodes:
+      for name in references((node.args, node.kwargs)):
+        readers[name] = readers.get(name, 0) + 1
+    by_name = {node.name: node for node in nodes}
+    leaves, producers = dict(self.leaves), {}
+    for node in nodes:
+      if node.kind == "module" and isinstance(leaves[node.target].prototype, NORMS) and node.args:
+        source = by_name.get(getattr(node.args[0], "name", None))
+        if (source is not None and source.kind == "module" and readers[source.name] == 1
+            and isinstance(leaves[source.target].prototype, (Conv, Linear))):
+          producers[node.target.replace(".", "/")] = source.target.replace(".", "/")
+    return producers
+
+  @nn.nowrap
+  def with_batchnorm(self, kind: str) -> "Ported":
+    """The same model with every BatchNorm as ``"frozen"`` (jaxbn.FrozenBatchNorm: use with
+    ``jaxbn.freeze(variables)``), ``"folded"`` (jaxbn.FoldedBatchNorm: with
+    ``jaxbn.fold_batchnorm(variables, epsilon=module.batchnorm_epsilons(),
+    producers=module.batchnorm_producers())``) or ``"batchnorm"`` (as ported)."""
+    leaves = tuple((path, swap_norm(leaf, kind) if isinstance(leaf.prototype, NORMS) else leaf)
+                   for path, leaf in self.leaves)
+    return self.clone(leaves=leaves)
+
+
+def run(program: Program, inputs: tuple, named_inputs: dict, call_module, context: Context, train: bool):
+  """Walks the program once: each node's value from the values it refers to."""
+  env: dict[str, Any] = {}
+  positional = list(inputs)
+  for node in program.nodes:
+    if node.kind == "input":
+      if positional:
+        env[node.name] = positional.pop(0)
+      elif node.target in named_inputs:
+        env[node.name] = named_inputs[node.target]
+      elif node.args:
+        env[node.name] = decode(node.args[0], env)
+      else:
+        raise TypeError(f"the ported model needs its input {node.target!r}")
+      continue
+    if node.kind == "output":
+      return decode(node.args[0], env)
+    args, kwargs = decode(node.args, env), dict(decode(node.kwargs, env))
+    if node.kind == "module":
+      value = call_module(node.target, args, kwargs, train)
+    elif node.target.context:
+      value = node.target.fn(context, *args, **kwargs)
+    else:
+      value = node.target.fn(*args, **kwargs)
+    env[node.name] = value
+    if node.rebinds:
+      env[node.rebinds] = value
+  raise AssertionError("a traced program ends with its output")

@@ -1,0 +1,461 @@
+"""The op table: every torch function and Tensor method the port runs, one small JAX function each.
+
+Each entry is registered under the torch callables it implements (``torch.flatten`` and
+``Tensor.flatten`` share one function) and takes torch's arguments, in torch's layout (NCHW),
+with torch's semantics: torch's index rules for pooling windows and interpolation, torch's
+``chunk`` sizes, in-place variants as their out-of-place twins (the interpreter rebinds the
+mutated value). Ops that need the mode or randomness (dropout, stochastic depth) are registered
+with ``context=True`` and receive a ``Context`` first. ``supported()`` lists the table for the docs.
+"""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import math
+import operator
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class Context(NamedTuple):
+  """What a stochastic op needs: the mode and a source of randomness (Flax's "dropout" rng)."""
+
+  train: bool
+  make_rng: Callable[[], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class OpRule:
+  fn: Callable
+  context: bool = False
+
+
+OPS: dict[Any, OpRule] = {}
+
+
+def register(*torch_callables, context: bool = False):
+  def add(fn):
+    for key in torch_callables:
+      OPS[key] = OpRule(fn, context)
+    return fn
+
+  return add
+
+
+def method(name: str):
+  """``Tensor.<name>``, the key under which fx's ``call_method`` nodes are looked up."""
+  return getattr(torch.Tensor, name)
+
+
+def methods(*names: str):
+  return [method(n) for n in names]
+
+
+def name_of(key) -> str:
+  """A readable name for a table key: ``torch.cat``, ``F.relu``, ``Tensor.view``, ``operator.add``."""
+  if isinstance(key, str):
+    return key
+  if getattr(torch.Tensor, getattr(key, "__name__", ""), None) is key:
+    return f"Tensor.{key.__name__}"
+  module = getattr(key, "__module__", None) or ""
+  name = getattr(key, "__name__", repr(key))
+  if getattr(F, name, None) is key:
+    return f"F.{name}"
+  if getattr(torch, name, None) is key:
+    return f"torch.{name}"
+  if module in ("_operator", "operator"):
+    return f"operator.{name}"
+  if module == "builtins":
+    return name
+  return f"{module}.{name}"
+
+
+def supported() -> list[str]:
+  return sorted({name_of(key) for key in OPS})
+
+
+def _dims(dims) -> tuple[int, ...]:
+  """torch accepts ``x.permute(0, 2, 1)`` and ``x.permute((0, 2, 1))``."""
+  if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+    return tuple(dims[0])
+  return tuple(dims)
+
+
+# --- arithmetic and indexing -------------------------------------------------------------------
+
+register(operator.add, operator.iadd, torch.add, *methods("add", "add_"))(
+    lambda x, y, *, alpha=1: x + (y if alpha == 1 else alpha * y))
+register(operator.sub, operator.isub, torch.sub, *methods("sub", "sub_"))(
+    lambda x, y, *, alpha=1: x - (y if alpha == 1 else alpha * y))
+register(operator.mul, operator.imul, torch.mul, *methods("mul", "mul_"))(lambda x, y: x * y)
+register(operator.truediv, operator.itruediv, torch.div, *methods("div", "div_"))(lambda x, y: x / y)
+register(operator.floordiv)(operator.floordiv)
+register(operator.neg, torch.neg, method("neg"))(lambda x: -x)
+register(operator.matmul, torch.matmul, method("matmul"))(jnp.matmul)
+register(operator.pow, torch.pow, method("pow"))(lambda x, y: x**y)
+register(operator.getitem)(lambda x, index: x[index])
+register(torch.exp, method("exp"))(jnp.exp)
+register(torch.sqrt, method("sqrt"))(jnp.sqrt)
+register(torch.rsqrt, method("rsqrt"))(jax.lax.rsqrt)
+register(torch.abs, method("abs"))(jnp.abs)
+
+
+@register(builtins.getattr)
+def tensor_attribute(x, name):
+  if name == "shape":
+    return tuple(x.shape)
+  if name == "ndim":
+    return x.ndim
+  raise NotImplementedError(f"the port reads .shape and .ndim of tensors, not .{name}")
+
+
+@register(method("size"))
+def size(x, dim=None):
+  return tuple(x.shape) if dim is None else x.shape[dim]
+
+
+@register(method("dim"))
+def ndim(x):
+  return x.ndim
+
+
+# --- shapes ------------------------------------------------------------------------------------
+
+
+@register(torch.flatten, method("flatten"))
+def flatten(x, start_dim=0, end_dim=-1):
+  if x.ndim == 0:
+    return x.reshape(1)
+  start, end = start_dim % x.ndim, end_dim % x.ndim
+  return x.reshape(*x.shape[:start], -1, *x.shape[end + 1:])
+
+
+@register(torch.reshape, *methods("view", "reshape"))
+def reshape(x, *shape):
+  return x.reshape(_dims(shape))
+
+
+@register(torch.permute, method("permute"))
+def permute(x, *dims):
+  return jnp.transpose(x, _dims(dims))
+
+
+@register(torch.transpose, method("transpose"))
+def transpose(x, dim0, dim1):
+  return jnp.swapaxes(x, dim0, dim1)
+
+
+@register(*methods("contiguous", "clone", "detach"), torch.clone)
+def identity(x, *args, **kwargs):
+  return x
+
+
+@register(torch.squeeze, method("squeeze"))
+def squeeze(x, dim=None):
+  if dim is None:
+    return jnp.squeeze(x)
+  dims = (dim,) if isinstance(dim, int) else tuple(dim)
+  return jnp.squeeze(x, tuple(d for d in dims if x.shape[d] == 1))  # torch ignores non-1 dims
+
+
+@register(torch.unsqueeze, method("unsqueeze"))
+def unsqueeze(x, dim):
+  return jnp.expand_dims(x, dim if dim >= 0 else dim + x.ndim + 1)
+
+
+@register(method("expand"))
+def expand(x, *sizes):
+  sizes = _dims(sizes)
+  lead = len(sizes) - x.ndim
+  return jnp.broadcast_to(x, tuple(x.shape[i - lead] if s == -1 else s for i, s in enumerate(sizes)))
+
+
+@register(method("expand_as"))
+def expand_as(x, other):
+  return jnp.broadcast_to(x, other.shape)
+
+
+@register(torch.cat, torch.concat, torch.concatenate)
+def cat(tensors, dim=0):
+  return jnp.concatenate(list(tensors), axis=dim)
+
+
+@register(torch.stack)
+def stack(tensors, dim=0):
+  return jnp.stack(list(tensors), axis=dim)
+
+
+@register(torch.chunk, method("chunk"))
+def chunk(x, chunks, dim=0):
+  size = math.ceil(x.shape[dim] / chunks)  # torch's rule: equal chunks of ceil(n/chunks), maybe fewer
+  return split(x, size, dim)
+
+
+@register(torch.split, method("split"))
+def split(x, split_size_or_sections, dim=0):
+  length = x.shape[dim]
+  if isinstance(split_size_or_sections, int):
+    sizes = [min(split_size_or_sections, length - start) for start in range(0, length, split_size_or_sections)]
+  else:
+    sizes = list(split_size_or_sections)
+  return tuple(jnp.split(x, np.cumsum(sizes)[:-1].tolist(), axis=dim))
+
+
+# --- reductions --------------------------------------------------------------------------------
+
+
+def _reduction(jnp_fn):
+  def reduce(x, dim=None, keepdim=False, *, dtype=None):
+    axis = None if dim is None else (dim if isinstance(dim, int) else tuple(dim))
+    return jnp_fn(x, axis=axis, keepdims=keepdim, dtype=dtype)
+
+  return reduce
+
+
+register(torch.mean, method("mean"))(_reduction(jnp.mean))
+register(torch.sum, method("sum"))(_reduction(jnp.sum))
+
+
+@register(torch.amax, method("amax"))
+def amax(x, dim=(), keepdim=False):
+  return jnp.max(x, axis=dim if isinstance(dim, int) else (tuple(dim) or None), keepdims=keepdim)
+
+
+# --- activations -------------------------------------------------------------------------------
+
+
+def _activation(fn):
+  """An activation as function, Tensor method and in-place method: ``inplace`` changes nothing
+  here (the interpreter rebinds the input)."""
+  return lambda x, *args, inplace=False, **kwargs: fn(x, *args, **kwargs)
+
+
+register(F.relu, F.relu_, torch.relu, torch.relu_, *methods("relu", "relu_"))(_activation(jax.nn.relu))
+register(F.relu6)(_activation(jax.nn.relu6))
+register(F.hardswish)(_activation(jax.nn.hard_swish))
+register(F.hardsigmoid)(_activation(jax.nn.hard_sigmoid))
+register(F.silu)(_activation(jax.nn.silu))
+register(torch.sigmoid, F.sigmoid, *methods("sigmoid", "sigmoid_"))(_activation(jax.nn.sigmoid))
+register(torch.tanh, F.tanh, *methods("tanh", "tanh_"))(_activation(jnp.tanh))
+register(F.mish)(_activation(lambda x: x * jnp.tanh(jax.nn.softplus(x))))
+
+
+@register(F.gelu)
+def gelu(x, approximate="none"):
+  return jax.nn.gelu(x, approximate=approximate == "tanh")
+
+
+@register(F.leaky_relu)
+def leaky_relu(x, negative_slope=0.01, inplace=False):
+  return jnp.where(x >= 0, x, negative_slope * x)
+
+
+@register(F.elu)
+def elu(x, alpha=1.0, inplace=False):
+  return jnp.where(x > 0, x, alpha * jnp.expm1(x))
+
+
+@register(F.hardtanh)
+def hardtanh(x, min_val=-1.0, max_val=1.0, inplace=False):
+  return jnp.clip(x, min_val, max_val)
+
+
+@register(torch.clamp, torch.clip, *methods("clamp", "clamp_", "clip"))
+def clamp(x, min=None, max=None):
+  return jnp.clip(x, min, max)
+
+
+@register(F.softmax, torch.softmax, method("softmax"))
+def softmax(x, dim=None, _stacklevel=3, dtype=None):
+  return jax.nn.softmax(x if dtype is None else x.astype(dtype), axis=dim)
+
+
+@register(F.log_softmax, torch.log_softmax, method("log_softmax"))
+def log_softmax(x, dim=None, _stacklevel=3, dtype=None):
+  return jax.nn.log_softmax(x if dtype is None else x.astype(dtype), axis=dim)
+
+
+# --- dropout and stochastic depth --------------------------------------------------------------
+
+
+@register(F.dropout, context=True)
+def dropout(ctx: Context, x, p=0.5, training=True, inplace=False):
+  # ``training`` is the traced module's flag; the port's mode decides too (a train graph under init).
+  if not (training and ctx.train) or p == 0:
+    return x
+  if p == 1:
+    return jnp.zeros_like(x)
+  keep = jax.random.bernoulli(ctx.make_rng(), 1 - p, x.shape)
+  return jnp.where(keep, x / (1 - p), 0).astype(x.dtype)
+
+
+def drop_samples(ctx: Context, x, p: float, mode: str = "row", scale: bool = True):
+  """torchvision's stochastic_depth / timm's drop_path: drop whole samples ("row") or the
+  whole batch ("batch") with probability p, scaling survivors by 1/(1-p)."""
+  if not ctx.train or p == 0:
+    return x
+  survival = 1.0 - p
+  shape = (x.shape[0],) + (1,) * (x.ndim - 1) if mode == "row" else (1,) * x.ndim
+  noise = jax.random.bernoulli(ctx.make_rng(), survival, shape).astype(x.dtype)
+  if survival > 0 and scale:
+    noise = noise / survival
+  return x * noise
+
+
+try:
+  from torchvision.ops import stochastic_depth as _torchvision_stochastic_depth
+
+  @register(_torchvision_stochastic_depth, context=True)
+  def stochastic_depth(ctx: Context, x, p, mode, training=True):
+    return drop_samples(ctx._replace(train=ctx.train and training), x, p, mode)
+except ImportError:  # torchvision is optional
+  pass
+
+
+# --- pooling -----------------------------------------------------------------------------------
+
+
+def _tuple(value, n: int) -> tuple[int, ...]:
+  return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def pool_geometry(length, kernel, stride, padding, dilation, ceil_mode):
+  """torch's pooling output size and the right padding that yields it (ceil mode adds windows
+  that start inside the input or its left padding)."""
+  span = dilation * (kernel - 1) + 1
+  out = (length + 2 * padding - span + (stride - 1 if ceil_mode else 0)) // stride + 1
+  if ceil_mode and (out - 1) * stride >= length + padding:
+    out -= 1
+  right = max((out - 1) * stride + span - length - padding, 0)
+  return out, right
+
+
+def _pool(x, n, kernel_size, stride, padding, dilation, ceil_mode, init, op):
+  kernel = _tuple(kernel_size, n)
+  stride = _tuple(stride if stride not in (None, ()) else kernel_size, n)
+  padding, dilation = _tuple(padding, n), _tuple(dilation, n)
+  pads = [(p, pool_geometry(length, k, s, p, d, ceil_mode)[1])
+          for length, k, s, p, d in zip(x.shape[-n:], kernel, stride, padding, dilation)]
+  lead = x.ndim - n
+  return jax.lax.reduce_window(x, init, op, (1,) * lead + kernel, (1,) * lead + stride,
+                               [(0, 0)] * lead + pads, window_dilation=(1,) * lead + dilation), pads
+
+
+def _max_pool(n):
+  def max_pool(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    if return_indices:
+      raise NotImplementedError("max pooling with return_indices=True is not supported by the port")
+    return _pool(x, n, kernel_size, stride, padding, dilation, ceil_mode, -jnp.inf, jax.lax.max)[0]
+
+  return max_pool
+
+
+def _avg_pool(n):
+  def avg_pool(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+               divisor_override=None):
+    total, pads = _pool(x, n, kernel_size, stride, padding, 1, ceil_mode, 0.0, jax.lax.add)
+    if divisor_override:
+      return total / divisor_override
+    # torch divides by the window's size clipped to the padded input (count_include_pad) or to
+    # the input; a box, so the count is a product of per-axis counts.
+    kernel, stride_ = _tuple(kernel_size, n), _tuple(stride if stride not in (None, ()) else kernel_size, n)
+    divisor = np.ones((), np.float64)
+    for axis, (length, (left, right), k, s) in enumerate(zip(x.shape[-n:], pads, kernel, stride_)):
+      inside = np.zeros(left + length + right)
+      inside[0 if count_include_pad else left:left + length + (left if count_include_pad else 0)] = 1
+      counts = np.array([inside[i:i + k].sum() for i in range(0, left + length + right - k + 1, s)])
+      divisor = np.multiply.outer(divisor, counts)
+    return total / jnp.asarray(divisor, total.dtype)
+
+  return avg_pool
+
+
+for _n in (1, 2, 3):
+  register(getattr(F, f"max_pool{_n}d"))(_max_pool(_n))
+  register(getattr(F, f"avg_pool{_n}d"))(_avg_pool(_n))
+
+
+def adaptive_bins(length: int, out: int) -> list[tuple[int, int]]:
+  """torch's adaptive pooling bins: ``[floor(i*L/out), ceil((i+1)*L/out))``, overlapping when
+  ``out`` does not divide ``L``."""
+  return [((i * length) // out, -((-(i + 1) * length) // out)) for i in range(out)]
+
+
+def _adaptive(n, reduce):
+  def adaptive_pool(x, output_size, return_indices=False):
+    if return_indices:
+      raise NotImplementedError("adaptive max pooling with return_indices=True is not supported by the port")
+    sizes = _tuple(output_size, n)
+    for axis, out in zip(range(x.ndim - n, x.ndim), sizes):
+      length = x.shape[axis]
+      out = length if out is None else out
+      if length % out == 0:  # equal bins: one reshape
+        shape = x.shape[:axis] + (out, length // out) + x.shape[axis + 1:]
+        x = reduce(x.reshape(shape), axis + 1)
+      else:
+        x = jnp.stack([reduce(jax.lax.slice_in_dim(x, start, end, axis=axis), axis)
+                       for start, end in adaptive_bins(length, out)], axis=axis)
+    return x
+
+  return adaptive_pool
+
+
+for _n in (1, 2, 3):
+  register(getattr(F, f"adaptive_avg_pool{_n}d"))(_adaptive(_n, lambda x, axis: jnp.mean(x, axis)))
+  register(getattr(F, f"adaptive_max_pool{_n}d"))(_adaptive(_n, lambda x, axis: jnp.max(x, axis)))
+
+
+# --- padding and interpolation -----------------------------------------------------------------
+
+PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+@register(F.pad)
+def pad(x, pad, mode="constant", value=None):
+  # torch lists (left, right) pairs from the last axis backwards
+  pairs = [(pad[i], pad[i + 1]) for i in range(0, len(pad), 2)]
+  widths = [(0, 0)] * (x.ndim - len(pairs)) + pairs[::-1]
+  if mode == "constant":
+    return jnp.pad(x, widths, constant_values=value or 0)
+  return jnp.pad(x, widths, mode=PAD_MODES[mode])
+
+
+def _source_scale(length_in, length_out, scale_factor, align_corners):
+  if align_corners:
+    return (length_in - 1) / (length_out - 1) if length_out > 1 else 0.0
+  return 1.0 / scale_factor if scale_factor is not None else length_in / length_out
+
+
+@register(F.interpolate)
+def interpolate(x, size=None, scale_factor=None, mode="nearest", align_corners=None,
+                recompute_scale_factor=None, antialias=False):
+  if antialias or mode not in ("nearest", "linear", "bilinear", "trilinear"):
+    raise NotImplementedError(f"interpolate(mode={mode!r}, antialias={antialias}) is not supported by the port")
+  n = x.ndim - 2
+  if size is not None:
+    sizes, factors = _tuple(size, n), (None,) * n
+  else:
+    factors = _tuple(scale_factor, n)
+    sizes = tuple(int(math.floor(length * f)) for length, f in zip(x.shape[2:], factors))
+    if recompute_scale_factor:
+      factors = (None,) * n
+  for axis, length_out, factor in zip(range(2, x.ndim), sizes, factors):
+    length_in = x.shape[axis]
+    scale = _source_scale(length_in, length_out, factor, bool(align_corners))
+    positions = np.arange(length_out, dtype=np.float64)
+    if mode == "nearest":
+      index = np.minimum(np.floor(positions.astype(np.float32) * np.float32(scale)).astype(np.int64), length_in - 1)
+      x = jnp.take(x, index, axis=axis)
+      continue
+    source = positions * scale if align_corners else np.maximum((positions + 0.5) * scale - 0.5, 0)
+    low = np.minimum(np.floor(source).astype(np.int64), length_in - 1)
+    high = np.minimum(low + 1, length_in - 1)
+    weight = jnp.asarray(source - low, x.dtype).reshape((-1,) + (1,) * (x.ndim - axis - 1))
+    x = jnp.take(x, low, axis=axis) * (1 - weight) + jnp.take(x, high, axis=axis) * weight
+  return x

@@ -1,0 +1,222 @@
+"""One parity run of a ported model against real torch (used by test_port_models.py).
+
+Per model: random init with non-trivial BatchNorm state (2 torch SGD steps; FrozenBatchNorm2d
+buffers randomised); ``jaxbn.port`` (timed); the variables back to a fresh torch model with
+``load_state_dict(strict=True)``, every tensor bit for bit; eval outputs; then K identical SGD
+steps (momentum 0.9) in jaxbn, torch float32 and torch float64 in lock-step, comparing after each
+the train-mode outputs, every running statistic and counter; float64 gradients at the first
+step; eval outputs at the end. Dropout and stochastic depth are set to p=0 here (torch's random
+masks cannot be reproduced); their semantics are tested in test_port.py.
+
+Tolerances are the ResNet parity test's (see its docstring): from identical parameters, outputs
+and statistics within ``floor`` (relative); after updates, float32 training is not reproducible,
+so over each group of arrays jaxbn's L2 distance to torch float64 must be at most twice torch
+float32's, plus the floor. float64 gradients: every tensor within 1e-9 of its largest |gradient| (at least 1e-4 of the
+largest anywhere: a conv bias before BatchNorm has gradient 0 in exact arithmetic).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+import optax
+import torch
+
+import jaxbn
+from parity_tests.test_resnet_parity import FLOAT64_RTOL, assert_tracks
+
+LR, MOMENTUM = 1e-3, 0.9
+
+
+@dataclasses.dataclass
+class Case:
+  build: Callable[[], torch.nn.Module]
+  input_shape: tuple[int, ...]
+  floor: float = 2e-4  # identical parameters (deep nets; a shallow one gets less)
+  loss: str = "ce"  # "ce": cross-entropy of every output against the labels; "l2": mean square
+  steps: int = 2
+  grad64_rtol: float = FLOAT64_RTOL
+
+
+@dataclasses.dataclass
+class Measured:
+  port_seconds: float
+  eval_rel: float  # max |jaxbn - torch| / max |torch| of the eval outputs after conversion
+  train_rel: float  # the same for the first training step (identical parameters)
+  stats_rel: float  # running statistics after the first step, relative to max(|value|, 1)
+  grad64_rel: float  # float64 gradients, worst tensor
+
+
+def without_dropout(model: torch.nn.Module) -> None:
+  for module in model.modules():
+    for attribute in ("p", "drop_prob"):
+      if type(module).__name__ in ("Dropout", "StochasticDepth", "DropPath") and hasattr(module, attribute):
+        setattr(module, attribute, 0.0)
+
+
+def randomise_frozen_batchnorms(model: torch.nn.Module, generator: torch.Generator) -> None:
+  for module in model.modules():
+    if type(module).__name__ == "FrozenBatchNorm2d":
+      channels = module.weight.shape[0]
+      module.weight.copy_(1 + 0.2 * torch.randn(channels, generator=generator))
+      module.bias.copy_(0.2 * torch.randn(channels, generator=generator))
+      module.running_mean.copy_(0.2 * torch.randn(channels, generator=generator))
+      module.running_var.copy_(0.5 + torch.rand(channels, generator=generator))
+
+
+def torch_loss(output, labels, kind):
+  leaves = jax.tree.leaves(output)
+  if kind == "ce":
+    return sum(torch.nn.functional.cross_entropy(leaf, labels) for leaf in leaves)
+  return sum(leaf.square().mean() for leaf in leaves)
+
+
+def jax_loss(output, labels, kind):
+  leaves = jax.tree.leaves(output)
+  if kind == "ce":
+    return sum(optax.softmax_cross_entropy_with_integer_labels(leaf, labels).mean() for leaf in leaves)
+  return sum(jax.numpy.mean(leaf**2) for leaf in leaves)
+
+
+def as_arrays(output) -> dict:
+  return {str(i): np.asarray(leaf.detach().numpy() if isinstance(leaf, torch.Tensor) else leaf, np.float64)
+          for i, leaf in enumerate(jax.tree.leaves(output))}
+
+
+def torch_step(model, optimizer, x, labels, kind):
+  model.train()
+  output = model(torch.from_numpy(x))
+  optimizer.zero_grad()
+  torch_loss(output, torch.from_numpy(labels), kind).backward()
+  grads = {name: p.grad.numpy().copy() for name, p in model.named_parameters() if p.grad is not None}
+  optimizer.step()
+  return as_arrays(output), grads
+
+
+def jax_step(module, tx, kind):
+  @jax.jit
+  def step(variables, opt_state, x, labels):
+    def loss(params):
+      output, updates = module.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+      return jax_loss(output, labels, kind), (output, updates)
+
+    grads, (output, updates) = jax.grad(loss, has_aux=True)(variables["params"])
+    param_updates, opt_state = tx.update(grads, opt_state, variables["params"])
+    return {**variables, **updates, "params": optax.apply_updates(variables["params"], param_updates)}, opt_state, output
+
+  return step
+
+
+def relative(actual: dict, expected: dict, scale=None) -> float:
+  worst = 0.0
+  for key, value in expected.items():
+    denominator = np.maximum(np.abs(value), 1.0) if scale == "stats" else max(np.max(np.abs(value)), 1e-30)
+    worst = max(worst, float(np.max(np.abs(np.asarray(actual[key], np.float64) - value) / denominator)))
+  return worst
+
+
+def running_stats(state_dict) -> dict:
+  return {key: np.asarray(value, np.float64) for key, value in state_dict.items()
+          if key.rpartition(".")[2] in ("running_mean", "running_var", "num_batches_tracked")}
+
+
+def run(case: Case, seed: int = 0) -> Measured:
+  torch.manual_seed(seed)
+  generator = torch.Generator().manual_seed(seed)
+  model = case.build()
+  without_dropout(model)
+  with torch.no_grad():
+    randomise_frozen_batchnorms(model, generator)
+  rng = np.random.default_rng(seed)
+  classes = 10
+
+  def batch():
+    return rng.standard_normal(case.input_shape).astype(np.float32), rng.integers(0, classes, case.input_shape[0])
+
+  optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+  for _ in range(2):
+    torch_step(model, optimizer, *batch(), case.loss)
+
+  x, labels = batch()
+  start = time.perf_counter()
+  module, variables = jaxbn.port(model, x)
+  port_seconds = time.perf_counter() - start
+
+  # Flax -> torch: every tensor back bit for bit, loadable strictly into a fresh model.
+  torch_state = {k: v.numpy() for k, v in model.state_dict().items()}
+  back = jaxbn.convert.to_state_dict(variables)
+  assert back.keys() == torch_state.keys(), sorted(back.keys() ^ torch_state.keys())
+  for key, value in torch_state.items():
+    assert back[key].dtype == value.dtype, key
+    np.testing.assert_array_equal(back[key], value, err_msg=key)
+  case.build().load_state_dict(jaxbn.convert.to_torch(variables), strict=True)
+
+  model.eval()
+  with torch.no_grad():
+    expected = as_arrays(model(torch.from_numpy(x)))
+  evaluate = jax.jit(module.apply)
+  eval_rel = relative(as_arrays(evaluate(variables, x)), expected)
+  assert eval_rel <= case.floor, f"eval after conversion: {eval_rel:.3g} > {case.floor}"
+
+  torch64 = copy.deepcopy(model).double()
+  sgd = lambda m: torch.optim.SGD(m.parameters(), lr=LR, momentum=MOMENTUM)  # noqa: E731
+  optimizer, optimizer64 = sgd(model), sgd(torch64)
+  tx = jaxbn.keep_frozen(optax.sgd(LR, momentum=MOMENTUM), jaxbn.frozen_mask(variables))
+  opt_state, step = tx.init(variables["params"]), jax_step(module, tx, case.loss)
+  initial = variables
+  for index in range(case.steps):
+    x, labels = batch()
+    out32, _ = torch_step(model, optimizer, x, labels, case.loss)
+    out64, grads64 = torch_step(torch64, optimizer64, x.astype(np.float64), labels, case.loss)
+    variables, opt_state, output = step(variables, opt_state, x, labels)
+    output = as_arrays(output)
+    stats = running_stats(jaxbn.convert.to_state_dict(variables))
+    stats32, stats64 = running_stats(model.state_dict()), running_stats(torch64.state_dict())
+    for key in [k for k in stats64 if k.endswith("num_batches_tracked")]:
+      assert int(stats.pop(key)) == int(stats32.pop(key)) == int(stats64.pop(key)), key
+    if index == 0:
+      train_rel, stats_rel = relative(output, out32), relative(stats, stats32, "stats")
+      assert train_rel <= case.floor, f"train-mode outputs, first step: {train_rel:.3g} > {case.floor}"
+      assert stats_rel <= case.floor, f"running statistics, first step: {stats_rel:.3g} > {case.floor}"
+      grad64_rel = float64_gradients(model_state=initial, case=case, torch_model=model, x=x, labels=labels,
+                                     expected=grads64)
+    assert_tracks(output, out32, out64, case.floor, f"train-mode outputs, step {index}")
+    scale = {key: np.maximum(np.abs(value), 1.0) for key, value in stats64.items()}
+    assert_tracks(*({k: v[k] / scale[k] for k in stats64} for v in (stats, stats32, stats64)), case.floor,
+                  f"running statistics, step {index}")
+  model.eval()
+  torch64.eval()
+  x, _ = batch()
+  with torch.no_grad():
+    assert_tracks(as_arrays(evaluate(variables, x)), as_arrays(model(torch.from_numpy(x))),
+                  as_arrays(torch64(torch.from_numpy(x).double())), case.floor, "eval after training")
+  return Measured(port_seconds, eval_rel, train_rel, stats_rel, grad64_rel)
+
+
+def float64_gradients(model_state, case, torch_model, x, labels, expected) -> float:
+  """The ported model in float64 from the same variables as torch float64's first step."""
+  with jax.enable_x64(True):
+    module, _ = jaxbn.port(torch_model, x, dtype=np.float64, strict=False)
+    variables = jax.tree.map(lambda v: np.asarray(v, np.float64) if np.issubdtype(v.dtype, np.floating) else v,
+                             model_state)
+
+    def loss(params):
+      output, _ = module.apply({**variables, "params": params}, x.astype(np.float64), train=True,
+                               mutable=["batch_stats"])
+      return jax_loss(output, labels, case.loss)
+
+    grads = jaxbn.convert.to_state_dict({"params": jax.jit(jax.grad(loss))(variables["params"])})
+  # A conv bias before BatchNorm has gradient 0 in exact arithmetic; torch's is rounding noise,
+  # so each tensor's scale is at least 1e-4 of the largest gradient anywhere.
+  largest = max(np.max(np.abs(value)) for value in expected.values())
+  worst = 0.0
+  for key, value in expected.items():
+    error = float(np.max(np.abs(grads[key] - value)) / max(np.max(np.abs(value)), 1e-4 * largest))
+    assert error <= case.grad64_rtol, f"float64 gradient of {key}: relative error {error:.3g} > {case.grad64_rtol}"
+    worst = max(worst, error)
+  return worst

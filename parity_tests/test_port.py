@@ -1,0 +1,287 @@
+"""jaxbn.port's contract: paths, modes, errors, extension hooks, hashability, the shared tools.
+
+Whole-model parity is in test_port_models.py and each op's in test_port_ops.py. Tolerances here:
+float32 outputs of small models within 1e-6 of the largest |output| (measured <= 3e-7).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import optax
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import flax.linen as fnn
+import jax
+import jax.numpy as jnp
+import jaxbn
+from jaxbn._src.port.interpreter import Ported
+
+RTOL = 1e-6
+
+
+def relative(actual, expected) -> float:
+  expected = expected.detach().numpy() if isinstance(expected, torch.Tensor) else np.asarray(expected)
+  return float(np.max(np.abs(np.asarray(actual) - expected)) / np.max(np.abs(expected)))
+
+
+class Block(nn.Module):
+  def __init__(self):
+    super().__init__()
+    self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    self.bn = nn.BatchNorm2d(4, eps=1e-3, momentum=0.01)
+
+  def forward(self, x):
+    return F.relu(self.bn(self.conv(x)))
+
+
+class Small(nn.Module):
+  def __init__(self, dropout=0.0):
+    super().__init__()
+    self.body = nn.Sequential(Block(), nn.Dropout(dropout))
+    self.head = nn.Linear(4, 3)
+
+  def forward(self, x):
+    return self.head(self.body(x).mean((2, 3)))
+
+
+def small(dropout=0.0):
+  torch.manual_seed(0)
+  model = Small(dropout)
+  model.train()
+  with torch.no_grad():  # running statistics away from their initial values
+    for _ in range(3):
+      model(torch.randn(4, 3, 8, 8))
+  return model
+
+
+X = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
+
+
+def test_paths_are_torch_names_and_batchnorm_config_is_torch():
+  module, variables = jaxbn.port(small(), X)
+  assert set(jax.tree_util.tree_map(lambda x: 0, variables["params"])["body"]["0"]) == {"conv", "bn"}
+  bn = module.batchnorm_layers()["body.0.bn"]
+  assert (bn.epsilon, bn.momentum, bn.axis) == (1e-3, 0.01, 1)
+  assert jaxbn.parity.compare_config(small(), module, X) == []
+  assert int(variables["batch_stats"]["body"]["0"]["bn"]["num_batches_tracked"]) == 3
+
+
+def test_train_mode_updates_running_statistics_as_torch():
+  model = small()
+  module, variables = jaxbn.port(model, X)
+  y, updates = module.apply(variables, X, train=True, mutable=["batch_stats"])
+  model.train()
+  expected = model(torch.from_numpy(X))
+  assert relative(y, expected) <= RTOL
+  ours = jaxbn.convert.to_state_dict({**variables, **updates})
+  for key, value in model.state_dict().items():
+    if "running" in key:
+      assert relative(ours[key], value) <= RTOL, key
+  assert int(ours["body.0.bn.num_batches_tracked"]) == 4
+
+
+def test_unsupported_nodes_are_all_named_with_path_and_line():
+  class Odd(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.gate = nn.Parameter(torch.ones(3))
+      self.rnn = nn.GRU(3, 3)
+
+    def forward(self, x):
+      x = torch.roll(x, 1, dims=2) * self.gate[:, None, None]
+      return torch.fft.fft2(x).real, self.rnn
+
+  class Model(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.odd = Odd()
+      self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+      a, _ = self.odd(self.conv(x))
+      return self.odd.rnn(a.flatten(2))[0].cumsum(0)
+
+  with pytest.raises(jaxbn.PortError) as error:
+    jaxbn.port(Model(), X[:, :, :2, :2])
+  message = str(error.value)
+  assert "5 unsupported node(s)" in message
+  for expected in ("function torch.roll  [in odd, test_port.py:", "reads tensor 'odd.gate'", "torch.fft.fft2",
+                   "module torch.nn.GRU  [in odd.rnn", "method Tensor.cumsum  [in <top>, test_port.py:",
+                   "custom_modules=", "custom_ops=", "leaf_modules="):
+    assert expected in message, expected
+
+
+def test_extension_hooks_custom_ops_modules_and_leaves():
+  class Scale(nn.Module):  # a parameter used in forward: the port cannot trace it
+    def __init__(self, channels):
+      super().__init__()
+      self.weight = nn.Parameter(torch.linspace(0.5, 1.5, channels))
+
+    def forward(self, x):
+      return x * self.weight[:, None, None]
+
+  class FlaxScale(fnn.Module):
+    @fnn.compact
+    def __call__(self, x):
+      return x * self.param("scale", fnn.initializers.ones, (x.shape[1],))[:, None, None]
+
+  class Branchy(nn.Module):  # data-dependent control flow: untraceable, so a leaf
+    def forward(self, x):
+      return x if x.sum() > 0 else -x
+
+  class Model(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.conv, self.scale, self.branchy, self.bn = nn.Conv2d(3, 3, 1), Scale(3), Branchy(), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+      return self.bn(self.branchy(torch.roll(self.scale(self.conv(x)), 1, dims=3)))
+
+  model = Model().eval()
+  with pytest.raises(jaxbn.PortError, match=r"(?s)could not trace branchy \(Branchy\).*leaf_modules=\(Branchy,\)"):
+    jaxbn.port(model, X)
+  module, variables = jaxbn.port(
+      model, X, leaf_modules=(Branchy,),
+      custom_modules={Scale: lambda m: FlaxScale(), Branchy: lambda m: lambda x: jnp.where(jnp.sum(x) > 0, x, -x)},
+      custom_ops={torch.roll: lambda x, shifts, dims: jnp.roll(x, shifts, dims)})
+  np.testing.assert_array_equal(variables["params"]["scale"]["scale"], model.scale.weight.detach().numpy())
+  assert relative(module.apply(variables, X), model(torch.from_numpy(X))) <= RTOL
+
+
+def test_module_is_hashable_for_jit_remat_and_static_arguments():
+  module, variables = jaxbn.port(small(), X)
+  again, _ = jaxbn.port(small(), X)
+  assert hash(module) == hash(again) and module == again
+  apply = jax.jit(lambda m, v, x: m.apply(v, x), static_argnums=0)
+  expected = module.apply(variables, X)
+  np.testing.assert_allclose(apply(module, variables, X), expected, rtol=1e-6)
+  apply(again, variables, X)
+  assert apply._cache_size() == 1  # the equal module hits the same compilation
+  fields = dict(train_program=module.train_program, eval_program=module.eval_program, leaves=module.leaves)
+  for transform in (fnn.remat, fnn.jit):
+    np.testing.assert_allclose(transform(Ported)(**fields).apply(variables, X), expected, rtol=1e-6)
+
+
+def test_outputs_keep_torch_structure_under_jit():
+  model = torchvision.models.googlenet(num_classes=5, aux_logits=True, init_weights=True)
+  module, variables = jaxbn.port(model, np.zeros((2, 3, 64, 64), np.float32))
+  train = jax.jit(lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"],
+                                            rngs={"dropout": jax.random.key(0)}))
+  outputs, _ = train(variables, np.ones((2, 3, 64, 64), np.float32))
+  assert type(outputs).__name__ == "GoogLeNetOutputs" and outputs.aux_logits1.shape == (2, 5)
+  assert jax.jit(module.apply)(variables, np.ones((2, 3, 64, 64), np.float32)).shape == (2, 5)
+
+
+def test_dropout_is_torch_dropout_in_train_and_identity_in_eval():
+  model = small(dropout=0.5)
+  module, variables = jaxbn.port(model, X)
+  with pytest.raises(ValueError, match=r"rngs=\{'dropout': key\}"):
+    module.apply(variables, X, train=True, mutable=["batch_stats"])
+  assert relative(module.apply(variables, X), model.eval()(torch.from_numpy(X))) <= RTOL
+  from jaxbn._src.port.ops import Context, OPS
+
+  x = jnp.ones((200, 100))
+  dropped = OPS[F.dropout].fn(Context(True, lambda: jax.random.key(1)), x, p=0.25, training=True)
+  np.testing.assert_allclose(np.unique(np.asarray(dropped)), [0.0, 1 / 0.75], rtol=1e-6)
+  assert abs(float(jnp.mean(dropped == 0)) - 0.25) < 0.01  # 20000 draws: 4 standard deviations
+
+
+def test_stochastic_depth_drops_whole_samples():
+  from torchvision.ops import stochastic_depth
+  from jaxbn._src.port.ops import Context, OPS
+
+  x = jnp.ones((4000, 3, 2, 2))
+  dropped = OPS[stochastic_depth].fn(Context(True, lambda: jax.random.key(2)), x, p=0.2, mode="row")
+  per_sample = np.asarray(dropped).reshape(4000, -1)
+  assert np.all(per_sample == per_sample[:, :1])  # one draw per sample
+  np.testing.assert_allclose(np.unique(per_sample), [0.0, 1.25], rtol=1e-6)
+  assert abs(float(np.mean(per_sample[:, 0] == 0)) - 0.2) < 0.03  # 4 standard deviations
+  assert OPS[stochastic_depth].fn(Context(False, None), x, p=0.2, mode="row") is x
+
+
+def test_freeze_fold_mask_and_eval_mode_work_on_a_ported_model():
+  model = small()
+  module, variables = jaxbn.port(model, X)
+  expected = module.apply(variables, X)
+  frozen = module.with_batchnorm("frozen")
+  np.testing.assert_allclose(frozen.apply(jaxbn.freeze(variables), X), expected, rtol=1e-6)
+  assert module.batchnorm_producers() == {"body/0/bn": "body/0/conv"}
+  folded = jaxbn.fold_batchnorm(variables, epsilon=module.batchnorm_epsilons(), producers=module.batchnorm_producers())
+  assert relative(module.with_batchnorm("folded").apply(folded, X), expected) <= 1e-5
+  mask = jaxbn.frozen_mask(variables, modules=["body.0"])
+  assert mask["body"]["0"]["conv"]["kernel"] and not mask["head"]["kernel"]
+  with jaxbn.eval_mode("body"):
+    _, updates = module.apply(variables, X, train=True, mutable=["batch_stats"])
+  assert int(updates["batch_stats"]["body"]["0"]["bn"]["num_batches_tracked"]) == 3
+
+
+def test_timm_batchnorm_act_keeps_its_activation_when_frozen():
+  timm = pytest.importorskip("timm", reason="timm is in the test extra")
+  model = timm.create_model("mobilenetv3_small_050", num_classes=4).eval()
+  x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+  module, variables = jaxbn.port(model, x)
+  expected = model(torch.from_numpy(x))
+  assert relative(module.apply(variables, x), expected) <= 1e-5
+  assert relative(module.with_batchnorm("frozen").apply(jaxbn.freeze(variables), x), expected) <= 1e-5
+
+
+def test_conv_transpose_converts_both_ways():
+  model = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), nn.BatchNorm2d(6))
+  module, variables = jaxbn.port(model, np.zeros((1, 4, 5, 5), np.float32))
+  assert variables["params"]["0"]["kernel"].shape == (3, 3, 3, 4)  # flax's transpose_kernel=True layout
+  nn.Sequential(nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), nn.BatchNorm2d(6)).load_state_dict(
+      jaxbn.convert.to_torch(variables), strict=True)
+
+
+def test_sync_batchnorm_uses_axis_name():
+  model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.SyncBatchNorm(4))
+  module, variables = jaxbn.port(model, X, axis_name="batch")
+  assert module.batchnorm_layers()["1"].axis_name == "batch"
+  step = jax.vmap(lambda x: module.apply(variables, x, train=True, mutable=["batch_stats"]), axis_name="batch")
+  y, _ = step(X.reshape(2, 2, 3, 8, 8))
+  whole, _ = jaxbn.port(model, X)[0].apply(variables, X, train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(np.asarray(y).reshape(whole.shape), whole, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_input_is_refused_clearly():
+  with pytest.raises(TypeError, match="torch.nn.Module"):
+    jaxbn.port(lambda x: x, X)
+  with pytest.raises(jaxbn.PortError, match=r"torch.nn.Sequential\(model\)"):
+    jaxbn.port(nn.BatchNorm2d(3), X)
+
+  class Unused(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.used, self.spare = nn.Conv2d(3, 3, 1), nn.Linear(3, 3)
+
+    def forward(self, x):
+      return self.used(x)
+
+  with pytest.raises(jaxbn.PortError, match="neither the train nor the eval forward calls them.*: spare"):
+    jaxbn.port(Unused(), X)
+  assert "spare" not in jaxbn.port(Unused(), X, strict=False).variables["params"]
+
+
+def test_training_step_with_optax_matches_a_torch_step():
+  model = small()
+  module, variables = jaxbn.port(model, X)
+  labels = np.array([0, 1, 2, 0])
+  tx = optax.sgd(0.1)
+
+  def loss(params):
+    logits, updates = module.apply({**variables, "params": params}, X, train=True, mutable=["batch_stats"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
+
+  grads, _ = jax.grad(loss, has_aux=True)(variables["params"])
+  params = optax.apply_updates(variables["params"], tx.update(grads, tx.init(variables["params"]))[0])
+  optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+  model.train()
+  F.cross_entropy(model(torch.from_numpy(X)), torch.from_numpy(labels)).backward()
+  optimizer.step()
+  ours = jaxbn.convert.to_state_dict({"params": params})
+  for key, value in model.named_parameters():
+    assert relative(ours[key], value) <= 1e-5, key

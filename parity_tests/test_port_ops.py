@@ -1,0 +1,108 @@
+"""Each op and module of the port's tables against torch, on the cases where torch's rules are
+particular: pooling windows in ceil mode and with padding excluded from the count, adaptive bins
+that do not divide, nearest and bilinear interpolation, conv padding modes and strings, grouped
+and dilated transposed convolution, uneven chunk and split.
+
+All in float64 (torch's module in double, ``jaxbn.port(..., dtype=float64)``), so that the
+tolerance, 1e-12 relative to the largest |output|, measures the rules and not float32 summation
+order. Pooling, indexing and shapes come out exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import jax
+import jaxbn
+
+RTOL = 1e-12
+
+
+class Functional(nn.Module):
+  """Shape and arithmetic ops as a model's forward uses them."""
+
+  def forward(self, x):
+    n, c, h, w = x.size()
+    a, b, rest = torch.split(x, [1, 2, c - 3], dim=1)
+    chunks = x.chunk(3, dim=3)  # 7 columns -> 3, 3, 1 (torch's rule)
+    y = torch.cat([a * 2 - b[:, :1], rest.relu(), chunks[-1][:, :1, :, 0].unsqueeze(-1).expand(n, 1, h, w)], dim=1)
+    y = y.permute(0, 2, 3, 1).contiguous().view(n, -1, y.shape[1]).transpose(1, 2)
+    z = torch.stack([y.sum(-1), y.amax(-1), y.mean(dim=2, keepdim=True).squeeze(2)], dim=1)
+    z = F.pad(z, (1, 2), mode="reflect").clamp(-1.5, 1.5) / 3 + x.flatten(1)[:, :1, None].neg() ** 2
+    return z.reshape(n, -1), F.softmax(z, dim=-1)
+
+
+CASES = {
+    "conv1d stride padding": (lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1), (2, 4, 11)),
+    "conv2d same dilated": (lambda: nn.Conv2d(4, 6, 4, padding="same", dilation=2), (2, 4, 9, 8)),
+    "conv2d valid no bias": (lambda: nn.Conv2d(4, 6, 3, padding="valid", bias=False), (2, 4, 7, 7)),
+    "conv2d grouped reflect": (lambda: nn.Conv2d(4, 8, 3, groups=4, padding=(1, 2), padding_mode="reflect"),
+                               (2, 4, 6, 7)),
+    "conv2d replicate": (lambda: nn.Conv2d(3, 5, 3, stride=2, padding=2, padding_mode="replicate"), (2, 3, 8, 8)),
+    "conv2d circular": (lambda: nn.Conv2d(3, 5, 3, padding=1, padding_mode="circular"), (2, 3, 6, 5)),
+    "conv3d": (lambda: nn.Conv3d(2, 4, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)), (2, 2, 3, 7, 7)),
+    "conv transpose 2d output_padding": (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1),
+                                         (2, 4, 5, 5)),
+    "conv transpose 2d grouped": (lambda: nn.ConvTranspose2d(4, 8, 4, stride=2, padding=1, groups=2), (2, 4, 5, 6)),
+    "conv transpose 2d dilated": (lambda: nn.ConvTranspose2d(3, 5, 3, stride=2, dilation=2, bias=False),
+                                  (2, 3, 4, 4)),
+    "conv transpose 1d": (lambda: nn.ConvTranspose1d(3, 5, 3, stride=3), (2, 3, 6)),
+    "max pool ceil": (lambda: nn.MaxPool2d(3, 2, 1, ceil_mode=True), (2, 3, 8, 9)),
+    "max pool ceil odd": (lambda: nn.MaxPool2d(2, 2, ceil_mode=True), (2, 3, 7, 7)),
+    "max pool dilated": (lambda: nn.MaxPool2d(3, 2, dilation=2), (2, 3, 11, 10)),
+    "max pool 1d 3d": (lambda: nn.Sequential(nn.MaxPool3d(2, ceil_mode=True), nn.Flatten(2), nn.MaxPool1d(3, 2)),
+                       (2, 3, 5, 5, 5)),
+    "avg pool ceil count pad": (lambda: nn.AvgPool2d(3, 2, 1, ceil_mode=True), (2, 3, 8, 9)),
+    "avg pool ceil no pad count": (lambda: nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False),
+                                   (2, 3, 8, 9)),
+    "avg pool divisor override": (lambda: nn.AvgPool2d(2, divisor_override=3), (2, 3, 6, 6)),
+    "avg pool 1d ceil": (lambda: nn.AvgPool1d(3, 2, 1, ceil_mode=True), (2, 3, 10)),
+    "adaptive avg uneven": (lambda: nn.AdaptiveAvgPool2d((4, 3)), (2, 3, 7, 10)),
+    "adaptive avg upsampling": (lambda: nn.AdaptiveAvgPool2d(7), (2, 3, 3, 3)),
+    "adaptive avg none": (lambda: nn.AdaptiveAvgPool2d((None, 2)), (2, 3, 5, 7)),
+    "adaptive max uneven": (lambda: nn.AdaptiveMaxPool2d((3, 5)), (2, 3, 7, 11)),
+    "adaptive avg 1d": (lambda: nn.AdaptiveAvgPool1d(5), (2, 3, 12)),
+    "nearest x2": (lambda: nn.Upsample(scale_factor=2), (2, 3, 4, 5)),
+    "nearest size": (lambda: nn.Upsample(size=(7, 9)), (2, 3, 4, 5)),
+    "nearest fractional": (lambda: nn.Upsample(scale_factor=1.7), (2, 3, 5, 6)),
+    "bilinear": (lambda: nn.Upsample(scale_factor=2, mode="bilinear"), (2, 3, 4, 5)),
+    "bilinear align corners": (lambda: nn.Upsample(size=(7, 5), mode="bilinear", align_corners=True), (2, 3, 4, 6)),
+    "bilinear fractional down": (lambda: nn.Upsample(scale_factor=0.6, mode="bilinear"), (2, 3, 9, 8)),
+    "linear 1d": (lambda: nn.Upsample(scale_factor=3, mode="linear"), (2, 3, 5)),
+    "group norm": (lambda: nn.GroupNorm(2, 8), (2, 8, 3, 3)),
+    "layer norm": (lambda: nn.LayerNorm(5), (2, 3, 5)),
+    "layer norm 2 axes no bias": (lambda: nn.LayerNorm((4, 4), bias=False), (2, 3, 4, 4)),
+    "pads": (lambda: nn.Sequential(nn.ZeroPad2d((1, 2, 0, 3)), nn.ReflectionPad2d(2), nn.ReplicationPad2d((1, 0, 2, 1)),
+                                   nn.ConstantPad2d(1, 0.5)), (2, 3, 4, 4)),
+    "activations": (lambda: nn.Sequential(nn.GELU(), nn.LeakyReLU(0.2), nn.ELU(0.5), nn.Hardtanh(-0.5, 0.7), nn.Mish(),
+                                          nn.SiLU(), nn.Hardswish(), nn.Hardsigmoid(), nn.ReLU6(), nn.Tanh(),
+                                          nn.Sigmoid()), (2, 3, 6)),
+    "gelu tanh softmax": (lambda: nn.Sequential(nn.GELU("tanh"), nn.Softmax(dim=1), nn.LogSoftmax(dim=-1)), (2, 3, 6)),
+    "linear on features": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.Identity()), (2, 3, 4)),
+    "functional": (Functional, (2, 6, 4, 7)),
+}
+
+
+def assert_close(actual, expected):
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+    e = e.detach().numpy()
+    assert a.shape == e.shape
+    error = float(np.max(np.abs(np.asarray(a) - e))) / max(float(np.max(np.abs(e))), 1e-300)
+    assert error <= RTOL, f"relative error {error:.3g} > {RTOL}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_torch(name):
+  make, shape = CASES[name]
+  torch.manual_seed(0)
+  model = nn.Sequential(make()).double().eval()  # the root is traced into, not ported as a leaf
+  x = torch.randn(shape, dtype=torch.float64)
+  with torch.no_grad():
+    expected = model(x)
+  with jax.enable_x64(True):
+    module, variables = jaxbn.port(model, x, dtype=np.float64)
+    assert_close(jax.jit(module.apply)(variables, x.numpy()), expected)
