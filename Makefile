@@ -11,19 +11,20 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints-dev.txt -e '.[torch,test]'
+	$(PY) -m pip install --quiet -c constraints-dev.txt -e '.[torch,test,plot]'
 	touch $(STAMP)
 
-# The main job: torchvision resnet18 -> checkpoint -> jaxbn, checked layer by layer.
+# The main job: torchvision's mobilenet_v3_large (eps 1e-3, momentum 0.01) -> checkpoint ->
+# jaxbn.port, checked layer by layer, and what flax.linen.BatchNorm would get wrong.
 demo: $(STAMP)
-	$(VENV)/bin/jaxbn check --model resnet18
+	$(VENV)/bin/jaxbn check --model torchvision:mobilenet_v3_large --plot drift.png
 
 test: $(STAMP)
 	$(PY) -m pytest
 
-# Every torchvision ResNet, not only the two CI runs.
+# The whole zoo: every torchvision ResNet and every model jaxbn.port is proven on, not only CI's.
 test-models: $(STAMP)
-	$(PY) -m pytest -m full_models parity_tests/test_resnet_parity.py
+	$(PY) -m pytest -m full_models parity_tests/test_resnet_parity.py parity_tests/test_port_models.py
 
 # The benchmark tables the README quotes (a few minutes on 2 cores; run on an idle machine).
 bench: $(STAMP)
@@ -31,4 +32,4 @@ bench: $(STAMP)
 	cd benchmarks && ../$(PY) resnet_step.py --out results-resnet-cpu.md
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis drift.png

@@ -17,6 +17,7 @@ largest anywhere: a conv bias before BatchNorm has gradient 0 in exact arithmeti
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import time
@@ -52,16 +53,11 @@ class Measured:
   grad64_rel: float  # float64 gradients, worst tensor
 
 
-def without_dropout(model: torch.nn.Module) -> None:
-  for module in model.modules():
-    for attribute in ("p", "drop_prob"):
-      if type(module).__name__ in ("Dropout", "StochasticDepth", "DropPath") and hasattr(module, attribute):
-        setattr(module, attribute, 0.0)
-
-
 def randomise_frozen_batchnorms(model: torch.nn.Module, generator: torch.Generator) -> None:
+  """FrozenBatchNorm2d layers still at their identity init get random statistics and affine."""
   for module in model.modules():
-    if type(module).__name__ == "FrozenBatchNorm2d":
+    if (type(module).__name__ == "FrozenBatchNorm2d" and bool(torch.all(module.running_var == 1))
+        and bool(torch.all(module.running_mean == 0))):
       channels = module.weight.shape[0]
       module.weight.copy_(1 + 0.2 * torch.randn(channels, generator=generator))
       module.bias.copy_(0.2 * torch.randn(channels, generator=generator))
@@ -129,7 +125,7 @@ def run(case: Case, seed: int = 0) -> Measured:
   torch.manual_seed(seed)
   generator = torch.Generator().manual_seed(seed)
   model = case.build()
-  without_dropout(model)
+  jaxbn.parity.without_dropout(model)
   with torch.no_grad():
     randomise_frozen_batchnorms(model, generator)
   rng = np.random.default_rng(seed)
@@ -154,7 +150,9 @@ def run(case: Case, seed: int = 0) -> Measured:
   for key, value in torch_state.items():
     assert back[key].dtype == value.dtype, key
     np.testing.assert_array_equal(back[key], value, err_msg=key)
-  case.build().load_state_dict(jaxbn.convert.to_torch(variables), strict=True)
+  fresh, converted = case.build(), collections.OrderedDict(jaxbn.convert.to_torch(variables))
+  converted._metadata = model.state_dict()._metadata  # torch's per-module versions (MNASNet's loader needs them)
+  fresh.load_state_dict(converted, strict=True)
 
   model.eval()
   with torch.no_grad():

@@ -35,6 +35,21 @@ def test_readme_nnx_example_runs():
   namespace["torch_model"].load_state_dict(namespace["state_dict"], strict=True)
 
 
+def test_readme_port_example_runs():
+  code = [block for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "jaxbn.port(" in block]
+  assert len(code) == 1, "README has no port example"
+  namespace = {}
+  exec(compile(code[0], "README.md", "exec"), namespace)
+  assert namespace["logits"].shape == (4, 10)
+  assert int(namespace["variables"]["batch_stats"]["features"]["0"]["1"]["num_batches_tracked"]) == 1
+
+
+def test_readme_lists_what_the_port_supports_from_its_tables():
+  from jaxbn._src.port import docs
+
+  assert docs.block() in README.read_text(), "stale list: run python -m jaxbn._src.port.docs README.md"
+
+
 MODULES = [batch_norm, folding, frozen, modes, nnx_batch_norm, nnx_freezing, nnx_frozen, nnx_models, normalization,
            resnet, running, statistics, training]
 

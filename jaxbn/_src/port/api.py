@@ -126,3 +126,12 @@ def supported() -> dict[str, list[str]]:
   from jaxbn._src.port import leaves
 
   return {"modules": leaves.supported(), "functions and methods": ops.supported()}
+
+
+def supported_markdown() -> str:
+  """The README's list of what the port runs, generated from the two tables."""
+  table = supported()
+  lines = []
+  for title, names in table.items():
+    lines.append(f"**{title[0].upper() + title[1:]}** ({len(names)}): " + ", ".join(f"`{n}`" for n in names))
+  return "\n\n".join(lines)

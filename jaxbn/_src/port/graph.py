@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from jaxbn._src.port import ops
-from jaxbn._src.port.leaves import Call, Leaf, Options, class_name, find, rule
+from jaxbn._src.port.leaves import Leaf, Options, class_name, find, rule
 
 
 class PortError(ValueError):
