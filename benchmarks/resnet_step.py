@@ -1,12 +1,14 @@
 """Whole-model training speed: jaxbn ResNets vs the same Flax model with flax.linen.BatchNorm vs
-torchvision in torch (eager channels_last, and torch.compile where it works), images/s.
+torchvision in torch (eager channels_last, and torch.compile where it works), images/s. With
+``--port``, also the torchvision model through ``jaxbn.port`` (NCHW input) against
+``jaxbn.models`` with ``input_layout="NCHW"``.
 
 One SGD step (softmax cross-entropy, momentum 0.9) on random images; the JAX steps are jitted and
 donate params, batch_stats and optimiser state, as a training loop would. Implementations are
 timed round-robin in one run (batchnorm_bench.measure: shuffled, the first step of each turn
 untimed), so drift of the machine hits all alike; medians are reported.
 
-  python benchmarks/resnet_step.py [--models resnet18 resnet50] [--batch 8] [--size 112] [--reps 7]
+  python benchmarks/resnet_step.py [--models resnet18 resnet50] [--batch 8] [--size 112] [--reps 7] [--port]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import optax
 import torch
 import torchvision
 
+import jaxbn
 import jaxbn.models
 from batchnorm_bench import machine, measure, write_table  # the same timing and reporting
 
@@ -71,6 +74,7 @@ def main() -> None:
   parser.add_argument("--size", type=int, default=112)
   parser.add_argument("--reps", type=int, default=7)
   parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+  parser.add_argument("--port", action="store_true", help="add jaxbn.port and jaxbn.models with NCHW input")
   parser.add_argument("--out", help="also write the markdown table here")
   args = parser.parse_args()
   header = (f"{machine()}; train step, batch {args.batch} at {args.size}x{args.size}, float32, medians of"
@@ -92,6 +96,10 @@ def main() -> None:
             x, labels),
         "torch eager channels_last": torch_step(name, x_nchw, labels, compiled=False),
     }
+    if args.port:
+      ported, _ = jaxbn.port(getattr(torchvision.models, name)(), x_nchw)
+      calls["jaxbn.models, input_layout=NCHW"] = jax_step(build(input_layout="NCHW"), jnp.asarray(x_nchw), labels)
+      calls["jaxbn.port of torchvision (NCHW)"] = jax_step(ported, jnp.asarray(x_nchw), labels)
     if not args.no_compile:
       try:
         compiled = torch_step(name, x_nchw, labels, compiled=True)

@@ -8,9 +8,6 @@ from jaxbn._src.folding import FoldedBatchNorm, fold_batchnorm
 from jaxbn._src.freezing import freeze, frozen_mask, keep_frozen, unfreeze
 from jaxbn._src.frozen import FrozenBatchNorm
 from jaxbn._src.modes import eval_mode
-from jaxbn._src.port.api import Port, port
-from jaxbn._src.port.api import supported as port_supported
-from jaxbn._src.port.graph import PortError
 
 __all__ = [
     "BatchNorm",
@@ -38,3 +35,20 @@ __all__ = [
     "unfreeze",
 ]
 __version__ = "0.1.0"
+
+# jaxbn.port needs torch, an optional extra: imported on first use.
+_PORT = {"port": ("api", "port"), "Port": ("api", "Port"), "port_supported": ("api", "supported"),
+         "PortError": ("graph", "PortError")}
+
+
+def __getattr__(name):
+  if name in _PORT:
+    import importlib
+
+    module, attribute = _PORT[name]
+    return getattr(importlib.import_module(f"jaxbn._src.port.{module}"), attribute)
+  raise AttributeError(f"module 'jaxbn' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted([*globals(), *_PORT])

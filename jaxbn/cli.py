@@ -487,11 +487,14 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   from jaxbn._src.checkpoint import CheckpointError
   from jaxbn._src.convert import ConversionError  # ConfigMismatchError too
-  from jaxbn._src.port.graph import PortError
 
   try:
     return {"check": check, "convert": convert, "inspect": inspect}[args.command](args)
-  except (UsageError, CheckpointError, ConversionError, PortError, OSError) as error:
+  except Exception as error:
+    port = sys.modules.get("jaxbn._src.port.graph")  # loaded (with torch) only if the port ran
+    user_errors = (UsageError, CheckpointError, ConversionError, OSError) + ((port.PortError,) if port else ())
+    if not isinstance(error, user_errors):
+      raise
     print(f"jaxbn {args.command}: error: {error}", file=sys.stderr)
     return 2
 

@@ -31,8 +31,9 @@ def test_batchnorm_bench_writes_one_row_per_mode(tmp_path):
 
 def test_resnet_step_writes_one_row_per_implementation(tmp_path):
   rows = run_script("resnet_step.py", ["--models", "resnet18", "--batch", "2", "--size", "32", "--reps", "1",
-                                       "--no-compile"], tmp_path / "resnet.md")
+                                       "--no-compile", "--port"], tmp_path / "resnet.md")
   assert [row[1].strip().split(" (")[0] for row in rows] == [
-      "jaxbn.BatchNorm", "flax.linen.BatchNorm", "flax.linen.BatchNorm", "torch eager channels_last"]
+      "jaxbn.BatchNorm", "flax.linen.BatchNorm", "flax.linen.BatchNorm", "torch eager channels_last",
+      "jaxbn.models, input_layout=NCHW", "jaxbn.port of torchvision"]
   assert all(float(row[3]) > 0 for row in rows)  # images/s
   assert float(rows[0][4]) == 1.0  # jaxbn's time over itself

@@ -25,7 +25,7 @@ RTOL = 1e-6
 
 def relative(actual, expected) -> float:
   expected = expected.detach().numpy() if isinstance(expected, torch.Tensor) else np.asarray(expected)
-  return float(np.max(np.abs(np.asarray(actual) - expected)) / np.max(np.abs(expected)))
+  return float(np.max(np.abs(np.asarray(actual) - expected)) / max(np.max(np.abs(expected)), 1e-30))
 
 
 class Block(nn.Module):
@@ -285,3 +285,38 @@ def test_training_step_with_optax_matches_a_torch_step():
   ours = jaxbn.convert.to_state_dict({"params": params})
   for key, value in model.named_parameters():
     assert relative(ours[key], value) <= 1e-5, key
+
+
+def test_nnx_port_switches_modes_and_trains_in_place_as_torch():
+  from flax import nnx
+
+  model = small()
+  nnx_model, state = jaxbn.port(model, X, api="nnx")
+  assert {type(v).__name__ for _, v in nnx.to_flat_state(state) if "rngs" not in str(_)} == {"Param", "BatchStat"}
+  nnx_model.eval()
+  assert relative(nnx_model(X), model.eval()(torch.from_numpy(X))) <= RTOL
+  nnx_model.train()
+  y = nnx.jit(lambda m, x: m(x))(nnx_model, X)
+  assert relative(y, model.train()(torch.from_numpy(X))) <= RTOL
+  ours = jaxbn.convert.to_state_dict(nnx_model)
+  for key, value in model.state_dict().items():
+    assert relative(ours[key], value) <= RTOL, key
+  optimizer = nnx.Optimizer(nnx_model, optax.sgd(0.1), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, x):
+    grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+    optimizer.update(model, grads)
+
+  kernel = np.asarray(nnx_model.head["kernel"][...])
+  step(nnx_model, optimizer, X)
+  assert int(jaxbn.convert.to_state_dict(nnx_model)["body.0.bn.num_batches_tracked"]) == 5
+  assert not np.array_equal(np.asarray(nnx_model.head["kernel"][...]), kernel)
+
+
+def test_importing_jaxbn_does_not_import_torch():
+  import subprocess
+  import sys
+
+  code = "import sys, jaxbn; assert 'torch' not in sys.modules; jaxbn.PortError; assert 'torch' in sys.modules"
+  subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from jaxbn._src import convert
-from jaxbn._src.checkpoint import state_dict_to_numpy
+from jaxbn._src.checkpoint import as_numpy, state_dict_to_numpy
 from jaxbn._src.port import ops
 from jaxbn._src.port.graph import PortError, trace
 from jaxbn._src.port.interpreter import Ported
@@ -32,12 +32,6 @@ class Port(NamedTuple):
   variables: dict
 
 
-def _as_numpy(value):
-  if isinstance(value, torch.Tensor):
-    return value.detach().cpu().numpy()
-  return np.asarray(value)
-
-
 def port(
     torch_model: torch.nn.Module,
     example_input: Any,
@@ -48,6 +42,8 @@ def port(
     custom_ops: dict[Callable, Callable] | None = None,
     leaf_modules: tuple[type, ...] = (),
     strict: bool = True,
+    api: str = "linen",
+    rngs: Any = None,
 ) -> Port:
   """A torch model as a Flax Linen module with the same module paths, and its variables.
 
@@ -71,6 +67,9 @@ def port(
     custom_ops: ``{torch function or Tensor method: jax function}`` with torch's arguments.
     leaf_modules: classes to keep whole rather than trace into (give them custom_modules).
     strict: the state_dict must fit the ported variables exactly (as ``load_state_dict``).
+    api: ``"linen"``, or ``"nnx"`` for a ``PortedNNX`` module (flax's Linen-to-NNX bridge over the
+      same port) holding its converted variables; ``variables`` is then its ``nnx.state``.
+    rngs: for ``api="nnx"``: the ``nnx.Rngs`` dropout draws from (default ``nnx.Rngs(0)``).
 
   Returns ``Port(module, variables)``: ``module.apply(variables, x)`` is torch's eval forward;
   ``module.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})``
@@ -103,10 +102,20 @@ def port(
     raise PortError(f"{type(torch_model).__name__}: {len(traced.problems)} unsupported node(s):\n{lines}\n{EXTEND}")
   module = Ported(traced.programs[True], traced.programs[False], tuple(sorted(traced.leaves.items())),
                   type(torch_model).__name__)
-  inputs = tuple(_as_numpy(x) for x in (example_input if isinstance(example_input, (tuple, list)) else (example_input,)))
+  inputs = tuple(as_numpy(x) for x in (example_input if isinstance(example_input, (tuple, list)) else (example_input,)))
   template = jax.eval_shape(lambda *xs: module.init(jax.random.key(0), *xs), *inputs)
   _check_all_called(state_dict, traced.leaves, strict)
   converted = convert.from_torch(state_dict, template, strict=strict, dtype=dtype)
+  if api == "nnx":
+    from flax import nnx
+
+    from jaxbn._src.port.nnx import PortedNNX
+
+    nnx_module = PortedNNX(module, rngs=rngs or nnx.Rngs(0)).lazy_init(*inputs)
+    convert.from_torch(state_dict, nnx_module, strict=strict, dtype=dtype)
+    return Port(nnx_module, nnx.state(nnx_module))
+  if api != "linen":
+    raise ValueError(f"api must be 'linen' or 'nnx', not {api!r}")
   return Port(module, converted.variables)
 
 
