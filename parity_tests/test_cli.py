@@ -79,10 +79,6 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
        "--model 'mobilenet_v3_small': give a jaxbn.models ResNet name (resnet18, ...), torchvision:NAME"),
       (("check", "--model", "resnet34", "--weights", str(tmp_path / "r18.pth"), "--num-classes", "10"),
        "r18.pth does not fit resnet34(num_classes=10)"),
-      (("check", "--model", "timm:no_such_net"), "timm has no model 'no_such_net'"),
-      (("check", "--model", "torchvision:no_such_net"), "torchvision.models has no 'no_such_net'"),
-      (("check", "--model", str(tmp_path / "missing.py") + ":make"), "is not a .py file"),
-      (("check", "--model", "torchvision:mobilenet_v3_small", "--api", "nnx"), "--api nnx checks the"),
   ]
   for args, expected in cases:
     code, out = jaxbn_command(*args)
@@ -90,6 +86,20 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
   code, out = jaxbn_command("convert", str(tmp_path / "r18.pth"), str(tmp_path / "taken"), "--model", "resnet18",
                             "--overwrite")
   assert code == 0, out
+
+
+def test_model_spec_errors_are_one_line_and_exit_2(tmp_path, capsys):
+  from jaxbn import cli
+
+  cases = [
+      (("check", "--model", "timm:no_such_net"), "timm has no model 'no_such_net'"),
+      (("check", "--model", "torchvision:no_such_net"), "torchvision.models has no 'no_such_net'"),
+      (("check", "--model", str(tmp_path / "missing.py") + ":make"), "is not a .py file"),
+      (("check", "--model", "torchvision:mobilenet_v3_small", "--api", "nnx"), "--api nnx checks the"),
+  ]
+  for args, expected in cases:  # in-process: each fails before any model runs
+    assert cli.main(list(args)) == 2, args
+    assert expected in capsys.readouterr().err, args
 
 
 def test_check_ports_any_model_and_shows_the_flax_linen_trap(tmp_path):

@@ -70,6 +70,14 @@ def test_paths_are_torch_names_and_batchnorm_config_is_torch():
   assert int(variables["batch_stats"]["body"]["0"]["bn"]["num_batches_tracked"]) == 3
 
 
+def test_tracing_leaves_every_module_mode_as_it_was():
+  model = small()
+  model.train()
+  model.body.eval()  # a partly frozen model: restored layer by layer, not from the root's flag
+  jaxbn.port(model, X)
+  assert model.training and not model.body.training and not model.body[0].bn.training and model.head.training
+
+
 def test_train_mode_updates_running_statistics_as_torch():
   model = small()
   module, variables = jaxbn.port(model, X)

@@ -190,7 +190,7 @@ def trace(model: torch.nn.Module, options: Options, modules: dict, custom_ops: d
   leaves: dict[str, Leaf] = {}
   problems: dict[Problem, None] = {}
   programs = {}
-  was_training = model.training
+  modes = {module: module.training for module in model.modules()}  # each restored, not just the root's
   try:
     for train in (True, False):
       model.train(train)
@@ -208,7 +208,8 @@ def trace(model: torch.nn.Module, options: Options, modules: dict, custom_ops: d
       programs[train] = Program(tuple(_node(node, model, options, modules, custom_ops, leaves, problems)
                                       for node in graph.nodes))
   finally:
-    model.train(was_training)
+    for module, training in modes.items():
+      module.training = training
   return Traced(programs, leaves, list(problems))
 
 

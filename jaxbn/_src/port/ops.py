@@ -57,18 +57,27 @@ def methods(*names: str):
   return [method(n) for n in names]
 
 
+PUBLIC_NAMESPACES = (("F", F), ("torch", torch), ("torch.fft", torch.fft), ("torch.linalg", torch.linalg),
+                     ("torch.special", torch.special))
+
+
 def name_of(key) -> str:
-  """A readable name for a table key: ``torch.cat``, ``F.relu``, ``Tensor.view``, ``operator.add``."""
+  """A readable name for a table key: ``torch.cat``, ``F.relu``, ``Tensor.view``, ``operator.add``
+  (a torch builtin by its public alias: ``torch.fft.fft2``, not ``torch._C._fft.fft_fft2``)."""
   if isinstance(key, str):
     return key
-  if getattr(torch.Tensor, getattr(key, "__name__", ""), None) is key:
-    return f"Tensor.{key.__name__}"
-  module = getattr(key, "__module__", None) or ""
   name = getattr(key, "__name__", repr(key))
-  if getattr(F, name, None) is key:
-    return f"F.{name}"
-  if getattr(torch, name, None) is key:
-    return f"torch.{name}"
+  if getattr(torch.Tensor, name, None) is key:
+    return f"Tensor.{name}"
+  for prefix, namespace in PUBLIC_NAMESPACES:
+    if getattr(namespace, name, None) is key:
+      return f"{prefix}.{name}"
+  for prefix, namespace in PUBLIC_NAMESPACES:
+    alias = next((attribute for attribute, value in vars(namespace).items()
+                  if value is key and not attribute.startswith("_")), None)
+    if alias:
+      return f"{prefix}.{alias}"
+  module = getattr(key, "__module__", None) or ""
   if module in ("_operator", "operator"):
     return f"operator.{name}"
   if module == "builtins":
