@@ -258,6 +258,8 @@ def test_sync_batchnorm_uses_axis_name():
 def test_bad_input_is_refused_clearly():
   with pytest.raises(TypeError, match="torch.nn.Module"):
     jaxbn.port(lambda x: x, X)
+  with pytest.raises(ValueError, match="api must be 'linen' or 'nnx'"):
+    jaxbn.port(small(), X, api="jax")
   with pytest.raises(jaxbn.PortError, match=r"torch.nn.Sequential\(model\)"):
     jaxbn.port(nn.BatchNorm2d(3), X)
 

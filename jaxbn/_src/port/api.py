@@ -86,6 +86,8 @@ def port(
   """
   if not isinstance(torch_model, torch.nn.Module):
     raise TypeError(f"port takes a torch.nn.Module, got {type(torch_model).__name__}")
+  if api not in ("linen", "nnx"):
+    raise ValueError(f"api must be 'linen' or 'nnx', not {api!r}")
   state_dict = state_dict_to_numpy(torch_model.state_dict())
   floating = [v.dtype for v in state_dict.values() if np.issubdtype(v.dtype, np.floating)]
   options = Options(param_dtype=jnp.dtype(dtype) if dtype is not None else (floating[0] if floating else jnp.float32),
@@ -103,20 +105,17 @@ def port(
   module = Ported(traced.programs[True], traced.programs[False], tuple(sorted(traced.leaves.items())),
                   type(torch_model).__name__)
   inputs = tuple(as_numpy(x) for x in (example_input if isinstance(example_input, (tuple, list)) else (example_input,)))
-  template = jax.eval_shape(lambda *xs: module.init(jax.random.key(0), *xs), *inputs)
   _check_all_called(state_dict, traced.leaves, strict)
-  converted = convert.from_torch(state_dict, template, strict=strict, dtype=dtype)
   if api == "nnx":
     from flax import nnx
 
     from jaxbn._src.port.nnx import PortedNNX
 
     nnx_module = PortedNNX(module, rngs=rngs or nnx.Rngs(0)).lazy_init(*inputs)
-    convert.from_torch(state_dict, nnx_module, strict=strict, dtype=dtype)
+    convert.from_torch(state_dict, nnx_module, strict=strict, dtype=dtype)  # in place
     return Port(nnx_module, nnx.state(nnx_module))
-  if api != "linen":
-    raise ValueError(f"api must be 'linen' or 'nnx', not {api!r}")
-  return Port(module, converted.variables)
+  template = jax.eval_shape(lambda *xs: module.init(jax.random.key(0), *xs), *inputs)
+  return Port(module, convert.from_torch(state_dict, template, strict=strict, dtype=dtype).variables)
 
 
 def _check_all_called(state_dict, leaves, strict):

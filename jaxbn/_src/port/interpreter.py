@@ -41,6 +41,14 @@ class Ported(nn.Module):
   ``eval()``. Inputs and outputs are in torch's layout; outputs keep torch's structure (tuples,
   namedtuples, dicts) as JAX pytrees. ``init`` creates the variables of both forwards.
 
+  Example::
+
+    >>> module, variables = jaxbn.port(torchvision.models.googlenet(), x)   # doctest: +SKIP
+    >>> outputs, updates = module.apply(variables, x, train=True, mutable=["batch_stats"],
+    ...                                 rngs={"dropout": key})              # doctest: +SKIP
+    >>> outputs.aux_logits1.shape                                          # doctest: +SKIP
+    (4, 1000)
+
   Attributes:
     train_program, eval_program: the traced forwards.
     leaves: ``(dotted torch path, Leaf)`` pairs: the Flax module at each path.

@@ -14,6 +14,12 @@ class PortedNNX(nnx.bridge.ToNNX):
   running statistics in place. Variables: ``nnx.Param`` and ``nnx.BatchStat`` at the torch paths
   (``convert.from_torch`` / ``to_torch`` take the module); dropout draws from ``rngs``' dropout
   stream. ``parity.compare`` and the Linen tools take the Linen port (``api="linen"``).
+
+  Example::
+
+    >>> model, state = jaxbn.port(torch_model, x, api="nnx")   # doctest: +SKIP
+    >>> model.train(); logits = model(x)   # statistics move, as torch's   # doctest: +SKIP
+    >>> model.eval(); logits = model(x)                       # doctest: +SKIP
   """
 
   def __init__(self, module: Ported, *, rngs: nnx.Rngs):
