@@ -330,3 +330,18 @@ def test_importing_jaxbn_does_not_import_torch():
 
   code = "import sys, jaxbn; assert 'torch' not in sys.modules; jaxbn.PortError; assert 'torch' in sys.modules"
   subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_compute_channels_last_gives_the_same_layer():
+  """The layout knob the port sets on its BatchNorms: same outputs, statistics and mask handling."""
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((6, 4, 5, 3)).astype(np.float32)) * 3 + 1
+  mask = jnp.arange(6)[:, None, None, None] < 4
+  results = []
+  for channels_last in (False, True):
+    layer = jaxbn.BatchNorm(axis=1, momentum=0.3, compute_channels_last=channels_last)
+    variables = layer.init(jax.random.key(0), x, use_running_average=True)
+    y, updates = layer.apply(variables, x, use_running_average=False, mask=mask, mutable=["batch_stats"])
+    results.append((y, updates["batch_stats"]))
+  np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
+  for leaf in ("mean", "var"):
+    np.testing.assert_allclose(results[1][1][leaf], results[0][1][leaf], rtol=1e-6)

@@ -53,6 +53,10 @@ class BatchNorm(nn.Module):
     update_stats: False: training mode normalises with batch statistics and never writes the
       running statistics, so ``batch_stats`` need not be mutable. With True (the default), training
       without ``mutable=["batch_stats"]`` is an error, as in flax, rather than a silent no-update.
+    compute_channels_last: for channels-first input (``axis=1``), normalise in channels-last
+      layout between two transposes. Slower alone (the transposes are passes over the batch),
+      faster inside a graph whose convolutions run channels-last, where XLA cancels the
+      transposes with their neighbours': ``jaxbn.port`` sets it. Same results.
     runtime_checks: with ``mask`` or ``axis_name`` the count of values per channel is known only
       at run time, so a count of 1, where torch raises, cannot raise; the running statistics are
       then left unchanged (as torch leaves them). True adds torch's error as a
@@ -79,6 +83,7 @@ class BatchNorm(nn.Module):
   axis_index_groups: Any = None
   update_stats: bool = True
   runtime_checks: bool = False
+  compute_channels_last: bool = False
 
   def __post_init__(self):
     checks.check_momentum(self.momentum)
@@ -143,6 +148,7 @@ class BatchNorm(nn.Module):
         axis_name=None if self.is_initializing() else self.axis_name,
         axis_index_groups=self.axis_index_groups,
         runtime_checks=self.runtime_checks,
+        compute_channels_last=self.compute_channels_last,
     )
     if updated is not None:
       for variable, value in zip(running, updated):

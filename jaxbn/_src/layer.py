@@ -66,13 +66,25 @@ def batch_norm_call(
     axis_name: str | None = None,
     axis_index_groups=None,
     runtime_checks: bool = False,
+    compute_channels_last: bool = False,
 ) -> tuple[jax.Array, RunningStats | None]:
   """torch's BatchNorm forward. ``scale``, ``bias`` and ``running`` are per-channel arrays (or
   None when the layer has none); returns the output and the new running statistics (None when
   ``update`` is False or nothing is tracked). Running statistics are used when
   ``use_running_average`` and present; otherwise batch statistics, as torch's
-  ``track_running_stats=False``."""
-  x, feature_axes, _ = prepared
+  ``track_running_stats=False``. ``compute_channels_last``: for channels-first input, normalise
+  between two transposes (see BatchNorm's field of that name)."""
+  x, feature_axes, feature_shape = prepared
+  if compute_channels_last and feature_axes == (1,) and x.ndim > 2:
+    if mask is not None:
+      checks.check_mask(mask, x.shape)
+      mask = jnp.moveaxis(jnp.broadcast_to(mask, x.shape), 1, -1)
+    y, updated = batch_norm_call(
+        label, Prepared(jnp.moveaxis(x, 1, -1), (x.ndim - 1,), feature_shape), scale=scale, bias=bias,
+        running=running, use_running_average=use_running_average, momentum=momentum, epsilon=epsilon,
+        update=update, param_dtype=param_dtype, dtype=dtype, mask=mask, axis_name=axis_name,
+        axis_index_groups=axis_index_groups, runtime_checks=runtime_checks)
+    return jnp.moveaxis(y, -1, 1), updated
   reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
   shape = broadcast_shape(x.shape, feature_axes)
   scale = None if scale is None else scale.reshape(shape)

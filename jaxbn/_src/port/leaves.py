@@ -74,14 +74,17 @@ def torch_uniform(fan_in_axes: Callable[[tuple], int]):
 kernel_init = torch_uniform(lambda shape: int(np.prod(shape[:-1])))
 
 
-def _dimension_numbers(n: int):
-  channels_first = (0, 1, *range(2, n + 2))
-  return jax.lax.ConvDimensionNumbers(channels_first, (n + 1, n, *range(n)), channels_first)
+def _channels_last_dimension_numbers(n: int):
+  channels_last = (0, n + 1, *range(1, n + 1))
+  return jax.lax.ConvDimensionNumbers(channels_last, (n + 1, n, *range(n)), channels_last)
 
 
 class Conv(nn.Module):
   """torch.nn.Conv{1,2,3}d on channels-first input. ``kernel`` has Flax's layout
-  ``(*kernel_size, in_features / groups, features)``; padding is torch's, per axis."""
+  ``(*kernel_size, in_features / groups, features)``; padding is torch's, per axis. Computed
+  channels-last between two transposes, which XLA cancels between neighbouring convolutions and
+  BatchNorms (``compute_channels_last``): resnet50's CPU train step took 1.16x jaxbn.models'
+  with channels-first dimension numbers, 0.95x this way (benchmarks/results-port-step-cpu.md)."""
 
   features: int
   kernel_size: tuple[int, ...]
@@ -103,9 +106,11 @@ class Conv(nn.Module):
       x = jnp.pad(x, ((0, 0), (0, 0), *padding), mode=ops.PAD_MODES[self.padding_mode])
       padding = ((0, 0),) * n
     dtype = jnp.result_type(x, kernel)
-    y = jax.lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), self.strides, padding,
-                                     rhs_dilation=self.dilation, dimension_numbers=_dimension_numbers(n),
+    y = jax.lax.conv_general_dilated(jnp.moveaxis(x, 1, -1).astype(dtype), kernel.astype(dtype), self.strides,
+                                     padding, rhs_dilation=self.dilation,
+                                     dimension_numbers=_channels_last_dimension_numbers(n),
                                      feature_group_count=self.groups)
+    y = jnp.moveaxis(y, -1, 1)
     if self.use_bias:
       fan_in = int(np.prod(kernel_shape[:-1]))
       bias = self.param("bias", lambda k, s, d: kernel_init(k, s, d, fan_in), (self.features,), self.param_dtype)
@@ -258,7 +263,8 @@ def call(op, **kwargs) -> Call:
 
 def _batchnorm_fields(m, options: Options) -> dict:
   return dict(axis=1, momentum=m.momentum, epsilon=float(m.eps), use_scale=m.affine, use_bias=m.affine,
-              track_running_stats=m.track_running_stats, param_dtype=options.param_dtype)
+              track_running_stats=m.track_running_stats, param_dtype=options.param_dtype,
+              compute_channels_last=True)  # beside Conv's channels-last compute: XLA drops the transposes
 
 
 @register(torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
