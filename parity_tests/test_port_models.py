@@ -110,8 +110,10 @@ FULL = {
     "torchvision:regnet_y_400mf": Case(torchvision_model("regnet_y_400mf"), image(64)),
     "torchvision:shufflenet_v2_x0_5": Case(torchvision_model("shufflenet_v2_x0_5"), image(64)),
     "torchvision:mnasnet0_5": Case(torchvision_model("mnasnet0_5"), image(64)),
+    # 299 px through 94 BatchNorms: at identical parameters torch float32 itself is 1.4e-4 from
+    # torch float64 on AuxLogits.conv1.bn.running_var; jaxbn is 1.9e-4 from torch float32 (measured)
     "torchvision:inception_v3": Case(torchvision_model("inception_v3", aux_logits=True, init_weights=True),
-                                     image(299, 2)),
+                                     image(299, 2), floor=5e-4),
     "torchvision:resnet50-FrozenBatchNorm2d": Case(frozen_resnet50, image(64)),
     "torchvision:fasterrcnn_resnet50_fpn.backbone": Case(fasterrcnn_backbone, image(64, 2), loss="l2"),
     "timm:efficientnet_b0": Case(lambda: timm_model("efficientnet_b0")(), image(64, 2)),
