@@ -345,22 +345,35 @@ def pool_geometry(length, kernel, stride, padding, dilation, ceil_mode):
   return out, right
 
 
-def _pool(x, n, kernel_size, stride, padding, dilation, ceil_mode, init, op):
+class Window(NamedTuple):
+  """A pooling window per spatial axis, with torch's (left, right) padding for its output size."""
+
+  kernel: tuple[int, ...]
+  stride: tuple[int, ...]
+  dilation: tuple[int, ...]
+  pads: list[tuple[int, int]]
+
+
+def _window(x, n, kernel_size, stride, padding, dilation, ceil_mode) -> Window:
   kernel = _tuple(kernel_size, n)
   stride = _tuple(stride if stride not in (None, ()) else kernel_size, n)
   padding, dilation = _tuple(padding, n), _tuple(dilation, n)
   pads = [(p, pool_geometry(length, k, s, p, d, ceil_mode)[1])
           for length, k, s, p, d in zip(x.shape[-n:], kernel, stride, padding, dilation)]
-  lead = x.ndim - n
-  return jax.lax.reduce_window(x, init, op, (1,) * lead + kernel, (1,) * lead + stride,
-                               [(0, 0)] * lead + pads, window_dilation=(1,) * lead + dilation), pads
+  return Window(kernel, stride, dilation, pads)
+
+
+def _pool(x, window: Window, init, op):
+  lead = (1,) * (x.ndim - len(window.kernel))
+  return jax.lax.reduce_window(x, init, op, lead + window.kernel, lead + window.stride,
+                               [(0, 0)] * len(lead) + window.pads, window_dilation=lead + window.dilation)
 
 
 def _max_pool(n):
   def max_pool(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
     if return_indices:
       raise NotImplementedError("max pooling with return_indices=True is not supported by the port")
-    return _pool(x, n, kernel_size, stride, padding, dilation, ceil_mode, -jnp.inf, jax.lax.max)[0]
+    return _pool(x, _window(x, n, kernel_size, stride, padding, dilation, ceil_mode), -jnp.inf, jax.lax.max)
 
   return max_pool
 
@@ -368,14 +381,14 @@ def _max_pool(n):
 def _avg_pool(n):
   def avg_pool(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
                divisor_override=None):
-    total, pads = _pool(x, n, kernel_size, stride, padding, 1, ceil_mode, 0.0, jax.lax.add)
+    window = _window(x, n, kernel_size, stride, padding, 1, ceil_mode)
+    total = _pool(x, window, 0.0, jax.lax.add)
     if divisor_override:
       return total / divisor_override
     # torch divides by the window's size clipped to the padded input (count_include_pad) or to
     # the input; a box, so the count is a product of per-axis counts.
-    kernel, stride_ = _tuple(kernel_size, n), _tuple(stride if stride not in (None, ()) else kernel_size, n)
     divisor = np.ones((), np.float64)
-    for axis, (length, (left, right), k, s) in enumerate(zip(x.shape[-n:], pads, kernel, stride_)):
+    for length, (left, right), k, s in zip(x.shape[-n:], window.pads, window.kernel, window.stride):
       inside = np.zeros(left + length + right)
       inside[0 if count_include_pad else left:left + length + (left if count_include_pad else 0)] = 1
       counts = np.array([inside[i:i + k].sum() for i in range(0, left + length + right - k + 1, s)])
