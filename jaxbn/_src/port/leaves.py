@@ -113,7 +113,7 @@ class Conv(nn.Module):
     y = jnp.moveaxis(y, -1, 1)
     if self.use_bias:
       fan_in = int(np.prod(kernel_shape[:-1]))
-      bias = self.param("bias", lambda k, s, d: kernel_init(k, s, d, fan_in), (self.features,), self.param_dtype)
+      bias = self.param("bias", functools.partial(kernel_init, fan_in=fan_in), (self.features,), self.param_dtype)
       y = y + bias.reshape(-1, *(1,) * n).astype(dtype)
     return y
 
@@ -139,7 +139,7 @@ class ConvTranspose(nn.Module):
     kernel_shape = (*self.kernel_size, self.features // groups, in_features)
     # torch's fan_in for a transposed weight (in, out/g, *k) is its dim 1 times the kernel size
     fan_in = int(np.prod(self.kernel_size)) * (self.features // groups)
-    init = lambda k, s, d: kernel_init(k, s, d, fan_in)  # noqa: E731
+    init = functools.partial(kernel_init, fan_in=fan_in)
     kernel = self.param("kernel", init, kernel_shape, self.param_dtype)
     dtype = jnp.result_type(x, kernel)
     weight = jnp.transpose(kernel, (n + 1, n, *range(n)))  # torch's (in, out/g, *k)
@@ -172,7 +172,7 @@ class Linear(nn.Module):
     dtype = jnp.result_type(x, kernel)
     y = jnp.matmul(x.astype(dtype), kernel.astype(dtype))
     if self.use_bias:
-      init = lambda k, s, d: kernel_init(k, s, d, x.shape[-1])  # noqa: E731
+      init = functools.partial(kernel_init, fan_in=x.shape[-1])
       y = y + self.param("bias", init, (self.features,), self.param_dtype).astype(dtype)
     return y
 
