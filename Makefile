@@ -3,15 +3,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-models bench clean
+.PHONY: setup demo lint format test test-models bench clean
 
-# One idempotent set-up for every target: a venv with jaxbn (editable) and its torch and test extras.
+# One idempotent set-up for every target: a venv with jaxbn (editable) and its torch, test, plot and lint extras.
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints-dev.txt -e '.[torch,test,plot]'
+	$(PY) -m pip install --quiet -c constraints-dev.txt -e '.[torch,test,plot,lint]'
 	touch $(STAMP)
 
 # The main job: torchvision's mobilenet_v3_large (eps 1e-3, momentum 0.01) -> checkpoint ->
@@ -19,7 +19,18 @@ $(STAMP): pyproject.toml constraints-dev.txt
 demo: $(STAMP)
 	$(VENV)/bin/jaxbn check --model torchvision:mobilenet_v3_large --plot drift.png
 
-test: $(STAMP)
+# Form and architecture: pyink, ruff, and the import-linter contracts in pyproject.toml (the layers).
+lint: $(STAMP)
+	$(VENV)/bin/pyink --check --quiet .
+	$(VENV)/bin/ruff check --quiet .
+	$(VENV)/bin/lint-imports --no-logo
+
+# Rewrites the code into the form lint checks.
+format: $(STAMP)
+	$(VENV)/bin/pyink --quiet .
+	$(VENV)/bin/ruff check --quiet --fix .
+
+test: lint
 	$(PY) -m pytest
 
 # The whole zoo: every torchvision ResNet and every model jaxbn.port is proven on, not only CI's.
@@ -32,4 +43,4 @@ bench: $(STAMP)
 	cd benchmarks && ../$(PY) resnet_step.py --out results-resnet-cpu.md
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis drift.png
+	rm -rf $(VENV) .pytest_cache .hypothesis .grimp_cache .ruff_cache drift.png

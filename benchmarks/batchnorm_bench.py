@@ -68,8 +68,10 @@ def jax_callables(module, x):
   def inference(variables, x, cotangent):
     return module.apply(variables, x, use_running_average=True)
 
-  compiled = {name: jax.jit(fn).lower(variables, x, cotangent).compile()
-              for name, fn in (("train fwd", train_forward), ("train fwd+bwd", train_step), ("inference", inference))}
+  compiled = {
+      name: jax.jit(fn).lower(variables, x, cotangent).compile()
+      for name, fn in (("train fwd", train_forward), ("train fwd+bwd", train_step), ("inference", inference))
+  }
   memory = {name: c.memory_analysis().temp_size_in_bytes for name, c in compiled.items()}
   residuals = jax.eval_shape(lambda v, x: jax.tree.leaves(forward_with_vjp(v, x)[1]), variables, x)
   memory["residuals"] = sum(r.size * r.dtype.itemsize for r in residuals)
@@ -126,9 +128,11 @@ def measure(calls: dict[str, dict], reps: int, burst: int = 3) -> dict[str, dict
 def machine() -> str:
   """The machine, thread count, library versions and date, for a results header."""
   device = jax.devices()[0]
-  return (f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, JAX on"
-          f" {device.platform} ({device.device_kind}); torch {torch.__version__}, jax {jax.__version__},"
-          f" flax {__import__('flax').__version__}; {datetime.date.today()}")
+  return (
+      f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, JAX on"
+      f" {device.platform} ({device.device_kind}); torch {torch.__version__}, jax {jax.__version__},"
+      f" flax {__import__('flax').__version__}; {datetime.date.today()}"
+  )
 
 
 def write_table(path: str | None, header: str, rows: list[str], footer: str) -> None:
@@ -145,12 +149,13 @@ def main() -> None:
   parser.add_argument("--shapes", type=int, nargs="+", help="indices into SHAPES (default: all)")
   parser.add_argument("--out", help="also write the markdown table here")
   args = parser.parse_args()
-  header = (f"{machine()}; medians of {args.reps} interleaved rounds of 2 timed calls each (after one"
-            " untimed).")
-  rows = ["| shape | dtype | mode | jaxbn ms | GB/s | flax fast / jaxbn | flax two-pass / jaxbn |"
-          " torch NCHW / jaxbn | torch channels_last / jaxbn | XLA temp MiB (jaxbn, flax two-pass) |"
-          " residuals MiB (jaxbn, flax two-pass) |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+  header = f"{machine()}; medians of {args.reps} interleaved rounds of 2 timed calls each (after one" " untimed)."
+  rows = [
+      "| shape | dtype | mode | jaxbn ms | GB/s | flax fast / jaxbn | flax two-pass / jaxbn |"
+      " torch NCHW / jaxbn | torch channels_last / jaxbn | XLA temp MiB (jaxbn, flax two-pass) |"
+      " residuals MiB (jaxbn, flax two-pass) |",
+      "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
   print(header)
   for index, (name, shape_of) in enumerate(SHAPES):
     if args.shapes and index not in args.shapes:
@@ -160,8 +165,12 @@ def main() -> None:
       x = jnp.asarray(np.random.default_rng(0).standard_normal(shape_of(args.batch)), dtype)
       calls, memory = {}, {}
       calls["jaxbn"], memory["jaxbn"] = jax_callables(jaxbn.BatchNorm(), x)
-      calls["flax fast"], memory["flax fast"] = jax_callables(nn.BatchNorm(momentum=0.9, use_fast_variance=True, dtype=dtype), x)
-      calls["flax two-pass"], memory["flax two-pass"] = jax_callables(nn.BatchNorm(momentum=0.9, use_fast_variance=False, dtype=dtype), x)
+      calls["flax fast"], memory["flax fast"] = jax_callables(
+          nn.BatchNorm(momentum=0.9, use_fast_variance=True, dtype=dtype), x
+      )
+      calls["flax two-pass"], memory["flax two-pass"] = jax_callables(
+          nn.BatchNorm(momentum=0.9, use_fast_variance=False, dtype=dtype), x
+      )
       x_np = np.asarray(x.astype(jnp.float32))
       torch_dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
       for label, last in (("torch NCHW", False), ("torch channels_last", True)):
@@ -174,10 +183,12 @@ def main() -> None:
         ours = medians["jaxbn"][mode]
         gbps = passes * x.size * x.dtype.itemsize / ours / 1e9
         ratio = lambda impl: f"{medians[impl][mode] / ours:.2f}" if impl in medians else "-"  # noqa: E731
-        row = (f"| {name.replace('N', str(args.batch), 1) if name.startswith('N') else name} | {dtype_name} | {mode}"
-               f" | {ours * 1e3:.2f} | {gbps:.1f} | {ratio('flax fast')} | {ratio('flax two-pass')}"
-               f" | {ratio('torch NCHW')} | {ratio('torch channels_last')}"
-               f" | {mib('jaxbn', mode)}, {mib('flax two-pass', mode)}")
+        row = (
+            f"| {name.replace('N', str(args.batch), 1) if name.startswith('N') else name} | {dtype_name} | {mode}"
+            f" | {ours * 1e3:.2f} | {gbps:.1f} | {ratio('flax fast')} | {ratio('flax two-pass')}"
+            f" | {ratio('torch NCHW')} | {ratio('torch channels_last')}"
+            f" | {mib('jaxbn', mode)}, {mib('flax two-pass', mode)}"
+        )
         residuals = f"{mib('jaxbn', 'residuals')}, {mib('flax two-pass', 'residuals')}"
         row += f" | {residuals if mode == 'train fwd+bwd' else '-'} |"
         rows.append(row)

@@ -27,8 +27,10 @@ def main() -> int:
   args = parser.parse_args()
   cases = {**CI, **FULL}
   names = args.only or list(cases)
-  rows = ["| model | input | port (s) | eval | train, step 1 | running stats | float64 grads | total (s) | result |",
-          "|---|---|---|---|---|---|---|---|---|"]
+  rows = [
+      "| model | input | port (s) | eval | train, step 1 | running stats | float64 grads | total (s) | result |",
+      "|---|---|---|---|---|---|---|---|---|",
+  ]
   failed = 0
   for name in names:
     case = cases[name]
@@ -50,7 +52,8 @@ def main() -> int:
     pathlib.Path(args.out).write_text(
         "Measured by benchmarks/port_zoo.py: worst relative differences against torch float32 (eval and the first\n"
         "training step from identical parameters; running statistics relative to max(|value|, 1)) and float64\n"
-        "gradients against torch float64.\n\n" + table + "\n")
+        "gradients against torch float64.\n\n" + table + "\n"
+    )
   return 1 if failed else 0
 
 

@@ -23,10 +23,10 @@ import numpy as np
 import optax
 import torch
 import torchvision
+from batchnorm_bench import machine, measure, write_table  # the same timing and reporting
 
 import jaxbn
 import jaxbn.models
-from batchnorm_bench import machine, measure, write_table  # the same timing and reporting
 
 
 def jax_step(model, x, labels):
@@ -38,8 +38,9 @@ def jax_step(model, x, labels):
   @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
   def step(params, batch_stats, opt_state, x, labels):
     def loss(params):
-      logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                                    mutable=["batch_stats"])
+      logits, updates = model.apply(
+          {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+      )
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
 
     grads, updates = jax.grad(loss, has_aux=True)(params)
@@ -77,8 +78,10 @@ def main() -> None:
   parser.add_argument("--port", action="store_true", help="add jaxbn.port and jaxbn.models with NCHW input")
   parser.add_argument("--out", help="also write the markdown table here")
   args = parser.parse_args()
-  header = (f"{machine()}; train step, batch {args.batch} at {args.size}x{args.size}, float32, medians of"
-            f" {args.reps} interleaved turns of one timed step (after one untimed).")
+  header = (
+      f"{machine()}; train step, batch {args.batch} at {args.size}x{args.size}, float32, medians of"
+      f" {args.reps} interleaved turns of one timed step (after one untimed)."
+  )
   rows = ["| model | implementation | ms / step | images/s | jaxbn speed-up |", "|---|---|---|---|---|"]
   print(header)
   rng = np.random.default_rng(0)
@@ -90,10 +93,11 @@ def main() -> None:
     calls = {
         "jaxbn.BatchNorm": jax_step(build(), x, labels),
         "flax.linen.BatchNorm (fast variance, its default)": jax_step(
-            build(norm=functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)), x, labels),
+            build(norm=functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)), x, labels
+        ),
         "flax.linen.BatchNorm (two-pass variance)": jax_step(
-            build(norm=functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5, use_fast_variance=False)),
-            x, labels),
+            build(norm=functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5, use_fast_variance=False)), x, labels
+        ),
         "torch eager channels_last": torch_step(name, x_nchw, labels, compiled=False),
     }
     if args.port:
@@ -107,16 +111,18 @@ def main() -> None:
         calls["torch.compile channels_last"] = compiled
       except Exception as error:  # noqa: BLE001 - inductor needs a working C++ toolchain
         print(f"torch.compile unavailable: {type(error).__name__}: {error}")
-    medians = {impl: modes["step"] for impl, modes in measure(
-        {impl: {"step": call} for impl, call in calls.items()}, args.reps, burst=2).items()}
+    medians = {
+        impl: modes["step"]
+        for impl, modes in measure({impl: {"step": call} for impl, call in calls.items()}, args.reps, burst=2).items()
+    }
     ours = medians["jaxbn.BatchNorm"]
     for impl, seconds in medians.items():
-      row = (f"| {name} | {impl} | {seconds * 1e3:.0f} | {args.batch / seconds:.1f} |"
-             f" {seconds / ours:.2f} |")
+      row = f"| {name} | {impl} | {seconds * 1e3:.0f} | {args.batch / seconds:.1f} |" f" {seconds / ours:.2f} |"
       rows.append(row)
       print(row, flush=True)
-  write_table(args.out, header, rows,
-              "jaxbn speed-up: that implementation's time / jaxbn's (above 1: jaxbn is faster).")
+  write_table(
+      args.out, header, rows, "jaxbn speed-up: that implementation's time / jaxbn's (above 1: jaxbn is faster)."
+  )
 
 
 if __name__ == "__main__":

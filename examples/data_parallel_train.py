@@ -33,7 +33,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jaxbn  # noqa: E402
 
@@ -69,8 +70,9 @@ def main() -> None:
     mask = valid[:, None, None, None]
 
     def loss_fn(params):
-      logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                                    mask=mask, mutable=["batch_stats"])
+      logits, updates = model.apply(
+          {"params": params, "batch_stats": batch_stats}, x, train=True, mask=mask, mutable=["batch_stats"]
+      )
       losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
       total = jax.lax.psum(jnp.sum(jnp.where(valid, losses, 0.0)), "data")
       return total / jax.lax.psum(jnp.sum(valid), "data"), updates["batch_stats"]
@@ -79,39 +81,54 @@ def main() -> None:
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
-  train_step = jax.jit(jax.shard_map(
-      device_step, mesh=mesh,
-      in_specs=(P(), P(), P(), P("data"), P("data"), P("data")),
-      out_specs=(P(), P(), P(), P()),
-  ), donate_argnums=(0, 1, 2))
+  train_step = jax.jit(
+      jax.shard_map(
+          device_step,
+          mesh=mesh,
+          in_specs=(P(), P(), P(), P("data"), P("data"), P("data")),
+          out_specs=(P(), P(), P(), P()),
+      ),
+      donate_argnums=(0, 1, 2),
+  )
   params, batch_stats, opt_state = jax.device_put((params, batch_stats, opt_state), replicated)
 
   for epoch in range(ARGS.epochs):
     order = rng.permutation(len(images))
     for start in range(0, len(images), ARGS.batch):
-      rows = order[start:start + ARGS.batch]
+      rows = order[start : start + ARGS.batch]
       pad = (-len(rows)) % len(devices)  # fill every device; the padding is masked out
       x = np.concatenate([images[rows], np.zeros((pad, *images.shape[1:]), np.float32)])
       y = np.concatenate([labels[rows], np.zeros(pad, labels.dtype)])
       valid = np.arange(len(x)) < len(rows)
       params, batch_stats, opt_state, loss = train_step(
-          params, batch_stats, opt_state, *jax.device_put((x, y, valid), sharded))
-    print(f"epoch {epoch}: last batch {len(rows)} examples on {len(devices)} devices"
-          f" (+{pad} masked), loss {float(loss):.4f},"
-          f" bn0 num_batches_tracked {int(batch_stats['bn0']['num_batches_tracked'])}")
+          params, batch_stats, opt_state, *jax.device_put((x, y, valid), sharded)
+      )
+    print(
+        f"epoch {epoch}: last batch {len(rows)} examples on {len(devices)} devices"
+        f" (+{pad} masked), loss {float(loss):.4f},"
+        f" bn0 num_batches_tracked {int(batch_stats['bn0']['num_batches_tracked'])}"
+    )
 
   # The synced statistics equal those of one device seeing the whole (unpadded) last batch.
   single = CNN(axis_name=None)
   before = {"params": params, "batch_stats": batch_stats}
   _, expected = single.apply(jax.device_get(before), images[rows], train=True, mutable=["batch_stats"])
   x = np.concatenate([images[rows], np.zeros((pad, *images.shape[1:]), np.float32)])
-  sync_step = jax.jit(jax.shard_map(
-      lambda v, x, valid: model.apply(v, x, train=True, mask=valid[:, None, None, None],
-                                      mutable=["batch_stats"])[1],
-      mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P()))
+  sync_step = jax.jit(
+      jax.shard_map(
+          lambda v, x, valid: model.apply(v, x, train=True, mask=valid[:, None, None, None], mutable=["batch_stats"])[
+              1
+          ],
+          mesh=mesh,
+          in_specs=(P(), P("data"), P("data")),
+          out_specs=P(),
+      )
+  )
   synced = sync_step(before, *jax.device_put((x, np.arange(len(x)) < len(rows)), sharded))
-  error = max(float(jnp.max(jnp.abs(a - b) / jnp.maximum(jnp.abs(b), 1)))
-              for a, b in zip(jax.tree.leaves(synced), jax.tree.leaves(expected)))
+  error = max(
+      float(jnp.max(jnp.abs(a - b) / jnp.maximum(jnp.abs(b), 1)))
+      for a, b in zip(jax.tree.leaves(synced), jax.tree.leaves(expected), strict=True)
+  )
   print(f"synced running statistics vs one device on the whole batch: max relative difference {error:.1e}")
   assert error < 1e-5
 

@@ -51,7 +51,7 @@ def main() -> None:
 
   variables = CNN().init(jax.random.key(0), images[:8], train=False)
   for i in range(5):  # stands in for pretraining: running statistics move away from (0, 1)
-    _, updates = CNN().apply(variables, images[32 * i: 32 * (i + 1)], train=True, mutable=["batch_stats"])
+    _, updates = CNN().apply(variables, images[32 * i : 32 * (i + 1)], train=True, mutable=["batch_stats"])
     variables = {**variables, **updates}
 
   frozen = jaxbn.freeze(variables)

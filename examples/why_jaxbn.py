@@ -28,8 +28,9 @@ def train_and_eval(steps: int, shape: tuple[int, ...], mean: float, seed: int = 
       "jaxbn.BatchNorm": jaxbn.BatchNorm(axis=1, momentum=0.1),
       "flax.linen.BatchNorm": nn.BatchNorm(axis=1, momentum=0.9),
   }
-  variables = {name: layer.init(jax.random.key(0), batches[0], use_running_average=True)
-               for name, layer in layers.items()}
+  variables = {
+      name: layer.init(jax.random.key(0), batches[0], use_running_average=True) for name, layer in layers.items()
+  }
   train_error = dict.fromkeys(layers, 0.0)
   exact_error = dict.fromkeys([*layers, "torch"], 0.0)  # train output against float64 maths
   for x in batches[:steps]:
@@ -56,8 +57,10 @@ def train_and_eval(steps: int, shape: tuple[int, ...], mean: float, seed: int = 
         "running var (rel.)": float(np.max(np.abs(stats["var"] - running_var) / running_var)),
         "num_batches_tracked": int(stats.get("num_batches_tracked", -1)),
     }
-  report["torch"] = {"num_batches_tracked": int(torch_bn.num_batches_tracked),
-                     "train output vs float64": exact_error["torch"]}
+  report["torch"] = {
+      "num_batches_tracked": int(torch_bn.num_batches_tracked),
+      "train output vs float64": exact_error["torch"],
+  }
   return report
 
 
@@ -70,8 +73,10 @@ def print_table(title: str, report: dict) -> None:
   torch_tracked = report["torch"]["num_batches_tracked"]
   print(f"  {'num_batches_tracked':<28} {tracked:>16} {'(none)':>21}   torch: {torch_tracked}")
   row = "train output vs float64"
-  print(f"  {'max |error| vs float64 maths':<28} {report['jaxbn.BatchNorm'][row]:>16.2e}"
-        f" {report['flax.linen.BatchNorm'][row]:>21.2e}   torch: {report['torch'][row]:.2e}")
+  print(
+      f"  {'max |error| vs float64 maths':<28} {report['jaxbn.BatchNorm'][row]:>16.2e}"
+      f" {report['flax.linen.BatchNorm'][row]:>21.2e}   torch: {report['torch'][row]:.2e}"
+  )
 
 
 def main() -> None:
@@ -80,8 +85,10 @@ def main() -> None:
   parser.add_argument("--batch", type=int, nargs=4, default=[4, 8, 5, 5], metavar=("N", "C", "H", "W"))
   args = parser.parse_args()
   shape = tuple(args.batch)
-  print(f"torch {torch.__version__}, jax {jax.__version__}; {args.steps} training steps on"
-        f" {'x'.join(map(str, shape))} float32 batches, then eval.")
+  print(
+      f"torch {torch.__version__}, jax {jax.__version__}; {args.steps} training steps on"
+      f" {'x'.join(map(str, shape))} float32 batches, then eval."
+  )
   print_table("Unit-scale data (std 2):", train_and_eval(args.steps, shape, mean=0.0))
   print_table("Data far from zero (mean 1e4, std 2):", train_and_eval(args.steps, shape, mean=1e4))
   print(

@@ -1,13 +1,19 @@
 """jaxbn: BatchNorm for Flax that behaves exactly like PyTorch's."""
 
 from jaxbn import convert, functional, models, nnx, parity
-from jaxbn._src.batch_norm import BatchNorm
-from jaxbn._src.checkpoint import CheckpointError, load_state_dict, read_batchnorm_config, save_state_dict
-from jaxbn._src.checks import MomentumConventionWarning
-from jaxbn._src.folding import FoldedBatchNorm, fold_batchnorm
-from jaxbn._src.freezing import freeze, frozen_mask, keep_frozen, unfreeze
-from jaxbn._src.frozen import FrozenBatchNorm
-from jaxbn._src.modes import eval_mode
+from jaxbn._src.checkpoints.files import (
+    load_state_dict,
+    read_batchnorm_config,
+    save_state_dict,
+)
+from jaxbn._src.core.checks import MomentumConventionWarning
+from jaxbn._src.errors import CheckpointError, PortError
+from jaxbn._src.linen.batch_norm import BatchNorm
+from jaxbn._src.linen.folded import FoldedBatchNorm
+from jaxbn._src.linen.frozen import FrozenBatchNorm
+from jaxbn._src.linen.modes import eval_mode
+from jaxbn._src.variables.folding import fold_batchnorm
+from jaxbn._src.variables.freezing import freeze, frozen_mask, keep_frozen, unfreeze
 
 __all__ = [
     "BatchNorm",
@@ -37,8 +43,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 # jaxbn.port needs torch, an optional extra: imported on first use.
-_PORT = {"port": ("api", "port"), "Port": ("api", "Port"), "port_supported": ("api", "supported"),
-         "PortError": ("graph", "PortError")}
+_PORT = {"port": ("api", "port"), "Port": ("api", "Port"), "port_supported": ("api", "supported")}
 
 
 def __getattr__(name):

@@ -1,7 +1,8 @@
 """PyTorch state_dict <-> Flax variables (see ``jaxbn/_src/convert.py`` for the rules)."""
 
-from jaxbn._src.convert import (
-    ConversionError,
+from jaxbn._src.checkpoints.config import LayerConfig
+from jaxbn._src.checkpoints.loading import load
+from jaxbn._src.checkpoints.rules import (
     Converted,
     from_torch,
     kernel_to_flax,
@@ -10,8 +11,7 @@ from jaxbn._src.convert import (
     to_state_dict,
     to_torch,
 )
-from jaxbn._src.layer_config import ConfigMismatchError, LayerConfig
-from jaxbn._src.loading import load
+from jaxbn._src.errors import ConfigMismatchError, ConversionError
 
 __all__ = [
     "ConfigMismatchError",

@@ -4,10 +4,10 @@ Use these to build a BatchNorm variant (NNX, Equinox, a custom layer) with jaxbn
 without a second copy of the maths.
 """
 
-from jaxbn._src.normalization import normalize
-from jaxbn._src.running import RunningStats, update_factor, update_running_stats
-from jaxbn._src.statistics import BatchStats, batch_statistics, replicated
-from jaxbn._src.training import batch_normalize
+from jaxbn._src.core.normalization import normalize
+from jaxbn._src.core.running import RunningStats, update_factor, update_running_stats
+from jaxbn._src.core.statistics import BatchStats, batch_statistics, replicated
+from jaxbn._src.core.training import batch_normalize
 
 __all__ = [
     "BatchStats",

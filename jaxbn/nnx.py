@@ -4,10 +4,16 @@ The same functional core as the Linen layers (``jaxbn/_src/layer.py``); conversi
 (``jaxbn.convert``), ``jaxbn.parity`` and the optimiser masks take NNX modules and states too.
 """
 
-from jaxbn._src.nnx_batch_norm import BatchNorm
-from jaxbn._src.nnx_freezing import fold_batchnorm, freeze, keep_eval, trainable, unfreeze
-from jaxbn._src.nnx_frozen import FoldedBatchNorm, Frozen, FrozenBatchNorm
-from jaxbn._src.nnx_state import to_variables, update
+from jaxbn._src.nnx.batch_norm import BatchNorm
+from jaxbn._src.nnx.freezing import (
+    fold_batchnorm,
+    freeze,
+    keep_eval,
+    trainable,
+    unfreeze,
+)
+from jaxbn._src.nnx.frozen import FoldedBatchNorm, FrozenBatchNorm
+from jaxbn._src.variables.state import Frozen, to_variables, update
 
 __all__ = [
     "BatchNorm",

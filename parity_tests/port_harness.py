@@ -21,7 +21,7 @@ import collections
 import copy
 import dataclasses
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -56,8 +56,11 @@ class Measured:
 def randomise_frozen_batchnorms(model: torch.nn.Module, generator: torch.Generator) -> None:
   """FrozenBatchNorm2d layers still at their identity init get random statistics and affine."""
   for module in model.modules():
-    if (type(module).__name__ == "FrozenBatchNorm2d" and bool(torch.all(module.running_var == 1))
-        and bool(torch.all(module.running_mean == 0))):
+    if (
+        type(module).__name__ == "FrozenBatchNorm2d"
+        and bool(torch.all(module.running_var == 1))
+        and bool(torch.all(module.running_mean == 0))
+    ):
       channels = module.weight.shape[0]
       module.weight.copy_(1 + 0.2 * torch.randn(channels, generator=generator))
       module.bias.copy_(0.2 * torch.randn(channels, generator=generator))
@@ -80,8 +83,10 @@ def jax_loss(output, labels, kind):
 
 
 def as_arrays(output) -> dict:
-  return {str(i): np.asarray(leaf.detach().numpy() if isinstance(leaf, torch.Tensor) else leaf, np.float64)
-          for i, leaf in enumerate(jax.tree.leaves(output))}
+  return {
+      str(i): np.asarray(leaf.detach().numpy() if isinstance(leaf, torch.Tensor) else leaf, np.float64)
+      for i, leaf in enumerate(jax.tree.leaves(output))
+  }
 
 
 def torch_step(model, optimizer, x, labels, kind):
@@ -103,7 +108,11 @@ def jax_step(module, tx, kind):
 
     grads, (output, updates) = jax.grad(loss, has_aux=True)(variables["params"])
     param_updates, opt_state = tx.update(grads, opt_state, variables["params"])
-    return {**variables, **updates, "params": optax.apply_updates(variables["params"], param_updates)}, opt_state, output
+    return (
+        {**variables, **updates, "params": optax.apply_updates(variables["params"], param_updates)},
+        opt_state,
+        output,
+    )
 
   return step
 
@@ -117,8 +126,11 @@ def relative(actual: dict, expected: dict, scale=None) -> float:
 
 
 def running_stats(state_dict) -> dict:
-  return {key: np.asarray(value, np.float64) for key, value in state_dict.items()
-          if key.rpartition(".")[2] in ("running_mean", "running_var", "num_batches_tracked")}
+  return {
+      key: np.asarray(value, np.float64)
+      for key, value in state_dict.items()
+      if key.rpartition(".")[2] in ("running_mean", "running_var", "num_batches_tracked")
+  }
 
 
 def run(case: Case, seed: int = 0) -> Measured:
@@ -181,18 +193,27 @@ def run(case: Case, seed: int = 0) -> Measured:
       train_rel, stats_rel = relative(output, out32), relative(stats, stats32, "stats")
       assert train_rel <= case.floor, f"train-mode outputs, first step: {train_rel:.3g} > {case.floor}"
       assert stats_rel <= case.floor, f"running statistics, first step: {stats_rel:.3g} > {case.floor}"
-      grad64_rel = float64_gradients(model_state=initial, case=case, torch_model=model, x=x, labels=labels,
-                                     expected=grads64)
+      grad64_rel = float64_gradients(
+          model_state=initial, case=case, torch_model=model, x=x, labels=labels, expected=grads64
+      )
     assert_tracks(output, out32, out64, case.floor, f"train-mode outputs, step {index}")
     scale = {key: np.maximum(np.abs(value), 1.0) for key, value in stats64.items()}
-    assert_tracks(*({k: v[k] / scale[k] for k in stats64} for v in (stats, stats32, stats64)), case.floor,
-                  f"running statistics, step {index}")
+    assert_tracks(
+        *({k: v[k] / scale[k] for k in stats64} for v in (stats, stats32, stats64)),
+        case.floor,
+        f"running statistics, step {index}",
+    )
   model.eval()
   torch64.eval()
   x, _ = batch()
   with torch.no_grad():
-    assert_tracks(as_arrays(evaluate(variables, x)), as_arrays(model(torch.from_numpy(x))),
-                  as_arrays(torch64(torch.from_numpy(x).double())), case.floor, "eval after training")
+    assert_tracks(
+        as_arrays(evaluate(variables, x)),
+        as_arrays(model(torch.from_numpy(x))),
+        as_arrays(torch64(torch.from_numpy(x).double())),
+        case.floor,
+        "eval after training",
+    )
   return Measured(port_seconds, eval_rel, train_rel, stats_rel, grad64_rel)
 
 
@@ -200,12 +221,14 @@ def float64_gradients(model_state, case, torch_model, x, labels, expected) -> fl
   """The ported model in float64 from the same variables as torch float64's first step."""
   with jax.enable_x64(True):
     module, _ = jaxbn.port(torch_model, x, dtype=np.float64, strict=False)
-    variables = jax.tree.map(lambda v: np.asarray(v, np.float64) if np.issubdtype(v.dtype, np.floating) else v,
-                             model_state)
+    variables = jax.tree.map(
+        lambda v: np.asarray(v, np.float64) if np.issubdtype(v.dtype, np.floating) else v, model_state
+    )
 
     def loss(params):
-      output, _ = module.apply({**variables, "params": params}, x.astype(np.float64), train=True,
-                               mutable=["batch_stats"])
+      output, _ = module.apply(
+          {**variables, "params": params}, x.astype(np.float64), train=True, mutable=["batch_stats"]
+      )
       return jax_loss(output, labels, case.loss)
 
     grads = jaxbn.convert.to_state_dict({"params": jax.jit(jax.grad(loss))(variables["params"])})

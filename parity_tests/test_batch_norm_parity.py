@@ -20,7 +20,6 @@ bias are sums of n unit-scale terms per channel, so their tolerance is multiplie
 
 from __future__ import annotations
 
-
 import jax
 import numpy as np
 import pytest
@@ -78,8 +77,7 @@ def assert_stats_close(jax_stats, torch_stats, rtol, step):
   assert int(jax_stats["num_batches_tracked"]) == int(torch_stats["num_batches_tracked"]), step
 
 
-def check_step(torch_bn, jax_step_fn, variables, x, cotangent, config, train, step,
-               values_atol=None, stats_rtol=None):
+def check_step(torch_bn, jax_step_fn, variables, x, cotangent, config, train, step, values_atol=None, stats_rtol=None):
   """One step in both frameworks on the same batch; asserts parity; returns jaxbn's new variables."""
   tolerance = TOLERANCE[np.dtype(config.dtype)]
   values_atol = values_atol or tolerance["values"]
@@ -98,8 +96,9 @@ def check_step(torch_bn, jax_step_fn, variables, x, cotangent, config, train, st
   return variables if batch_stats is None else {**variables, "batch_stats": batch_stats}
 
 
-def run_parity(config: Config, rank: int, train_steps: int = 20, eval_steps: int = 3, seed: int = 0,
-               shapes=None, **tolerances):
+def run_parity(
+    config: Config, rank: int, train_steps: int = 20, eval_steps: int = 3, seed: int = 0, shapes=None, **tolerances
+):
   """Trains both layers on the same batches, then evaluates; asserts parity after every step."""
   shapes = shapes or SHAPES[rank]
   rng = np.random.default_rng(seed)
@@ -111,14 +110,14 @@ def run_parity(config: Config, rank: int, train_steps: int = 20, eval_steps: int
     train = step < train_steps
     x = random_batch(rng, shapes[step % len(shapes)], config.dtype)
     cotangent = rng.standard_normal(x.shape).astype(config.dtype)
-    variables = check_step(torch_bn, steps[train], variables, x, cotangent, config, train, step,
-                           **tolerances)
+    variables = check_step(torch_bn, steps[train], variables, x, cotangent, config, train, step, **tolerances)
 
 
 RANK_NAMES = {2: "1d-NC", 3: "1d-NCL", 4: "2d", 5: "3d"}
 # (N, C) input has one layout: axis=1 and axis=-1 are the same axis.
-LAYOUTS = [(rank, channels_last) for rank in (2, 3, 4, 5) for channels_last in (False, True)
-           if rank > 2 or not channels_last]
+LAYOUTS = [
+    (rank, channels_last) for rank in (2, 3, 4, 5) for channels_last in (False, True) if rank > 2 or not channels_last
+]
 
 
 api = pytest.mark.parametrize("api", APIS)

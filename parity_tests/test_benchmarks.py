@@ -13,14 +13,21 @@ BENCHMARKS = pathlib.Path(__file__).parent.parent / "benchmarks"
 
 def run_script(name, args, out):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as users run it
-  subprocess.run([sys.executable, str(BENCHMARKS / name), *args, "--out", str(out)],
-                 check=True, cwd=BENCHMARKS, env=env, capture_output=True, timeout=600)
+  subprocess.run(
+      [sys.executable, str(BENCHMARKS / name), *args, "--out", str(out)],
+      check=True,
+      cwd=BENCHMARKS,
+      env=env,
+      capture_output=True,
+      timeout=600,
+  )
   return [line.strip("|").split("|") for line in out.read_text().splitlines()[4:] if line.startswith("| ")]
 
 
 def test_batchnorm_bench_writes_one_row_per_mode(tmp_path):
-  rows = run_script("batchnorm_bench.py", ["--batch", "2", "--shapes", "2", "--dtypes", "float32", "--reps", "1"],
-                    tmp_path / "bn.md")
+  rows = run_script(
+      "batchnorm_bench.py", ["--batch", "2", "--shapes", "2", "--dtypes", "float32", "--reps", "1"], tmp_path / "bn.md"
+  )
   assert [row[2].strip() for row in rows] == ["train fwd", "train fwd+bwd", "inference"]
   for row in rows:
     assert len(row) == 11
@@ -30,10 +37,18 @@ def test_batchnorm_bench_writes_one_row_per_mode(tmp_path):
 
 
 def test_resnet_step_writes_one_row_per_implementation(tmp_path):
-  rows = run_script("resnet_step.py", ["--models", "resnet18", "--batch", "2", "--size", "32", "--reps", "1",
-                                       "--no-compile", "--port"], tmp_path / "resnet.md")
+  rows = run_script(
+      "resnet_step.py",
+      ["--models", "resnet18", "--batch", "2", "--size", "32", "--reps", "1", "--no-compile", "--port"],
+      tmp_path / "resnet.md",
+  )
   assert [row[1].strip().split(" (")[0] for row in rows] == [
-      "jaxbn.BatchNorm", "flax.linen.BatchNorm", "flax.linen.BatchNorm", "torch eager channels_last",
-      "jaxbn.models, input_layout=NCHW", "jaxbn.port of torchvision"]
+      "jaxbn.BatchNorm",
+      "flax.linen.BatchNorm",
+      "flax.linen.BatchNorm",
+      "torch eager channels_last",
+      "jaxbn.models, input_layout=NCHW",
+      "jaxbn.port of torchvision",
+  ]
   assert all(float(row[3]) > 0 for row in rows)  # images/s
   assert float(rows[0][4]) == 1.0  # jaxbn's time over itself

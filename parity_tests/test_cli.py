@@ -1,4 +1,6 @@
-"""The jaxbn command: ``check`` end to end on a small resnet18, ``convert`` both ways."""
+"""The jaxbn command: ``check`` end to end, ``convert`` both ways, and every user mistake as one
+line on stderr with exit status 2, found before the expensive work. In-process (the
+``jaxbn_cli`` fixture) except where the real entry point is the point."""
 
 from __future__ import annotations
 
@@ -6,58 +8,77 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 import torchvision
+from safetensors.numpy import save_file
 
 import jaxbn
 
 
-def jaxbn_command(*args):
-  result = subprocess.run([sys.executable, "-m", "jaxbn.cli", *args], capture_output=True, text=True, timeout=600)
-  return result.returncode, result.stdout + result.stderr
-
-
-def test_check_reports_every_batchnorm_layer_and_passes():
-  code, out = jaxbn_command("check", "--model", "resnet18", "--steps", "2", "--size", "32", "--num-classes", "10")
-  assert code == 0, out
+def test_the_installed_entry_point_runs_check():
+  result = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "jaxbn.cli",
+          "check",
+          "--model",
+          "resnet18",
+          "--steps",
+          "2",
+          "--size",
+          "32",
+          "--num-classes",
+          "10",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  out = result.stdout
+  assert result.returncode == 0, out + result.stderr
   assert "all layers match" in out and "20 BatchNorm layers, 3 steps" in out and "OK: worst relative" in out
   assert "layer4.1.bn2" in out and "convert (rules)" in out
+  # Only jaxbn's own steps are timed: torch measured beside JAX in one process is not fair.
+  assert "eval forward" not in out and "torch" not in out.split("Timings (this machine):")[1]
 
 
-def test_check_runs_the_nnx_model():
-  code, out = jaxbn_command("check", "--api", "nnx", "--steps", "2", "--size", "32", "--num-classes", "10")
-  assert code == 0, out
+def test_check_runs_the_nnx_model(jaxbn_cli):
+  code, out, err = jaxbn_cli("check", "--api", "nnx", "--steps", "2", "--size", "32", "--num-classes", "10")
+  assert code == 0, out + err
   assert "all layers match" in out and "20 BatchNorm layers, 3 steps" in out and "build the NNX module" in out
 
 
-def test_check_fails_when_tolerance_is_not_met():
-  code, out = jaxbn_command("check", "--steps", "1", "--size", "32", "--num-classes", "10", "--tolerance", "1e-12")
-  assert code == 1 and "FAILED: worst relative difference" in out
+def test_check_fails_when_tolerance_is_not_met(jaxbn_cli):
+  code, out, err = jaxbn_cli("check", "--steps", "1", "--size", "32", "--num-classes", "10", "--tolerance", "1e-12")
+  assert code == 1 and "FAILED: worst relative difference" in out, out + err
 
 
-def test_check_takes_a_weights_file(tmp_path):
+def test_check_takes_a_weights_file_and_reads_its_class_count(jaxbn_cli, tmp_path):
   torch.manual_seed(1)
-  model = torchvision.models.resnet18(num_classes=10)
-  torch.save(model.state_dict(), tmp_path / "weights.pth")
-  code, out = jaxbn_command("check", "--weights", str(tmp_path / "weights.pth"), "--steps", "1", "--size", "32",
-                            "--num-classes", "10")
-  assert code == 0 and "weights from" in out, out
+  torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "weights.pth")
+  code, out, err = jaxbn_cli("check", "--weights", tmp_path / "weights.pth", "--steps", "1", "--size", "32")
+  assert code == 0 and "weights from" in out, out + err
 
 
-def test_convert_round_trips_through_flax_formats(tmp_path):
+def test_convert_round_trips_through_flax_formats(jaxbn_cli, tmp_path):
   torch.manual_seed(0)
   model = torchvision.models.resnet18(num_classes=10)
   model.train()
   model(torch.randn(2, 3, 32, 32))  # non-trivial statistics and counters
   torch.save(model.state_dict(), tmp_path / "model.pth")
   original = jaxbn.load_state_dict(tmp_path / "model.pth")
-  for flax_file, options in (("model.msgpack", ["--model", "resnet18"]), ("model.safetensors", []),
-                             ("orbax-checkpoint", ["--model", "resnet18"])):
-    code, out = jaxbn_command("convert", str(tmp_path / "model.pth"), str(tmp_path / flax_file), *options)
-    assert code == 0, out
+  for flax_file, options in (
+      ("model.msgpack", ["--model", "resnet18"]),  # the class count read from the checkpoint
+      ("model.safetensors", []),
+      ("orbax-checkpoint", ["--model", "resnet18", "--num-classes", "10"]),
+  ):
+    code, out, err = jaxbn_cli("convert", tmp_path / "model.pth", tmp_path / flax_file, *options)
+    assert code == 0, out + err
     back = tmp_path / f"back-{flax_file}.pth"
-    code, out = jaxbn_command("convert", str(tmp_path / flax_file), str(back))
-    assert code == 0, out
+    code, out, err = jaxbn_cli("convert", tmp_path / flax_file, back)
+    assert code == 0, out + err
     restored = jaxbn.load_state_dict(back)
     assert restored.keys() == original.keys()
     for key, value in original.items():
@@ -65,47 +86,115 @@ def test_convert_round_trips_through_flax_formats(tmp_path):
       np.testing.assert_array_equal(restored[key], value, err_msg=key)
 
 
-def test_user_errors_are_one_line_and_exit_2(tmp_path):
-  """No traceback for a user mistake: the problem and the fix in one line, status 2."""
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  """A resnet18 checkpoint, a Flax-variables folder, a truncated .safetensors, a text file named
+  .pth and random bytes named .pth."""
+  root = tmp_path_factory.mktemp("files")
   torch.manual_seed(0)
-  torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "r18.pth")
-  (tmp_path / "taken").mkdir()
-  cases = [
-      (("convert", str(tmp_path / "r18.pth"), str(tmp_path / "taken"), "--model", "resnet18"),
-       "taken exists already; pass --overwrite"),
-      (("convert", str(tmp_path / "r18.pth"), str(tmp_path / "x.msgpack"), "--model", "resnet50"),
-       "r18.pth does not fit resnet50: "),
-      (("convert", str(tmp_path / "r18.pth"), str(tmp_path / "x.msgpack"), "--model", "mobilenet_v3_small"),
-       "--model 'mobilenet_v3_small': give a jaxbn.models ResNet name (resnet18, ...), torchvision:NAME"),
-      (("check", "--model", "resnet34", "--weights", str(tmp_path / "r18.pth"), "--num-classes", "10"),
-       "r18.pth does not fit resnet34(num_classes=10)"),
-  ]
-  for args, expected in cases:
-    code, out = jaxbn_command(*args)
-    assert code == 2 and expected in out and "Traceback" not in out, (args, out)
-  code, out = jaxbn_command("convert", str(tmp_path / "r18.pth"), str(tmp_path / "taken"), "--model", "resnet18",
-                            "--overwrite")
-  assert code == 0, out
+  torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), root / "r18.pth")
+  (root / "taken").mkdir()
+  (root / "flax-dir").mkdir()
+  save_file({"params/conv/kernel": np.ones((3, 3, 2, 4), np.float32)}, str(root / "whole.safetensors"))
+  (root / "truncated.safetensors").write_bytes((root / "whole.safetensors").read_bytes()[:60])
+  (root / "text.pth").write_text("hello world\n")
+  (root / "random.pth").write_bytes(np.random.default_rng(0).bytes(300))
+  return root
 
 
-def test_model_spec_errors_are_one_line_and_exit_2(tmp_path, capsys):
-  from jaxbn import cli
+# (arguments, what the one line on stderr says); {f} is the folder of the ``files`` fixture.
+USER_ERRORS = [
+    (("check", "--steps", "-2"), "argument --steps: must be at least 1, got -2"),
+    (("check", "--size", "0"), "argument --size: must be at least 1, got 0"),
+    (("check", "--batch", "0"), "argument --batch: must be at least 1, got 0"),
+    (("check", "--tolerance", "-1"), "argument --tolerance: must be positive"),
+    (
+        ("check", "--batch", "1", "--size", "32", "--num-classes", "10"),
+        "resnet18 cannot take a 1x3x32x32 batch in training mode: torch says 'Expected more than 1 value per channel"
+        " when training, got input size torch.Size([1, 512, 1, 1])'. Choose a larger --size or --batch.",
+    ),
+    (
+        ("check", "--weights", "{f}/flax-dir"),
+        "holds Flax variables; --weights takes a torch state_dict. Convert it" " first: jaxbn convert",
+    ),
+    (("check", "--weights", "{f}/missing.pth"), "missing.pth: no such file"),
+    (("check", "--plot", "{f}/no/such/dir/x.png"), "no folder"),
+    (("check", "--plot", "{f}/drift.nope"), "matplotlib writes"),
+    (("check", "--model", "resnet34", "--weights", "{f}/r18.pth"), "r18.pth does not fit resnet34: "),
+    (("inspect", "{f}/truncated.safetensors"), "truncated.safetensors: not a readable .safetensors file"),
+    (
+        ("convert", "{f}/truncated.safetensors", "{f}/out.pth"),
+        "truncated.safetensors: not a readable .safetensors file",
+    ),
+    (("inspect", "{f}/text.pth"), "text.pth: not a torch checkpoint: torch.save writes a zip archive"),
+    (("inspect", "{f}/random.pth"), "random.pth: not a torch checkpoint"),
+    (
+        ("convert", "{f}/flax-dir", "{f}/out.msgpack"),
+        "holds Flax variables and {f}/out.msgpack would too: convert goes" " between torch and Flax",
+    ),
+    (("convert", "{f}/r18.pth", "{f}/out.pth"), "r18.pth is a torch state_dict; write its Flax variables to"),
+    (("convert", "{f}/r18.pth", "{f}/no/such/dir/out.msgpack"), "no folder"),
+    (("convert", "{f}/r18.pth", "{f}/taken", "--model", "resnet18"), "taken exists already; pass --overwrite"),
+    (("convert", "{f}/r18.pth", "{f}/x.msgpack", "--model", "resnet50"), "r18.pth does not fit resnet50: "),
+    (
+        ("convert", "{f}/r18.pth", "{f}/x.msgpack", "--model", "mobilenet_v3_small"),
+        "--model 'mobilenet_v3_small': give a jaxbn.models ResNet name (resnet18, ...), torchvision:NAME",
+    ),
+    (("convert", "{f}/missing.pth", "{f}/x.msgpack"), "missing.pth: no such file or directory"),
+]
 
+
+@pytest.mark.parametrize("args, expected", USER_ERRORS, ids=[" ".join(a).replace("{f}/", "") for a, _ in USER_ERRORS])
+def test_user_errors_are_one_line_and_exit_2(jaxbn_cli, files, args, expected):
+  """No traceback for a user mistake: the problem and the fix in one line on stderr, status 2."""
+  code, out, err = jaxbn_cli(*(arg.format(f=files) for arg in args))
+  assert code == 2 and expected.format(f=files) in err, err
+  assert len(err.strip().splitlines()) == 1 and out == "", (out, err)
+
+
+def test_inspect_stops_quietly_when_the_reader_leaves(tmp_path):
+  """``jaxbn inspect f | head -1``: a closed pipe ends the command without a message."""
+  layers = 3000  # about 250 kB of table, more than a pipe holds
+  stats = {f"bn{i}.{leaf}": np.ones(1, np.float32) for i in range(layers) for leaf in ("running_mean", "running_var")}
+  save_file(stats, str(tmp_path / "many.safetensors"))
+  process = subprocess.Popen(
+      [sys.executable, "-m", "jaxbn.cli", "inspect", str(tmp_path / "many.safetensors")],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+  )
+  assert b"3000 BatchNorm layers" in process.stdout.readline()
+  process.stdout.close()
+  err = process.stderr.read().decode()
+  assert process.wait(timeout=120) == 1 and err == "", err
+
+
+def test_model_spec_errors_are_one_line_and_exit_2(jaxbn_cli, tmp_path):
   cases = [
       (("check", "--model", "timm:no_such_net"), "timm has no model 'no_such_net'"),
       (("check", "--model", "torchvision:no_such_net"), "torchvision.models has no 'no_such_net'"),
       (("check", "--model", str(tmp_path / "missing.py") + ":make"), "is not a .py file"),
       (("check", "--model", "torchvision:mobilenet_v3_small", "--api", "nnx"), "--api nnx checks the"),
   ]
-  for args, expected in cases:  # in-process: each fails before any model runs
-    assert cli.main(list(args)) == 2, args
-    assert expected in capsys.readouterr().err, args
+  for args, expected in cases:  # each fails before any model runs
+    code, out, err = jaxbn_cli(*args)
+    assert code == 2 and expected in err and len(err.splitlines()) == 1, (args, err)
 
 
-def test_check_ports_any_model_and_shows_the_flax_linen_trap(tmp_path):
-  code, out = jaxbn_command("check", "--model", "torchvision:mobilenet_v3_small", "--steps", "1", "--size", "32",
-                            "--num-classes", "10", "--plot", str(tmp_path / "drift.png"))
-  assert code == 0, out
+def test_check_ports_any_model_and_shows_the_flax_linen_trap(jaxbn_cli, tmp_path):
+  code, out, err = jaxbn_cli(
+      "check",
+      "--model",
+      "torchvision:mobilenet_v3_small",
+      "--steps",
+      "1",
+      "--size",
+      "32",
+      "--num-classes",
+      "10",
+      "--plot",
+      tmp_path / "drift.png",
+  )
+  assert code == 0, out + err
   assert "ported with jaxbn.port" in out and "all layers match" in out and "OK: worst relative" in out
   assert "torch sets eps != 1e-5 in 34 of 34 BatchNorm layers (e.g. features.0.1: eps=0.001)" in out
   naive = float(out.split("eval output: worst relative difference ")[1].split(";")[0])
@@ -114,41 +203,37 @@ def test_check_ports_any_model_and_shows_the_flax_linen_trap(tmp_path):
   assert (tmp_path / "drift.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_check_takes_a_model_from_a_python_file(tmp_path):
+def test_check_takes_a_model_from_a_python_file(jaxbn_cli, tmp_path):
   (tmp_path / "net.py").write_text(
       "import torch\n"
       "def make():\n"
       "  return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=None),\n"
       "                             torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),\n"
-      "                             torch.nn.Linear(4, 5), torch.nn.BatchNorm1d(5))\n")
-  code, out = jaxbn_command("check", "--model", f"{tmp_path / 'net.py'}:make", "--steps", "2", "--size", "16")
-  assert code == 0, out
+      "                             torch.nn.Linear(4, 5), torch.nn.BatchNorm1d(5))\n"
+  )
+  code, out, err = jaxbn_cli("check", "--model", f"{tmp_path / 'net.py'}:make", "--steps", "2", "--size", "16")
+  assert code == 0, out + err
   assert "2 BatchNorm layers, 3 steps" in out and "momentum != 0.1 in 1" in out
 
 
-def test_convert_takes_a_ported_model(tmp_path):
+def test_convert_takes_a_ported_model(jaxbn_cli, tmp_path):
   torch.manual_seed(0)
   model = torchvision.models.mobilenet_v3_small(num_classes=10)
   model.train()
   model(torch.randn(2, 3, 32, 32))
   torch.save(model.state_dict(), tmp_path / "model.pth")
-  code, out = jaxbn_command("convert", str(tmp_path / "model.pth"), str(tmp_path / "model.msgpack"), "--model",
-                            "torchvision:mobilenet_v3_small", "--num-classes", "10")
-  assert code == 0 and "BatchNorm configuration of 34 layers recorded" in out, out
-  code, out = jaxbn_command("convert", str(tmp_path / "model.msgpack"), str(tmp_path / "back.pth"))
-  assert code == 0, out
+  code, out, err = jaxbn_cli(
+      "convert", tmp_path / "model.pth", tmp_path / "model.msgpack", "--model", "torchvision:mobilenet_v3_small"
+  )  # 10 classes, read from the checkpoint
+  assert code == 0 and "BatchNorm configuration of 34 layers recorded" in out, out + err
+  code, out, err = jaxbn_cli("convert", tmp_path / "model.msgpack", tmp_path / "back.pth")
+  assert code == 0, out + err
   back = jaxbn.load_state_dict(tmp_path / "back.pth")
   for key, value in model.state_dict().items():
     np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
 
 
-def test_plot_without_matplotlib_names_the_extra(monkeypatch):
-  from jaxbn import cli
-
+def test_plot_without_matplotlib_names_the_extra(jaxbn_cli, monkeypatch, tmp_path):
   monkeypatch.setitem(sys.modules, "matplotlib", None)
-  try:
-    cli.plot_report([], "x.png", "model")
-  except cli.UsageError as error:
-    assert "pip install 'jaxbn[plot]'" in str(error)
-  else:
-    raise AssertionError("no UsageError")
+  code, out, err = jaxbn_cli("check", "--plot", tmp_path / "x.png")  # refused before any model runs
+  assert code == 2 and "--plot needs matplotlib: pip install 'jaxbn[plot]'" in err, err

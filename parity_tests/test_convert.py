@@ -50,9 +50,16 @@ class Wrap(nn.Module):
     [
         (lambda: torch.nn.Conv1d(4, 6, 3, padding=1), nn.Conv(6, (3,), padding=1), (2, 4, 9)),
         (lambda: torch.nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.Conv(6, (3, 3), 2, padding=1), (2, 4, 7, 9)),
-        (lambda: torch.nn.Conv2d(4, 8, 3, padding=1, groups=2), nn.Conv(8, (3, 3), padding=1, feature_group_count=2), (2, 4, 5, 5)),
-        (lambda: torch.nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False),
-         nn.Conv(4, (3, 3), padding=1, feature_group_count=4, use_bias=False), (2, 4, 5, 5)),
+        (
+            lambda: torch.nn.Conv2d(4, 8, 3, padding=1, groups=2),
+            nn.Conv(8, (3, 3), padding=1, feature_group_count=2),
+            (2, 4, 5, 5),
+        ),
+        (
+            lambda: torch.nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False),
+            nn.Conv(4, (3, 3), padding=1, feature_group_count=4, use_bias=False),
+            (2, 4, 5, 5),
+        ),
         (lambda: torch.nn.Conv3d(3, 5, 3, padding=1), nn.Conv(5, (3, 3, 3), padding=1), (2, 3, 4, 5, 3)),
         (lambda: torch.nn.Linear(5, 3), nn.Dense(3), (4, 5)),
     ],
@@ -117,6 +124,7 @@ def test_counter_is_kept():
 
 
 class Two(nn.Module):
+
   @nn.compact
   def __call__(self, x):
     x = nn.Conv(4, (3, 3), name="conv")(x)
@@ -124,10 +132,15 @@ class Two(nn.Module):
 
 
 def two_state_dict():
-  return {"conv.weight": np.zeros((4, 3, 3, 3), np.float32), "conv.bias": np.zeros(4, np.float32),
-          "bn.weight": np.ones(4, np.float32), "bn.bias": np.zeros(4, np.float32),
-          "bn.running_mean": np.zeros(4, np.float32), "bn.running_var": np.ones(4, np.float32),
-          "bn.num_batches_tracked": np.array(0)}
+  return {
+      "conv.weight": np.zeros((4, 3, 3, 3), np.float32),
+      "conv.bias": np.zeros(4, np.float32),
+      "bn.weight": np.ones(4, np.float32),
+      "bn.bias": np.zeros(4, np.float32),
+      "bn.running_mean": np.zeros(4, np.float32),
+      "bn.running_var": np.ones(4, np.float32),
+      "bn.num_batches_tracked": np.array(0),
+  }
 
 
 def test_strict_reports_every_problem_at_once():
@@ -139,9 +152,16 @@ def test_strict_reports_every_problem_at_once():
   with pytest.raises(ConversionError) as info:
     jaxbn.convert.from_torch(state_dict, template)
   message = str(info.value)
-  for part in ["missing (1", "params/bn/bias", "unexpected (1", "head.weight",
-               "shape mismatch: conv.weight (4, 2, 3, 3) -> params/conv/kernel expects (3, 3, 3, 4)"
-               " (torch layout (4, 3, 3, 3))", "these do not, e.g. head.weight", "rename="]:
+  for part in [
+      "missing (1",
+      "params/bn/bias",
+      "unexpected (1",
+      "head.weight",
+      "shape mismatch: conv.weight (4, 2, 3, 3) -> params/conv/kernel expects (3, 3, 3, 4)"
+      " (torch layout (4, 3, 3, 3))",
+      "these do not, e.g. head.weight",
+      "rename=",
+  ]:
     assert part in message, (part, message)
   report = jaxbn.convert.from_torch(state_dict, template, strict=False)
   assert report.unexpected == ["head.weight"]
@@ -162,13 +182,17 @@ def test_flax_linen_batchnorm_in_the_template_is_named():
   """Its num_batches_tracked has no place: say why, and name jaxbn.BatchNorm."""
 
   class FlaxBN(nn.Module):
+
     @nn.compact
     def __call__(self, x):
       return nn.BatchNorm(use_running_average=True, name="bn")(nn.Conv(4, (3, 3), name="conv")(x))
 
   template = jax.eval_shape(FlaxBN().init, jax.random.key(0), np.ones((1, 5, 5, 3)))
-  with pytest.raises(ConversionError, match=r"bn: the Flax layer keeps batch_stats without num_batches_tracked, as"
-                     r" flax.linen.BatchNorm does.*jaxbn.BatchNorm") as info:
+  with pytest.raises(
+      ConversionError,
+      match=r"bn: the Flax layer keeps batch_stats without num_batches_tracked, as"
+      r" flax.linen.BatchNorm does.*jaxbn.BatchNorm",
+  ) as info:
     jaxbn.convert.from_torch(two_state_dict(), template)
   assert "rename=" not in str(info.value)
 
@@ -176,7 +200,9 @@ def test_flax_linen_batchnorm_in_the_template_is_named():
 def test_rename_maps_paths_that_differ():
   template = jax.eval_shape(Two().init, jax.random.key(0), np.ones((1, 5, 5, 3)))
   state_dict = {k.replace("conv.", "features.0.").replace("bn.", "features.1."): v for k, v in two_state_dict().items()}
-  by_rules = jaxbn.convert.from_torch(state_dict, template, rename=[(r"^features\.0$", "conv"), (r"^features\.1$", "bn")])
+  by_rules = jaxbn.convert.from_torch(
+      state_dict, template, rename=[(r"^features\.0$", "conv"), (r"^features\.1$", "bn")]
+  )
   by_function = jaxbn.convert.from_torch(state_dict, template, rename={"features.0": "conv", "features.1": "bn"}.get)
   assert jax.tree.structure(by_rules.variables) == jax.tree.structure(by_function.variables)
   back = jaxbn.convert.to_state_dict(by_rules.variables, rename={"conv": "features.0", "bn": "features.1"}.get)
@@ -208,6 +234,7 @@ def test_to_state_dict_names_unknown_variables():
 
 
 class RunsCode:
+
   def __reduce__(self):
     return (print, ("this pickle ran code",))
 

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import doctest
+import importlib
 import pathlib
 import re
 
 import pytest
 
-from jaxbn._src import (batch_norm, folding, frozen, modes, nnx_batch_norm, nnx_freezing, nnx_frozen, normalization,
-                        running, statistics, training)
-from jaxbn.models import nnx as nnx_models
-from jaxbn.models import resnet
+import jaxbn
 
 README = pathlib.Path(__file__).parent.parent / "README.md"
 
@@ -26,7 +24,9 @@ def test_readme_usage_example_runs():
 
 
 def test_readme_nnx_example_runs():
-  code = [block for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "jaxbn.models.nnx" in block]
+  code = [
+      block for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "jaxbn.models.nnx" in block
+  ]
   assert len(code) == 1, "README has no NNX example"
   namespace = {}
   exec(compile(code[0], "README.md", "exec"), namespace)
@@ -50,11 +50,55 @@ def test_readme_lists_what_the_port_supports_from_its_tables():
   assert docs.block() in README.read_text(), "stale list: run python -m jaxbn._src.port.docs README.md"
 
 
-MODULES = [batch_norm, folding, frozen, modes, nnx_batch_norm, nnx_freezing, nnx_frozen, nnx_models, normalization,
-           resnet, running, statistics, training]
+PACKAGE = pathlib.Path(jaxbn.__file__).parent
 
 
-@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
-def test_docstring_examples(module):
-  results = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+def _runs_examples(name: str) -> bool:
+  """Whether a module's docstrings hold an example that runs (not every line marked +SKIP)."""
+  tests = doctest.DocTestFinder().find(importlib.import_module(name))
+  return any(not example.options.get(doctest.SKIP) for test in tests for example in test.examples)
+
+
+# Every jaxbn module whose docstrings hold an example that runs, found by its source, so a new one
+# is run too (examples that need a model or a file at hand are marked +SKIP).
+MODULES = sorted(
+    name
+    for name in (
+        ".".join(("jaxbn", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+        for path in PACKAGE.rglob("*.py")
+        if ">>> " in path.read_text()
+    )
+    if _runs_examples(name)
+)
+
+
+def test_the_examples_are_found():
+  assert {"jaxbn._src.linen.batch_norm", "jaxbn._src.nnx.freezing", "jaxbn.models.resnet"} <= set(MODULES), MODULES
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+  results = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
   assert results.attempted > 0 and results.failed == 0, results
+
+
+def _resolves(dotted: str) -> bool:
+  target = jaxbn
+  for name in dotted.split("."):
+    if not hasattr(target, name):
+      return False
+    target = getattr(target, name)
+  return callable(target)
+
+
+def test_every_jaxbn_call_the_docs_name_exists():
+  """``jaxbn.something(...)`` in the README or a docstring names a public callable that exists."""
+  texts = {"README.md": README.read_text(), **{str(path): path.read_text() for path in PACKAGE.rglob("*.py")}}
+  calls = {
+      (source, match)
+      for source, text in texts.items()
+      for match in re.findall(r"(?<![\w.])jaxbn\.((?!_src)[A-Za-z_][\w.]*)\(", text)
+  }
+  assert len(calls) > 50, "the pattern finds the calls the docs make"
+  unknown = sorted(f"{source}: jaxbn.{call}()" for source, call in calls if not _resolves(call))
+  assert not unknown, unknown

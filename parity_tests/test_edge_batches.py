@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.experimental import checkify
 
 import jaxbn
@@ -109,7 +110,8 @@ def test_empty_batch_counts_and_changes_nothing(momentum, rank, channels_last):
   assert int(updates["batch_stats"]["num_batches_tracked"]) == 2
 
   grads = jax.grad(lambda p, x: train_apply(module, {**variables, "params": p}, x)[0].sum(), argnums=(0, 1))(
-      variables["params"], config.to_layout(empty))
+      variables["params"], config.to_layout(empty)
+  )
   for grad in jax.tree.leaves(grads):
     assert np.all(np.asarray(grad) == 0)
 
@@ -163,8 +165,11 @@ def test_synced_global_count_of_zero_or_one(valid):
   module = jaxbn.BatchNorm(momentum=0.3, axis_name="devices")
   _, updates = jax.vmap(lambda x, m: train_apply(module, variables, x, m), axis_name="devices")(x, mask)
   for device in range(8):
-    assert_stats(jax.tree.map(lambda a: a[device], updates["batch_stats"]),
-                 variables_from_torch(torch_bn)["batch_stats"], exact=True)
+    assert_stats(
+        jax.tree.map(lambda a: a[device], updates["batch_stats"]),
+        variables_from_torch(torch_bn)["batch_stats"],
+        exact=True,
+    )
 
 
 def test_runtime_checks_give_torchs_error_under_checkify():
@@ -212,8 +217,7 @@ def test_float16_input_whose_variance_overflows_float16():
   expected = torch_train_step(torch_bn, x)
   y, updates = train_apply(Config().jax_module(), variables, x)
   assert y.dtype == jnp.float16 and np.all(np.isfinite(np.asarray(y, np.float32)))
-  np.testing.assert_allclose(np.asarray(y, np.float32), expected.astype(np.float32),
-                             atol=0, rtol=2**-10)
+  np.testing.assert_allclose(np.asarray(y, np.float32), expected.astype(np.float32), atol=0, rtol=2**-10)
   assert float(updates["batch_stats"]["var"].min()) > 1e8
   assert_stats(updates["batch_stats"], variables_from_torch(torch_bn)["batch_stats"])
 
@@ -276,7 +280,9 @@ def test_edge_batches_match_torch(case):
   y, updates = train_apply(config.jax_module(), variables, padded, mask)
   if expected is not None:
     assert_outputs(y[:valid], expected, x[:valid], torch_bn, train=True)
-  assert_stats(updates["batch_stats"], variables_from_torch(torch_bn)["batch_stats"], exact=valid * int(np.prod(shape[2:])) < 2)
+  assert_stats(
+      updates["batch_stats"], variables_from_torch(torch_bn)["batch_stats"], exact=valid * int(np.prod(shape[2:])) < 2
+  )
 
   torch_bn.eval()
   torch_bn.eps = eval_eps

@@ -23,7 +23,9 @@ def test_one_value_per_channel_in_training_torch_wording():
   expected = torch_message(torch.nn.BatchNorm1d(3), x)
   assert expected.startswith("Expected more than 1 value per channel when training")
   module = jaxbn.BatchNorm(use_running_average=False)
-  with pytest.raises(ValueError, match=re.escape("Expected more than 1 value per channel when training, got input size (1, 3)")):
+  with pytest.raises(
+      ValueError, match=re.escape("Expected more than 1 value per channel when training, got input size (1, 3)")
+  ):
     module.init(jax.random.key(0), x)
   variables = jaxbn.BatchNorm(use_running_average=True).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
@@ -60,8 +62,14 @@ def test_channel_count_that_does_not_fit_the_variables():
   with pytest.raises(ValueError) as info:
     jaxbn.BatchNorm(use_running_average=True).apply(variables, np.ones((2, 4, 4, 16)))
   message = str(info.value)
-  for part in ["(2, 4, 4, 16)", "(16,) channels", "params/scale (8,)", "params/bias (8,)",
-               "batch_stats/mean (8,)", "1 for NCHW"]:
+  for part in [
+      "(2, 4, 4, 16)",
+      "(16,) channels",
+      "params/scale (8,)",
+      "params/bias (8,)",
+      "batch_stats/mean (8,)",
+      "1 for NCHW",
+  ]:
     assert part in message, (part, message)
 
 
@@ -89,6 +97,7 @@ def test_use_running_average_must_be_given_once():
 
 # Path arguments never match nothing silently (a typo used to give an all-False mask or no effect).
 
+
 def _resnet18_variables():
   model = jaxbn.models.resnet18(num_classes=4)
   x = np.zeros((2, 32, 32, 3), np.float32)
@@ -99,13 +108,17 @@ def _resnet18_variables():
 @pytest.mark.parametrize("typo", ["layer_1", "Layer1"])
 def test_frozen_mask_path_that_matches_nothing(option, typo):
   _, _, variables = _resnet18_variables()
-  with pytest.raises(ValueError, match=rf"frozen_mask\({option}=\.\.\.\): '{typo}' \(closest: layer1.*\) matches no module path"):
+  with pytest.raises(
+      ValueError, match=rf"frozen_mask\({option}=\.\.\.\): '{typo}' \(closest: layer1.*\) matches no module path"
+  ):
     jaxbn.frozen_mask(variables, **{option: [typo]})
 
 
 def test_frozen_mask_and_eval_mode_take_torch_dotted_paths():
   model, x, variables = _resnet18_variables()
-  dotted, slashed = jaxbn.frozen_mask(variables, modules=["layer1.0"]), jaxbn.frozen_mask(variables, modules=["layer1/0"])
+  dotted, slashed = jaxbn.frozen_mask(variables, modules=["layer1.0"]), jaxbn.frozen_mask(
+      variables, modules=["layer1/0"]
+  )
   assert jax.tree.leaves(dotted) == jax.tree.leaves(slashed) and sum(jax.tree.leaves(dotted)) == 6
   with jaxbn.eval_mode("layer1.0"):
     _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
@@ -115,7 +128,9 @@ def test_frozen_mask_and_eval_mode_take_torch_dotted_paths():
 
 def test_eval_mode_path_that_matches_no_layer():
   model, x, variables = _resnet18_variables()
-  with pytest.raises(ValueError, match=r"eval_mode\('layer_1',\): 'layer_1' \(closest: layer1.*\) matches no module path"):
+  with pytest.raises(
+      ValueError, match=r"eval_mode\('layer_1',\): 'layer_1' \(closest: layer1.*\) matches no module path"
+  ):
     with jaxbn.eval_mode("layer_1"):
       model.apply(variables, x, train=True, mutable=["batch_stats"])
 

@@ -10,8 +10,7 @@ EXAMPLES = pathlib.Path(__file__).parent.parent / "examples"
 
 
 def run(script, *args):
-  result = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
-                          timeout=300)
+  result = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr
   return result.stdout
 

@@ -45,7 +45,10 @@ def test_folded_resnet18_matches_unfolded_and_torch(norm):
   folded_model = jaxbn.models.resnet18(num_classes=10, norm=jaxbn.FoldedBatchNorm)
   expected = model.apply(variables, np.moveaxis(x, 1, -1))
   assert close(folded_model.apply(folded, np.moveaxis(x, 1, -1)), np.asarray(expected)) <= RTOL
-  assert close(folded_model.apply(folded, np.moveaxis(x, 1, -1)), torch_model(torch.from_numpy(x)).detach().numpy()) <= RTOL
+  assert (
+      close(folded_model.apply(folded, np.moveaxis(x, 1, -1)), torch_model(torch.from_numpy(x)).detach().numpy())
+      <= RTOL
+  )
 
 
 class DenseNet(nn.Module):

@@ -42,16 +42,25 @@ LOGITS_ATOL, PARAMS_ATOL, STATS_RTOL = 4e-6, 1e-5, 4e-6
 
 def torch_net(norm):
   torch.manual_seed(0)
-  backbone = torch.nn.Sequential(collections.OrderedDict(
-      conv0=torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), bn0=norm(8), relu0=torch.nn.ReLU(),
-      conv1=torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), bn1=norm(8), relu1=torch.nn.ReLU(),
-  ))
-  net = torch.nn.Sequential(collections.OrderedDict(
-      backbone=backbone,
-      norm=torch.nn.BatchNorm2d(8),  # the trainable part keeps a training BatchNorm
-      pool=torch.nn.AdaptiveAvgPool2d(1), flatten=torch.nn.Flatten(),
-      head=torch.nn.Linear(8, 4),
-  ))
+  backbone = torch.nn.Sequential(
+      collections.OrderedDict(
+          conv0=torch.nn.Conv2d(3, 8, 3, padding=1, bias=False),
+          bn0=norm(8),
+          relu0=torch.nn.ReLU(),
+          conv1=torch.nn.Conv2d(8, 8, 3, padding=1, bias=False),
+          bn1=norm(8),
+          relu1=torch.nn.ReLU(),
+      )
+  )
+  net = torch.nn.Sequential(
+      collections.OrderedDict(
+          backbone=backbone,
+          norm=torch.nn.BatchNorm2d(8),  # the trainable part keeps a training BatchNorm
+          pool=torch.nn.AdaptiveAvgPool2d(1),
+          flatten=torch.nn.Flatten(),
+          head=torch.nn.Linear(8, 4),
+      )
+  )
   with torch.no_grad():  # non-trivial statistics and affine in the frozen layers
     for module in backbone.modules():
       if isinstance(module, (torch.nn.BatchNorm2d, FrozenBatchNorm2d)):
@@ -89,6 +98,7 @@ class Net(nn.Module):
 
 
 class NNXBackbone(nnx.Module):
+
   def __init__(self, norm, momentum, rngs):
     self.conv0 = nnx.Conv(3, 8, (3, 3), padding=1, use_bias=False, rngs=rngs)
     self.bn0 = norm(8, momentum=momentum, rngs=rngs)
@@ -100,6 +110,7 @@ class NNXBackbone(nnx.Module):
 
 
 class NNXNet(nnx.Module):
+
   def __init__(self, backbone_norm, backbone_momentum, rngs):
     self.backbone = NNXBackbone(backbone_norm, backbone_momentum, rngs)
     self.norm = jaxbn.nnx.BatchNorm(8, rngs=rngs)
@@ -154,8 +165,12 @@ def variables_from_torch_net(net) -> dict:
       for collection, values in variables_from_torch(module).items():
         flat.update({(collection, *path, k): v for k, v in values.items()})
     elif isinstance(module, FrozenBatchNorm2d):
-      for torch_name, flax_name in [("weight", "scale"), ("bias", "bias"),
-                                    ("running_mean", "mean"), ("running_var", "var")]:
+      for torch_name, flax_name in [
+          ("weight", "scale"),
+          ("bias", "bias"),
+          ("running_mean", "mean"),
+          ("running_var", "var"),
+      ]:
         flat[("params", *path, flax_name)] = getattr(module, torch_name).numpy().copy()
   return traverse_util.unflatten_dict(flat)
 
@@ -258,8 +273,7 @@ def test_frozen_backbone_training_matches_torch(how):
     x = rng.standard_normal((6, 3, 5, 5)).astype(np.float32)
     labels = rng.integers(0, 4, 6)
     logits_torch = torch_step(net, torch_opt, x, labels)
-    params, batch_stats, opt_state, logits = step(params, batch_stats, opt_state,
-                                                  np.moveaxis(x, 1, -1), labels)
+    params, batch_stats, opt_state, logits = step(params, batch_stats, opt_state, np.moveaxis(x, 1, -1), labels)
     np.testing.assert_allclose(logits, logits_torch, atol=LOGITS_ATOL, rtol=0)
     expected = variables_from_torch_net(net)
     assert_tree_close(params, expected["params"], "params", i)

@@ -34,8 +34,14 @@ def torchvision_frozen(channels, eps, dtype, seed=0):
 
 
 def frozen_params(layer):
-  return {"params": {"scale": layer.weight.numpy().copy(), "bias": layer.bias.numpy().copy(),
-                     "mean": layer.running_mean.numpy().copy(), "var": layer.running_var.numpy().copy()}}
+  return {
+      "params": {
+          "scale": layer.weight.numpy().copy(),
+          "bias": layer.bias.numpy().copy(),
+          "mean": layer.running_mean.numpy().copy(),
+          "var": layer.running_var.numpy().copy(),
+      }
+  }
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "NHWC"])
@@ -104,8 +110,7 @@ def trained_block_variables(steps=3):
   x = random_batch(rng, (8, 4), np.float32)
   variables = Block().init(jax.random.key(0), x)
   for _ in range(steps):
-    _, updates = Block().apply(variables, random_batch(rng, (8, 4), np.float32), train=True,
-                               mutable=["batch_stats"])
+    _, updates = Block().apply(variables, random_batch(rng, (8, 4), np.float32), train=True, mutable=["batch_stats"])
     variables = {**variables, **updates}
   return variables, x
 
@@ -124,7 +129,7 @@ def test_freeze_unfreeze_round_trip_is_lossless():
   variables, _ = trained_block_variables()
   restored = jaxbn.unfreeze(jaxbn.freeze(variables))
   assert jax.tree.structure(restored) == jax.tree.structure(variables)
-  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(variables)):
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(variables), strict=True):
     assert a.dtype == b.dtype
     np.testing.assert_array_equal(a, b)
   assert int(restored["batch_stats"]["bn"]["num_batches_tracked"]) == 3
@@ -164,8 +169,11 @@ def test_adamw_never_moves_frozen_arrays():
 def test_masks_for_batchnorm_affine_and_whole_modules():
   variables, _ = trained_block_variables()
   affine = jaxbn.frozen_mask(variables, batchnorm_affine=["bn"])
-  assert affine == {"dense": {"kernel": False, "bias": False}, "bn": {"scale": True, "bias": True},
-                    "bn_no_scale": {"bias": False}}
+  assert affine == {
+      "dense": {"kernel": False, "bias": False},
+      "bn": {"scale": True, "bias": True},
+      "bn_no_scale": {"bias": False},
+  }
   everywhere = jaxbn.frozen_mask(variables, batchnorm_affine=[""])
   assert everywhere["bn_no_scale"] == {"bias": True} and everywhere["dense"]["kernel"] is False
   modules = jaxbn.frozen_mask(variables, modules=["dense"])
@@ -173,6 +181,7 @@ def test_masks_for_batchnorm_affine_and_whole_modules():
 
 
 class TwoStage(nn.Module):
+
   @nn.compact
   def __call__(self, x, train: bool):
     x = jaxbn.BatchNorm(use_running_average=not train, name="backbone")(x)
@@ -191,10 +200,13 @@ def test_eval_mode_keeps_one_subtree_in_eval_while_the_rest_trains():
 
   y, updates = train_step(variables, x)
   backbone_eval = jaxbn.BatchNorm(use_running_average=True).apply(
-      {"params": variables["params"]["backbone"], "batch_stats": variables["batch_stats"]["backbone"]}, x)
+      {"params": variables["params"]["backbone"], "batch_stats": variables["batch_stats"]["backbone"]}, x
+  )
   head_train, _ = jaxbn.BatchNorm(use_running_average=False).apply(
       {"params": variables["params"]["head"], "batch_stats": variables["batch_stats"]["head"]},
-      backbone_eval, mutable=["batch_stats"])
+      backbone_eval,
+      mutable=["batch_stats"],
+  )
   np.testing.assert_allclose(y, head_train, atol=1e-6, rtol=0)
   jax.tree.map(np.testing.assert_array_equal, updates["batch_stats"]["backbone"], variables["batch_stats"]["backbone"])
   assert int(updates["batch_stats"]["head"]["num_batches_tracked"]) == 1

@@ -9,11 +9,8 @@ when loading into a Flax model.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import warnings
 
-import jax
 import numpy as np
 import pytest
 import torch
@@ -25,15 +22,13 @@ from jaxbn.convert import ConfigMismatchError, LayerConfig
 from parity_tests.test_parity_report import Net, X, torch_net
 
 
-def jaxbn_command(*args, cwd=None):
-  result = subprocess.run([sys.executable, "-m", "jaxbn.cli", *args], capture_output=True, text=True, timeout=600,
-                          cwd=cwd)
-  return result.returncode, result.stdout, result.stderr
-
-
 def test_torch_module_configuration_is_recorded_in_safetensors(tmp_path):
-  model = torch.nn.Sequential(torch.nn.BatchNorm2d(3, eps=1e-3, momentum=0.01), torch.nn.BatchNorm1d(2, affine=False),
-                              torch.nn.BatchNorm2d(3, momentum=None, track_running_stats=False), FrozenBatchNorm2d(3, eps=0.0))
+  model = torch.nn.Sequential(
+      torch.nn.BatchNorm2d(3, eps=1e-3, momentum=0.01),
+      torch.nn.BatchNorm1d(2, affine=False),
+      torch.nn.BatchNorm2d(3, momentum=None, track_running_stats=False),
+      FrozenBatchNorm2d(3, eps=0.0),
+  )
   jaxbn.save_state_dict(model, tmp_path / "model.safetensors")
   assert jaxbn.read_batchnorm_config(tmp_path / "model.safetensors") == {
       "0": LayerConfig("BatchNorm", 1e-3, 0.01, True, True),
@@ -61,8 +56,12 @@ def test_load_checks_every_layer_and_field_against_the_model(tmp_path):
   with pytest.raises(ConfigMismatchError) as info:
     jaxbn.convert.load(tmp_path / "m.safetensors", Net(), X)
   message = str(info.value)
-  for part in ("2 BatchNorm setting(s) differ", "bn: eps recorded 0.001, model 1e-05",
-               "bn: momentum recorded 0.01, model 0.1", "jaxbn.BatchNorm(epsilon=..."):
+  for part in (
+      "2 BatchNorm setting(s) differ",
+      "bn: eps recorded 0.001, model 1e-05",
+      "bn: momentum recorded 0.01, model 0.1",
+      "jaxbn.BatchNorm(epsilon=...",
+  ):
     assert part in message, (part, message)
   with pytest.warns(UserWarning, match="bn: eps recorded 0.001"):
     jaxbn.convert.load(tmp_path / "m.safetensors", Net(), X, strict=False)
@@ -86,7 +85,7 @@ def test_flax_batchnorm_and_frozen_class_are_mismatches(tmp_path):
     jaxbn.convert.load(tmp_path / "frozen.safetensors", Net(), X)
 
 
-def test_cli_carries_the_record_through_every_format_and_checks_it(tmp_path):
+def test_cli_carries_the_record_through_every_format_and_checks_it(jaxbn_cli, tmp_path):
   """torch .safetensors -> orbax / msgpack / safetensors -> torch .safetensors keeps the record;
   converting into a --model whose layers differ is refused (exit 2, one message)."""
   torch.manual_seed(0)
@@ -95,11 +94,12 @@ def test_cli_carries_the_record_through_every_format_and_checks_it(tmp_path):
   expected = jaxbn.read_batchnorm_config(tmp_path / "r18.safetensors")
   assert len(expected) == 20
   for flax_file in ("flax-orbax", "flax.msgpack", "flax.safetensors"):
-    code, out, err = jaxbn_command("convert", str(tmp_path / "r18.safetensors"), str(tmp_path / flax_file),
-                                   "--model", "resnet18")
+    code, out, err = jaxbn_cli(
+        "convert", str(tmp_path / "r18.safetensors"), str(tmp_path / flax_file), "--model", "resnet18"
+    )
     assert code == 0, err
     assert jaxbn.read_batchnorm_config(tmp_path / flax_file) == expected, flax_file
-    code, out, err = jaxbn_command("convert", str(tmp_path / flax_file), str(tmp_path / f"back-{flax_file}.safetensors"))
+    code, out, err = jaxbn_cli("convert", str(tmp_path / flax_file), str(tmp_path / f"back-{flax_file}.safetensors"))
     assert code == 0, err
     assert jaxbn.read_batchnorm_config(tmp_path / f"back-{flax_file}.safetensors") == expected, flax_file
 
@@ -107,16 +107,23 @@ def test_cli_carries_the_record_through_every_format_and_checks_it(tmp_path):
     if isinstance(module, torch.nn.BatchNorm2d):
       module.eps = 1e-3
   jaxbn.save_state_dict(model, tmp_path / "eps.safetensors")
-  code, out, err = jaxbn_command("convert", str(tmp_path / "eps.safetensors"), str(tmp_path / "x.msgpack"),
-                                 "--model", "resnet18")
+  code, out, err = jaxbn_cli(
+      "convert", str(tmp_path / "eps.safetensors"), str(tmp_path / "x.msgpack"), "--model", "resnet18"
+  )
   assert code == 2 and "20 BatchNorm setting(s) differ" in err and "layer4.1.bn2: eps recorded 0.001" in err, err
   assert "Traceback" not in err and not (tmp_path / "x.msgpack").exists()
 
 
-def test_inspect_flags_bad_running_statistics(tmp_path):
+def test_inspect_flags_bad_running_statistics(jaxbn_cli, tmp_path):
   torch.manual_seed(0)
-  model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4),
-                              torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4))
+  model = torch.nn.Sequential(
+      torch.nn.Conv2d(3, 4, 3),
+      torch.nn.BatchNorm2d(4),
+      torch.nn.BatchNorm2d(4),
+      torch.nn.BatchNorm2d(4),
+      torch.nn.BatchNorm2d(4),
+      torch.nn.BatchNorm2d(4),
+  )
   model.train()
   model(torch.randn(2, 3, 5, 5))
   with torch.no_grad():
@@ -125,7 +132,7 @@ def test_inspect_flags_bad_running_statistics(tmp_path):
     model[4].running_var.zero_()
     model[5].num_batches_tracked.zero_()
   jaxbn.save_state_dict(model, tmp_path / "m.safetensors")
-  code, out, err = jaxbn_command("inspect", str(tmp_path / "m.safetensors"))
+  code, out, err = jaxbn_cli("inspect", str(tmp_path / "m.safetensors"))
   assert code == 1, out + err
   rows = {line.split()[0]: line for line in out.splitlines()[2:] if line[:1].isdigit() and "layer(s)" not in line}
   assert rows["1"].endswith("ok") and "BatchNorm" in rows["1"] and "1e-05" in rows["1"]
@@ -139,11 +146,11 @@ def test_inspect_flags_bad_running_statistics(tmp_path):
   for layer in model[3:]:
     layer.reset_running_stats()
   torch.save(model.state_dict(), tmp_path / "fine.pth")
-  code, out, err = jaxbn_command("inspect", str(tmp_path / "fine.pth"))
+  code, out, err = jaxbn_cli("inspect", str(tmp_path / "fine.pth"))
   assert code == 0 and "configuration not recorded" in out, out + err
 
 
-def test_check_fails_on_non_finite_running_statistics(tmp_path):
+def test_check_fails_on_non_finite_running_statistics(jaxbn_cli, tmp_path):
   """A checkpoint with a NaN in a running variance: torch and jaxbn both carry it (torch
   propagates NaN into its buffers, jaxbn matches), so the comparison cannot flag it by
   difference; jaxbn check names the layer and fails."""
@@ -152,8 +159,9 @@ def test_check_fails_on_non_finite_running_statistics(tmp_path):
   with torch.no_grad():
     model.layer2[0].bn1.running_var[5] = float("nan")
   jaxbn.save_state_dict(model, tmp_path / "nan.safetensors")
-  code, out, err = jaxbn_command("check", "--weights", str(tmp_path / "nan.safetensors"), "--steps", "1",
-                                 "--size", "32", "--num-classes", "10")
+  code, out, err = jaxbn_cli(
+      "check", "--weights", str(tmp_path / "nan.safetensors"), "--steps", "1", "--size", "32", "--num-classes", "10"
+  )
   assert code == 1 and "FAILED: non-finite running statistics" in out, out + err
   assert "checkpoint layer2.0.bn1: non-finite running_var in channel 5" in out
 

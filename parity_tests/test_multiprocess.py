@@ -32,15 +32,31 @@ def test_two_processes_match_torch_on_the_global_batch(tmp_path):
     torch_bn.weight.copy_(torch.tensor([0.5, 1.0, 1.5]))
     torch_bn.bias.copy_(torch.tensor([-1.0, 0.0, 1.0]))
   start = variables_from_torch(torch_bn)
-  np.savez(tmp_path / "data.npz", batches=np.moveaxis(batches, 2, -1), **start["params"],
-           mean=start["batch_stats"]["mean"], var=start["batch_stats"]["var"])
+  np.savez(
+      tmp_path / "data.npz",
+      batches=np.moveaxis(batches, 2, -1),
+      **start["params"],
+      mean=start["batch_stats"]["mean"],
+      var=start["batch_stats"]["var"],
+  )
   expected = [torch_bn(torch.from_numpy(x)).detach().numpy() for x in batches]
 
   port = str(free_port())
   workers = [
-      subprocess.Popen([sys.executable, str(WORKER), str(i), str(PROCESSES), port,
-                        str(tmp_path / "data.npz"), str(tmp_path / f"out{i}.npz")],
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      subprocess.Popen(
+          [
+              sys.executable,
+              str(WORKER),
+              str(i),
+              str(PROCESSES),
+              port,
+              str(tmp_path / "data.npz"),
+              str(tmp_path / f"out{i}.npz"),
+          ],
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+      )
       for i in range(PROCESSES)
   ]
   for worker in workers:

@@ -32,8 +32,11 @@ def trained_resnet(steps=2, **kwargs):
 
 
 def flat(module_or_variables) -> dict:
-  variables = jaxbn.nnx.to_variables(module_or_variables) if isinstance(module_or_variables, nnx.Module) \
+  variables = (
+      jaxbn.nnx.to_variables(module_or_variables)
+      if isinstance(module_or_variables, nnx.Module)
       else module_or_variables
+  )
   return traverse_util.flatten_dict(variables, sep="/")
 
 
@@ -187,8 +190,12 @@ def test_frozen_mask_and_keep_frozen_on_a_bridged_linen_model():
   after = flat(jaxbn.nnx.to_variables(bridged))
   for key in before:
     moved = not np.array_equal(before[key], after[key])
-    frozen = key.startswith("params/layer1/") or key.rsplit("/", 1)[-1] in ("mean", "var") \
-        or "bn" in key or "downsample/1" in key
+    frozen = (
+        key.startswith("params/layer1/")
+        or key.rsplit("/", 1)[-1] in ("mean", "var")
+        or "bn" in key
+        or "downsample/1" in key
+    )
     assert moved != frozen, key
 
 

@@ -17,8 +17,11 @@ import jaxbn.parity
 
 def torch_net(eps=1e-5, momentum=0.1):
   torch.manual_seed(0)
-  return torch.nn.Sequential(collections.OrderedDict(
-      conv=torch.nn.Conv2d(3, 4, 3, padding=1, bias=False), bn=torch.nn.BatchNorm2d(4, eps=eps, momentum=momentum)))
+  return torch.nn.Sequential(
+      collections.OrderedDict(
+          conv=torch.nn.Conv2d(3, 4, 3, padding=1, bias=False), bn=torch.nn.BatchNorm2d(4, eps=eps, momentum=momentum)
+      )
+  )
 
 
 class Net(nn.Module):
@@ -75,7 +78,9 @@ def test_resnet_accepts_nchw_input():
 
 @pytest.mark.parametrize("factory, last", [(jaxbn.models.resnet18, "bn2"), (jaxbn.models.resnet50, "bn3")])
 def test_zero_init_residual_zeroes_each_blocks_last_norm_scale(factory, last):
-  variables = factory(num_classes=3, zero_init_residual=True).init(jax.random.key(0), np.ones((1, 32, 32, 3), np.float32))
+  variables = factory(num_classes=3, zero_init_residual=True).init(
+      jax.random.key(0), np.ones((1, 32, 32, 3), np.float32)
+  )
   block = variables["params"]["layer1"]["0"]
   np.testing.assert_array_equal(block[last]["scale"], 0.0)
   np.testing.assert_array_equal(block["bn1"]["scale"], 1.0)
@@ -92,6 +97,7 @@ def test_jaxbn_parity_comes_with_import_jaxbn_and_compare_takes_the_model_flag()
   assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "compare_config"
 
   class Flagged(nn.Module):
+
     @nn.compact
     def __call__(self, x, use_running_average: bool):
       x = nn.Conv(4, (3, 3), padding=1, use_bias=False, name="conv")(x)
@@ -102,7 +108,13 @@ def test_jaxbn_parity_comes_with_import_jaxbn_and_compare_takes_the_model_flag()
   template = jax.eval_shape(lambda x: Flagged().init(jax.random.key(0), x, use_running_average=True), X)
   state = {k: v.numpy().copy() for k, v in torch_net().state_dict().items()}
   variables = jaxbn.convert.from_torch(state, template).variables
-  report = jaxbn.parity.compare(torch_net(), Flagged(), variables, batches,
-                                train_kwargs={"use_running_average": False}, eval_kwargs={"use_running_average": True})
+  report = jaxbn.parity.compare(
+      torch_net(),
+      Flagged(),
+      variables,
+      batches,
+      train_kwargs={"use_running_average": False},
+      eval_kwargs={"use_running_average": True},
+  )
   assert [(r.mode, r.step) for r in report] == [("train", 0), ("train", 1), ("eval", 2)]
   assert max(r.max_rel for r in report) < 1e-5

@@ -92,17 +92,20 @@ def image(size, batch=4):
 
 CI = {
     "handwritten": Case(HandWritten, image(16), floor=1e-5),
-    "torchvision:mobilenet_v3_small": Case(torchvision_model("mobilenet_v3_small"), image(32),
-                                           grad64_rtol=HARDSIGMOID_GRAD64),
+    "torchvision:mobilenet_v3_small": Case(
+        torchvision_model("mobilenet_v3_small"), image(32), grad64_rtol=HARDSIGMOID_GRAD64
+    ),
     # timm's BatchNormAct2d (BatchNorm + activation in one module) in 34 layers
-    "timm:mobilenetv3_small_050": Case(lambda: timm_model("mobilenetv3_small_050")(), image(32), steps=1,
-                                       grad64_rtol=HARDSIGMOID_GRAD64),
+    "timm:mobilenetv3_small_050": Case(
+        lambda: timm_model("mobilenetv3_small_050")(), image(32), steps=1, grad64_rtol=HARDSIGMOID_GRAD64
+    ),
 }
 FULL = {
     "torchvision:googlenet": Case(torchvision_model("googlenet", aux_logits=True, init_weights=True), image(64, 2)),
     "torchvision:mobilenet_v2": Case(torchvision_model("mobilenet_v2"), image(64)),
-    "torchvision:mobilenet_v3_large": Case(torchvision_model("mobilenet_v3_large"), image(64),
-                                           grad64_rtol=HARDSIGMOID_GRAD64),
+    "torchvision:mobilenet_v3_large": Case(
+        torchvision_model("mobilenet_v3_large"), image(64), grad64_rtol=HARDSIGMOID_GRAD64
+    ),
     "torchvision:efficientnet_b0": Case(torchvision_model("efficientnet_b0"), image(64)),
     "torchvision:efficientnet_v2_s": Case(torchvision_model("efficientnet_v2_s"), image(64)),
     "torchvision:densenet121": Case(torchvision_model("densenet121"), image(64)),
@@ -112,14 +115,16 @@ FULL = {
     "torchvision:mnasnet0_5": Case(torchvision_model("mnasnet0_5"), image(64)),
     # 299 px through 94 BatchNorms: at identical parameters torch float32 itself is 1.4e-4 from
     # torch float64 on AuxLogits.conv1.bn.running_var; jaxbn is 1.9e-4 from torch float32 (measured)
-    "torchvision:inception_v3": Case(torchvision_model("inception_v3", aux_logits=True, init_weights=True),
-                                     image(299, 2), floor=5e-4),
+    "torchvision:inception_v3": Case(
+        torchvision_model("inception_v3", aux_logits=True, init_weights=True), image(299, 2), floor=5e-4
+    ),
     "torchvision:resnet50-FrozenBatchNorm2d": Case(frozen_resnet50, image(64)),
     "torchvision:fasterrcnn_resnet50_fpn.backbone": Case(fasterrcnn_backbone, image(64, 2), loss="l2"),
     "timm:efficientnet_b0": Case(lambda: timm_model("efficientnet_b0")(), image(64, 2)),
     "timm:resnet50": Case(lambda: timm_model("resnet50")(), image(64)),
-    "timm:mobilenetv3_large_100": Case(lambda: timm_model("mobilenetv3_large_100")(), image(64),
-                                      grad64_rtol=HARDSIGMOID_GRAD64),
+    "timm:mobilenetv3_large_100": Case(
+        lambda: timm_model("mobilenetv3_large_100")(), image(64), grad64_rtol=HARDSIGMOID_GRAD64
+    ),
     "timm:regnety_008": Case(lambda: timm_model("regnety_008")(), image(64)),
 }
 

@@ -10,13 +10,13 @@ order. Pooling, indexing and shapes come out exact.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import jax
 import jaxbn
 
 RTOL = 1e-12
@@ -40,25 +40,32 @@ CASES = {
     "conv1d stride padding": (lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1), (2, 4, 11)),
     "conv2d same dilated": (lambda: nn.Conv2d(4, 6, 4, padding="same", dilation=2), (2, 4, 9, 8)),
     "conv2d valid no bias": (lambda: nn.Conv2d(4, 6, 3, padding="valid", bias=False), (2, 4, 7, 7)),
-    "conv2d grouped reflect": (lambda: nn.Conv2d(4, 8, 3, groups=4, padding=(1, 2), padding_mode="reflect"),
-                               (2, 4, 6, 7)),
+    "conv2d grouped reflect": (
+        lambda: nn.Conv2d(4, 8, 3, groups=4, padding=(1, 2), padding_mode="reflect"),
+        (2, 4, 6, 7),
+    ),
     "conv2d replicate": (lambda: nn.Conv2d(3, 5, 3, stride=2, padding=2, padding_mode="replicate"), (2, 3, 8, 8)),
     "conv2d circular": (lambda: nn.Conv2d(3, 5, 3, padding=1, padding_mode="circular"), (2, 3, 6, 5)),
     "conv3d": (lambda: nn.Conv3d(2, 4, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)), (2, 2, 3, 7, 7)),
-    "conv transpose 2d output_padding": (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1),
-                                         (2, 4, 5, 5)),
+    "conv transpose 2d output_padding": (
+        lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1),
+        (2, 4, 5, 5),
+    ),
     "conv transpose 2d grouped": (lambda: nn.ConvTranspose2d(4, 8, 4, stride=2, padding=1, groups=2), (2, 4, 5, 6)),
-    "conv transpose 2d dilated": (lambda: nn.ConvTranspose2d(3, 5, 3, stride=2, dilation=2, bias=False),
-                                  (2, 3, 4, 4)),
+    "conv transpose 2d dilated": (lambda: nn.ConvTranspose2d(3, 5, 3, stride=2, dilation=2, bias=False), (2, 3, 4, 4)),
     "conv transpose 1d": (lambda: nn.ConvTranspose1d(3, 5, 3, stride=3), (2, 3, 6)),
     "max pool ceil": (lambda: nn.MaxPool2d(3, 2, 1, ceil_mode=True), (2, 3, 8, 9)),
     "max pool ceil odd": (lambda: nn.MaxPool2d(2, 2, ceil_mode=True), (2, 3, 7, 7)),
     "max pool dilated": (lambda: nn.MaxPool2d(3, 2, dilation=2), (2, 3, 11, 10)),
-    "max pool 1d 3d": (lambda: nn.Sequential(nn.MaxPool3d(2, ceil_mode=True), nn.Flatten(2), nn.MaxPool1d(3, 2)),
-                       (2, 3, 5, 5, 5)),
+    "max pool 1d 3d": (
+        lambda: nn.Sequential(nn.MaxPool3d(2, ceil_mode=True), nn.Flatten(2), nn.MaxPool1d(3, 2)),
+        (2, 3, 5, 5, 5),
+    ),
     "avg pool ceil count pad": (lambda: nn.AvgPool2d(3, 2, 1, ceil_mode=True), (2, 3, 8, 9)),
-    "avg pool ceil no pad count": (lambda: nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False),
-                                   (2, 3, 8, 9)),
+    "avg pool ceil no pad count": (
+        lambda: nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False),
+        (2, 3, 8, 9),
+    ),
     "avg pool divisor override": (lambda: nn.AvgPool2d(2, divisor_override=3), (2, 3, 6, 6)),
     "avg pool 1d ceil": (lambda: nn.AvgPool1d(3, 2, 1, ceil_mode=True), (2, 3, 10)),
     "adaptive avg uneven": (lambda: nn.AdaptiveAvgPool2d((4, 3)), (2, 3, 7, 10)),
@@ -76,11 +83,31 @@ CASES = {
     "group norm": (lambda: nn.GroupNorm(2, 8), (2, 8, 3, 3)),
     "layer norm": (lambda: nn.LayerNorm(5), (2, 3, 5)),
     "layer norm 2 axes no bias": (lambda: nn.LayerNorm((4, 4), bias=False), (2, 3, 4, 4)),
-    "pads": (lambda: nn.Sequential(nn.ZeroPad2d((1, 2, 0, 3)), nn.ReflectionPad2d(2), nn.ReplicationPad2d((1, 0, 2, 1)),
-                                   nn.ConstantPad2d(1, 0.5)), (2, 3, 4, 4)),
-    "activations": (lambda: nn.Sequential(nn.GELU(), nn.LeakyReLU(0.2), nn.ELU(0.5), nn.Hardtanh(-0.5, 0.7), nn.Mish(),
-                                          nn.SiLU(), nn.Hardswish(), nn.Hardsigmoid(), nn.ReLU6(), nn.Tanh(),
-                                          nn.Sigmoid()), (2, 3, 6)),
+    "pads": (
+        lambda: nn.Sequential(
+            nn.ZeroPad2d((1, 2, 0, 3)),
+            nn.ReflectionPad2d(2),
+            nn.ReplicationPad2d((1, 0, 2, 1)),
+            nn.ConstantPad2d(1, 0.5),
+        ),
+        (2, 3, 4, 4),
+    ),
+    "activations": (
+        lambda: nn.Sequential(
+            nn.GELU(),
+            nn.LeakyReLU(0.2),
+            nn.ELU(0.5),
+            nn.Hardtanh(-0.5, 0.7),
+            nn.Mish(),
+            nn.SiLU(),
+            nn.Hardswish(),
+            nn.Hardsigmoid(),
+            nn.ReLU6(),
+            nn.Tanh(),
+            nn.Sigmoid(),
+        ),
+        (2, 3, 6),
+    ),
     "gelu tanh softmax": (lambda: nn.Sequential(nn.GELU("tanh"), nn.Softmax(dim=1), nn.LogSoftmax(dim=-1)), (2, 3, 6)),
     "linear on features": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.Identity()), (2, 3, 4)),
     "functional": (Functional, (2, 6, 4, 7)),

@@ -7,7 +7,8 @@ Derandomized so CI is reproducible; bounded to 25 examples so the suite stays fa
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from parity_tests.test_batch_norm_parity import check_step
 from parity_tests.torch_reference import Config, jax_step, random_batch, variables_from_torch

@@ -55,7 +55,7 @@ def test_momentum_convention_is_torchs():
 
 
 def test_flax_style_momentum_warns():
-  jaxbn._src.checks._warned_momenta.discard(0.9)
+  jaxbn._src.core.checks._warned_momenta.discard(0.9)
   with pytest.warns(jaxbn.MomentumConventionWarning, match="flax's momentum m is jaxbn's 1 - m"):
     jaxbn.BatchNorm(momentum=0.9)
 
@@ -124,7 +124,7 @@ def test_bessel_correction_in_running_variance():
   rng = np.random.default_rng(4)
   x = random_batch(rng, (2, 4, 3, 3), np.float32)  # n = 18 per channel
   torch_bn = torch.nn.BatchNorm2d(4, momentum=1.0)
-  jaxbn._src.checks._warned_momenta.discard(1.0)  # warned once per process; make it warn here
+  jaxbn._src.core.checks._warned_momenta.discard(1.0)  # warned once per process; make it warn here
   with pytest.warns(jaxbn.MomentumConventionWarning):
     module = jaxbn.BatchNorm(axis=1, momentum=1.0)
   variables, _, _ = train_both(torch_bn, module, [x])
@@ -160,13 +160,17 @@ def test_training_without_mutable_batch_stats_is_an_error_not_a_silent_no_update
   module = jaxbn.BatchNorm(use_running_average=False)
   x = random_batch(np.random.default_rng(6), (8, 3), np.float32, channel_axis=1)
   variables = module.init(jax.random.key(0), x)
-  with pytest.raises(ValueError, match=r"""BatchNorm '<root>'.*not mutable.*mutable=\["batch_stats"\].*update_stats=False"""):
+  with pytest.raises(
+      ValueError, match=r"""BatchNorm '<root>'.*not mutable.*mutable=\["batch_stats"\].*update_stats=False"""
+  ):
     module.apply(variables, x)
   y_mutable, updates = module.apply(variables, x, mutable=["batch_stats"])
   assert int(updates["batch_stats"]["num_batches_tracked"]) == 1
   y = jaxbn.BatchNorm(use_running_average=False, update_stats=False).apply(variables, x)  # batch statistics, no update
   np.testing.assert_array_equal(y, y_mutable)
-  _, unchanged = jaxbn.BatchNorm(use_running_average=False, update_stats=False).apply(variables, x, mutable=["batch_stats"])
+  _, unchanged = jaxbn.BatchNorm(use_running_average=False, update_stats=False).apply(
+      variables, x, mutable=["batch_stats"]
+  )
   assert int(unchanged["batch_stats"]["num_batches_tracked"]) == 0
   jaxbn.BatchNorm(use_running_average=False, track_running_stats=False).apply({"params": variables["params"]}, x)
 

@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from jax.sharding import NamedSharding, PartitionSpec as P
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jaxbn
-from flax import nnx
-
 from parity_tests.torch_reference import APIS, make_batchnorm, random_batch, to_torch, variables_from_torch
 
 DEVICES, CHANNELS, SPATIAL = 8, 5, (3, 5)
@@ -35,8 +35,13 @@ def torch_reference(torch_bn, x, cotangent):
   torch_bn.zero_grad(set_to_none=True)
   y = torch_bn(xt)
   (y * to_torch(cotangent)).sum().backward()
-  return dict(y=y.detach().numpy(), dx=xt.grad.numpy(), scale=torch_bn.weight.grad.numpy(),
-              bias=torch_bn.bias.grad.numpy(), stats=variables_from_torch(torch_bn)["batch_stats"])
+  return dict(
+      y=y.detach().numpy(),
+      dx=xt.grad.numpy(),
+      scale=torch_bn.weight.grad.numpy(),
+      bias=torch_bn.bias.grad.numpy(),
+      stats=variables_from_torch(torch_bn)["batch_stats"],
+  )
 
 
 def assert_matches(actual: dict, expected: dict, n: int):
@@ -59,14 +64,18 @@ def device_step(module, groups=None):
     params, batch_stats = jax.tree.map(lambda a: a[0], (params, batch_stats))
 
     def forward(x, params):
-      return module.apply({"params": params, "batch_stats": batch_stats}, x,
-                          use_running_average=False, mask=mask, mutable=["batch_stats"])
+      return module.apply(
+          {"params": params, "batch_stats": batch_stats},
+          x,
+          use_running_average=False,
+          mask=mask,
+          mutable=["batch_stats"],
+      )
 
     y, vjp, updates = jax.vjp(forward, x, params, has_aux=True)
     dx, dparams = vjp(cotangent)
     # The group's sum; via all_gather, as JAX 0.10 has no grouped psum of device-invariant values.
-    dparams = jax.tree.map(
-        lambda g: jax.lax.all_gather(g, "data", axis_index_groups=groups).sum(0), dparams)
+    dparams = jax.tree.map(lambda g: jax.lax.all_gather(g, "data", axis_index_groups=groups).sum(0), dparams)
     leading = lambda tree: jax.tree.map(lambda a: a[None], tree)  # noqa: E731
     return y, dx, leading(dparams), leading(updates["batch_stats"])
 
@@ -85,7 +94,7 @@ def to_devices(x_nchw, counts, pad_to):
   shards, masks, start = [], [], 0
   for count in counts:
     shard = np.full((pad_to, *x_nchw.shape[2:], x_nchw.shape[1]), 1e3, np.float32)
-    shard[:count] = np.moveaxis(x_nchw[start:start + count], 1, -1)
+    shard[:count] = np.moveaxis(x_nchw[start : start + count], 1, -1)
     shards.append(shard)
     masks.append((np.arange(pad_to) < count)[:, None, None, None])
     start += count
@@ -94,7 +103,7 @@ def to_devices(x_nchw, counts, pad_to):
 
 def from_devices(values, counts, pad_to):
   """Valid examples of per-device NHWC results, concatenated back into torch layout."""
-  parts = [values[d * pad_to: d * pad_to + c] for d, c in enumerate(counts)]
+  parts = [values[d * pad_to : d * pad_to + c] for d, c in enumerate(counts)]
   return np.moveaxis(np.concatenate(parts), -1, 1)
 
 
@@ -113,10 +122,14 @@ def test_shard_map_matches_torch_on_the_global_batch(case, api):
   mesh = jax.make_mesh((DEVICES,), ("data",))
   sharded = NamedSharding(mesh, P("data"))
   module = make_batchnorm(api, CHANNELS, axis_name="data", axis_index_groups=groups)
-  step = jax.jit(jax.shard_map(
-      device_step(module, groups), mesh=mesh,
-      in_specs=P("data"), out_specs=P("data"),
-  ))
+  step = jax.jit(
+      jax.shard_map(
+          device_step(module, groups),
+          mesh=mesh,
+          in_specs=P("data"),
+          out_specs=P("data"),
+      )
+  )
   group_members = groups or [list(range(DEVICES))]
   torch_bns = [torch.nn.BatchNorm2d(CHANNELS) for _ in group_members]  # one per group
   for torch_bn in torch_bns:
@@ -135,7 +148,7 @@ def test_shard_map_matches_torch_on_the_global_batch(case, api):
     cot_dev = np.where(mask, cot_dev, 0).astype(np.float32)  # padded outputs feed no loss
     y, dx, dparams, batch_stats = step(params, batch_stats, *jax.device_put((x_dev, cot_dev, mask), sharded))
     y, dx, dparams, stats = jax.tree.map(np.asarray, (y, dx, dparams, batch_stats))
-    for torch_bn, members in zip(torch_bns, group_members):
+    for torch_bn, members in zip(torch_bns, group_members, strict=True):
       rows = np.concatenate([np.arange(offsets[d], offsets[d + 1]) for d in members])
       expected = torch_reference(torch_bn, x[rows], cotangent[rows])
       member_counts = [counts[d] if d in members else 0 for d in range(DEVICES)]
@@ -143,7 +156,8 @@ def test_shard_map_matches_torch_on_the_global_batch(case, api):
         actual = dict(
             y=from_devices(y, member_counts, pad_to),
             dx=from_devices(dx, member_counts, pad_to),
-            scale=dparams["scale"][d], bias=dparams["bias"][d],
+            scale=dparams["scale"][d],
+            bias=dparams["bias"][d],
             stats=jax.tree.map(lambda a: a[d], stats),
         )
         assert_matches(actual, expected, n=len(rows) * np.prod(SPATIAL))
@@ -173,10 +187,13 @@ def test_pmap_and_vmap_match_torch_on_the_global_batch(mapping, api):
     cot_dev = np.where(mask, cot_dev, 0).astype(np.float32)
     y, dx, dparams, batch_stats = step(params, batch_stats, split(x_dev), split(cot_dev), split(mask))
     expected = torch_reference(torch_bn, x, cotangent)
-    actual = dict(y=from_devices(np.asarray(y).reshape(x_dev.shape), counts, pad_to),
-                  dx=from_devices(np.asarray(dx).reshape(x_dev.shape), counts, pad_to),
-                  scale=dparams["scale"][0, 0], bias=dparams["bias"][0, 0],
-                  stats=jax.tree.map(lambda a: np.asarray(a[0, 0]), batch_stats))
+    actual = dict(
+        y=from_devices(np.asarray(y).reshape(x_dev.shape), counts, pad_to),
+        dx=from_devices(np.asarray(dx).reshape(x_dev.shape), counts, pad_to),
+        scale=dparams["scale"][0, 0],
+        bias=dparams["bias"][0, 0],
+        stats=jax.tree.map(lambda a: np.asarray(a[0, 0]), batch_stats),
+    )
     assert_matches(actual, expected, n=x.size // CHANNELS)
 
 
@@ -191,8 +208,7 @@ def test_jit_over_a_batch_sharded_input_gives_global_statistics(api):
   @jax.jit
   def step(variables, x, cotangent):
     def forward(x, params):
-      return module.apply({**variables, "params": params}, x, use_running_average=False,
-                          mutable=["batch_stats"])
+      return module.apply({**variables, "params": params}, x, use_running_average=False, mutable=["batch_stats"])
 
     y, vjp, updates = jax.vjp(forward, x, variables["params"], has_aux=True)
     dx, dparams = vjp(cotangent)
@@ -207,8 +223,13 @@ def test_jit_over_a_batch_sharded_input_gives_global_statistics(api):
     y, dx, dparams, stats = step(variables, x_dev, jax.device_put(np.moveaxis(cotangent, 1, -1), sharding))
     assert len(y.sharding.device_set) == DEVICES
     expected = torch_reference(torch_bn, x, cotangent)
-    actual = dict(y=np.moveaxis(np.asarray(y), -1, 1), dx=np.moveaxis(np.asarray(dx), -1, 1),
-                  scale=dparams["scale"], bias=dparams["bias"], stats=jax.tree.map(np.asarray, stats))
+    actual = dict(
+        y=np.moveaxis(np.asarray(y), -1, 1),
+        dx=np.moveaxis(np.asarray(dx), -1, 1),
+        scale=dparams["scale"],
+        bias=dparams["bias"],
+        stats=jax.tree.map(np.asarray, stats),
+    )
     assert_matches(actual, expected, n=x.size // CHANNELS)
     variables = {**variables, "batch_stats": stats}
 

@@ -89,7 +89,8 @@ def test_synced_gradients_match_torch_on_the_global_batch():
   """Eight devices under shard_map, each with a shard of the batch and replicated parameters: the
   input gradient (stats cotangents included) equals torch's on the whole batch, and the
   parameter gradients arrive summed over devices, as autodiff gives them."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   devices = 8
   rng = np.random.default_rng(4)
@@ -106,12 +107,18 @@ def test_synced_gradients_match_torch_on_the_global_batch():
     return jnp.sum(y * cy) + stats_terms / devices
 
   mesh = jax.make_mesh((devices,), ("data",))
-  grads = jax.jit(jax.shard_map(
-      jax.grad(loss, argnums=(0, 1, 2)), mesh=mesh,
-      in_specs=(P("data"), P(), P(), P("data")), out_specs=(P("data"), P(), P())))
+  grads = jax.jit(
+      jax.shard_map(
+          jax.grad(loss, argnums=(0, 1, 2)),
+          mesh=mesh,
+          in_specs=(P("data"), P(), P(), P("data")),
+          out_specs=(P("data"), P(), P()),
+      )
+  )
   sharded = NamedSharding(mesh, P("data"))
-  dx, dw, db = grads(jax.device_put(np.moveaxis(x, 1, -1), sharded), weight, bias,
-                     jax.device_put(np.moveaxis(cy, 1, -1), sharded))
+  dx, dw, db = grads(
+      jax.device_put(np.moveaxis(x, 1, -1), sharded), weight, bias, jax.device_put(np.moveaxis(cy, 1, -1), sharded)
+  )
   tol = TOLERANCE[np.float32]
   np.testing.assert_allclose(np.moveaxis(np.asarray(dx), -1, 1), expected[0], atol=tol, rtol=0)
   np.testing.assert_allclose(dw, expected[1], atol=tol * np.sqrt(x.size // 3), rtol=0)
@@ -168,9 +175,9 @@ def test_a_jitted_train_step_traces_once():
     traces.append(None)
 
     def loss(params):
-      y, updates = module.apply({**variables, "params": params}, x, use_running_average=False,
-                                mutable=["batch_stats"])
-      return jnp.sum(y ** 3), updates
+      y, updates = module.apply({**variables, "params": params}, x, use_running_average=False, mutable=["batch_stats"])
+      return jnp.sum(y**3), updates
+
     grads, updates = jax.grad(loss, has_aux=True)(variables["params"])
     return {"params": jax.tree.map(lambda p, g: p - 0.1 * g, variables["params"], grads), **updates}
 

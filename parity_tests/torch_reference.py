@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ import torch
 from flax import nnx
 
 import jaxbn
-from jaxbn._src.checkpoint import numpy_to_tensor, tensor_to_numpy
+from jaxbn._src.checkpoints.files import numpy_to_tensor, tensor_to_numpy
 
 TORCH_DTYPES = {
     np.dtype(np.float16): torch.float16,
@@ -38,18 +38,14 @@ to_torch = numpy_to_tensor
 def variables_from_torch(module: torch.nn.Module) -> dict:
   """A torch BatchNorm's tensors as jaxbn.BatchNorm variables (same values, same dtypes)."""
   variables = {}
-  params = {
-      name: to_numpy(t) for name, t in (("scale", module.weight), ("bias", module.bias)) if t is not None
-  }
+  params = {name: to_numpy(t) for name, t in (("scale", module.weight), ("bias", module.bias)) if t is not None}
   if params:
     variables["params"] = params
   if module.running_mean is not None:
     variables["batch_stats"] = {
         "mean": to_numpy(module.running_mean),
         "var": to_numpy(module.running_var),
-        "num_batches_tracked": np.asarray(
-            module.num_batches_tracked.item(), jax.dtypes.canonicalize_dtype(np.int64)
-        ),
+        "num_batches_tracked": np.asarray(module.num_batches_tracked.item(), jax.dtypes.canonicalize_dtype(np.int64)),
     }
   return variables
 
@@ -85,9 +81,15 @@ class Config:
 
   def jax_module(self):
     """jaxbn.BatchNorm, or for ``api="nnx"`` a jaxbn.nnx.BatchNorm behind the same ``apply``."""
-    options = dict(axis=-1 if self.channels_last else 1, momentum=self.momentum, epsilon=self.eps,
-                   use_scale=self.affine, use_bias=self.affine, track_running_stats=self.track_running_stats,
-                   param_dtype=self.dtype)
+    options = dict(
+        axis=-1 if self.channels_last else 1,
+        momentum=self.momentum,
+        epsilon=self.eps,
+        use_scale=self.affine,
+        use_bias=self.affine,
+        track_running_stats=self.track_running_stats,
+        param_dtype=self.dtype,
+    )
     with warnings.catch_warnings():  # momentum=1.0 is tested on purpose
       warnings.simplefilter("ignore", jaxbn.MomentumConventionWarning)
       if self.api == "nnx":
@@ -136,9 +138,7 @@ def jax_step(module: jaxbn.BatchNorm, train: bool) -> Callable:
     rest = {k: v for k, v in variables.items() if k != "params"}
 
     def forward(x, params):
-      return module.apply(
-          {"params": params, **rest}, x, use_running_average=not train, mutable=["batch_stats"]
-      )
+      return module.apply({"params": params, **rest}, x, use_running_average=not train, mutable=["batch_stats"])
 
     y, vjp, updates = jax.vjp(forward, x, params, has_aux=True)
     dx, dparams = vjp(jnp.asarray(cotangent, y.dtype))
@@ -187,8 +187,9 @@ def classification_train_step(model, tx, eval_prefixes=()) -> Callable:
   def step(params, batch_stats, opt_state, x, labels):
     def loss(params):
       with jaxbn.eval_mode(*eval_prefixes):
-        logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                                      mutable=["batch_stats"])
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+        )
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (logits, updates)
 
     grads, (logits, updates) = jax.grad(loss, has_aux=True)(params)

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 from flax import traverse_util
 
-from jaxbn._src import layer_config
-from jaxbn._src.batch_norm import BatchNorm
-from jaxbn._src.convert import Rename, _renamer
-from jaxbn._src.frozen import FrozenBatchNorm
-from jaxbn._src.layer_config import ConfigMismatch
-from jaxbn._src.nnx_state import is_nnx, to_variables
+from jaxbn._src.checkpoints import config as layer_config
+from jaxbn._src.checkpoints.config import ConfigMismatch
+from jaxbn._src.checkpoints.rules import Rename, renamer
+from jaxbn._src.linen.batch_norm import BatchNorm
+from jaxbn._src.linen.frozen import FrozenBatchNorm
+from jaxbn._src.variables.state import is_nnx, to_variables
 
 
 @dataclasses.dataclass
@@ -44,15 +45,16 @@ def _torch_batchnorms(torch_model) -> dict[str, Any]:
   return {name: m for name, m in torch_model.named_modules() if name in names}
 
 
-def compare_config(torch_model, flax_model, example_input=None, *, rename: Rename = None,
-                   **apply_kwargs) -> list[ConfigMismatch]:
+def compare_config(
+    torch_model, flax_model, example_input=None, *, rename: Rename = None, **apply_kwargs
+) -> list[ConfigMismatch]:
   """eps, momentum, affine and track_running_stats of every torch BatchNorm against the Flax
   layer at the same path (these are not in a state_dict, so conversion cannot see them).
   A Flax layer that is flax's own BatchNorm is reported too: its semantics differ from torch's.
   A Linen model is traced on ``example_input`` (with ``apply_kwargs``); an NNX module needs none."""
   if example_input is None and not is_nnx(flax_model):
     raise TypeError("compare_config needs example_input for a Linen model: its layers exist only when called.")
-  rename = _renamer(rename)
+  rename = renamer(rename)
   configs = layer_config.torch_configs(torch_model)
   torch_name = {rename(name): name for name in configs}
   expected = {rename(name): config for name, config in configs.items()}
@@ -69,8 +71,9 @@ def _linen_runner(flax_model: nn.Module, variables, train_kwargs, eval_kwargs):
   @functools.partial(jax.jit, static_argnums=2)
   def run(variables, x, train):
     kwargs = train_kwargs if train else eval_kwargs
-    _, state = flax_model.apply(variables, x, **kwargs, mutable=["batch_stats", "intermediates"],
-                                capture_intermediates=is_batchnorm)
+    _, state = flax_model.apply(
+        variables, x, **kwargs, mutable=["batch_stats", "intermediates"], capture_intermediates=is_batchnorm
+    )
     return state
 
   def step(x, train):
@@ -78,7 +81,9 @@ def _linen_runner(flax_model: nn.Module, variables, train_kwargs, eval_kwargs):
     state = run(variables, x, train)
     if train:
       variables = {**variables, "batch_stats": state["batch_stats"]}
-    captured = {"/".join(path[:-1]): value[0] for path, value in traverse_util.flatten_dict(state["intermediates"]).items()}
+    captured = {
+        "/".join(path[:-1]): value[0] for path, value in traverse_util.flatten_dict(state["intermediates"]).items()
+    }
     return captured, variables.get("batch_stats", {})
 
   return step
@@ -97,7 +102,8 @@ def _nnx_runner(flax_model, state, train_kwargs, eval_kwargs):
     model = nnx.merge(graphdef, state)
     model.train() if train else model.eval()
     _, outputs = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(
-        x, **(train_kwargs if train else eval_kwargs))
+        x, **(train_kwargs if train else eval_kwargs)
+    )
     captured = {"/".join(map(str, path[:-1])): value.get_value()[0] for path, value in nnx.to_flat_state(outputs)}
     return captured, nnx.state(model)
 
@@ -111,9 +117,18 @@ def _nnx_runner(flax_model, state, train_kwargs, eval_kwargs):
   return step
 
 
-def compare(torch_model, flax_model, variables, batches: Sequence[np.ndarray], *,
-            train_steps: int | None = None, rename: Rename = None, channels_last: bool = True,
-            train_kwargs: dict | None = None, eval_kwargs: dict | None = None) -> list[LayerDifference]:
+def compare(
+    torch_model,
+    flax_model,
+    variables,
+    batches: Sequence[np.ndarray],
+    *,
+    train_steps: int | None = None,
+    rename: Rename = None,
+    channels_last: bool = True,
+    train_kwargs: dict | None = None,
+    eval_kwargs: dict | None = None,
+) -> list[LayerDifference]:
   """Runs both models on ``batches`` and compares every BatchNorm layer's output and, after each
   training step, its running statistics.
 
@@ -140,13 +155,15 @@ def compare(torch_model, flax_model, variables, batches: Sequence[np.ndarray], *
     train_kwargs = {"train": True} if train_kwargs is None else train_kwargs
     eval_kwargs = {"train": False} if eval_kwargs is None else eval_kwargs
     step_flax = _linen_runner(flax_model, variables, train_kwargs, eval_kwargs)
-  rename = _renamer(rename)
+  rename = renamer(rename)
   train_steps = len(batches) - 1 if train_steps is None else train_steps
   torch_layers = _torch_batchnorms(torch_model)
   outputs: dict[str, np.ndarray] = {}
   # Copy at once: torchvision's ReLU(inplace=True) overwrites the BatchNorm output right after.
-  hooks = [layer.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o.detach().numpy().copy()))
-           for name, layer in torch_layers.items()]
+  hooks = [
+      layer.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o.detach().numpy().copy()))
+      for name, layer in torch_layers.items()
+  ]
 
   report = []
   try:
@@ -164,10 +181,18 @@ def compare(torch_model, flax_model, variables, batches: Sequence[np.ndarray], *
         if channels_last and expected.ndim > 2:
           actual = np.moveaxis(actual, -1, 1)
         difference = np.max(np.abs(actual - expected))
-        row = LayerDifference(name, "train" if train else "eval", step, float(difference),
-                              float(difference / max(np.max(np.abs(expected)), 1e-30)))
+        row = LayerDifference(
+            name,
+            "train" if train else "eval",
+            step,
+            float(difference),
+            float(difference / max(np.max(np.abs(expected)), 1e-30)),
+        )
         if train and getattr(layer, "running_mean", None) is not None and f"{path}/mean" in stats:
-          for field, leaf, buffer in (("mean_drift", "mean", layer.running_mean), ("var_drift", "var", layer.running_var)):
+          for field, leaf, buffer in (
+              ("mean_drift", "mean", layer.running_mean),
+              ("var_drift", "var", layer.running_var),
+          ):
             ours = np.asarray(stats[f"{path}/{leaf}"], np.float64)
             theirs = buffer.detach().numpy().astype(np.float64)
             setattr(row, field, float(np.max(np.abs(ours - theirs) / np.maximum(np.abs(theirs), 1.0))))
@@ -214,9 +239,13 @@ def format_table(report: Sequence[LayerDifference]) -> str:
 
   for name in layers:
     train, evaluation = worst.get((name, "train")), worst.get((name, "eval"))
-    lines.append(f"{name:<{width}}  {cell(train and train.max_rel, 13)}  {cell(evaluation and evaluation.max_rel, 12)}"
-                 f"  {drift(name, 'mean_drift')}  {drift(name, 'var_drift')}")
+    lines.append(
+        f"{name:<{width}}  {cell(train and train.max_rel, 13)}  {cell(evaluation and evaluation.max_rel, 12)}"
+        f"  {drift(name, 'mean_drift')}  {drift(name, 'var_drift')}"
+    )
   rows = [r.max_rel for r in report]
-  lines.append(f"{len(layers)} BatchNorm layers, {len({r.step for r in report})} steps; worst relative output"
-               f" difference {max(rows):.2e}")
+  lines.append(
+      f"{len(layers)} BatchNorm layers, {len({r.step for r in report})} steps; worst relative output"
+      f" difference {max(rows):.2e}"
+  )
   return "\n".join(lines)

@@ -2,7 +2,6 @@
 NNX in ``jaxbn.models.nnx``."""
 
 from jaxbn.models import nnx
-
 from jaxbn.models.resnet import (
     MODELS,
     BasicBlock,

@@ -8,30 +8,59 @@ arithmetic; the mode is NNX's: ``model.train()`` / ``model.eval()``.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxbn._src.nnx_batch_norm import BatchNorm
+from jaxbn._src.nnx.batch_norm import BatchNorm
 from jaxbn.models.resnet import FAMILY, conv_init, linear_init
 
 
-def conv(in_features: int, out_features: int, kernel: int, stride: int = 1, groups: int = 1, dilation: int = 1, *,
-         rngs: nnx.Rngs) -> nnx.Conv:
+def conv(
+    in_features: int,
+    out_features: int,
+    kernel: int,
+    stride: int = 1,
+    groups: int = 1,
+    dilation: int = 1,
+    *,
+    rngs: nnx.Rngs,
+) -> nnx.Conv:
   """torch's Conv2d(bias=False, padding=dilation * (kernel // 2)) in NHWC."""
   padding = dilation * (kernel // 2)
-  return nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride, padding=((padding, padding),) * 2,
-                  kernel_dilation=dilation, feature_group_count=groups, use_bias=False, kernel_init=conv_init,
-                  rngs=rngs)
+  return nnx.Conv(
+      in_features,
+      out_features,
+      (kernel, kernel),
+      strides=stride,
+      padding=((padding, padding),) * 2,
+      kernel_dilation=dilation,
+      feature_group_count=groups,
+      use_bias=False,
+      kernel_init=conv_init,
+      rngs=rngs,
+  )
 
 
 class BasicBlock(nnx.Module):
   expansion = 1
 
-  def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: bool = False, groups: int = 1,
-               base_width: int = 64, dilation: int = 1, *, norm: Callable, last_norm: Callable, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      inplanes: int,
+      planes: int,
+      stride: int = 1,
+      downsample: bool = False,
+      groups: int = 1,
+      base_width: int = 64,
+      dilation: int = 1,
+      *,
+      norm: Callable,
+      last_norm: Callable,
+      rngs: nnx.Rngs,
+  ):
     if groups != 1 or base_width != 64:
       raise ValueError("BasicBlock only supports groups=1 and base_width=64 (as torchvision)")
     self.conv1 = conv(inplanes, planes, 3, stride, rngs=rngs)
@@ -51,8 +80,20 @@ class Bottleneck(nnx.Module):
 
   expansion = 4
 
-  def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: bool = False, groups: int = 1,
-               base_width: int = 64, dilation: int = 1, *, norm: Callable, last_norm: Callable, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      inplanes: int,
+      planes: int,
+      stride: int = 1,
+      downsample: bool = False,
+      groups: int = 1,
+      base_width: int = 64,
+      dilation: int = 1,
+      *,
+      norm: Callable,
+      last_norm: Callable,
+      rngs: nnx.Rngs,
+  ):
     width = int(planes * (base_width / 64.0)) * groups
     self.conv1 = conv(inplanes, width, 1, rngs=rngs)
     self.bn1 = norm(width, rngs=rngs)
@@ -60,8 +101,9 @@ class Bottleneck(nnx.Module):
     self.bn2 = norm(width, rngs=rngs)
     self.conv3 = conv(width, planes * self.expansion, 1, rngs=rngs)
     self.bn3 = last_norm(planes * self.expansion, rngs=rngs)
-    self.downsample = (_downsample(inplanes, planes * self.expansion, stride, norm, rngs) if downsample
-                       else nnx.data(None))
+    self.downsample = (
+        _downsample(inplanes, planes * self.expansion, stride, norm, rngs) if downsample else nnx.data(None)
+    )
 
   def __call__(self, x):
     out = nnx.relu(self.bn1(self.conv1(x)))
@@ -102,10 +144,20 @@ class ResNet(nnx.Module):
     input_layout: ``'NHWC'`` or ``'NCHW'`` (torch's layout, transposed on entry).
   """
 
-  def __init__(self, block: type, layers: Sequence[int], num_classes: int = 1000, *, groups: int = 1,
-               width_per_group: int = 64, replace_stride_with_dilation: Sequence[bool] = (False, False, False),
-               zero_init_residual: bool = False, norm: Callable = BatchNorm, input_layout: str = "NHWC",
-               rngs: nnx.Rngs):
+  def __init__(
+      self,
+      block: type,
+      layers: Sequence[int],
+      num_classes: int = 1000,
+      *,
+      groups: int = 1,
+      width_per_group: int = 64,
+      replace_stride_with_dilation: Sequence[bool] = (False, False, False),
+      zero_init_residual: bool = False,
+      norm: Callable = BatchNorm,
+      input_layout: str = "NHWC",
+      rngs: nnx.Rngs,
+  ):
     if input_layout not in ("NHWC", "NCHW"):
       raise ValueError(f"input_layout must be 'NHWC' or 'NCHW', got {input_layout!r}")
     self.input_layout = input_layout
@@ -113,14 +165,22 @@ class ResNet(nnx.Module):
     self.conv1 = conv(3, 64, 7, 2, rngs=rngs)
     self.bn1 = norm(64, rngs=rngs)
     inplanes, dilation = 64, 1
-    for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+    for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers, strict=True)):
       stride = 1 if i == 0 else 2
       first_dilation = dilation
       if i > 0 and replace_stride_with_dilation[i - 1]:
         dilation, stride = dilation * stride, 1
       common = dict(groups=groups, base_width=width_per_group, norm=norm, last_norm=last_norm, rngs=rngs)
-      stage = [block(inplanes, planes, stride, stride != 1 or inplanes != planes * block.expansion,
-                     dilation=first_dilation, **common)]
+      stage = [
+          block(
+              inplanes,
+              planes,
+              stride,
+              stride != 1 or inplanes != planes * block.expansion,
+              dilation=first_dilation,
+              **common,
+          )
+      ]
       inplanes = planes * block.expansion
       stage += [block(inplanes, planes, dilation=dilation, **common) for _ in range(1, blocks)]
       setattr(self, f"layer{i + 1}", nnx.List(stage))
@@ -152,6 +212,8 @@ def _factory(name, block, layers, **defaults):
   return make
 
 
-MODELS = {name: _factory(name, {"basic": BasicBlock, "bottleneck": Bottleneck}[block], layers, **defaults)
-          for name, (block, layers, defaults) in FAMILY.items()}
+MODELS = {
+    name: _factory(name, {"basic": BasicBlock, "bottleneck": Bottleneck}[block], layers, **defaults)
+    for name, (block, layers, defaults) in FAMILY.items()
+}
 resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d, wide_resnet50_2 = MODELS.values()

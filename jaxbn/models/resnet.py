@@ -9,13 +9,13 @@ argument: ``jaxbn.BatchNorm`` (default) or ``jaxbn.FrozenBatchNorm``. Input is N
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxbn._src.batch_norm import BatchNorm
+from jaxbn._src.linen.batch_norm import BatchNorm
 
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), an untruncated normal.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -26,9 +26,17 @@ linear_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 def conv(features: int, kernel: int, stride: int = 1, groups: int = 1, dilation: int = 1, name=None):
   """torch's Conv2d(bias=False, padding=dilation * (kernel // 2)) in NHWC."""
   padding = dilation * (kernel // 2)
-  return nn.Conv(features, (kernel, kernel), strides=stride, padding=((padding, padding),) * 2,
-                 kernel_dilation=dilation, feature_group_count=groups, use_bias=False,
-                 kernel_init=conv_init, name=name)
+  return nn.Conv(
+      features,
+      (kernel, kernel),
+      strides=stride,
+      padding=((padding, padding),) * 2,
+      kernel_dilation=dilation,
+      feature_group_count=groups,
+      use_bias=False,
+      kernel_init=conv_init,
+      name=name,
+  )
 
 
 class Downsample(nn.Module):
@@ -106,7 +114,9 @@ class Stage(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     common = dict(groups=self.groups, base_width=self.base_width, norm=self.norm)
-    x = self.block(self.planes, self.stride, self.downsample, dilation=self.first_dilation, name="0", **common)(x, train)
+    x = self.block(self.planes, self.stride, self.downsample, dilation=self.first_dilation, name="0", **common)(
+        x, train
+    )
     for i in range(1, self.blocks):
       x = self.block(self.planes, dilation=self.dilation, name=str(i), **common)(x, train)
     return x
@@ -167,15 +177,24 @@ class ResNet(nn.Module):
     x = nn.relu(norm(use_running_average=not train, name="bn1")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     inplanes, dilation = 64, 1
-    for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), self.layers)):
+    for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), self.layers, strict=True)):
       stride = 1 if i == 0 else 2
       first_dilation = dilation
       if i > 0 and self.replace_stride_with_dilation[i - 1]:
         dilation, stride = dilation * stride, 1
-      x = Stage(self.block, planes, blocks, stride,
-                downsample=stride != 1 or inplanes != planes * self.block.expansion,
-                groups=self.groups, base_width=self.width_per_group, dilation=dilation,
-                first_dilation=first_dilation, norm=norm, name=f"layer{i + 1}")(x, train)
+      x = Stage(
+          self.block,
+          planes,
+          blocks,
+          stride,
+          downsample=stride != 1 or inplanes != planes * self.block.expansion,
+          groups=self.groups,
+          base_width=self.width_per_group,
+          dilation=dilation,
+          first_dilation=first_dilation,
+          norm=norm,
+          name=f"layer{i + 1}",
+      )(x, train)
       inplanes = planes * self.block.expansion
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, kernel_init=linear_init, name="fc")(x)
@@ -206,6 +225,8 @@ FAMILY = {
     "resnext50_32x4d": ("bottleneck", (3, 4, 6, 3), {"groups": 32, "width_per_group": 4}),
     "wide_resnet50_2": ("bottleneck", (3, 4, 6, 3), {"width_per_group": 128}),
 }
-MODELS = {name: _factory(name, {"basic": BasicBlock, "bottleneck": Bottleneck}[block], layers, **defaults)
-          for name, (block, layers, defaults) in FAMILY.items()}
+MODELS = {
+    name: _factory(name, {"basic": BasicBlock, "bottleneck": Bottleneck}[block], layers, **defaults)
+    for name, (block, layers, defaults) in FAMILY.items()
+}
 resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d, wide_resnet50_2 = MODELS.values()

@@ -13,7 +13,8 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 import jaxbn  # noqa: E402
 
@@ -29,18 +30,18 @@ def main():
   module = jaxbn.BatchNorm(axis_name="data")
 
   def device_step(params, batch_stats, x):
-    y, updates = module.apply({"params": params, "batch_stats": batch_stats}, x,
-                              use_running_average=False, mutable=["batch_stats"])
+    y, updates = module.apply(
+        {"params": params, "batch_stats": batch_stats}, x, use_running_average=False, mutable=["batch_stats"]
+    )
     return y, updates["batch_stats"]
 
-  step = jax.jit(jax.shard_map(device_step, mesh=mesh, in_specs=(P(), P(), P("data")),
-                               out_specs=(P("data"), P())))
+  step = jax.jit(jax.shard_map(device_step, mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=(P("data"), P())))
   params = {"scale": data["scale"], "bias": data["bias"]}
   batch_stats = {"mean": data["mean"], "var": data["var"], "num_batches_tracked": np.int32(0)}
   outputs = []
   for x in data["batches"]:  # (steps, global batch, H, W, C); this process feeds its half
     rows = len(x) // num_processes
-    local = x[process_id * rows:(process_id + 1) * rows]
+    local = x[process_id * rows : (process_id + 1) * rows]
     x_global = jax.make_array_from_process_local_data(sharding, local, x.shape)
     y, batch_stats = step(params, batch_stats, x_global)
     outputs.append(np.concatenate([np.asarray(s.data) for s in y.addressable_shards]))

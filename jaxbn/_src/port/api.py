@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from flax import nnx
 
-from jaxbn._src import convert
-from jaxbn._src.checkpoint import as_numpy, state_dict_to_numpy
-from jaxbn._src.port import ops
-from jaxbn._src.port.graph import PortError, trace
+from jaxbn._src.checkpoints.files import as_numpy, state_dict_to_numpy
+from jaxbn._src.checkpoints.rules import from_torch
+from jaxbn._src.errors import PortError
+from jaxbn._src.port import leaves, ops
+from jaxbn._src.port.graph import trace
 from jaxbn._src.port.interpreter import Ported
 from jaxbn._src.port.leaves import MODULES, Options, find, user_rule
+from jaxbn._src.port.nnx import PortedNNX
 
 EXTEND = (
     "Extend the port: custom_modules={TorchClass: factory} (factory(torch_module) returns a Flax"
@@ -50,7 +54,7 @@ def port(
   torch.fx traces the model's train and eval forwards (they may differ: aux heads, dropout);
   BatchNorm layers become ``jaxbn.BatchNorm(axis=1)`` with each torch layer's eps, momentum,
   affine and track_running_stats (FrozenBatchNorm2d: ``jaxbn.FrozenBatchNorm``), other modules
-  and ops their torch-exact JAX twins (``jaxbn.port_ops()`` lists them). Weights and running
+  and ops their torch-exact JAX twins (``jaxbn.port_supported()`` lists them). Weights and running
   statistics come through ``jaxbn.convert.from_torch``, so ``to_torch``, ``parity.compare``,
   ``freeze``, ``frozen_mask``, ``eval_mode`` and ``fold_batchnorm`` work on the result unchanged.
 
@@ -90,49 +94,56 @@ def port(
     raise ValueError(f"api must be 'linen' or 'nnx', not {api!r}")
   state_dict = state_dict_to_numpy(torch_model.state_dict())
   floating = [v.dtype for v in state_dict.values() if np.issubdtype(v.dtype, np.floating)]
-  options = Options(param_dtype=jnp.dtype(dtype) if dtype is not None else (floating[0] if floating else jnp.float32),
-                    axis_name=axis_name)
+  options = Options(
+      param_dtype=jnp.dtype(dtype) if dtype is not None else (floating[0] if floating else jnp.float32),
+      axis_name=axis_name,
+  )
   modules = {**MODULES, **{cls: user_rule(factory) for cls, factory in (custom_modules or {}).items()}}
   if find(torch_model, modules) is not None:
-    raise PortError(f"the model is a single {type(torch_model).__name__}, which the port runs as one piece inside a"
-                    f" model: port torch.nn.Sequential(model) (its paths gain a leading '0.').")
-  custom_ops = {(getattr(torch.Tensor, key) if isinstance(key, str) else key): ops.OpRule(fn)
-                for key, fn in (custom_ops or {}).items()}
+    raise PortError(
+        f"the model is a single {type(torch_model).__name__}, which the port runs as one piece inside a"
+        f" model: port torch.nn.Sequential(model) (its paths gain a leading '0.')."
+    )
+  custom_ops = {
+      (getattr(torch.Tensor, key) if isinstance(key, str) else key): ops.OpRule(fn)
+      for key, fn in (custom_ops or {}).items()
+  }
   traced = trace(torch_model, options, modules, custom_ops, tuple(leaf_modules))
   if traced.problems:
     lines = "\n".join(f"  - {p}" for p in traced.problems)
     raise PortError(f"{type(torch_model).__name__}: {len(traced.problems)} unsupported node(s):\n{lines}\n{EXTEND}")
-  module = Ported(traced.programs[True], traced.programs[False], tuple(sorted(traced.leaves.items())),
-                  type(torch_model).__name__)
+  module = Ported(
+      traced.programs[True], traced.programs[False], tuple(sorted(traced.leaves.items())), type(torch_model).__name__
+  )
   inputs = tuple(as_numpy(x) for x in (example_input if isinstance(example_input, (tuple, list)) else (example_input,)))
   _check_all_called(state_dict, traced.leaves, strict)
   if api == "nnx":
-    from flax import nnx
-
-    from jaxbn._src.port.nnx import PortedNNX
-
     nnx_module = PortedNNX(module, rngs=rngs or nnx.Rngs(0)).lazy_init(*inputs)
-    convert.from_torch(state_dict, nnx_module, strict=strict, dtype=dtype)  # in place
+    from_torch(state_dict, nnx_module, strict=strict, dtype=dtype)  # in place
     return Port(nnx_module, nnx.state(nnx_module))
   template = jax.eval_shape(lambda *xs: module.init(jax.random.key(0), *xs), *inputs)
-  return Port(module, convert.from_torch(state_dict, template, strict=strict, dtype=dtype).variables)
+  return Port(module, from_torch(state_dict, template, strict=strict, dtype=dtype).variables)
 
 
 def _check_all_called(state_dict, leaves, strict):
   """Weights of modules that neither forward calls would be dropped: name them."""
-  holders = sorted({path for path in (key.rpartition(".")[0] for key in state_dict)
-                    if not any(path == leaf or path.startswith(leaf + ".") for leaf in leaves)})
+  holders = sorted(
+      {
+          path
+          for path in (key.rpartition(".")[0] for key in state_dict)
+          if not any(path == leaf or path.startswith(leaf + ".") for leaf in leaves)
+      }
+  )
   if holders and strict:
     raise PortError(
         f"{len(holders)} torch module(s) hold weights or buffers but neither the train nor the eval"
         f" forward calls them, so the port has no place for them: {', '.join(holders)}. Pass"
-        " strict=False to leave them out (or call them in forward).")
+        " strict=False to leave them out (or call them in forward)."
+    )
 
 
 def supported() -> dict[str, list[str]]:
   """What the port runs: torch module classes and torch functions / Tensor methods."""
-  from jaxbn._src.port import leaves
-
   return {"modules": leaves.supported(), "functions and methods": ops.supported()}
 
 

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
 
+from jaxbn._src.errors import PortError
 from jaxbn._src.port import ops
 from jaxbn._src.port.leaves import Leaf, Options, class_name, find, rule
-
-
-class PortError(ValueError):
-  """A torch model the port cannot run; names every unsupported node and how to extend the port."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +119,7 @@ def decode(value, env: dict) -> Any:
     items = [decode(v, env) for v in value.items]
     kind = value.kind.value
     if value.keys is not None:
-      return kind(zip(value.keys, items))
+      return kind(zip(value.keys, items, strict=True))
     if hasattr(kind, "_fields"):  # a namedtuple
       return kind(*items)
     return kind(items)
@@ -184,6 +182,7 @@ class Traced:
 
 def trace(model: torch.nn.Module, options: Options, modules: dict, custom_ops: dict, leaf_modules: tuple) -> Traced:
   """Both of the model's forwards (train and eval differ: aux heads, dropout) as programs."""
+
   def is_leaf(module):
     return isinstance(module, leaf_modules) or find(module, modules) is not None
 
@@ -204,9 +203,11 @@ def trace(model: torch.nn.Module, options: Options, modules: dict, custom_ops: d
         raise PortError(
             f"torch.fx could not trace {where or 'the model'} ({owner}) in {'train' if train else 'eval'} mode:"
             f" {type(error).__name__}: {error}\nPort it as one piece: leaf_modules=({owner},) and"
-            f" custom_modules={{{owner}: factory}} with a Flax module for it.") from error
-      programs[train] = Program(tuple(_node(node, model, options, modules, custom_ops, leaves, problems)
-                                      for node in graph.nodes))
+            f" custom_modules={{{owner}: factory}} with a Flax module for it."
+        ) from error
+      programs[train] = Program(
+          tuple(_node(node, model, options, modules, custom_ops, leaves, problems) for node in graph.nodes)
+      )
   finally:
     for module, training in modes.items():
       module.training = training
@@ -228,8 +229,9 @@ def _node(node: fx.Node, model, options, modules, custom_ops, leaves, problems) 
   if node.op == "output":
     return Node(node.name, "output", None, args)
   if node.op == "get_attr":
-    return problem(f"reads tensor '{node.target}' outside a supported module (a parameter or buffer used"
-                   " directly in forward)")
+    return problem(
+        f"reads tensor '{node.target}' outside a supported module (a parameter or buffer used" " directly in forward)"
+    )
   inplace = node.kwargs.get("inplace") is True
   if node.op == "call_module":
     module = model.get_submodule(node.target)

@@ -80,15 +80,23 @@ class Ported(nn.Module):
       # Variables of both forwards; in eval mode, so that a one-sample example input suffices.
       other = self.eval_program if train else self.train_program
       run(other, inputs, named_inputs, call_module, Context(False, self._no_rng), False)
-      return run(self.train_program if train else self.eval_program, inputs, named_inputs, call_module,
-                 Context(False, self._no_rng), False)
+      return run(
+          self.train_program if train else self.eval_program,
+          inputs,
+          named_inputs,
+          call_module,
+          Context(False, self._no_rng),
+          False,
+      )
     context = Context(train, self._dropout_rng)
     return run(self.train_program if train else self.eval_program, inputs, named_inputs, call_module, context, train)
 
   def _dropout_rng(self):
     if not self.has_rng("dropout"):
-      raise ValueError(f"{self.name_of_torch_class or 'the ported model'}: train=True runs dropout or stochastic"
-                       " depth, which needs randomness: apply(..., rngs={'dropout': key}).")
+      raise ValueError(
+          f"{self.name_of_torch_class or 'the ported model'}: train=True runs dropout or stochastic"
+          " depth, which needs randomness: apply(..., rngs={'dropout': key})."
+      )
     return self.make_rng("dropout")
 
   @staticmethod
@@ -119,19 +127,24 @@ class Ported(nn.Module):
     for node in nodes:
       if node.kind == "module" and isinstance(leaves[node.target].prototype, NORMS) and node.args:
         source = by_name.get(getattr(node.args[0], "name", None))
-        if (source is not None and source.kind == "module" and readers[source.name] == 1
-            and isinstance(leaves[source.target].prototype, (Conv, Linear))):
+        if (
+            source is not None
+            and source.kind == "module"
+            and readers[source.name] == 1
+            and isinstance(leaves[source.target].prototype, (Conv, Linear))
+        ):
           producers[node.target.replace(".", "/")] = source.target.replace(".", "/")
     return producers
 
   @nn.nowrap
-  def with_batchnorm(self, kind: str) -> "Ported":
+  def with_batchnorm(self, kind: str) -> Ported:
     """The same model with every BatchNorm as ``"frozen"`` (jaxbn.FrozenBatchNorm: use with
     ``jaxbn.freeze(variables)``), ``"folded"`` (jaxbn.FoldedBatchNorm: with
     ``jaxbn.fold_batchnorm(variables, epsilon=module.batchnorm_epsilons(),
     producers=module.batchnorm_producers())``) or ``"batchnorm"`` (as ported)."""
-    leaves = tuple((path, swap_norm(leaf, kind) if isinstance(leaf.prototype, NORMS) else leaf)
-                   for path, leaf in self.leaves)
+    leaves = tuple(
+        (path, swap_norm(leaf, kind) if isinstance(leaf.prototype, NORMS) else leaf) for path, leaf in self.leaves
+    )
     return self.clone(leaves=leaves)
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -26,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from flax.typing import Dtype
 
-from jaxbn._src.batch_norm import BatchNorm
-from jaxbn._src.folding import FoldedBatchNorm
-from jaxbn._src.frozen import FrozenBatchNorm
+from jaxbn._src.linen.batch_norm import BatchNorm
+from jaxbn._src.linen.folded import FoldedBatchNorm
+from jaxbn._src.linen.frozen import FrozenBatchNorm
 from jaxbn._src.port import ops
 
 
@@ -106,10 +107,15 @@ class Conv(nn.Module):
       x = jnp.pad(x, ((0, 0), (0, 0), *padding), mode=ops.PAD_MODES[self.padding_mode])
       padding = ((0, 0),) * n
     dtype = jnp.result_type(x, kernel)
-    y = jax.lax.conv_general_dilated(jnp.moveaxis(x, 1, -1).astype(dtype), kernel.astype(dtype), self.strides,
-                                     padding, rhs_dilation=self.dilation,
-                                     dimension_numbers=_channels_last_dimension_numbers(n),
-                                     feature_group_count=self.groups)
+    y = jax.lax.conv_general_dilated(
+        jnp.moveaxis(x, 1, -1).astype(dtype),
+        kernel.astype(dtype),
+        self.strides,
+        padding,
+        rhs_dilation=self.dilation,
+        dimension_numbers=_channels_last_dimension_numbers(n),
+        feature_group_count=self.groups,
+    )
     y = jnp.moveaxis(y, -1, 1)
     if self.use_bias:
       fan_in = int(np.prod(kernel_shape[:-1]))
@@ -146,13 +152,21 @@ class ConvTranspose(nn.Module):
     weight = weight.reshape(groups, in_features // groups, self.features // groups, *self.kernel_size)
     weight = jnp.swapaxes(weight, 1, 2).reshape(self.features, in_features // groups, *self.kernel_size)
     weight = jnp.flip(weight, tuple(range(2, n + 2)))
-    padding = [(d * (k - 1) - p, d * (k - 1) - p + op) for k, p, op, d in
-               zip(self.kernel_size, self.padding, self.output_padding, self.dilation)]
+    padding = [
+        (d * (k - 1) - p, d * (k - 1) - p + op)
+        for k, p, op, d in zip(self.kernel_size, self.padding, self.output_padding, self.dilation, strict=True)
+    ]
     channels_first = (0, 1, *range(2, n + 2))
-    y = jax.lax.conv_general_dilated(x.astype(dtype), weight.astype(dtype), (1,) * n, padding,
-                                     lhs_dilation=self.strides, rhs_dilation=self.dilation,
-                                     dimension_numbers=jax.lax.ConvDimensionNumbers(*(channels_first,) * 3),
-                                     feature_group_count=groups)
+    y = jax.lax.conv_general_dilated(
+        x.astype(dtype),
+        weight.astype(dtype),
+        (1,) * n,
+        padding,
+        lhs_dilation=self.strides,
+        rhs_dilation=self.dilation,
+        dimension_numbers=jax.lax.ConvDimensionNumbers(*(channels_first,) * 3),
+        feature_group_count=groups,
+    )
     if self.use_bias:
       bias = self.param("bias", init, (self.features,), self.param_dtype)
       y = y + bias.reshape(-1, *(1,) * n).astype(dtype)
@@ -262,9 +276,16 @@ def call(op, **kwargs) -> Call:
 
 
 def _batchnorm_fields(m, options: Options) -> dict:
-  return dict(axis=1, momentum=m.momentum, epsilon=float(m.eps), use_scale=m.affine, use_bias=m.affine,
-              track_running_stats=m.track_running_stats, param_dtype=options.param_dtype,
-              compute_channels_last=True)  # beside Conv's channels-last compute: XLA drops the transposes
+  return dict(
+      axis=1,
+      momentum=m.momentum,
+      epsilon=float(m.eps),
+      use_scale=m.affine,
+      use_bias=m.affine,
+      track_running_stats=m.track_running_stats,
+      param_dtype=options.param_dtype,
+      compute_channels_last=True,
+  )  # beside Conv's channels-last compute: XLA drops the transposes
 
 
 @register(torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
@@ -285,7 +306,7 @@ def _padding(m, n):
   if m.padding == "valid":
     return ((0, 0),) * n
   if m.padding == "same":  # torch puts the odd pixel on the right
-    totals = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+    totals = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size, strict=True)]
     return tuple((t // 2, t - t // 2) for t in totals)
   return tuple((p, p) for p in m.padding)
 
@@ -293,17 +314,38 @@ def _padding(m, n):
 @register(torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 def conv(m, options):
   n = len(m.kernel_size)
-  return Leaf(Conv(m.out_channels, tuple(m.kernel_size), tuple(m.stride), _padding(m, n), tuple(m.dilation), m.groups,
-                   m.bias is not None, m.padding_mode, options.param_dtype))
+  return Leaf(
+      Conv(
+          m.out_channels,
+          tuple(m.kernel_size),
+          tuple(m.stride),
+          _padding(m, n),
+          tuple(m.dilation),
+          m.groups,
+          m.bias is not None,
+          m.padding_mode,
+          options.param_dtype,
+      )
+  )
 
 
 @register(torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
 def conv_transpose(m, options):
   if m.padding_mode != "zeros":
     return None  # torch allows only zeros too
-  return Leaf(ConvTranspose(m.out_channels, tuple(m.kernel_size), tuple(m.stride), tuple(m.padding),
-                            tuple(m.output_padding), tuple(m.dilation), m.groups, m.bias is not None,
-                            options.param_dtype))
+  return Leaf(
+      ConvTranspose(
+          m.out_channels,
+          tuple(m.kernel_size),
+          tuple(m.stride),
+          tuple(m.padding),
+          tuple(m.output_padding),
+          tuple(m.dilation),
+          m.groups,
+          m.bias is not None,
+          options.param_dtype,
+      )
+  )
 
 
 @register(torch.nn.Linear)
@@ -314,9 +356,17 @@ def linear(m, options):
 @register(torch.nn.LayerNorm)
 def layer_norm(m, options):
   axes = tuple(range(-len(m.normalized_shape), 0))
-  return Leaf(nn.LayerNorm(epsilon=m.eps, use_scale=m.elementwise_affine,
-                           use_bias=m.elementwise_affine and m.bias is not None, reduction_axes=axes,
-                           feature_axes=axes, param_dtype=options.param_dtype, use_fast_variance=False))
+  return Leaf(
+      nn.LayerNorm(
+          epsilon=m.eps,
+          use_scale=m.elementwise_affine,
+          use_bias=m.elementwise_affine and m.bias is not None,
+          reduction_axes=axes,
+          feature_axes=axes,
+          param_dtype=options.param_dtype,
+          use_fast_variance=False,
+      )
+  )
 
 
 @register(torch.nn.GroupNorm)
@@ -342,29 +392,62 @@ register(torch.nn.LogSoftmax)(lambda m, o: call(F.log_softmax, dim=m.dim))
 register(torch.nn.Identity)(lambda m, o: call(torch.Tensor.clone))
 register(torch.nn.Flatten)(lambda m, o: call(torch.flatten, start_dim=m.start_dim, end_dim=m.end_dim))
 register(torch.nn.Dropout)(lambda m, o: call(F.dropout, p=m.p, training=m.training))
-register(torch.nn.Upsample)(lambda m, o: call(F.interpolate, size=m.size, scale_factor=m.scale_factor, mode=m.mode,
-                                              align_corners=m.align_corners,
-                                              recompute_scale_factor=m.recompute_scale_factor))
-register(torch.nn.ZeroPad1d, torch.nn.ZeroPad2d, torch.nn.ZeroPad3d, torch.nn.ConstantPad1d,
-         torch.nn.ConstantPad2d, torch.nn.ConstantPad3d)(lambda m, o: call(F.pad, pad=m.padding, value=m.value))
+register(torch.nn.Upsample)(
+    lambda m, o: call(
+        F.interpolate,
+        size=m.size,
+        scale_factor=m.scale_factor,
+        mode=m.mode,
+        align_corners=m.align_corners,
+        recompute_scale_factor=m.recompute_scale_factor,
+    )
+)
+register(
+    torch.nn.ZeroPad1d,
+    torch.nn.ZeroPad2d,
+    torch.nn.ZeroPad3d,
+    torch.nn.ConstantPad1d,
+    torch.nn.ConstantPad2d,
+    torch.nn.ConstantPad3d,
+)(lambda m, o: call(F.pad, pad=m.padding, value=m.value))
 register(torch.nn.ReflectionPad1d, torch.nn.ReflectionPad2d, torch.nn.ReflectionPad3d)(
-    lambda m, o: call(F.pad, pad=m.padding, mode="reflect"))
+    lambda m, o: call(F.pad, pad=m.padding, mode="reflect")
+)
 register(torch.nn.ReplicationPad1d, torch.nn.ReplicationPad2d, torch.nn.ReplicationPad3d)(
-    lambda m, o: call(F.pad, pad=m.padding, mode="replicate"))
+    lambda m, o: call(F.pad, pad=m.padding, mode="replicate")
+)
 for _n in (1, 2, 3):
   register(getattr(torch.nn, f"MaxPool{_n}d"))(
-      lambda m, o, n=_n: None if m.return_indices else call(getattr(F, f"max_pool{n}d"), kernel_size=m.kernel_size,
-                                                            stride=m.stride, padding=m.padding, dilation=m.dilation,
-                                                            ceil_mode=m.ceil_mode))
+      lambda m, o, n=_n: None
+      if m.return_indices
+      else call(
+          getattr(F, f"max_pool{n}d"),
+          kernel_size=m.kernel_size,
+          stride=m.stride,
+          padding=m.padding,
+          dilation=m.dilation,
+          ceil_mode=m.ceil_mode,
+      )
+  )
   register(getattr(torch.nn, f"AvgPool{_n}d"))(
-      lambda m, o, n=_n: call(getattr(F, f"avg_pool{n}d"), kernel_size=m.kernel_size, stride=m.stride,
-                              padding=m.padding, ceil_mode=m.ceil_mode, count_include_pad=m.count_include_pad,
-                              divisor_override=getattr(m, "divisor_override", None)))
+      lambda m, o, n=_n: call(
+          getattr(F, f"avg_pool{n}d"),
+          kernel_size=m.kernel_size,
+          stride=m.stride,
+          padding=m.padding,
+          ceil_mode=m.ceil_mode,
+          count_include_pad=m.count_include_pad,
+          divisor_override=getattr(m, "divisor_override", None),
+      )
+  )
   register(getattr(torch.nn, f"AdaptiveAvgPool{_n}d"))(
-      lambda m, o, n=_n: call(getattr(F, f"adaptive_avg_pool{n}d"), output_size=m.output_size))
+      lambda m, o, n=_n: call(getattr(F, f"adaptive_avg_pool{n}d"), output_size=m.output_size)
+  )
   register(getattr(torch.nn, f"AdaptiveMaxPool{_n}d"))(
-      lambda m, o, n=_n: None if m.return_indices else call(getattr(F, f"adaptive_max_pool{n}d"),
-                                                            output_size=m.output_size))
+      lambda m, o, n=_n: None
+      if m.return_indices
+      else call(getattr(F, f"adaptive_max_pool{n}d"), output_size=m.output_size)
+  )
 
 try:
   from torchvision.ops import FrozenBatchNorm2d, StochasticDepth
@@ -385,8 +468,9 @@ def _register_timm():
   def timm_drop_path(ctx, x, drop_prob=0.0, training=False, scale_by_keep=True):
     return ops.drop_samples(ctx._replace(train=ctx.train and training), x, drop_prob, "row", scale_by_keep)
 
-  register(DropPath)(lambda m, o: call(drop_path, drop_prob=m.drop_prob, training=m.training,
-                                       scale_by_keep=m.scale_by_keep))
+  register(DropPath)(
+      lambda m, o: call(drop_path, drop_prob=m.drop_prob, training=m.training, scale_by_keep=m.scale_by_keep)
+  )
   register(TimmLinear)(linear)
 
   @register(BatchNormAct2d)
@@ -432,8 +516,10 @@ def user_rule(factory: Callable[[torch.nn.Module], nn.Module]):
       return Leaf(made, _mode_keyword(made))
     if callable(made):
       return Call(made)
-    raise TypeError(f"custom_modules factory for {type(module).__name__} returned {type(made).__name__}: return"
-                    " a flax.linen Module or a JAX function")
+    raise TypeError(
+        f"custom_modules factory for {type(module).__name__} returned {type(made).__name__}: return"
+        " a flax.linen Module or a JAX function"
+    )
 
   return make
 

@@ -29,8 +29,7 @@ class PortedNNX(nnx.bridge.ToNNX):
 
   def __call__(self, *inputs, use_running_average: bool | None = None, **named_inputs):
     evaluate = use_running_average if use_running_average is not None else self.to_nnx__use_running_average
-    return super().__call__(*inputs, train=not evaluate, mutable=False if evaluate else ["batch_stats"],
-                            **named_inputs)
+    return super().__call__(*inputs, train=not evaluate, mutable=False if evaluate else ["batch_stats"], **named_inputs)
 
   @property
   def use_running_average(self) -> bool:

@@ -14,7 +14,8 @@ import builtins
 import dataclasses
 import math
 import operator
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,8 +58,13 @@ def methods(*names: str):
   return [method(n) for n in names]
 
 
-PUBLIC_NAMESPACES = (("F", F), ("torch", torch), ("torch.fft", torch.fft), ("torch.linalg", torch.linalg),
-                     ("torch.special", torch.special))
+PUBLIC_NAMESPACES = (
+    ("F", F),
+    ("torch", torch),
+    ("torch.fft", torch.fft),
+    ("torch.linalg", torch.linalg),
+    ("torch.special", torch.special),
+)
 
 
 def name_of(key) -> str:
@@ -73,8 +79,10 @@ def name_of(key) -> str:
     if getattr(namespace, name, None) is key:
       return f"{prefix}.{name}"
   for prefix, namespace in PUBLIC_NAMESPACES:
-    alias = next((attribute for attribute, value in vars(namespace).items()
-                  if value is key and not attribute.startswith("_")), None)
+    alias = next(
+        (attribute for attribute, value in vars(namespace).items() if value is key and not attribute.startswith("_")),
+        None,
+    )
     if alias:
       return f"{prefix}.{alias}"
   module = getattr(key, "__module__", None) or ""
@@ -99,9 +107,11 @@ def _dims(dims) -> tuple[int, ...]:
 # --- arithmetic and indexing -------------------------------------------------------------------
 
 register(operator.add, operator.iadd, torch.add, *methods("add", "add_"))(
-    lambda x, y, *, alpha=1: x + (y if alpha == 1 else alpha * y))
+    lambda x, y, *, alpha=1: x + (y if alpha == 1 else alpha * y)
+)
 register(operator.sub, operator.isub, torch.sub, *methods("sub", "sub_"))(
-    lambda x, y, *, alpha=1: x - (y if alpha == 1 else alpha * y))
+    lambda x, y, *, alpha=1: x - (y if alpha == 1 else alpha * y)
+)
 register(operator.mul, operator.imul, torch.mul, *methods("mul", "mul_"))(lambda x, y: x * y)
 register(operator.truediv, operator.itruediv, torch.div, *methods("div", "div_"))(lambda x, y: x / y)
 register(operator.floordiv)(operator.floordiv)
@@ -142,7 +152,7 @@ def flatten(x, start_dim=0, end_dim=-1):
   if x.ndim == 0:
     return x.reshape(1)
   start, end = start_dim % x.ndim, end_dim % x.ndim
-  return x.reshape(*x.shape[:start], -1, *x.shape[end + 1:])
+  return x.reshape(*x.shape[:start], -1, *x.shape[end + 1 :])
 
 
 @register(torch.reshape, *methods("view", "reshape"))
@@ -323,6 +333,7 @@ try:
   @register(_torchvision_stochastic_depth, context=True)
   def stochastic_depth(ctx: Context, x, p, mode, training=True):
     return drop_samples(ctx._replace(train=ctx.train and training), x, p, mode)
+
 except ImportError:  # torchvision is optional
   pass
 
@@ -358,15 +369,24 @@ def _window(x, n, kernel_size, stride, padding, dilation, ceil_mode) -> Window:
   kernel = _tuple(kernel_size, n)
   stride = _tuple(stride if stride not in (None, ()) else kernel_size, n)
   padding, dilation = _tuple(padding, n), _tuple(dilation, n)
-  pads = [(p, pool_geometry(length, k, s, p, d, ceil_mode)[1])
-          for length, k, s, p, d in zip(x.shape[-n:], kernel, stride, padding, dilation)]
+  pads = [
+      (p, pool_geometry(length, k, s, p, d, ceil_mode)[1])
+      for length, k, s, p, d in zip(x.shape[-n:], kernel, stride, padding, dilation, strict=True)
+  ]
   return Window(kernel, stride, dilation, pads)
 
 
 def _pool(x, window: Window, init, op):
   lead = (1,) * (x.ndim - len(window.kernel))
-  return jax.lax.reduce_window(x, init, op, lead + window.kernel, lead + window.stride,
-                               [(0, 0)] * len(lead) + window.pads, window_dilation=lead + window.dilation)
+  return jax.lax.reduce_window(
+      x,
+      init,
+      op,
+      lead + window.kernel,
+      lead + window.stride,
+      [(0, 0)] * len(lead) + window.pads,
+      window_dilation=lead + window.dilation,
+  )
 
 
 def _max_pool(n):
@@ -379,8 +399,7 @@ def _max_pool(n):
 
 
 def _avg_pool(n):
-  def avg_pool(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
-               divisor_override=None):
+  def avg_pool(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
     window = _window(x, n, kernel_size, stride, padding, 1, ceil_mode)
     total = _pool(x, window, 0.0, jax.lax.add)
     if divisor_override:
@@ -388,10 +407,10 @@ def _avg_pool(n):
     # torch divides by the window's size clipped to the padded input (count_include_pad) or to
     # the input; a box, so the count is a product of per-axis counts.
     divisor = np.ones((), np.float64)
-    for length, (left, right), k, s in zip(x.shape[-n:], window.pads, window.kernel, window.stride):
+    for length, (left, right), k, s in zip(x.shape[-n:], window.pads, window.kernel, window.stride, strict=True):
       inside = np.zeros(left + length + right)
-      inside[0 if count_include_pad else left:left + length + (left if count_include_pad else 0)] = 1
-      counts = np.array([inside[i:i + k].sum() for i in range(0, left + length + right - k + 1, s)])
+      inside[0 if count_include_pad else left : left + length + (left if count_include_pad else 0)] = 1
+      counts = np.array([inside[i : i + k].sum() for i in range(0, left + length + right - k + 1, s)])
       divisor = np.multiply.outer(divisor, counts)
     return total / jnp.asarray(divisor, total.dtype)
 
@@ -414,15 +433,17 @@ def _adaptive(n, reduce):
     if return_indices:
       raise NotImplementedError("adaptive max pooling with return_indices=True is not supported by the port")
     sizes = _tuple(output_size, n)
-    for axis, out in zip(range(x.ndim - n, x.ndim), sizes):
+    for axis, out in zip(range(x.ndim - n, x.ndim), sizes, strict=True):
       length = x.shape[axis]
       out = length if out is None else out
       if length % out == 0:  # equal bins: one reshape
-        shape = x.shape[:axis] + (out, length // out) + x.shape[axis + 1:]
+        shape = x.shape[:axis] + (out, length // out) + x.shape[axis + 1 :]
         x = reduce(x.reshape(shape), axis + 1)
       else:
-        x = jnp.stack([reduce(jax.lax.slice_in_dim(x, start, end, axis=axis), axis)
-                       for start, end in adaptive_bins(length, out)], axis=axis)
+        x = jnp.stack(
+            [reduce(jax.lax.slice_in_dim(x, start, end, axis=axis), axis) for start, end in adaptive_bins(length, out)],
+            axis=axis,
+        )
     return x
 
   return adaptive_pool
@@ -455,8 +476,9 @@ def _source_scale(length_in, length_out, scale_factor, align_corners):
 
 
 @register(F.interpolate)
-def interpolate(x, size=None, scale_factor=None, mode="nearest", align_corners=None,
-                recompute_scale_factor=None, antialias=False):
+def interpolate(
+    x, size=None, scale_factor=None, mode="nearest", align_corners=None, recompute_scale_factor=None, antialias=False
+):
   if antialias or mode not in ("nearest", "linear", "bilinear", "trilinear"):
     raise NotImplementedError(f"interpolate(mode={mode!r}, antialias={antialias}) is not supported by the port")
   n = x.ndim - 2
@@ -464,10 +486,10 @@ def interpolate(x, size=None, scale_factor=None, mode="nearest", align_corners=N
     sizes, factors = _tuple(size, n), (None,) * n
   else:
     factors = _tuple(scale_factor, n)
-    sizes = tuple(int(math.floor(length * f)) for length, f in zip(x.shape[2:], factors))
+    sizes = tuple(int(math.floor(length * f)) for length, f in zip(x.shape[2:], factors, strict=True))
     if recompute_scale_factor:
       factors = (None,) * n
-  for axis, length_out, factor in zip(range(2, x.ndim), sizes, factors):
+  for axis, length_out, factor in zip(range(2, x.ndim), sizes, factors, strict=True):
     length_in = x.shape[axis]
     scale = _source_scale(length_in, length_out, factor, bool(align_corners))
     positions = np.arange(length_out, dtype=np.float64)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax.typing import Dtype
 
-from jaxbn._src import checks
-from jaxbn._src.layer import frozen_call, prepare
+from jaxbn._src.core import checks
+from jaxbn._src.core.layer import frozen_call, prepare
 
 
 class IgnoredBatchNormFields(nn.Module, kw_only=True):
@@ -75,9 +76,20 @@ class FrozenBatchNorm(IgnoredBatchNormFields):
         prepared.feature_axes,
         {f"params/{n}": self.get_variable("params", n).shape for n in names if self.has_variable("params", n)},
     )
-    init = {"mean": nn.initializers.zeros, "var": nn.initializers.ones,
-            "scale": nn.initializers.ones, "bias": nn.initializers.zeros}
+    init = {
+        "mean": nn.initializers.zeros,
+        "var": nn.initializers.ones,
+        "scale": nn.initializers.ones,
+        "bias": nn.initializers.zeros,
+    }
     frozen = {n: self.param(n, init[n], prepared.feature_shape, self.param_dtype) for n in names}
-    return frozen_call(prepared, mean=frozen["mean"], var=frozen["var"], scale=frozen.get("scale"),
-                       bias=frozen.get("bias"), epsilon=self.epsilon, param_dtype=self.param_dtype,
-                       dtype=self.dtype)
+    return frozen_call(
+        prepared,
+        mean=frozen["mean"],
+        var=frozen["var"],
+        scale=frozen.get("scale"),
+        bias=frozen.get("bias"),
+        epsilon=self.epsilon,
+        param_dtype=self.param_dtype,
+        dtype=self.dtype,
+    )

@@ -6,17 +6,18 @@ statistics, and the updated running statistics; ``frozen_call`` is FrozenBatchNo
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
 
-from jaxbn._src import checks
-from jaxbn._src.normalization import normalize
-from jaxbn._src.running import RunningStats, update_running_stats
-from jaxbn._src.statistics import replicated
-from jaxbn._src.training import batch_normalize
+from jaxbn._src.core import checks
+from jaxbn._src.core.normalization import normalize
+from jaxbn._src.core.running import RunningStats, update_running_stats
+from jaxbn._src.core.statistics import replicated
+from jaxbn._src.core.training import batch_normalize
 
 
 def compute_dtype(x_dtype, param_dtype):
@@ -80,10 +81,22 @@ def batch_norm_call(
       checks.check_mask(mask, x.shape)
       mask = jnp.moveaxis(jnp.broadcast_to(mask, x.shape), 1, -1)
     y, updated = batch_norm_call(
-        label, Prepared(jnp.moveaxis(x, 1, -1), (x.ndim - 1,), feature_shape), scale=scale, bias=bias,
-        running=running, use_running_average=use_running_average, momentum=momentum, epsilon=epsilon,
-        update=update, param_dtype=param_dtype, dtype=dtype, mask=mask, axis_name=axis_name,
-        axis_index_groups=axis_index_groups, runtime_checks=runtime_checks)
+        label,
+        Prepared(jnp.moveaxis(x, 1, -1), (x.ndim - 1,), feature_shape),
+        scale=scale,
+        bias=bias,
+        running=running,
+        use_running_average=use_running_average,
+        momentum=momentum,
+        epsilon=epsilon,
+        update=update,
+        param_dtype=param_dtype,
+        dtype=dtype,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        runtime_checks=runtime_checks,
+    )
     return jnp.moveaxis(y, -1, 1), updated
   reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
   shape = broadcast_shape(x.shape, feature_axes)
@@ -101,8 +114,17 @@ def batch_norm_call(
     checks.check_mask(mask, x.shape)
   elif axis_name is None:  # with sync or a mask only the (traced) global count matters
     checks.check_batch_size(x.shape, reduction_axes)
-  y, stats = batch_normalize(x, reduction_axes, scale, bias, epsilon, mask=mask, axis_name=axis_name,
-                             axis_index_groups=axis_index_groups, dtype=compute)
+  y, stats = batch_normalize(
+      x,
+      reduction_axes,
+      scale,
+      bias,
+      epsilon,
+      mask=mask,
+      axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
+      dtype=compute,
+  )
   if runtime_checks and (mask is not None or axis_name is not None):
     checkify.check(
         jnp.all(stats.count != 1),
@@ -135,8 +157,9 @@ def frozen_call(
   checks.check_epsilon(epsilon, uses_batch_stats=False)
   x, feature_axes, _ = prepared
   shape = broadcast_shape(x.shape, feature_axes)
-  mean, var, scale, bias = (None if a is None else jax.lax.stop_gradient(a).reshape(shape)
-                            for a in (mean, var, scale, bias))
+  mean, var, scale, bias = (
+      None if a is None else jax.lax.stop_gradient(a).reshape(shape) for a in (mean, var, scale, bias)
+  )
   y = normalize(x.astype(compute_dtype(x.dtype, param_dtype)), mean, var, scale, bias, epsilon)
   return y.astype(dtype or x.dtype)
 

@@ -12,7 +12,8 @@ batch axes, so this works unchanged on a batch sharded across devices (explicit 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

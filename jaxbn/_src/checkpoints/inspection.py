@@ -9,7 +9,7 @@ counter of 0 beside statistics that have moved (a conversion that dropped or zer
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

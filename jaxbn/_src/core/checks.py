@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -69,9 +69,7 @@ def feature_axes(shape: Sequence[int], axis: int | Sequence[int]) -> tuple[int, 
 def check_batch_size(shape: Sequence[int], reduction_axes: Sequence[int]) -> None:
   """torch's ``_verify_batch_size``: batch statistics need two values per channel."""
   if math.prod(shape[i] for i in reduction_axes) == 1:
-    raise ValueError(
-        f"Expected more than 1 value per channel when training, got input size {tuple(shape)}"
-    )
+    raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(shape)}")
 
 
 def layer_label(kind: str, path: Sequence[str]) -> str:
@@ -79,9 +77,7 @@ def layer_label(kind: str, path: Sequence[str]) -> str:
   return f"{kind} '{'/'.join(path) or '<root>'}'"
 
 
-def check_channels(
-    layer: str, shape: Sequence[int], axes: Sequence[int], held: dict[str, tuple[int, ...]]
-) -> None:
+def check_channels(layer: str, shape: Sequence[int], axes: Sequence[int], held: dict[str, tuple[int, ...]]) -> None:
   """Compare the input's channel count with the shapes of variables the layer already holds."""
   channels = tuple(shape[i] for i in axes)
   wrong = {name: s for name, s in held.items() if tuple(s) != channels}
@@ -109,9 +105,17 @@ def check_mask(mask, shape: Sequence[int]) -> None:
 
 # torch's names for the dtypes it refuses, so the message reads as torch's does.
 _TORCH_DTYPE_NAMES = {
-    "bool": "Bool", "int8": "Char", "uint8": "Byte", "int16": "Short", "uint16": "UInt16",
-    "int32": "Int", "uint32": "UInt32", "int64": "Long", "uint64": "UInt64",
-    "complex64": "ComplexFloat", "complex128": "ComplexDouble",
+    "bool": "Bool",
+    "int8": "Char",
+    "uint8": "Byte",
+    "int16": "Short",
+    "uint16": "UInt16",
+    "int32": "Int",
+    "uint32": "UInt32",
+    "int64": "Long",
+    "uint64": "UInt64",
+    "complex64": "ComplexFloat",
+    "complex128": "ComplexDouble",
 }
 
 

@@ -6,29 +6,35 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype
 
-from jaxbn._src import checks
-from jaxbn._src.layer import folded_call, frozen_call, prepare
-from jaxbn._src.nnx_batch_norm import held_shapes, optional
+from jaxbn._src.core import checks
+from jaxbn._src.core.layer import folded_call, frozen_call, prepare
+from jaxbn._src.nnx.batch_norm import held_shapes, optional
+from jaxbn._src.variables.state import Frozen
 
 # jaxbn.nnx.BatchNorm's options that a frozen or folded layer accepts and ignores, so that it can
 # be passed wherever a model takes its norm class.
-IGNORED_BATCHNORM_OPTIONS = frozenset({
-    "use_running_average", "momentum", "track_running_stats", "axis_name", "axis_index_groups",
-    "bias_init", "scale_init", "runtime_checks", "keep_eval",
-})
+IGNORED_BATCHNORM_OPTIONS = frozenset(
+    {
+        "use_running_average",
+        "momentum",
+        "track_running_stats",
+        "axis_name",
+        "axis_index_groups",
+        "bias_init",
+        "scale_init",
+        "runtime_checks",
+        "keep_eval",
+    }
+)
 
 
 def check_ignored(kind: str, options: dict) -> None:
   unknown = sorted(set(options) - IGNORED_BATCHNORM_OPTIONS)
   if unknown:
-    raise TypeError(f"jaxbn.nnx.{kind} got unexpected keyword argument(s) {', '.join(unknown)}; it takes"
-                    f" BatchNorm's {', '.join(sorted(IGNORED_BATCHNORM_OPTIONS))} and ignores them.")
-
-
-class Frozen(nnx.Variable):
-  """A value no optimiser trains: ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` and ``nnx.grad``
-  (which differentiate ``nnx.Param``) leave it alone, and layers read it behind
-  ``stop_gradient``. FrozenBatchNorm holds its four arrays in it."""
+    raise TypeError(
+        f"jaxbn.nnx.{kind} got unexpected keyword argument(s) {', '.join(unknown)}; it takes"
+        f" BatchNorm's {', '.join(sorted(IGNORED_BATCHNORM_OPTIONS))} and ignores them."
+    )
 
 
 class FrozenBatchNorm(nnx.Module):
@@ -58,9 +64,19 @@ class FrozenBatchNorm(nnx.Module):
       the options are kept in ``batchnorm_options`` for ``jaxbn.nnx.unfreeze``.
   """
 
-  def __init__(self, num_features: int, *, axis: int = -1, epsilon: float = 1e-5, dtype: Dtype | None = None,
-               param_dtype: Dtype = jnp.float32, use_bias: bool = True, use_scale: bool = True,
-               rngs: nnx.Rngs | None = None, **ignored):
+  def __init__(
+      self,
+      num_features: int,
+      *,
+      axis: int = -1,
+      epsilon: float = 1e-5,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      rngs: nnx.Rngs | None = None,
+      **ignored,
+  ):
     del rngs  # fixed initial values: ones and zeros
     check_ignored("FrozenBatchNorm", ignored)
     self.batchnorm_options = tuple(sorted(ignored.items()))  # what unfreeze() rebuilds the BatchNorm with
@@ -83,9 +99,16 @@ class FrozenBatchNorm(nnx.Module):
     held = {"num_features": (self.num_features,), **held_shapes(self, ("mean", "var", "scale", "bias"))}
     checks.check_channels(label, prepared.x.shape, prepared.feature_axes, held)
     value = lambda v: None if v is None else v[...]  # noqa: E731
-    return frozen_call(prepared, mean=self.mean[...], var=self.var[...], scale=value(self.scale),
-                       bias=value(self.bias), epsilon=self.epsilon, param_dtype=self.param_dtype,
-                       dtype=self.dtype)
+    return frozen_call(
+        prepared,
+        mean=self.mean[...],
+        var=self.var[...],
+        scale=value(self.scale),
+        bias=value(self.bias),
+        epsilon=self.epsilon,
+        param_dtype=self.param_dtype,
+        dtype=self.dtype,
+    )
 
 
 class FoldedBatchNorm(nnx.Module):
@@ -100,9 +123,19 @@ class FoldedBatchNorm(nnx.Module):
     [[0.0, 0.0]]
   """
 
-  def __init__(self, num_features: int, *, axis: int = -1, dtype: Dtype | None = None,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None, epsilon: float = 1e-5,
-               use_bias: bool = True, use_scale: bool = True, **ignored):
+  def __init__(
+      self,
+      num_features: int,
+      *,
+      axis: int = -1,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+      rngs: nnx.Rngs | None = None,
+      epsilon: float = 1e-5,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      **ignored,
+  ):
     del rngs, epsilon, use_bias, use_scale  # folding has used or removed them
     check_ignored("FoldedBatchNorm", ignored)
     self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))

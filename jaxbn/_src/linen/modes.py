@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import difflib
-import re
 import warnings
-from typing import Collection, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+
+from jaxbn._src.variables.paths import check_prefixes_match, split_path, under
 
 
 @dataclasses.dataclass
@@ -20,34 +20,6 @@ class _EvalScope:
 
 
 _EVAL_SCOPES: contextvars.ContextVar[tuple[_EvalScope, ...]] = contextvars.ContextVar("jaxbn_eval_scopes", default=())
-
-
-def split_path(path: str | Sequence[str]) -> tuple[str, ...]:
-  """'backbone/layer1' or torch's 'backbone.layer1' -> ('backbone', 'layer1'); '' -> () (the
-  whole model)."""
-  if isinstance(path, str):
-    return tuple(part for part in re.split(r"[/.]", path) if part)
-  return tuple(path)
-
-
-def check_prefixes_match(prefixes: Sequence[tuple[str, ...]], paths: Collection[tuple[str, ...]], what: str) -> None:
-  """A path argument that matches none of ``paths`` (module paths) is a typo, not a no-op:
-  raise, naming the closest module paths that exist."""
-  unmatched = [p for p in prefixes if p and not any(tuple(path[: len(p)]) == p for path in paths)]
-  if not unmatched:
-    return
-  known = sorted({"/".join(path[:i]) for path in paths for i in range(1, len(path) + 1)})
-  lines = []
-  for prefix in unmatched:
-    close = difflib.get_close_matches("/".join(prefix), known, n=3, cutoff=0.5)
-    lines.append(f"'{'/'.join(prefix)}'" + (f" (closest: {', '.join(close)})" if close else ""))
-  raise ValueError(f"{what}: {'; '.join(lines)} match{'es' if len(lines) == 1 else ''} no module path."
-                   f" Paths are module paths, 'layer1/0' or torch's 'layer1.0'; the model has"
-                   f" {', '.join(known[:12])}{', ...' if len(known) > 12 else ''}.")
-
-
-def under(path: Sequence[str], prefixes: Sequence[tuple[str, ...]]) -> bool:
-  return any(tuple(path[: len(p)]) == p for p in prefixes)
 
 
 @contextlib.contextmanager

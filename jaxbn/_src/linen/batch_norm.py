@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax.typing import Dtype, Initializer
 
-from jaxbn._src import checks
-from jaxbn._src.layer import batch_norm_call, counter_dtype, prepare
-from jaxbn._src.modes import forced_eval
-from jaxbn._src.running import RunningStats
+from jaxbn._src.core import checks
+from jaxbn._src.core.layer import batch_norm_call, counter_dtype, prepare
+from jaxbn._src.core.running import RunningStats
+from jaxbn._src.linen.modes import forced_eval
 
 
 class BatchNorm(nn.Module):
@@ -95,9 +96,7 @@ class BatchNorm(nn.Module):
   ) -> jax.Array:
     """Normalises ``x``; ``mask`` (boolean, broadcastable to ``x``, e.g. ``valid[:, None, None,
     None]`` for padded examples) restricts the batch statistics to the marked elements."""
-    use_running_average = nn.merge_param(
-        "use_running_average", self.use_running_average, use_running_average
-    )
+    use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
     use_running_average = use_running_average or forced_eval(self.scope.path)
     label = checks.layer_label("BatchNorm", self.scope.path)
     prepared = prepare(label, x, self.axis)
@@ -122,8 +121,7 @@ class BatchNorm(nn.Module):
     scale = self.param("scale", self.scale_init, feature_shape, self.param_dtype) if self.use_scale else None
     bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype) if self.use_bias else None
 
-    updates = (self.track_running_stats and self.update_stats and not use_running_average
-               and not self.is_initializing())
+    updates = self.track_running_stats and self.update_stats and not use_running_average and not self.is_initializing()
     if updates and not self.is_mutable_collection("batch_stats"):
       raise ValueError(
           f"{label}: training mode (use_running_average=False) updates the running statistics,"
@@ -151,6 +149,6 @@ class BatchNorm(nn.Module):
         compute_channels_last=self.compute_channels_last,
     )
     if updated is not None:
-      for variable, value in zip(running, updated):
+      for variable, value in zip(running, updated, strict=True):
         variable.value = value
     return y

@@ -6,17 +6,17 @@ not copied), and what an optimiser trains is chosen with a filter (``wrt=``) rat
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxbn._src.folding import fold_batchnorm as fold_variables
-from jaxbn._src.layer import counter_dtype
-from jaxbn._src.modes import check_prefixes_match, split_path, under
-from jaxbn._src.nnx_batch_norm import BatchNorm
-from jaxbn._src.nnx_frozen import FoldedBatchNorm, Frozen, FrozenBatchNorm
-from jaxbn._src.nnx_state import to_variables, update
+from jaxbn._src.core.layer import counter_dtype
+from jaxbn._src.nnx.batch_norm import BatchNorm
+from jaxbn._src.nnx.frozen import FoldedBatchNorm, FrozenBatchNorm
+from jaxbn._src.variables.folding import fold_batchnorm as fold_variables
+from jaxbn._src.variables.paths import check_prefixes_match, split_path, under
+from jaxbn._src.variables.state import Frozen, to_variables, update
 
 # BatchNorm options a frozen layer carries (ignored) so that unfreeze rebuilds the same layer.
 _CARRIED = ("momentum", "track_running_stats", "axis_name", "axis_index_groups", "runtime_checks", "keep_eval")
@@ -68,12 +68,21 @@ def freeze(model: nnx.Module, *paths: str) -> nnx.Module:
   """
   for path, bn in layers(model, BatchNorm, paths, "jaxbn.nnx.freeze"):
     if bn.mean is None:
-      raise ValueError(f"jaxbn.nnx.freeze: the BatchNorm at '{'/'.join(_str_path(path))}' tracks no running"
-                       " statistics (track_running_stats=False), so there is nothing to freeze it with.")
+      raise ValueError(
+          f"jaxbn.nnx.freeze: the BatchNorm at '{'/'.join(_str_path(path))}' tracks no running"
+          " statistics (track_running_stats=False), so there is nothing to freeze it with."
+      )
     carried = {name: getattr(bn, name) for name in _CARRIED}
-    frozen = FrozenBatchNorm(bn.num_features, axis=bn.axis, epsilon=bn.epsilon, dtype=bn.dtype,
-                             param_dtype=bn.param_dtype, use_bias=bn.bias is not None,
-                             use_scale=bn.scale is not None, **carried)
+    frozen = FrozenBatchNorm(
+        bn.num_features,
+        axis=bn.axis,
+        epsilon=bn.epsilon,
+        dtype=bn.dtype,
+        param_dtype=bn.param_dtype,
+        use_bias=bn.bias is not None,
+        use_scale=bn.scale is not None,
+        **carried,
+    )
     for name in ("mean", "var", "scale", "bias"):
       if getattr(bn, name) is not None:
         setattr(frozen, name, Frozen(getattr(bn, name)[...]))
@@ -88,9 +97,17 @@ def unfreeze(model: nnx.Module, *paths: str) -> nnx.Module:
   never was a BatchNorm, e.g. converted from torchvision's FrozenBatchNorm2d, gets counter 0 and
   the defaults). Returns ``model``, changed in place."""
   for path, frozen in layers(model, FrozenBatchNorm, paths, "jaxbn.nnx.unfreeze"):
-    bn = BatchNorm(frozen.num_features, axis=frozen.axis, epsilon=frozen.epsilon, dtype=frozen.dtype,
-                   param_dtype=frozen.param_dtype, use_bias=frozen.bias is not None,
-                   use_scale=frozen.scale is not None, rngs=nnx.Rngs(0), **dict(frozen.batchnorm_options))
+    bn = BatchNorm(
+        frozen.num_features,
+        axis=frozen.axis,
+        epsilon=frozen.epsilon,
+        dtype=frozen.dtype,
+        param_dtype=frozen.param_dtype,
+        use_bias=frozen.bias is not None,
+        use_scale=frozen.scale is not None,
+        rngs=nnx.Rngs(0),
+        **dict(frozen.batchnorm_options),
+    )
     bn.mean, bn.var = nnx.BatchStat(frozen.mean[...]), nnx.BatchStat(frozen.var[...])
     for name in ("scale", "bias"):
       if getattr(frozen, name) is not None:
@@ -123,7 +140,9 @@ def keep_eval(model: nnx.Module, *paths: str, keep: bool = True) -> nnx.Module:
   return model
 
 
-def trainable(model: nnx.Module, *, modules: Sequence[str] = (), batchnorm_affine: Sequence[str] = ()) -> nnx.filterlib.Filter:
+def trainable(
+    model: nnx.Module, *, modules: Sequence[str] = (), batchnorm_affine: Sequence[str] = ()
+) -> nnx.filterlib.Filter:
   """An NNX filter for ``wrt=``: the ``nnx.Param`` s an optimiser may move. Leaves out every
   parameter under ``modules`` (torch: ``requires_grad_(False)`` on a submodule) and the scale and
   bias of the BatchNorm layers under ``batchnorm_affine`` (``''`` for all; torch:
@@ -159,7 +178,8 @@ def fold_batchnorm(model: nnx.Module, *, producers: Mapping[str, str] | None = N
   epsilon = {"/".join(_str_path(path)): norm.epsilon for path, norm in norms}
   folded = fold_variables(to_variables(model), epsilon=epsilon, producers=producers)
   for path, norm in norms:
-    _replace(model, path, FoldedBatchNorm(norm.num_features, axis=norm.axis, dtype=norm.dtype,
-                                          param_dtype=norm.param_dtype))
+    _replace(
+        model, path, FoldedBatchNorm(norm.num_features, axis=norm.axis, dtype=norm.dtype, param_dtype=norm.param_dtype)
+    )
   update(model, folded)
   return model

@@ -6,19 +6,22 @@ A layer is recognised by its variables, not by a per-model table: a jaxbn.BatchN
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from jaxbn._src.layer import counter_dtype
-from jaxbn._src.modes import check_prefixes_match, split_path, under
-from jaxbn._src.nnx_state import as_variables, is_nnx, update
+from jaxbn._src.core.layer import counter_dtype
+from jaxbn._src.variables.paths import check_prefixes_match, split_path, under
+from jaxbn._src.variables.state import as_variables, is_nnx, update
 
-NNX_MODULE_FIX = ("{name} takes Linen variables or an NNX state; an NNX module's layers are swapped in place"
-                  " with jaxbn.nnx.{name}(model).")
+NNX_MODULE_FIX = (
+    "{name} takes Linen variables or an NNX state; an NNX module's layers are swapped in place"
+    " with jaxbn.nnx.{name}(model)."
+)
 
 
 def linen_variables(variables, name: str) -> Mapping[str, Any]:
@@ -29,6 +32,7 @@ def linen_variables(variables, name: str) -> Mapping[str, Any]:
   if isinstance(variables, nnx.Module):
     raise TypeError(NNX_MODULE_FIX.format(name=name))
   return as_variables(variables)
+
 
 STATS = ("mean", "var")
 

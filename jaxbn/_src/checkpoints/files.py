@@ -5,18 +5,22 @@ from __future__ import annotations
 import os
 import pathlib
 import pickle
-from typing import Mapping
+from collections.abc import Mapping
 
 import ml_dtypes
 import numpy as np
 
+from jaxbn._src.checkpoints.config import (
+    METADATA_KEY,
+    from_metadata,
+    to_metadata,
+    torch_configs,
+)
+from jaxbn._src.errors import CheckpointError
+
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 # Keys under which training frameworks nest a model's state_dict in a checkpoint.
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be read safely or completely."""
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -40,6 +44,10 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   )
 
 
+def _unreadable_safetensors(path, error) -> CheckpointError:
+  return CheckpointError(f"{path}: not a readable .safetensors file (truncated or corrupt?): {error}")
+
+
 def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
   from safetensors import SafetensorError
   from safetensors.numpy import load_file
@@ -47,10 +55,32 @@ def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
   try:
     return dict(load_file(str(path)))
   except (SafetensorError, OSError, ValueError) as error:
-    raise CheckpointError(f"{path}: not a readable .safetensors file (truncated or corrupt?): {error}") from None
+    raise _unreadable_safetensors(path, error) from None
+
+
+def safetensors_header(path: str | os.PathLike) -> tuple[list[str], dict[str, str] | None]:
+  """A ``.safetensors`` file's tensor names and metadata, read without its tensors."""
+  from safetensors import SafetensorError, safe_open
+
+  try:
+    with safe_open(str(path), framework="numpy") as f:
+      return list(f.keys()), f.metadata()
+  except (SafetensorError, OSError, ValueError) as error:
+    raise _unreadable_safetensors(path, error) from None
+
+
+# torch.save writes a zip archive; before torch 1.6 it wrote a pickle (protocol 2 or later).
+TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
 def _load_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
+  with open(path, "rb") as f:
+    head = f.read(4)
+  if not head.startswith(TORCH_MAGIC):
+    raise CheckpointError(
+        f"{path}: not a torch checkpoint: torch.save writes a zip archive (or, before torch 1.6, a pickle),"
+        f" and this file starts with {head!r}."
+    )
   try:
     import torch
   except ImportError:
@@ -66,7 +96,7 @@ def _load_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
         " torch.load(path, weights_only=False), take its state_dict, and pass that on; better,"
         f" re-save it as .safetensors. torch said: {str(error).splitlines()[0]}"
     ) from None
-  except (RuntimeError, EOFError, OSError) as error:
+  except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError) as error:  # what a damaged file raises
     raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {error}") from None
   return state_dict_to_numpy(_unwrap(loaded, path))
 
@@ -135,14 +165,10 @@ def save_state_dict(state_dict, path: str | os.PathLike, *, batchnorm_config=Non
   """
   path = pathlib.Path(path)
   if hasattr(state_dict, "named_modules"):  # a torch module
-    from jaxbn._src.layer_config import torch_configs
-
     batchnorm_config = torch_configs(state_dict) if batchnorm_config is None else batchnorm_config
     state_dict = state_dict.state_dict()
   if path.suffix == ".safetensors":
     from safetensors.numpy import save_file
-
-    from jaxbn._src.layer_config import to_metadata
 
     arrays = {k: np.asarray(as_numpy(v), order="C") for k, v in state_dict.items()}
     save_file(arrays, str(path), metadata=to_metadata(batchnorm_config) if batchnorm_config else None)
@@ -159,14 +185,9 @@ def read_batchnorm_config(path: str | os.PathLike):
   """The BatchNorm configuration recorded with a checkpoint (layer -> ``LayerConfig``), or None
   for a file written without one: a ``.safetensors`` header, or the ``batchnorm.json`` that
   ``jaxbn convert`` writes into an orbax directory or beside a ``.msgpack`` file."""
-  from jaxbn._src.layer_config import METADATA_KEY, from_metadata
-
   path = pathlib.Path(path)
   if path.suffix == ".safetensors":
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as f:
-      return from_metadata(f.metadata())
+    return from_metadata(safetensors_header(path)[1])
   sidecar = config_sidecar(path)
   if sidecar.is_file():
     return from_metadata({METADATA_KEY: sidecar.read_text()})

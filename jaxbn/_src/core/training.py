@@ -16,14 +16,21 @@ summed over shard_map's devices when the parameter is replicated there.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn._src.normalization import normalize
-from jaxbn._src.statistics import BatchStats, batch_statistics, kept_shape, masked_sum, summed_like
+from jaxbn._src.core.normalization import normalize
+from jaxbn._src.core.statistics import (
+    BatchStats,
+    batch_statistics,
+    kept_shape,
+    masked_sum,
+    summed_like,
+)
 
 
 def batch_normalize(
@@ -60,9 +67,7 @@ def batch_normalize(
   stats_shape = kept_shape(x.shape, reduction_axes)
   scale = jnp.ones(stats_shape, dtype) if scale is None else jnp.reshape(scale, stats_shape).astype(dtype)
   bias = jnp.zeros(stats_shape, dtype) if bias is None else jnp.reshape(bias, stats_shape).astype(dtype)
-  return _batch_normalize(
-      reduction_axes, float(epsilon), axis_name, axis_index_groups, dtype, x, scale, bias, mask
-  )
+  return _batch_normalize(reduction_axes, float(epsilon), axis_name, axis_index_groups, dtype, x, scale, bias, mask)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
@@ -91,8 +96,9 @@ def _backward(reduction_axes, epsilon, axis_name, axis_index_groups, dtype, resi
   # sum(dy * x_mu), around (shift - x) and in a view of its own so that XLA does not merge it
   # with the forward's (x - shift) (see masked_sum). Not for 2-D inputs: XLA:CPU reduces a
   # (1, 1, 1, N, C) view of two inputs some 40x slower than (N, C).
-  sum_dy_x_shift = -masked_sum(lambda dy, x: dy * (shift - x.astype(dtype)), [dy, x], reduction_axes, mask,
-                               view=3 if x.ndim > 2 else 0)
+  sum_dy_x_shift = -masked_sum(
+      lambda dy, x: dy * (shift - x.astype(dtype)), [dy, x], reduction_axes, mask, view=3 if x.ndim > 2 else 0
+  )
   sum_dy_x_mu = sum_dy_x_shift - mean_offset * sum_dy
   # Cotangents of the returned statistics (zeros unless the caller differentiates them); the
   # shift is a stop_gradient'ed constant, so the mean's gradient arrives through mean_offset.

@@ -9,13 +9,18 @@ Flax Linen names children ``'0'``, ``'1'``.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
-from flax import nnx
-from flax import traverse_util
+from flax import nnx, traverse_util
 
-from jaxbn._src.nnx_frozen import Frozen
+
+class Frozen(nnx.Variable):
+  """A value no optimiser trains: ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` and ``nnx.grad``
+  (which differentiate ``nnx.Param``) leave it alone, and layers read it behind
+  ``stop_gradient``. FrozenBatchNorm holds its four arrays in it."""
+
 
 COLLECTIONS = ((Frozen, "params"), (nnx.Param, "params"), (nnx.BatchStat, "batch_stats"))
 

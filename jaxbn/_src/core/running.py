@@ -7,7 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxbn._src.statistics import BatchStats
+from jaxbn._src.core.statistics import BatchStats
 
 
 class RunningStats(NamedTuple):
@@ -25,9 +25,7 @@ class RunningStats(NamedTuple):
   num_batches_tracked: jax.Array
 
 
-def update_factor(
-    momentum: float | None, num_batches_tracked: jax.Array, dtype=jnp.float32
-) -> jax.Array | float:
+def update_factor(momentum: float | None, num_batches_tracked: jax.Array, dtype=jnp.float32) -> jax.Array | float:
   """Weight of the new batch: ``momentum`` (torch's convention), or ``1 / num_batches_tracked``
   (a cumulative average) when ``momentum`` is None. ``num_batches_tracked`` already counts the
   new batch, as in torch. Example::
@@ -42,9 +40,7 @@ def update_factor(
   return momentum
 
 
-def update_running_stats(
-    running: RunningStats, batch: BatchStats, momentum: float | None
-) -> RunningStats:
+def update_running_stats(running: RunningStats, batch: BatchStats, momentum: float | None) -> RunningStats:
   """One training step's update: ``running = (1 - f) * running + f * batch``; the counter always
   counts the batch.
 

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer
 
-from jaxbn._src import checks
-from jaxbn._src.layer import batch_norm_call, counter_dtype, prepare
-from jaxbn._src.running import RunningStats
+from jaxbn._src.core import checks
+from jaxbn._src.core.layer import batch_norm_call, counter_dtype, prepare
+from jaxbn._src.core.running import RunningStats
 
 _NO_MODE = (
     "No use_running_average was given to jaxbn.nnx.BatchNorm: pass it to the constructor, to the"
@@ -119,8 +119,9 @@ class BatchNorm(nnx.Module):
     self.runtime_checks = runtime_checks
     self.keep_eval = keep_eval
 
-  def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
-               mask: jax.Array | None = None) -> jax.Array:
+  def __call__(
+      self, x: jax.Array, use_running_average: bool | None = None, *, mask: jax.Array | None = None
+  ) -> jax.Array:
     """Normalises ``x``; ``mask`` (boolean, broadcastable to ``x``) restricts the batch statistics
     to the marked elements."""
     use_running_average = nnx.module.first_from(use_running_average, self.use_running_average, error_msg=_NO_MODE)

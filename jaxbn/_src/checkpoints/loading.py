@@ -8,13 +8,21 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from jaxbn._src import layer_config
-from jaxbn._src.checkpoint import load_state_dict, read_batchnorm_config
-from jaxbn._src.convert import Converted, Rename, _renamer, from_torch
+from jaxbn._src.checkpoints import config as layer_config
+from jaxbn._src.checkpoints.files import load_state_dict, read_batchnorm_config
+from jaxbn._src.checkpoints.rules import Converted, Rename, from_torch, renamer
 
 
-def load(path: str | os.PathLike, model: nn.Module, example_input, *, rename: Rename = None,
-         strict: bool = True, dtype: Any = None, **apply_kwargs) -> Converted:
+def load(
+    path: str | os.PathLike,
+    model: nn.Module,
+    example_input,
+    *,
+    rename: Rename = None,
+    strict: bool = True,
+    dtype: Any = None,
+    **apply_kwargs,
+) -> Converted:
   """A torch checkpoint as ``model``'s variables: ``load_state_dict``, the template from
   ``jax.eval_shape(model.init, ...)``, ``from_torch``, and then the BatchNorm configuration the
   file records (``jaxbn.save_state_dict``, ``jaxbn convert``) checked against ``model``'s
@@ -30,8 +38,11 @@ def load(path: str | os.PathLike, model: nn.Module, example_input, *, rename: Re
   converted = from_torch(state_dict, template, rename=rename, strict=strict, dtype=dtype)
   recorded = read_batchnorm_config(path)
   if recorded is not None:
-    renamed = _renamer(rename)
-    layer_config.check({renamed(name): config for name, config in recorded.items()},
-                       layer_config.flax_configs(model, example_input, **apply_kwargs),
-                       strict=strict, source=str(path))
+    renamed = renamer(rename)
+    layer_config.check(
+        {renamed(name): config for name, config in recorded.items()},
+        layer_config.flax_configs(model, example_input, **apply_kwargs),
+        strict=strict,
+        source=str(path),
+    )
   return converted

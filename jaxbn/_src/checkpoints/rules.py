@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import collections
 import re
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +25,10 @@ import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
-from jaxbn._src.layer import counter_dtype
-from jaxbn._src.checkpoint import as_numpy
-from jaxbn._src.nnx_state import as_variables, is_nnx, state_of, update
+from jaxbn._src.checkpoints.files import as_numpy, numpy_to_torch
+from jaxbn._src.core.layer import counter_dtype
+from jaxbn._src.errors import ConversionError
+from jaxbn._src.variables.state import as_variables, is_nnx, state_of, update
 
 Rename = Callable[[str], str] | Sequence[tuple[str, str]] | None
 
@@ -39,10 +41,6 @@ TO_FLAX = {
     "num_batches_tracked": [("batch_stats", "num_batches_tracked")],
 }
 TO_TORCH = {flax: torch for torch, candidates in TO_FLAX.items() for flax in candidates}
-
-
-class ConversionError(ValueError):
-  """A state_dict that does not fit the Flax variables; lists every problem at once."""
 
 
 class Converted(NamedTuple):
@@ -74,7 +72,7 @@ def kernel_to_torch(kernel: np.ndarray) -> np.ndarray:
   return np.transpose(kernel, (kernel.ndim - 1, kernel.ndim - 2, *range(kernel.ndim - 2)))
 
 
-def _renamer(rename: Rename) -> Callable[[str], str]:
+def renamer(rename: Rename) -> Callable[[str], str]:
   if rename is None:
     return lambda path: path
   if callable(rename):
@@ -126,11 +124,12 @@ def from_torch(
     >>> variables = jaxbn.convert.from_torch(state_dict, template).variables  # doctest: +SKIP
   """
   if is_nnx(template):
-    converted = from_torch(state_dict, as_variables(template), rename=rename, strict=strict, dtype=dtype,
-                           progress=progress)
+    converted = from_torch(
+        state_dict, as_variables(template), rename=rename, strict=strict, dtype=dtype, progress=progress
+    )
     filled = update(template, converted.variables, partial=True)  # non-strict: the rest as it was
     return converted._replace(variables=state_of(filled))
-  rename = _renamer(rename)
+  rename = renamer(rename)
   flat_template = _flat(template)
   modules: dict[tuple[str, ...], dict[tuple[str, str], Any]] = collections.defaultdict(dict)
   for (collection, *path, leaf), value in flat_template.items():
@@ -209,14 +208,25 @@ def _describe(missing, unexpected, mismatched, modules, rename) -> str:
   if unexpected:
     lines.append(f"  unexpected ({len(unexpected)}; no place in the Flax model): {', '.join(unexpected)}")
   for key, torch_shape, destination, expected in mismatched:
-    torch_layout = f" (torch layout {tuple(kernel_to_torch(np.empty(expected, np.int8)).shape)})" if destination.endswith(
-        "/kernel") else ""
+    torch_layout = (
+        f" (torch layout {tuple(kernel_to_torch(np.empty(expected, np.int8)).shape)})"
+        if destination.endswith("/kernel")
+        else ""
+    )
     lines.append(f"  shape mismatch: {key} {torch_shape} -> {destination} expects {expected}{torch_layout}")
-  flax_batchnorms = sorted({key.rpartition(".")[0] for key in unexpected if key.endswith(".num_batches_tracked")
-                            and ("batch_stats", "mean") in modules.get(_split(rename(key.rpartition(".")[0])), {})})
+  flax_batchnorms = sorted(
+      {
+          key.rpartition(".")[0]
+          for key in unexpected
+          if key.endswith(".num_batches_tracked")
+          and ("batch_stats", "mean") in modules.get(_split(rename(key.rpartition(".")[0])), {})
+      }
+  )
   if flax_batchnorms:
-    lines.append(f"  {', '.join(flax_batchnorms)}: the Flax layer keeps batch_stats without num_batches_tracked, as"
-                 " flax.linen.BatchNorm does (biased running var, opposite momentum): build it with jaxbn.BatchNorm.")
+    lines.append(
+        f"  {', '.join(flax_batchnorms)}: the Flax layer keeps batch_stats without num_batches_tracked, as"
+        " flax.linen.BatchNorm does (biased running var, opposite momentum): build it with jaxbn.BatchNorm."
+    )
   elsewhere = [key for key in unexpected if _split(rename(key.rpartition(".")[0])) not in modules]
   if elsewhere and missing:
     lines.append(
@@ -228,15 +238,16 @@ def _describe(missing, unexpected, mismatched, modules, rename) -> str:
   return "\n".join(lines)
 
 
-def to_state_dict(variables: Mapping, *, rename: Rename = None,
-                  progress: Callable[[Iterable], Iterable] | None = None) -> dict[str, np.ndarray]:
+def to_state_dict(
+    variables: Mapping, *, rename: Rename = None, progress: Callable[[Iterable], Iterable] | None = None
+) -> dict[str, np.ndarray]:
   """Flax variables -> a torch state_dict of numpy arrays (no torch needed).
 
   ``rename`` maps Flax module paths (dotted) to torch ones. Counters come back as int64.
   ``variables`` may be an NNX module or state.
   """
   variables = as_variables(variables)
-  rename = _renamer(rename)
+  rename = renamer(rename)
   state_dict, unknown = {}, []
   for (collection, *path, leaf), value in (progress or iter)(_flat(variables).items()):
     torch_leaf = TO_TORCH.get((collection, leaf))
@@ -261,6 +272,4 @@ def to_state_dict(variables: Mapping, *, rename: Rename = None,
 def to_torch(variables: Mapping, *, rename: Rename = None) -> dict:
   """Flax variables (or an NNX module or state) -> a torch state_dict of tensors, loadable with
   ``strict=True``."""
-  from jaxbn._src.checkpoint import numpy_to_torch
-
   return numpy_to_torch(to_state_dict(variables, rename=rename))

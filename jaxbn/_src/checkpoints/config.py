@@ -11,12 +11,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
+from flax import nnx
 
-from jaxbn._src.convert import ConversionError
+from jaxbn._src.errors import ConfigMismatchError
+from jaxbn._src.linen.batch_norm import BatchNorm
+from jaxbn._src.linen.frozen import FrozenBatchNorm
+from jaxbn._src.nnx.batch_norm import BatchNorm as NNXBatchNorm
+from jaxbn._src.nnx.frozen import FrozenBatchNorm as NNXFrozenBatchNorm
+from jaxbn._src.variables.state import is_nnx
 
 METADATA_KEY = "jaxbn.batchnorm"
 FROZEN = "FrozenBatchNorm"
@@ -44,10 +51,6 @@ class ConfigMismatch:
   flax: Any
 
 
-class ConfigMismatchError(ConversionError):
-  """BatchNorm layers configured differently from the checkpoint's record; lists all of them."""
-
-
 def torch_configs(torch_model) -> dict[str, LayerConfig]:
   """The BatchNorm layers of a torch module (BatchNorm1d/2d/3d, SyncBatchNorm, torchvision's
   FrozenBatchNorm2d and subclasses such as timm's BatchNormAct2d), by module path."""
@@ -57,58 +60,49 @@ def torch_configs(torch_model) -> dict[str, LayerConfig]:
   for name, module in torch_model.named_modules():
     if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
       kind = "SyncBatchNorm" if isinstance(module, torch.nn.SyncBatchNorm) else "BatchNorm"
-      configs[name] = LayerConfig(kind, float(module.eps), module.momentum, bool(module.affine),
-                                  bool(module.track_running_stats))
+      configs[name] = LayerConfig(
+          kind, float(module.eps), module.momentum, bool(module.affine), bool(module.track_running_stats)
+      )
     elif type(module).__name__ == "FrozenBatchNorm2d":
       configs[name] = LayerConfig(FROZEN, float(module.eps))
   return configs
 
 
+def _config_of(module) -> LayerConfig | None:
+  """One Flax layer's configuration (Linen or NNX); None for a layer that is no BatchNorm."""
+  if isinstance(module, (FrozenBatchNorm, NNXFrozenBatchNorm)):
+    return LayerConfig(FROZEN, float(module.epsilon))
+  if isinstance(module, (nn.BatchNorm, nnx.BatchNorm)):
+    kind = "flax.linen.BatchNorm" if isinstance(module, nn.BatchNorm) else "flax.nnx.BatchNorm"
+    return LayerConfig(kind, float(module.epsilon), module.momentum)
+  if isinstance(module, BatchNorm):
+    affine = module.use_scale and module.use_bias
+  elif isinstance(module, NNXBatchNorm):
+    affine = module.scale is not None and module.bias is not None
+  else:
+    return None
+  kind = "SyncBatchNorm" if module.axis_name is not None else "BatchNorm"
+  return LayerConfig(kind, float(module.epsilon), module.momentum, affine, module.track_running_stats)
+
+
 def nnx_configs(model) -> dict[str, LayerConfig]:
   """The BatchNorm layers an NNX module holds, by torch-style dotted path."""
-  from flax import nnx
-
-  from jaxbn._src.nnx_batch_norm import BatchNorm
-  from jaxbn._src.nnx_frozen import FrozenBatchNorm
-
-  configs = {}
-  for path, module in nnx.iter_modules(model):
-    name = ".".join(map(str, path))
-    if isinstance(module, FrozenBatchNorm):
-      configs[name] = LayerConfig(FROZEN, float(module.epsilon))
-    elif isinstance(module, BatchNorm):
-      configs[name] = LayerConfig(
-          "SyncBatchNorm" if module.axis_name is not None else "BatchNorm", float(module.epsilon), module.momentum,
-          module.scale is not None and module.bias is not None, module.track_running_stats)
-    elif isinstance(module, nnx.BatchNorm):
-      configs[name] = LayerConfig("flax.nnx.BatchNorm", float(module.epsilon), module.momentum)
-  return configs
+  configs = {".".join(map(str, path)): _config_of(module) for path, module in nnx.iter_modules(model)}
+  return {name: config for name, config in configs.items() if config is not None}
 
 
 def flax_configs(flax_model, example_input=None, **apply_kwargs) -> dict[str, LayerConfig]:
   """The BatchNorm layers a Flax model calls on ``example_input`` (traced, nothing computed), by
   torch-style dotted path. ``apply_kwargs`` are the model's call arguments (e.g. ``train``).
   An NNX module is read as it is (no input needed)."""
-  from jaxbn._src.batch_norm import BatchNorm
-  from jaxbn._src.frozen import FrozenBatchNorm
-  from jaxbn._src.nnx_state import is_nnx
-
   if is_nnx(flax_model):
     return nnx_configs(flax_model)
   configs: dict[str, LayerConfig] = {}
 
   def record(next_fun, args, kwargs, context):
-    module = context.module
-    if context.method_name == "__call__":
-      name = ".".join(module.scope.path)
-      if isinstance(module, FrozenBatchNorm):
-        configs[name] = LayerConfig(FROZEN, float(module.epsilon))
-      elif isinstance(module, BatchNorm):
-        configs[name] = LayerConfig(
-            "SyncBatchNorm" if module.axis_name is not None else "BatchNorm", float(module.epsilon),
-            module.momentum, module.use_scale and module.use_bias, module.track_running_stats)
-      elif isinstance(module, nn.BatchNorm):
-        configs[name] = LayerConfig("flax.linen.BatchNorm", float(module.epsilon), module.momentum)
+    config = _config_of(context.module) if context.method_name == "__call__" else None
+    if config is not None:
+      configs[".".join(context.module.scope.path)] = config
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
@@ -127,8 +121,11 @@ def mismatches(expected: Mapping[str, LayerConfig], actual: Mapping[str, LayerCo
       continue
     if have.kind in ("flax.linen.BatchNorm", "flax.nnx.BatchNorm"):
       fix = "jaxbn.nnx.BatchNorm" if have.kind == "flax.nnx.BatchNorm" else "jaxbn.BatchNorm"
-      found.append(ConfigMismatch(name, "class", want.kind, f"{have.kind} (biased running var, opposite"
-                                  f" momentum): use {fix}"))
+      found.append(
+          ConfigMismatch(
+              name, "class", want.kind, f"{have.kind} (biased running var, opposite" f" momentum): use {fix}"
+          )
+      )
       continue
     if (want.kind == FROZEN) != (have.kind == FROZEN):
       found.append(ConfigMismatch(name, "class", want.kind, have.kind))
@@ -154,8 +151,13 @@ def from_metadata(metadata: Mapping[str, str] | None) -> dict[str, LayerConfig] 
   return {name: LayerConfig(**fields) for name, fields in json.loads(metadata[METADATA_KEY]).items()}
 
 
-def check(recorded: Mapping[str, LayerConfig], actual: Mapping[str, LayerConfig], *, strict: bool = True,
-          source: str = "the checkpoint") -> list[ConfigMismatch]:
+def check(
+    recorded: Mapping[str, LayerConfig],
+    actual: Mapping[str, LayerConfig],
+    *,
+    strict: bool = True,
+    source: str = "the checkpoint",
+) -> list[ConfigMismatch]:
   """Compares the configuration recorded in ``source`` with the Flax model's: one
   ConfigMismatchError listing every differing layer and field, or with ``strict=False`` one
   warning; returns the mismatches."""
@@ -163,10 +165,11 @@ def check(recorded: Mapping[str, LayerConfig], actual: Mapping[str, LayerConfig]
   if found:
     lines = [f"{len(found)} BatchNorm setting(s) differ between {source} and the Flax model:"]
     lines += [f"  {m.layer}: {m.field} recorded {m.torch!r}, model {m.flax!r}" for m in found]
-    lines.append("Build the Flax layers with the recorded values (e.g. jaxbn.BatchNorm(epsilon=...,"
-                 " momentum=...)); the outputs and running statistics differ otherwise.")
+    lines.append(
+        "Build the Flax layers with the recorded values (e.g. jaxbn.BatchNorm(epsilon=...,"
+        " momentum=...)); the outputs and running statistics differ otherwise."
+    )
     if strict:
       raise ConfigMismatchError("\n".join(lines))
     warnings.warn("\n".join(lines), stacklevel=2)
   return found
-

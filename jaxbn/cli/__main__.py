@@ -1,0 +1,5 @@
+import sys
+
+from jaxbn.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,194 @@
+"""``jaxbn check``: a torch model and its jaxbn twin side by side, per BatchNorm layer.
+
+The torch model (random init, or ``--weights``) trains its BatchNorm statistics for a few steps,
+is saved as ``.safetensors`` with its BatchNorm configuration, loaded, converted (ported with
+``jaxbn.port`` unless it is one of jaxbn.models' ResNets) and run next to torch in training and
+eval. Exit status 1 when the worst relative difference exceeds ``--tolerance`` or a running
+statistic is not finite.
+"""
+
+from __future__ import annotations
+
+import copy
+import pathlib
+import tempfile
+import time
+
+import jax
+import numpy as np
+import torch
+
+import jaxbn
+from jaxbn._src.checkpoints import config as layer_config
+from jaxbn._src.checkpoints.files import numpy_to_torch, state_dict_to_numpy
+from jaxbn._src.checkpoints.flax_files import is_flax_file
+from jaxbn._src.checkpoints.inspection import inspect_state_dict
+from jaxbn.cli.errors import UsageError, does_not_fit
+from jaxbn.cli.flax_linen import flax_linen_port_errors
+from jaxbn.cli.models import model_for_weights, shape_differences, torch_model_from_spec
+from jaxbn.cli.plot import check_plot_target, plot_report
+from jaxbn.models import MODELS
+
+
+def validate(args) -> dict | None:
+  """Everything that can be known before a model runs; returns the ``--weights`` state_dict."""
+  if args.api == "nnx" and args.model not in MODELS:
+    raise UsageError("--api nnx checks the jaxbn.models.nnx ResNets; a model from jaxbn.port is a Linen module.")
+  if args.plot:
+    check_plot_target(args.plot)
+  if not args.weights:
+    return None
+  weights = pathlib.Path(args.weights)
+  if weights.exists() and is_flax_file(weights):
+    raise UsageError(
+        f"--weights {weights} holds Flax variables; --weights takes a torch state_dict. Convert it"
+        f" first: jaxbn convert {weights} weights.safetensors"
+    )
+  return jaxbn.load_state_dict(weights)
+
+
+def train_statistics(torch_model, batches, args) -> None:
+  """torch's BatchNorm statistics moved by ``args.steps`` forward passes in train mode (no
+  gradient steps); a batch the model cannot take is a user error, found on the first one."""
+  torch_model.train()
+  with torch.no_grad():
+    for step in range(args.steps):
+      try:
+        torch_model(torch.from_numpy(batches()))
+      except (RuntimeError, ValueError) as error:
+        if step:
+          raise
+        raise UsageError(
+            f"{args.model} cannot take a {args.batch}x3x{args.size}x{args.size} batch in training mode:"
+            f" torch says {str(error).splitlines()[0]!r}. Choose a larger --size or --batch."
+        ) from None
+
+
+def check(args) -> int:
+  weights = validate(args)
+  torch.manual_seed(args.seed)
+  if weights is None:
+    torch_model, ported = torch_model_from_spec(args.model, args.num_classes or 1000)
+  else:
+    torch_model, ported = model_for_weights(args.model, weights, args.num_classes)
+    missing, unexpected, mismatched = shape_differences(weights, torch_model)
+    if missing or unexpected or mismatched:
+      raise does_not_fit(
+          args.weights,
+          args.model,
+          missing,
+          unexpected,
+          mismatched,
+          "Pass the --model the weights were saved from (and its --num-classes).",
+      )
+    torch_model.load_state_dict(numpy_to_torch(weights), strict=True)
+  if ported:
+    jaxbn.parity.without_dropout(torch_model)  # torch's random masks cannot be reproduced
+  rng = np.random.default_rng(args.seed)
+
+  def batch():
+    return rng.standard_normal((args.batch, 3, args.size, args.size)).astype(np.float32)
+
+  train_statistics(torch_model, batch, args)
+  print(
+      f"{args.model}: {'weights from ' + args.weights if args.weights else 'random init'},"
+      f" BatchNorm statistics trained for {args.steps} steps on {args.batch}x3x{args.size}x{args.size} batches"
+      + ("; ported with jaxbn.port, dropout and stochastic depth off (p=0)" if ported else "")
+  )
+
+  timings = {}
+  with tempfile.TemporaryDirectory() as directory:
+    path = pathlib.Path(directory) / "model.safetensors"
+    jaxbn.save_state_dict(torch_model, path)  # the BatchNorm configuration is recorded with it
+    start = time.perf_counter()
+    state_dict = jaxbn.load_state_dict(path)
+    timings["load .safetensors"] = time.perf_counter() - start
+    recorded = jaxbn.read_batchnorm_config(path)
+  x = batch()
+  flax_input = x if ported else np.moveaxis(x, 1, -1)
+  naive = None
+  if ported:
+    start = time.perf_counter()
+    model, variables = jaxbn.port(torch_model, x)
+    timings["jaxbn.port (trace, build, convert)"] = time.perf_counter() - start
+    variables = jaxbn.convert.from_torch(state_dict, variables).variables  # the weights from the file
+    naive = flax_linen_port_errors(copy.deepcopy(torch_model), model, variables, args)
+  elif args.api == "nnx":
+    from flax import nnx
+
+    start = time.perf_counter()
+    model = jaxbn.models.nnx.MODELS[args.model](torch_model.fc.out_features, rngs=nnx.Rngs(0))
+    timings["build the NNX module"] = time.perf_counter() - start
+    start = time.perf_counter()
+    jaxbn.convert.from_torch(state_dict, model)  # in place
+    timings["convert (rules)"] = time.perf_counter() - start
+    variables = None  # compare runs the module's own state, leaving it as it is
+  else:
+    model = jaxbn.models.MODELS[args.model](num_classes=torch_model.fc.out_features)
+    start = time.perf_counter()
+    template = jax.eval_shape(model.init, jax.random.key(0), flax_input)
+    timings["template (jax.eval_shape of init)"] = time.perf_counter() - start
+    start = time.perf_counter()
+    variables = jaxbn.convert.from_torch(state_dict, template).variables
+    timings["convert (rules)"] = time.perf_counter() - start
+
+  mismatches = layer_config.mismatches(recorded, layer_config.flax_configs(model, flax_input))
+  print(
+      "BatchNorm configuration recorded in the checkpoint (eps, momentum, affine, tracking):",
+      "all layers match" if not mismatches else "",
+  )
+  for m in mismatches:
+    print(f"  {m.layer}: {m.field} torch={m.torch} flax={m.flax}")
+
+  batches = [batch() for _ in range(args.steps + 1)]
+  start = time.perf_counter()
+  report = jaxbn.parity.compare(
+      torch_model, model, variables, batches, train_steps=args.steps, channels_last=not ported
+  )
+  timings["compare (both frameworks, incl. compilation)"] = time.perf_counter() - start
+  print(
+      f"\nPer BatchNorm layer, max |jaxbn - torch| / max |torch output| over {args.steps} training"
+      " steps and 1 eval step; drift: running statistics relative to max(|value|, 1)"
+  )
+  print(jaxbn.parity.format_table(report))
+  if naive is not None:
+    print(naive)
+  if args.plot:
+    plot_report(report, args.plot, args.model)
+    print(f"\nPlot of the per-layer differences: {args.plot}")
+  # Only jaxbn's own steps: a torch-vs-JAX speed ratio needs each measured alone (benchmarks/).
+  print("\nTimings (this machine):")
+  for name, seconds in timings.items():
+    print(f"  {name:<46} {seconds * 1e3:9.1f} ms")
+  return verdict(report, state_dict, torch_model, args.tolerance)
+
+
+def verdict(report, state_dict, torch_model, tolerance: float) -> int:
+  """0 when every difference is within ``tolerance`` and every statistic finite, else 1."""
+  worst = max(row.max_rel for row in report)
+  # NaN compares False with any tolerance: non-finite statistics or differences fail by name.
+  corrupted = [
+      f"{framework} {layer.layer}: {problem}"
+      for framework, state in (
+          ("checkpoint", state_dict),
+          ("torch after the check", state_dict_to_numpy(torch_model.state_dict())),
+      )
+      for layer in inspect_state_dict(state)
+      for problem in layer.problems
+      if "non-finite" in problem
+  ]
+  corrupted += sorted(
+      {
+          f"jaxbn {row.layer}: non-finite output or running statistics ({row.mode}, step {row.step})"
+          for row in report
+          if not np.all(np.isfinite([row.max_rel, row.mean_drift or 0, row.var_drift or 0]))
+      }
+  )
+  if corrupted:
+    print("\nFAILED: non-finite running statistics:\n  " + "\n  ".join(corrupted))
+    return 1
+  if worst > tolerance:
+    print(f"\nFAILED: worst relative difference {worst:.2e} > tolerance {tolerance:.0e}")
+    return 1
+  print(f"\nOK: worst relative difference {worst:.2e} <= tolerance {tolerance:.0e}")
+  return 0
