@@ -17,7 +17,6 @@ largest anywhere: a conv bias before BatchNorm has gradient 0 in exact arithmeti
 
 from __future__ import annotations
 
-import collections
 import copy
 import dataclasses
 import time
@@ -162,9 +161,9 @@ def run(case: Case, seed: int = 0) -> Measured:
   for key, value in torch_state.items():
     assert back[key].dtype == value.dtype, key
     np.testing.assert_array_equal(back[key], value, err_msg=key)
-  fresh, converted = case.build(), collections.OrderedDict(jaxbn.convert.to_torch(variables))
-  converted._metadata = model.state_dict()._metadata  # torch's per-module versions (MNASNet's loader needs them)
-  fresh.load_state_dict(converted, strict=True)
+  case.build().load_state_dict(
+      jaxbn.convert.to_torch(variables, like=model), strict=True
+  )  # MNASNet reads like's _metadata
 
   model.eval()
   with torch.no_grad():

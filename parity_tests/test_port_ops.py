@@ -36,6 +36,31 @@ class Functional(nn.Module):
     return z.reshape(n, -1), F.softmax(z, dim=-1)
 
 
+class Attention(nn.Module):
+  """F.scaled_dot_product_attention on (N, heads, L, E) slices of the input, with torch's options."""
+
+  def __init__(self, causal=False, scale=None, kv_heads=4, mask=None):
+    super().__init__()
+    self.causal, self.scale, self.kv_heads, self.mask = causal, scale, kv_heads, mask
+
+  def forward(self, x):
+    q, k, v = x, (x * 0.5)[:, : self.kv_heads], (x * x - 1)[:, : self.kv_heads]
+    mask = None
+    if self.mask == "bool":
+      mask = torch.ones(6, 6, dtype=torch.bool).triu(-1)
+    elif self.mask == "float":
+      mask = x[0, 0, :, :6] * 0.3  # (L, S) additive
+    return F.scaled_dot_product_attention(
+        q,
+        k.reshape_as(v),
+        v,
+        attn_mask=mask,
+        is_causal=self.causal,
+        scale=self.scale,
+        enable_gqa=self.kv_heads != 4,
+    )
+
+
 CASES = {
     "conv1d stride padding": (lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1), (2, 4, 11)),
     "conv2d same dilated": (lambda: nn.Conv2d(4, 6, 4, padding="same", dilation=2), (2, 4, 9, 8)),
@@ -111,6 +136,11 @@ CASES = {
     "gelu tanh softmax": (lambda: nn.Sequential(nn.GELU("tanh"), nn.Softmax(dim=1), nn.LogSoftmax(dim=-1)), (2, 3, 6)),
     "linear on features": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.Identity()), (2, 3, 4)),
     "functional": (Functional, (2, 6, 4, 7)),
+    "unfold": (lambda: nn.Unfold((2, 3), dilation=(1, 2), padding=1, stride=(2, 1)), (2, 3, 6, 7)),
+    "attention": (lambda: Attention(), (2, 4, 6, 8)),
+    "attention causal scaled gqa": (lambda: Attention(causal=True, scale=0.3, kv_heads=2), (2, 4, 6, 8)),
+    "attention boolean mask": (lambda: Attention(mask="bool"), (2, 4, 6, 8)),
+    "attention additive mask": (lambda: Attention(mask="float"), (2, 4, 6, 8)),
 }
 
 

@@ -81,8 +81,10 @@ def _linen_runner(flax_model: nn.Module, variables, train_kwargs, eval_kwargs):
     state = run(variables, x, train)
     if train:
       variables = {**variables, "batch_stats": state["batch_stats"]}
+    # The outermost call ends last: an activated BatchNorm (timm's BatchNormAct2d) sows its inner
+    # BatchNorm's output first and its own, after the activation, last; torch's hook sees that one.
     captured = {
-        "/".join(path[:-1]): value[0] for path, value in traverse_util.flatten_dict(state["intermediates"]).items()
+        "/".join(path[:-1]): value[-1] for path, value in traverse_util.flatten_dict(state["intermediates"]).items()
     }
     return captured, variables.get("batch_stats", {})
 
@@ -104,7 +106,7 @@ def _nnx_runner(flax_model, state, train_kwargs, eval_kwargs):
     _, outputs = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(
         x, **(train_kwargs if train else eval_kwargs)
     )
-    captured = {"/".join(map(str, path[:-1])): value.get_value()[0] for path, value in nnx.to_flat_state(outputs)}
+    captured = {"/".join(map(str, path[:-1])): value.get_value()[-1] for path, value in nnx.to_flat_state(outputs)}
     return captured, nnx.state(model)
 
   def step(x, train):

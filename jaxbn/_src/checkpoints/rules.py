@@ -41,6 +41,9 @@ TO_FLAX = {
     "num_batches_tracked": [("batch_stats", "num_batches_tracked")],
 }
 TO_TORCH = {flax: torch for torch, candidates in TO_FLAX.items() for flax in candidates}
+# A parameter or buffer that a ported forward reads directly: torch's ``a.gamma`` is Flax's
+# ``params/a/gamma/tensor`` (``buffers/a/gamma/tensor`` for a buffer); see jaxbn.port.
+TENSOR = (("params", "tensor"), ("buffers", "tensor"))
 
 
 class Converted(NamedTuple):
@@ -142,6 +145,10 @@ def from_torch(
     path = _split(rename(module_path))
     holds = modules.get(path, {})
     target = next((c for c in TO_FLAX.get(torch_leaf, ()) if c in holds), None)
+    tensor = modules.get((*path, torch_leaf), {})
+    if target is None and tensor:  # a tensor read directly in forward, held at its own path
+      path, holds = (*path, torch_leaf), tensor
+      target = next((c for c in TENSOR if c in tensor), None)
     if target is None:
       if torch_leaf == "num_batches_tracked" and ("params", "mean") in holds:
         continue  # a FrozenBatchNorm keeps no counter
@@ -158,6 +165,8 @@ def from_torch(
       continue
     if target[1] == "num_batches_tracked":
       array = array.astype(counter_dtype())
+    elif target[1] == "tensor" and not np.issubdtype(array.dtype, np.floating):
+      array = array.astype(expected.dtype)  # int64 index tables as int32 unless jax_enable_x64
     elif dtype is not None and jnp.issubdtype(array.dtype, jnp.floating):  # bfloat16 included
       array = array.astype(dtype)
     flat[destination] = array
@@ -250,11 +259,16 @@ def to_state_dict(
   rename = renamer(rename)
   state_dict, unknown = {}, []
   for (collection, *path, leaf), value in (progress or iter)(_flat(variables).items()):
-    torch_leaf = TO_TORCH.get((collection, leaf))
+    value = np.asarray(value)
+    if (collection, leaf) in TENSOR:
+      *path, torch_leaf = path
+      if collection == "buffers" and np.issubdtype(value.dtype, np.signedinteger):
+        value = value.astype(np.int64)  # torch's integer buffers (index tables) are int64
+    else:
+      torch_leaf = TO_TORCH.get((collection, leaf))
     if torch_leaf is None:
       unknown.append("/".join((collection, *path, leaf)))
       continue
-    value = np.asarray(value)
     if leaf == "kernel":
       value = kernel_to_torch(value)
     elif leaf == "num_batches_tracked":
@@ -269,7 +283,21 @@ def to_state_dict(
   return state_dict
 
 
-def to_torch(variables: Mapping, *, rename: Rename = None) -> dict:
+def to_torch(variables: Mapping, *, rename: Rename = None, like=None) -> dict:
   """Flax variables (or an NNX module or state) -> a torch state_dict of tensors, loadable with
-  ``strict=True``."""
-  return numpy_to_torch(to_state_dict(variables, rename=rename))
+  ``strict=True``.
+
+  ``like``: the torch model it is for. The state_dict then comes in that model's key order and
+  carries its ``_metadata`` (torch's per-module versions, which some loaders read: MNASNet's
+  refuses a state_dict without them), as ``like.state_dict()`` would. Example::
+
+    >>> torch_model.load_state_dict(jaxbn.convert.to_torch(variables, like=torch_model))  # doctest: +SKIP
+  """
+  state_dict = numpy_to_torch(to_state_dict(variables, rename=rename))
+  if like is None:
+    return state_dict
+  reference = like.state_dict()
+  ordered = collections.OrderedDict((key, state_dict.pop(key)) for key in reference if key in state_dict)
+  ordered.update(state_dict)  # keys the model lacks: its loader names them
+  ordered._metadata = reference._metadata
+  return ordered

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -116,7 +117,14 @@ def port(
       traced.programs[True], traced.programs[False], tuple(sorted(traced.leaves.items())), type(torch_model).__name__
   )
   inputs = tuple(as_numpy(x) for x in (example_input if isinstance(example_input, (tuple, list)) else (example_input,)))
-  _check_all_called(state_dict, traced.leaves, strict)
+  _check_all_called(state_dict, traced, strict)
+  if axis_name is not None and not any(getattr(leaf.prototype, "axis_name", None) for leaf in traced.leaves.values()):
+    warnings.warn(
+        f"port(axis_name={axis_name!r}): {type(torch_model).__name__} has no SyncBatchNorm, so no layer"
+        " merges statistics over that axis. Convert the torch model first:"
+        " torch.nn.SyncBatchNorm.convert_sync_batchnorm(model).",
+        stacklevel=2,
+    )
   if api == "nnx":
     nnx_module = PortedNNX(module, rngs=rngs or nnx.Rngs(0)).lazy_init(*inputs)
     from_torch(state_dict, nnx_module, strict=strict, dtype=dtype)  # in place
@@ -125,21 +133,43 @@ def port(
   return Port(module, from_torch(state_dict, template, strict=strict, dtype=dtype).variables)
 
 
-def _check_all_called(state_dict, leaves, strict):
-  """Weights of modules that neither forward calls would be dropped: name them."""
+def _check_all_called(state_dict, traced, strict):
+  """Weights of modules that neither forward calls as a Flax module would be dropped: name them,
+  and say which ones the port runs as stateless calls (a custom_modules factory's function)."""
   holders = sorted(
-      {
-          path
-          for path in (key.rpartition(".")[0] for key in state_dict)
-          if not any(path == leaf or path.startswith(leaf + ".") for leaf in leaves)
+      {  # a leaf holds the keys under its path, or is the key (a Tensor leaf)
+          key.rpartition(".")[0]
+          for key in state_dict
+          if not any(key == leaf or key.startswith(leaf + ".") for leaf in traced.leaves)
       }
   )
-  if holders and strict:
-    raise PortError(
-        f"{len(holders)} torch module(s) hold weights or buffers but neither the train nor the eval"
-        f" forward calls them, so the port has no place for them: {', '.join(holders)}. Pass"
+  if not holders or not strict:
+    return
+
+  def caller(path):  # the module run as a stateless call that holds ``path``, if any
+    return next((c for c in traced.stateless if path == c or path.startswith(c + ".")), None)
+
+  as_calls = [path for path in holders if caller(path)]
+  uncalled = [path for path in holders if not caller(path)]
+  lines = []
+  if as_calls:
+    lines.append(
+        f"{len(as_calls)} torch module(s) hold weights or buffers that the port runs as a stateless call, so"
+        " they have no place: "
+        + ", ".join(
+            f"{path} ({'' if caller(path) == path else f'in {caller(path)}, '}a {traced.stateless[caller(path)]})"
+            for path in as_calls
+        )
+        + ". Give custom_modules a factory that returns a Flax module holding them (it gets them at"
+        " the torch path), or pass strict=False to leave them out."
+    )
+  if uncalled:
+    lines.append(
+        f"{len(uncalled)} torch module(s) hold weights or buffers but neither the train nor the eval"
+        f" forward calls them, so the port has no place for them: {', '.join(uncalled)}. Pass"
         " strict=False to leave them out (or call them in forward)."
     )
+  raise PortError("\n".join(lines))
 
 
 def supported() -> dict[str, list[str]]:

@@ -7,16 +7,20 @@ collected, with its module path and source line, into one ``PortError``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import numpy as np
 import torch
 import torch.fx as fx
 
+from jaxbn._src.checkpoints.files import tensor_to_numpy
 from jaxbn._src.errors import PortError
 from jaxbn._src.port import ops
-from jaxbn._src.port.leaves import Leaf, Options, class_name, find, rule
+from jaxbn._src.port.leaves import Constant, Leaf, Options, Tensor, class_name, find, rule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +145,10 @@ def references(value) -> list[str]:
   return []
 
 
-_INTERNAL = re.compile(r"[/\\]torch[/\\](fx|nn[/\\]modules[/\\]module\.py|_jit_internal)")
+# Frames of the tracing machinery (torch's, and this file's autograd.Function hook), not the user's.
+_INTERNAL = re.compile(
+    r"[/\\]torch[/\\](fx|nn[/\\]modules[/\\]module\.py|_jit_internal)|jaxbn[/\\]_src[/\\]port[/\\]graph\.py"
+)
 
 
 def source_line(node: fx.Node) -> str:
@@ -162,15 +169,45 @@ def module_path(node: fx.Node) -> str:
 
 
 class Tracer(fx.Tracer):
-  """fx's tracer that keeps whole every module the tables (or the user) port as one piece."""
+  """fx's tracer that keeps whole every module the tables (or the user) port as one piece, and
+  every ``torch.autograd.Function`` as one node: fx would otherwise inline its forward and lose
+  its backward, a port with silently wrong gradients."""
 
   def __init__(self, is_leaf: Callable[[torch.nn.Module], bool]):
     super().__init__()
     self.record_stack_traces = True
+    self.proxy_buffer_attributes = True  # a buffer read in forward is a node (its torch name), not a literal
     self._is_leaf = is_leaf
 
   def is_leaf_module(self, module, qualified_name):
     return self._is_leaf(module) or super().is_leaf_module(module, qualified_name)
+
+  def trace(self, root, concrete_args=None):
+    original = torch.autograd.Function.__dict__["apply"]
+    tracer = self
+
+    def apply(cls, *args, **kwargs):
+      if any(isinstance(a, fx.Proxy) for a in torch.utils._pytree.tree_leaves((args, kwargs))):
+        return tracer.create_proxy("call_function", autograd_call(cls), args, kwargs)
+      return original.__func__(cls, *args, **kwargs)
+
+    torch.autograd.Function.apply = classmethod(apply)
+    try:
+      return super().trace(root, concrete_args)
+    finally:
+      torch.autograd.Function.apply = original
+
+
+@functools.cache
+def autograd_call(function: type) -> Callable:
+  """The node target for a ``torch.autograd.Function`` subclass (fx names nodes by ``__name__``)."""
+
+  def call(*args, **kwargs):
+    return function.apply(*args, **kwargs)
+
+  call.__name__ = call.__qualname__ = function.__name__
+  call.autograd_function = function
+  return call
 
 
 @dataclasses.dataclass
@@ -178,6 +215,7 @@ class Traced:
   programs: dict[bool, Program]  # by train mode
   leaves: dict[str, Leaf]  # dotted torch path -> Flax leaf
   problems: list[Problem]
+  stateless: dict[str, str]  # dotted torch path -> class, of modules run as op calls
 
 
 def trace(model: torch.nn.Module, options: Options, modules: dict, custom_ops: dict, leaf_modules: tuple) -> Traced:
@@ -187,9 +225,11 @@ def trace(model: torch.nn.Module, options: Options, modules: dict, custom_ops: d
     return isinstance(module, leaf_modules) or find(module, modules) is not None
 
   leaves: dict[str, Leaf] = {}
+  stateless: dict[str, str] = {}
   problems: dict[Problem, None] = {}
   programs = {}
   modes = {module: module.training for module in model.modules()}  # each restored, not just the root's
+  attributes = set(vars(model))  # fx stores tensor literals on the root as _tensor_constantN
   try:
     for train in (True, False):
       model.train(train)
@@ -206,15 +246,17 @@ def trace(model: torch.nn.Module, options: Options, modules: dict, custom_ops: d
             f" custom_modules={{{owner}: factory}} with a Flax module for it."
         ) from error
       programs[train] = Program(
-          tuple(_node(node, model, options, modules, custom_ops, leaves, problems) for node in graph.nodes)
+          tuple(_node(node, model, options, modules, custom_ops, leaves, stateless, problems) for node in graph.nodes)
       )
   finally:
     for module, training in modes.items():
       module.training = training
-  return Traced(programs, leaves, list(problems))
+    for name in set(vars(model)) - attributes:
+      delattr(model, name)
+  return Traced(programs, leaves, list(problems), stateless)
 
 
-def _node(node: fx.Node, model, options, modules, custom_ops, leaves, problems) -> Node:
+def _node(node: fx.Node, model, options, modules, custom_ops, leaves, stateless, problems) -> Node:
   def problem(what):
     problems[Problem(what, module_path(node), source_line(node))] = None
     return Node(node.name, "unsupported", what)
@@ -229,9 +271,7 @@ def _node(node: fx.Node, model, options, modules, custom_ops, leaves, problems) 
   if node.op == "output":
     return Node(node.name, "output", None, args)
   if node.op == "get_attr":
-    return problem(
-        f"reads tensor '{node.target}' outside a supported module (a parameter or buffer used" " directly in forward)"
-    )
+    return _tensor(node, model, options, modules, leaves, problem)
   inplace = node.kwargs.get("inplace") is True
   if node.op == "call_module":
     module = model.get_submodule(node.target)
@@ -242,6 +282,7 @@ def _node(node: fx.Node, model, options, modules, custom_ops, leaves, problems) 
     if isinstance(made, Leaf):
       leaves[node.target] = made
       return Node(node.name, "module", node.target, args, kwargs, _rebinds(node, inplace))
+    stateless[node.target] = class_name(type(module))
     key, kwargs = made.op, made.kwargs + kwargs
     op = ops.OPS.get(key) or ops.OpRule(key)  # a table op, or a custom_modules function
     return Node(node.name, "op", op, args, kwargs, _rebinds(node, inplace))
@@ -252,10 +293,44 @@ def _node(node: fx.Node, model, options, modules, custom_ops, leaves, problems) 
     key = node.target
     if isinstance(key, type) and issubclass(key, tuple) and hasattr(key, "_fields"):
       return Node(node.name, "op", ops.OpRule(Static(key)), args, kwargs)  # a namedtuple (GoogLeNetOutputs)
+  function = getattr(key, "autograd_function", None)
+  if function is not None:
+    if function in custom_ops:
+      return Node(node.name, "op", custom_ops[function], args, kwargs)
+    short = function.__qualname__
+    return problem(
+        f"torch.autograd.Function {class_name(function)}: fx would trace its forward and lose its"
+        f" backward; give custom_ops={{{short}: jax_function}} (apply's arguments; jax.custom_vjp for"
+        " its gradient)"
+    )
   op = custom_ops.get(key) or ops.OPS.get(key)
   if op is None:
     return problem(f"{'method' if node.op == 'call_method' else 'function'} {ops.name_of(key)}")
   return Node(node.name, "op", op, args, kwargs, _rebinds(node, inplace))
+
+
+def _tensor(node: fx.Node, model, options, modules, leaves, problem) -> Node:
+  """A tensor read directly in forward: a parameter or (persistent) buffer becomes a ``Tensor``
+  leaf at its torch path; anything else (a non-persistent buffer, a literal) a constant."""
+  owner_path, _, attribute = node.target.rpartition(".")
+  owner = model.get_submodule(owner_path)
+  value = getattr(owner, attribute)
+  if find(owner, modules) is not None:
+    return problem(
+        f"reads {attribute} of {owner_path} ({class_name(type(owner))}), a module the port runs as one"
+        " piece; call the module instead, or port the reading module with custom_modules"
+    )
+  array = tensor_to_numpy(value)
+  in_state_dict = attribute in owner._parameters or (
+      attribute in owner._buffers and attribute not in owner._non_persistent_buffers_set
+  )
+  if not in_state_dict:
+    return Node(node.name, "op", ops.OpRule(Constant(array.tobytes(), array.shape, array.dtype.name)))
+  floating = np.issubdtype(array.dtype, np.floating)
+  dtype = np.dtype(options.param_dtype if floating else jax.dtypes.canonicalize_dtype(array.dtype))
+  collection = "params" if attribute in owner._parameters else "buffers"
+  leaves[node.target] = Leaf(Tensor(tuple(array.shape), dtype.name, collection))
+  return Node(node.name, "module", node.target)
 
 
 def _rebinds(node: fx.Node, inplace: bool) -> str | None:

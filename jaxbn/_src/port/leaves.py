@@ -173,6 +173,39 @@ class ConvTranspose(nn.Module):
     return y
 
 
+class Tensor(nn.Module):
+  """A parameter or buffer that torch's forward reads directly (``x * self.gamma``), held at its
+  torch path under the leaf name ``tensor``: torch's ``blocks.0.gamma`` is
+  ``params/blocks/0/gamma/tensor``. A buffer lives in the ``buffers`` collection, which an
+  optimiser over ``params`` never trains and a training step never writes."""
+
+  shape: tuple[int, ...]
+  dtype: str
+  collection: str = "params"
+
+  @nn.compact
+  def __call__(self):
+    def zeros(*_):
+      return jnp.zeros(self.shape, self.dtype)  # the value comes from the state_dict
+
+    if self.collection == "params":
+      return self.param("tensor", zeros)
+    return self.variable(self.collection, "tensor", zeros).value
+
+
+@dataclasses.dataclass(frozen=True)
+class Constant:
+  """A tensor the model holds outside its state_dict (a non-persistent buffer, a tensor literal in
+  forward), kept in the program as bytes so that the ported module stays hashable."""
+
+  data: bytes
+  shape: tuple[int, ...]
+  dtype: str
+
+  def __call__(self):
+    return jnp.asarray(np.frombuffer(self.data, np.dtype(self.dtype)).reshape(self.shape))
+
+
 class Linear(nn.Module):
   """torch.nn.Linear: ``x @ kernel + bias`` over the last axis, ``kernel`` as ``(in, out)``."""
 
@@ -391,6 +424,9 @@ register(torch.nn.Softmax)(lambda m, o: call(F.softmax, dim=m.dim))
 register(torch.nn.LogSoftmax)(lambda m, o: call(F.log_softmax, dim=m.dim))
 register(torch.nn.Identity)(lambda m, o: call(torch.Tensor.clone))
 register(torch.nn.Flatten)(lambda m, o: call(torch.flatten, start_dim=m.start_dim, end_dim=m.end_dim))
+register(torch.nn.Unfold)(
+    lambda m, o: call(F.unfold, kernel_size=m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+)
 register(torch.nn.Dropout)(lambda m, o: call(F.dropout, p=m.p, training=m.training))
 register(torch.nn.Upsample)(
     lambda m, o: call(

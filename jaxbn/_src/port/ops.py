@@ -115,6 +115,25 @@ register(operator.sub, operator.isub, torch.sub, *methods("sub", "sub_"))(
 register(operator.mul, operator.imul, torch.mul, *methods("mul", "mul_"))(lambda x, y: x * y)
 register(operator.truediv, operator.itruediv, torch.div, *methods("div", "div_"))(lambda x, y: x / y)
 register(operator.floordiv)(operator.floordiv)
+# torch's % and comparisons are Python's; on shapes (ints, static under jit) they run at trace time.
+for _compare in (operator.mod, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge):
+  register(_compare)(_compare)
+for _rounding in (math.ceil, math.floor, math.sqrt):
+  register(_rounding)(_rounding)
+
+
+@register(torch._assert)
+def _assert(condition, message):
+  """torch's shape asserts, checked when the port is traced (shapes are static): a failing one
+  raises torch's message."""
+  try:
+    holds = bool(condition)
+  except jax.errors.ConcretizationTypeError:  # a value known only at run time: not a shape check
+    return
+  if not holds:
+    raise AssertionError(message)
+
+
 register(operator.neg, torch.neg, method("neg"))(lambda x: -x)
 register(operator.matmul, torch.matmul, method("matmul"))(jnp.matmul)
 register(operator.pow, torch.pow, method("pow"))(lambda x, y: x**y)
@@ -336,6 +355,78 @@ try:
 
 except ImportError:  # torchvision is optional
   pass
+
+
+# --- functional convolution (nn.Conv* modules are leaves, with Flax's kernel layout) -------------
+
+
+@register(F.conv1d, F.conv2d, F.conv3d)
+def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+  """torch's functional convolution on channels-first input with a torch-layout weight
+  (out, in / groups, *kernel); padding as torch takes it (ints, 'same', 'valid')."""
+  n = x.ndim - 2
+  dilation = _tuple(dilation, n)
+  if padding == "valid":
+    pads = [(0, 0)] * n
+  elif padding == "same":  # torch puts the odd pixel on the right
+    totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:], strict=True)]
+    pads = [(t // 2, t - t // 2) for t in totals]
+  else:
+    pads = [(p, p) for p in _tuple(padding, n)]
+  spec = (0, 1, *range(2, n + 2))
+  y = jax.lax.conv_general_dilated(
+      x,
+      weight.astype(x.dtype),
+      _tuple(stride, n),
+      pads,
+      rhs_dilation=dilation,
+      dimension_numbers=jax.lax.ConvDimensionNumbers(spec, spec, spec),
+      feature_group_count=groups,
+  )
+  return y if bias is None else y + bias.reshape(-1, *(1,) * n)
+
+
+# --- attention and patches ---------------------------------------------------------------------
+
+
+@register(F.scaled_dot_product_attention, context=True)
+def scaled_dot_product_attention(
+    ctx: Context, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
+  """torch's reference: ``softmax(q @ k^T * scale + mask) @ v``; a boolean mask (and
+  ``is_causal``'s lower triangle) marks the positions that take part."""
+  if enable_gqa:  # grouped-query attention: each key/value head serves a group of query heads
+    key = jnp.repeat(key, query.shape[-3] // key.shape[-3], axis=-3)
+    value = jnp.repeat(value, query.shape[-3] // value.shape[-3], axis=-3)
+  scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
+  scores = query @ jnp.swapaxes(key, -2, -1) * scale
+  if is_causal:
+    scores = jnp.where(jnp.tril(jnp.ones(scores.shape[-2:], bool)), scores, -jnp.inf)
+  if attn_mask is not None:
+    scores = jnp.where(attn_mask, scores, -jnp.inf) if attn_mask.dtype == bool else scores + attn_mask
+  weights = jax.nn.softmax(scores, axis=-1)
+  return dropout(ctx, weights, dropout_p) @ value
+
+
+@register(method("reshape_as"), method("view_as"))
+def reshape_as(x, other):
+  return x.reshape(other.shape)
+
+
+@register(F.unfold)
+def unfold(x, kernel_size, dilation=1, padding=0, stride=1):
+  """``nn.Unfold``: each sliding block's values as one column, ``(N, C * prod(k), L)`` in torch's
+  (channel, then kernel position) order."""
+  n = x.ndim - 2
+  patches = jax.lax.conv_general_dilated_patches(
+      x,
+      _tuple(kernel_size, n),
+      _tuple(stride, n),
+      [(p, p) for p in _tuple(padding, n)],
+      rhs_dilation=_tuple(dilation, n),
+      precision=jax.lax.Precision.HIGHEST,
+  )
+  return patches.reshape(patches.shape[0], patches.shape[1], -1)
 
 
 # --- pooling -----------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 The rules of conversion, freezing and folding are written once, on ``{'params': ...,
 'batch_stats': ...}`` with string module paths. An NNX state maps onto that by variable type:
-``nnx.Param`` -> ``params``, ``nnx.BatchStat`` -> ``batch_stats``, and ``jaxbn.nnx.Frozen`` ->
-``params`` (where a Linen FrozenBatchNorm keeps its arrays). List indices become strings, as
+``nnx.Param`` -> ``params``, ``nnx.BatchStat`` -> ``batch_stats``, ``jaxbn.nnx.Frozen`` ->
+``params`` (where a Linen FrozenBatchNorm keeps its arrays), and the bridge's ``buffers`` type ->
+``buffers`` (tensors a ported forward reads). List indices become strings, as
 Flax Linen names children ``'0'``, ``'1'``.
 """
 
@@ -22,7 +23,9 @@ class Frozen(nnx.Variable):
   ``stop_gradient``. FrozenBatchNorm holds its four arrays in it."""
 
 
-COLLECTIONS = ((Frozen, "params"), (nnx.Param, "params"), (nnx.BatchStat, "batch_stats"))
+# Buffers a ported forward reads directly (jaxbn.port), as flax's Linen-to-NNX bridge types them.
+Buffer = nnx.variable_type_from_name("buffers", allow_register=True)
+COLLECTIONS = ((Frozen, "params"), (nnx.Param, "params"), (nnx.BatchStat, "batch_stats"), (Buffer, "buffers"))
 
 
 def is_nnx(obj) -> bool:

@@ -1,0 +1,197 @@
+"""The port's coverage of the zoos: the smallest BatchNorm model of every timm architecture
+module (chosen here from ``timm.list_modules()`` / ``timm.list_models()``, not from a list) and
+every torchvision classification, segmentation, video and detection-backbone model that uses
+BatchNorm, each through the parity harness (port, conversion round trip, eval, train steps
+against torch float32 with torch float64 as the arbiter, running statistics, float64 gradients)
+in its own process with a timeout.
+
+  python benchmarks/zoo_sweep.py [--out zoo-cpu.md] [--only timm:resnet18 ...] [--timeout 600]
+
+Status per model: pass; mismatch (a tolerance failed: a wrong number, the worst outcome);
+refused (jaxbn.PortError, with its first reason); failed (any other error); timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIZE = {"video": (2, 3, 4, 64, 64), "inception": (2, 3, 96, 96)}  # input shape by need; default 2x3x64x64
+
+
+def uses_batchnorm(model) -> bool:
+  import torch
+
+  return any(
+      isinstance(m, torch.nn.modules.batchnorm._BatchNorm) or type(m).__name__ == "FrozenBatchNorm2d"
+      for m in model.modules()
+  )
+
+
+def timm_models() -> list[str]:
+  """The smallest BatchNorm model (by parameters, built on the meta device) of each timm module."""
+  import timm
+  import torch
+
+  chosen = []
+  for module in timm.list_modules():
+    best = None
+    for name in timm.list_models(module=module):
+      try:
+        with torch.device("meta"):
+          model = timm.create_model(name, pretrained=False, num_classes=10)
+      except Exception:  # noqa: BLE001 - a model that cannot be built on meta is skipped
+        continue
+      if uses_batchnorm(model):
+        size = sum(p.numel() for p in model.parameters())
+        best = min(best or (size, name), (size, name))
+    if best is not None:
+      chosen.append(f"timm:{best[1]}")
+  return chosen
+
+
+def torchvision_models() -> list[str]:
+  import torch
+  import torchvision
+
+  chosen = []
+  groups = {"": torchvision.models, "segmentation": torchvision.models.segmentation, "video": torchvision.models.video}
+  for group, package in groups.items():
+    for name in torchvision.models.list_models(module=package):
+      with torch.device("meta"):
+        model = torchvision.models.get_model(
+            name, num_classes=10, **({"aux_loss": False} if group == "segmentation" else {})
+        )
+      if uses_batchnorm(model):
+        chosen.append(f"torchvision:{name}")
+  return chosen
+
+
+def build(spec: str):
+  import timm
+  import torchvision
+
+  source, _, name = spec.partition(":")
+  if source == "timm":
+    return timm.create_model(name, pretrained=False, num_classes=10)
+  kwargs = {"aux_loss": False} if name in torchvision.models.list_models(module=torchvision.models.segmentation) else {}
+  return torchvision.models.get_model(name, num_classes=10, **kwargs)
+
+
+def input_shape(spec: str, model) -> tuple[int, ...]:
+  import torchvision
+
+  name = spec.partition(":")[2]
+  if name in torchvision.models.list_models(module=torchvision.models.video):
+    return SIZE["video"]
+  config = getattr(model, "pretrained_cfg", None) or {}
+  if config.get("fixed_input_size"):
+    return (2, *config["input_size"])
+  return SIZE["inception"] if "inception" in name else (2, 3, 64, 64)
+
+
+def run_one(spec: str) -> dict:
+  """One model through the harness, in this process; the result as a JSON-able dict."""
+  import jaxbn
+  from parity_tests import port_harness
+
+  start = time.perf_counter()
+  try:
+    model = build(spec)
+    case = port_harness.Case(lambda: build(spec), input_shape(spec, model), loss="l2")
+    measured = port_harness.run(case)
+    return {"status": "pass", "seconds": time.perf_counter() - start, **vars(measured)}
+  except jaxbn.PortError as error:
+    reason = next((line.strip(" -") for line in str(error).splitlines()[1:] if line.strip()), str(error))
+    return {"status": "refused", "reason": reason[:200]}
+  except AssertionError as error:
+    return {"status": "mismatch", "reason": str(error).splitlines()[0][:200]}
+  except Exception as error:  # noqa: BLE001 - reported in the table
+    return {
+        "status": "failed",
+        "reason": f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}",
+    }
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--out", help="write the markdown table here")
+  parser.add_argument("--only", nargs="*", help="models as timm:NAME / torchvision:NAME")
+  parser.add_argument("--timeout", type=float, default=600, help="seconds per model")
+  parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one model, JSON out
+  args = parser.parse_args()
+  if args.one:
+    print(json.dumps(run_one(args.one)))
+    return 0
+  import timm
+  import torch
+  import torchvision
+
+  specs = args.only or timm_models() + torchvision_models()
+  print(f"{len(specs)} models", flush=True)
+  rows = []
+  for spec in specs:
+    try:
+      child = subprocess.run(
+          [sys.executable, __file__, "--one", spec], capture_output=True, text=True, timeout=args.timeout, cwd=ROOT
+      )
+      lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
+      result = (
+          json.loads(lines[-1])
+          if lines
+          else {
+              "status": "failed",
+              "reason": child.stderr.strip().splitlines()[-1][:200] if child.stderr.strip() else "no output",
+          }
+      )
+    except subprocess.TimeoutExpired:
+      result = {"status": "timeout", "reason": f"over {args.timeout:.0f} s"}
+    rows.append((spec, result))
+    print(spec, json.dumps(result), flush=True)
+
+  def cells(result):
+    if result["status"] != "pass":
+      return f"{result['status']} | - | - | - | - | {result.get('reason', '').replace('|', '/')}"
+    return (
+        f"pass | {result['port_seconds']:.2f} | {result['eval_rel']:.1e} | {result['train_rel']:.1e} |"
+        f" {result['stats_rel']:.1e} | "
+    )
+
+  counts = {}
+  for spec, result in rows:
+    source = spec.partition(":")[0]
+    passed, total = counts.get(source, (0, 0))
+    counts[source] = (passed + (result["status"] == "pass"), total + 1)
+  timm_pass, timm_total = counts.get("timm", (0, 0))
+  tv_pass, tv_total = counts.get("torchvision", (0, 0))
+  summary = (
+      f"{timm_pass} of {timm_total} timm architecture modules, {tv_pass} of {tv_total} torchvision models"
+      f" ({datetime.date.today()}; timm {timm.__version__}, torchvision {torchvision.__version__},"
+      f" torch {torch.__version__})"
+  )
+  table = "\n".join(
+      [
+          "| model | status | port (s) | eval | train, step 1 | running stats | reason |",
+          "|---|---|---|---|---|---|---|",
+          *(f"| {spec} | {cells(result)} |" for spec, result in rows),
+      ]
+  )
+  print(summary)
+  if args.out:
+    pathlib.Path(args.out).write_text(
+        "Measured by benchmarks/zoo_sweep.py (`make zoo`): each model through parity_tests/port_harness.py;"
+        " relative differences against torch float32 from identical parameters.\n\n" + summary + "\n\n" + table + "\n"
+    )
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
