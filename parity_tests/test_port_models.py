@@ -95,12 +95,12 @@ CI = {
     "torchvision:mobilenet_v3_small": Case(
         torchvision_model("mobilenet_v3_small"), image(32), grad64_rtol=HARDSIGMOID_GRAD64
     ),
-    # timm's BatchNormAct2d (BatchNorm + activation in one module) in 34 layers
+}
+FULL = {
+    # timm's BatchNormAct2d in 34 layers (in CI through test_port's timm tests: eval, frozen, per layer)
     "timm:mobilenetv3_small_050": Case(
         lambda: timm_model("mobilenetv3_small_050")(), image(32), steps=1, grad64_rtol=HARDSIGMOID_GRAD64
     ),
-}
-FULL = {
     "torchvision:googlenet": Case(torchvision_model("googlenet", aux_logits=True, init_weights=True), image(64, 2)),
     "torchvision:mobilenet_v2": Case(torchvision_model("mobilenet_v2"), image(64)),
     "torchvision:mobilenet_v3_large": Case(
