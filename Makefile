@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo lint format test test-models bench clean
+.PHONY: setup demo lint format test test-models zoo bench clean
 
 # One idempotent set-up for every target: a venv with jaxbn (editable) and its torch, test, plot and lint extras.
 setup: $(STAMP)
@@ -36,6 +36,11 @@ test: lint
 # The whole zoo: every torchvision ResNet and every model jaxbn.port is proven on, not only CI's.
 test-models: $(STAMP)
 	$(PY) -m pytest -m full_models parity_tests/test_resnet_parity.py parity_tests/test_port_models.py
+
+# The port's coverage: the smallest BatchNorm model of every timm architecture module and every
+# torchvision BatchNorm model through the parity harness, one process each (about an hour on 2 cores).
+zoo: $(STAMP)
+	cd benchmarks && ../$(PY) zoo_sweep.py --out zoo-cpu.md
 
 # The benchmark tables the README quotes (a few minutes on 2 cores; run on an idle machine).
 bench: $(STAMP)

@@ -72,6 +72,11 @@ def torchvision_models() -> list[str]:
         )
       if uses_batchnorm(model):
         chosen.append(f"torchvision:{name}")
+  for name in torchvision.models.list_models(module=torchvision.models.detection):
+    with torch.device("meta"):
+      backbone = build(f"torchvision:{name}.backbone")
+    if uses_batchnorm(backbone):
+      chosen.append(f"torchvision:{name}.backbone")
   return chosen
 
 
@@ -82,6 +87,9 @@ def build(spec: str):
   source, _, name = spec.partition(":")
   if source == "timm":
     return timm.create_model(name, pretrained=False, num_classes=10)
+  if name.endswith(".backbone"):  # a detection model's feature extractor (FPN included)
+    model = torchvision.models.get_model(name.removesuffix(".backbone"), weights=None, weights_backbone=None)
+    return model.backbone
   kwargs = {"aux_loss": False} if name in torchvision.models.list_models(module=torchvision.models.segmentation) else {}
   return torchvision.models.get_model(name, num_classes=10, **kwargs)
 
@@ -131,10 +139,6 @@ def main() -> int:
   if args.one:
     print(json.dumps(run_one(args.one)))
     return 0
-  import timm
-  import torch
-  import torchvision
-
   specs = args.only or timm_models() + torchvision_models()
   print(f"{len(specs)} models", flush=True)
   rows = []
@@ -144,18 +148,22 @@ def main() -> int:
           [sys.executable, __file__, "--one", spec], capture_output=True, text=True, timeout=args.timeout, cwd=ROOT
       )
       lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
-      result = (
-          json.loads(lines[-1])
-          if lines
-          else {
-              "status": "failed",
-              "reason": child.stderr.strip().splitlines()[-1][:200] if child.stderr.strip() else "no output",
-          }
-      )
+      last_error = child.stderr.strip().splitlines()[-1][:200] if child.stderr.strip() else "no output"
+      result = json.loads(lines[-1]) if lines else {"status": "failed", "reason": last_error}
     except subprocess.TimeoutExpired:
       result = {"status": "timeout", "reason": f"over {args.timeout:.0f} s"}
     rows.append((spec, result))
     print(spec, json.dumps(result), flush=True)
+    if args.out:  # rewritten after every model, so that a stopped sweep keeps what it measured
+      pathlib.Path(args.out).write_text(report(rows, len(specs)))
+  print(report(rows, len(specs)).split("\n\n")[1])
+  return 0
+
+
+def report(rows: list, planned: int) -> str:
+  import timm
+  import torch
+  import torchvision
 
   def cells(result):
     if result["status"] != "pass":
@@ -167,15 +175,13 @@ def main() -> int:
 
   counts = {}
   for spec, result in rows:
-    source = spec.partition(":")[0]
-    passed, total = counts.get(source, (0, 0))
-    counts[source] = (passed + (result["status"] == "pass"), total + 1)
-  timm_pass, timm_total = counts.get("timm", (0, 0))
-  tv_pass, tv_total = counts.get("torchvision", (0, 0))
+    passed, total = counts.get(spec.partition(":")[0], (0, 0))
+    counts[spec.partition(":")[0]] = (passed + (result["status"] == "pass"), total + 1)
+  (timm_pass, timm_total), (tv_pass, tv_total) = counts.get("timm", (0, 0)), counts.get("torchvision", (0, 0))
   summary = (
       f"{timm_pass} of {timm_total} timm architecture modules, {tv_pass} of {tv_total} torchvision models"
       f" ({datetime.date.today()}; timm {timm.__version__}, torchvision {torchvision.__version__},"
-      f" torch {torch.__version__})"
+      f" torch {torch.__version__}; {len(rows)} of {planned} planned models measured)"
   )
   table = "\n".join(
       [
@@ -184,13 +190,11 @@ def main() -> int:
           *(f"| {spec} | {cells(result)} |" for spec, result in rows),
       ]
   )
-  print(summary)
-  if args.out:
-    pathlib.Path(args.out).write_text(
-        "Measured by benchmarks/zoo_sweep.py (`make zoo`): each model through parity_tests/port_harness.py;"
-        " relative differences against torch float32 from identical parameters.\n\n" + summary + "\n\n" + table + "\n"
-    )
-  return 0
+  return (
+      "Measured by benchmarks/zoo_sweep.py (`make zoo`): each model through parity_tests/port_harness.py;"
+      " relative differences against torch float32 from identical parameters (after updates, float64"
+      " lock-step against torch float64).\n\n" + summary + "\n\n" + table + "\n"
+  )
 
 
 if __name__ == "__main__":

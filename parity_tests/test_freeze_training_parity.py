@@ -273,7 +273,7 @@ def test_frozen_backbone_training_matches_torch(how):
     x = rng.standard_normal((6, 3, 5, 5)).astype(np.float32)
     labels = rng.integers(0, 4, 6)
     logits_torch = torch_step(net, torch_opt, x, labels)
-    params, batch_stats, opt_state, logits = step(params, batch_stats, opt_state, np.moveaxis(x, 1, -1), labels)
+    params, batch_stats, opt_state, logits, _ = step(params, batch_stats, opt_state, np.moveaxis(x, 1, -1), labels)
     np.testing.assert_allclose(logits, logits_torch, atol=LOGITS_ATOL, rtol=0)
     expected = variables_from_torch_net(net)
     assert_tree_close(params, expected["params"], "params", i)

@@ -180,7 +180,7 @@ def random_batch(rng: np.random.Generator, shape, dtype, channel_axis=1):
 
 def classification_train_step(model, tx, eval_prefixes=()) -> Callable:
   """A jitted optax step of ``model`` (called with ``train=True``) on softmax cross-entropy:
-  (params, batch_stats, opt_state, x, labels) -> (params, batch_stats, opt_state, logits).
+  (params, batch_stats, opt_state, x, labels) -> (params, batch_stats, opt_state, logits, grads).
   ``eval_prefixes`` are held in eval mode with jaxbn.eval_mode."""
 
   @jax.jit
@@ -194,6 +194,6 @@ def classification_train_step(model, tx, eval_prefixes=()) -> Callable:
 
     grads, (logits, updates) = jax.grad(loss, has_aux=True)(params)
     param_updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, param_updates), updates["batch_stats"], opt_state, logits
+    return optax.apply_updates(params, param_updates), updates["batch_stats"], opt_state, logits, grads
 
   return step
