@@ -5,7 +5,8 @@ BatchNorm, each through the parity harness (port, conversion round trip, eval, t
 against torch float32 with torch float64 as the arbiter, running statistics, float64 gradients)
 in its own process with a timeout.
 
-  python benchmarks/zoo_sweep.py [--out zoo-cpu.md] [--only timm:resnet18 ...] [--timeout 600]
+  python benchmarks/zoo_sweep.py [--out zoo-cpu.md] [--zoo timm|torchvision|all] [--only timm:NAME ...]
+                                 [--timeout 600]
 
 Status per model: pass; mismatch (a tolerance failed: a wrong number, the worst outcome);
 refused (jaxbn.PortError, with its first reason); failed (any other error); timeout.
@@ -20,6 +21,7 @@ import pathlib
 import subprocess
 import sys
 import time
+import traceback
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -59,25 +61,28 @@ def timm_models() -> list[str]:
 
 
 def torchvision_models() -> list[str]:
-  import torch
+  """Every torchvision classification, segmentation and video model, and every detection model's
+  backbone, that uses BatchNorm."""
   import torchvision
 
-  chosen = []
-  groups = {"": torchvision.models, "segmentation": torchvision.models.segmentation, "video": torchvision.models.video}
-  for group, package in groups.items():
-    for name in torchvision.models.list_models(module=package):
-      with torch.device("meta"):
-        model = torchvision.models.get_model(
-            name, num_classes=10, **({"aux_loss": False} if group == "segmentation" else {})
-        )
-      if uses_batchnorm(model):
-        chosen.append(f"torchvision:{name}")
-  for name in torchvision.models.list_models(module=torchvision.models.detection):
+  names = [
+      *torchvision.models.list_models(module=torchvision.models),
+      *torchvision.models.list_models(module=torchvision.models.segmentation),
+      *torchvision.models.list_models(module=torchvision.models.video),
+      *(f"{name}.backbone" for name in torchvision.models.list_models(module=torchvision.models.detection)),
+  ]
+  return [f"torchvision:{name}" for name in names if uses_batchnorm(on_meta(f"torchvision:{name}"))]
+
+
+def on_meta(spec: str):
+  """The model without its weights where it can be built so (fast), else built plainly."""
+  import torch
+
+  try:
     with torch.device("meta"):
-      backbone = build(f"torchvision:{name}.backbone")
-    if uses_batchnorm(backbone):
-      chosen.append(f"torchvision:{name}.backbone")
-  return chosen
+      return build(spec)
+  except (NotImplementedError, RuntimeError):  # builders that compute with tensors (regnet's widths)
+    return build(spec)
 
 
 def build(spec: str):
@@ -90,20 +95,30 @@ def build(spec: str):
   if name.endswith(".backbone"):  # a detection model's feature extractor (FPN included)
     model = torchvision.models.get_model(name.removesuffix(".backbone"), weights=None, weights_backbone=None)
     return model.backbone
-  kwargs = {"aux_loss": False} if name in torchvision.models.list_models(module=torchvision.models.segmentation) else {}
+  segmentation = torchvision.models.list_models(module=torchvision.models.segmentation)
+  kwargs = {"aux_loss": False, "weights_backbone": None} if name in segmentation else {}
   return torchvision.models.get_model(name, num_classes=10, **kwargs)
 
 
 def input_shape(spec: str, model) -> tuple[int, ...]:
+  """64 px where the model takes it (fast), else the size its config names (windowed attention
+  wants multiples of its window, some models a fixed size)."""
+  import torch
   import torchvision
 
   name = spec.partition(":")[2]
   if name in torchvision.models.list_models(module=torchvision.models.video):
     return SIZE["video"]
   config = getattr(model, "pretrained_cfg", None) or {}
+  shape = SIZE["inception"] if "inception" in name else (2, 3, 64, 64)
   if config.get("fixed_input_size"):
     return (2, *config["input_size"])
-  return SIZE["inception"] if "inception" in name else (2, 3, 64, 64)
+  try:
+    with torch.no_grad():
+      model.eval()(torch.zeros(shape))
+  except Exception:  # noqa: BLE001 - the model needs its own size
+    return (2, *config.get("input_size", (3, 224, 224)))
+  return shape
 
 
 def run_one(spec: str) -> dict:
@@ -121,26 +136,35 @@ def run_one(spec: str) -> dict:
     reason = next((line.strip(" -") for line in str(error).splitlines()[1:] if line.strip()), str(error))
     return {"status": "refused", "reason": reason[:200]}
   except AssertionError as error:
-    return {"status": "mismatch", "reason": str(error).splitlines()[0][:200]}
+    if pathlib.Path(traceback.extract_tb(error.__traceback__)[-1].filename).name == "port_harness.py":
+      return {"status": "mismatch", "reason": str(error).splitlines()[0][:200]}  # a tolerance failed
+    return failure(error)  # an assert of the model's or the port's own
   except Exception as error:  # noqa: BLE001 - reported in the table
-    return {
-        "status": "failed",
-        "reason": f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}",
-    }
+    return failure(error)
+
+
+def failure(error: BaseException) -> dict:
+  """A failed run, with where the error was raised."""
+  frame = traceback.extract_tb(error.__traceback__)[-1]
+  where = f"{pathlib.Path(frame.filename).name}:{frame.lineno}"
+  message = str(error).splitlines()[0][:200] if str(error) else ""
+  return {"status": "failed", "reason": f"{type(error).__name__} at {where}: {message}"}
 
 
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", help="write the markdown table here")
   parser.add_argument("--only", nargs="*", help="models as timm:NAME / torchvision:NAME")
+  parser.add_argument("--zoo", choices=["timm", "torchvision", "all"], default="all", help="which zoo to sweep")
   parser.add_argument("--timeout", type=float, default=600, help="seconds per model")
   parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one model, JSON out
   args = parser.parse_args()
   if args.one:
     print(json.dumps(run_one(args.one)))
     return 0
-  specs = args.only or timm_models() + torchvision_models()
-  print(f"{len(specs)} models", flush=True)
+  zoos = {"timm": timm_models, "torchvision": torchvision_models}
+  specs = args.only or [spec for zoo, models in zoos.items() if args.zoo in (zoo, "all") for spec in models()]
+  print(f"{len(specs)} models: {' '.join(specs)}", flush=True)
   rows = []
   for spec in specs:
     try:

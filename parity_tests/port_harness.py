@@ -10,7 +10,8 @@ the end. Dropout and stochastic depth are set to p=0 here (torch's random masks 
 reproduced); their semantics are tested in test_port.py.
 
 Tolerances: from identical parameters, float32 outputs and statistics within ``floor``
-(relative). After updates the comparison is in float64 (float32 training is chaotic: a value near
+(relative) of torch float32's, or else, as in test_resnet_parity, jaxbn's L2 distance to torch
+float64 within twice torch float32's plus ``floor`` (deep nets amplify float32 rounding). After updates the comparison is in float64 (float32 training is chaotic: a value near
 a ReLU's kink rounds to either side, see test_resnet_parity's docstring): relative L2 over each
 group of arrays within ``grad64_rtol`` (1e-9). float64 gradients: every tensor within 1e-9 of its
 largest |gradient| (at least 1e-4 of the largest anywhere: a conv bias before BatchNorm has
@@ -30,7 +31,7 @@ import optax
 import torch
 
 import jaxbn
-from parity_tests.test_resnet_parity import FLOAT64_RTOL
+from parity_tests.test_resnet_parity import FLOAT64_RTOL, assert_tracks
 
 LR, MOMENTUM = 1e-3, 0.9
 
@@ -199,8 +200,14 @@ def run(case: Case, seed: int = 0) -> Measured:
   for key in [k for k in stats64 if k.endswith("num_batches_tracked")]:
     assert int(stats.pop(key)) == int(stats32.pop(key)) == int(stats64[key]), key
   train_rel, stats_rel = relative(output, out32), relative(stats, stats32, "stats")
-  assert train_rel <= case.floor, f"train-mode outputs, first step: {train_rel:.3g} > {case.floor}"
-  assert stats_rel <= case.floor, f"running statistics, first step: {stats_rel:.3g} > {case.floor}"
+  if train_rel > case.floor or stats_rel > case.floor:  # float32 rounding amplified by depth: float64 decides
+    assert_tracks(output, out32, torch64_steps[0][0], case.floor, f"train-mode outputs, first step ({train_rel:.3g})")
+    scale = {key: np.maximum(np.abs(value), 1.0) for key, value in stats64.items() if key in stats}
+    assert_tracks(
+        *({k: v[k] / scale[k] for k in scale} for v in (stats, stats32, stats64)),
+        case.floor,
+        f"running statistics, first step ({stats_rel:.3g})",
+    )
 
   # Every step in float64, in lock-step with torch float64 (float32 training itself is chaotic:
   # see test_resnet_parity's docstring): gradients, outputs, statistics, then eval.

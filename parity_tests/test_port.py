@@ -532,3 +532,17 @@ def test_shape_arithmetic_and_asserts_run_at_trace_time():
   assert relative(y, model(torch.from_numpy(X))) <= RTOL
   with pytest.raises(AssertionError, match="H must be a multiple of 3"):
     jaxbn.port(Windows(block=3), X)
+
+
+def test_tensor_attributes_beyond_shape_are_refused_when_tracing():
+  class OnDevice(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+      return self.bn(x) * x.new_ones(1).to(x.device)
+
+  with pytest.raises(jaxbn.PortError, match=r"reads .device of a tensor \(the port reads shape, ndim, real"):
+    jaxbn.port(OnDevice(), X)

@@ -50,6 +50,8 @@ class Attention(nn.Module):
       mask = torch.ones(6, 6, dtype=torch.bool).triu(-1)
     elif self.mask == "float":
       mask = x[0, 0, :, :6] * 0.3  # (L, S) additive
+    if self.mask == "windows":  # Tensor.unfold's sliding windows (timm's halo attention)
+      return x.unfold(2, 3, 2).unfold(-2, 4, 3)  # (2, 4, 2, 2, 3, 4)
     return F.scaled_dot_product_attention(
         q,
         k.reshape_as(v),
@@ -141,6 +143,7 @@ CASES = {
     "attention causal scaled gqa": (lambda: Attention(causal=True, scale=0.3, kv_heads=2), (2, 4, 6, 8)),
     "attention boolean mask": (lambda: Attention(mask="bool"), (2, 4, 6, 8)),
     "attention additive mask": (lambda: Attention(mask="float"), (2, 4, 6, 8)),
+    "tensor unfold windows": (lambda: Attention(mask="windows"), (2, 4, 6, 8)),
 }
 
 

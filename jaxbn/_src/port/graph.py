@@ -293,6 +293,8 @@ def _node(node: fx.Node, model, options, modules, custom_ops, leaves, stateless,
     key = node.target
     if isinstance(key, type) and issubclass(key, tuple) and hasattr(key, "_fields"):
       return Node(node.name, "op", ops.OpRule(Static(key)), args, kwargs)  # a namedtuple (GoogLeNetOutputs)
+  if key is getattr and len(node.args) > 1 and node.args[1] not in ops.TENSOR_ATTRIBUTES:
+    return problem(f"reads .{node.args[1]} of a tensor (the port reads {', '.join(ops.TENSOR_ATTRIBUTES)})")
   function = getattr(key, "autograd_function", None)
   if function is not None:
     if function in custom_ops:

@@ -144,13 +144,13 @@ register(torch.rsqrt, method("rsqrt"))(jax.lax.rsqrt)
 register(torch.abs, method("abs"))(jnp.abs)
 
 
+# Tensor attributes that JAX arrays share; any other (.device, .dtype) is refused when the port traces.
+TENSOR_ATTRIBUTES = ("shape", "ndim", "real", "imag", "T", "mT")
+
+
 @register(builtins.getattr)
 def tensor_attribute(x, name):
-  if name == "shape":
-    return tuple(x.shape)
-  if name == "ndim":
-    return x.ndim
-  raise NotImplementedError(f"the port reads .shape and .ndim of tensors, not .{name}")
+  return tuple(x.shape) if name == "shape" else getattr(x, name)
 
 
 @register(method("size"))
@@ -406,6 +406,14 @@ def scaled_dot_product_attention(
     scores = jnp.where(attn_mask, scores, -jnp.inf) if attn_mask.dtype == bool else scores + attn_mask
   weights = jax.nn.softmax(scores, axis=-1)
   return dropout(ctx, weights, dropout_p) @ value
+
+
+@register(method("unfold"))
+def tensor_unfold(x, dimension, size, step):
+  """``Tensor.unfold``: windows of ``size`` every ``step`` along ``dimension``, as a new last axis."""
+  dimension %= x.ndim
+  windows = jnp.arange((x.shape[dimension] - size) // step + 1)[:, None] * step + jnp.arange(size)
+  return jnp.moveaxis(jnp.take(x, windows, axis=dimension), dimension + 1, -1)
 
 
 @register(method("reshape_as"), method("view_as"))
