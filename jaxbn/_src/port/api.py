@@ -138,7 +138,7 @@ def _check_all_called(state_dict, traced, strict):
   and say which ones the port runs as stateless calls (a custom_modules factory's function)."""
   holders = sorted(
       {  # a leaf holds the keys under its path, or is the key (a Tensor leaf)
-          key.rpartition(".")[0]
+          key.rpartition(".")[0] or "<top>"
           for key in state_dict
           if not any(key == leaf or key.startswith(leaf + ".") for leaf in traced.leaves)
       }
@@ -149,18 +149,17 @@ def _check_all_called(state_dict, traced, strict):
   def caller(path):  # the module run as a stateless call that holds ``path``, if any
     return next((c for c in traced.stateless if path == c or path.startswith(c + ".")), None)
 
+  def described(path):
+    owner = caller(path)
+    return f"{path} ({'' if owner == path else f'in {owner}, '}a {traced.stateless[owner]})"
+
   as_calls = [path for path in holders if caller(path)]
   uncalled = [path for path in holders if not caller(path)]
   lines = []
   if as_calls:
     lines.append(
         f"{len(as_calls)} torch module(s) hold weights or buffers that the port runs as a stateless call, so"
-        " they have no place: "
-        + ", ".join(
-            f"{path} ({'' if caller(path) == path else f'in {caller(path)}, '}a {traced.stateless[caller(path)]})"
-            for path in as_calls
-        )
-        + ". Give custom_modules a factory that returns a Flax module holding them (it gets them at"
+        f" they have no place: {', '.join(map(described, as_calls))}. Give custom_modules a factory that returns a Flax module holding them (it gets them at"
         " the torch path), or pass strict=False to leave them out."
     )
   if uncalled:
