@@ -140,7 +140,7 @@ def run_one(spec: str) -> dict:
     reason = next((line.strip(" -") for line in str(error).splitlines()[1:] if line.strip()), str(error))
     return {"status": "refused", "reason": reason[:200]}
   except AssertionError as error:
-    if pathlib.Path(traceback.extract_tb(error.__traceback__)[-1].filename).name == "port_harness.py":
+    if pathlib.Path(traceback.extract_tb(error.__traceback__)[-1].filename).parent.name == "parity_tests":
       return {"status": "mismatch", "reason": str(error).splitlines()[0][:200]}  # a tolerance failed
     return failure(error)  # an assert of the model's or the port's own
   except Exception as error:  # noqa: BLE001 - reported in the table

@@ -147,7 +147,7 @@ def references(value) -> list[str]:
 
 # Frames of the tracing machinery (torch's, and this file's autograd.Function hook), not the user's.
 _INTERNAL = re.compile(
-    r"[/\\]torch[/\\](fx|nn[/\\]modules[/\\]module\.py|_jit_internal)|jaxbn[/\\]_src[/\\]port[/\\]graph\.py"
+    r"[/\\]torch[/\\](fx|nn[/\\]modules[/\\]module\.py|_jit_internal|overrides\.py|nn[/\\]functional\.py)|jaxbn[/\\]_src[/\\]port[/\\]graph\.py"
 )
 
 
