@@ -38,7 +38,8 @@ test-models: $(STAMP)
 	$(PY) -m pytest -m full_models parity_tests/test_resnet_parity.py parity_tests/test_port_models.py
 
 # The port's coverage: the smallest BatchNorm model of every timm architecture module and every
-# torchvision BatchNorm model through the parity harness, one process each (about an hour on 2 cores).
+# torchvision BatchNorm model through the parity harness, one process each (hours on 2 cores;
+# `--zoo timm` alone took 45 minutes).
 zoo: $(STAMP)
 	cd benchmarks && ../$(PY) zoo_sweep.py --out zoo-cpu.md
 
