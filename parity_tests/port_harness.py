@@ -31,7 +31,7 @@ import optax
 import torch
 
 import jaxbn
-from parity_tests.test_resnet_parity import FLOAT64_RTOL, assert_tracks
+from parity_tests.test_resnet_parity import FLOAT64_RTOL, assert_float64_matches, assert_tracks, relative_stats
 
 LR, MOMENTUM = 1e-3, 0.9
 
@@ -197,17 +197,11 @@ def run(case: Case, seed: int = 0) -> Measured:
       running_stats(jaxbn.convert.to_state_dict(after)),
       running_stats(model.state_dict()),
   )
-  for key in [k for k in stats64 if k.endswith("num_batches_tracked")]:
-    assert int(stats.pop(key)) == int(stats32.pop(key)) == int(stats64[key]), key
-  train_rel, stats_rel = relative(output, out32), relative(stats, stats32, "stats")
+  scaled = relative_stats(stats, stats32, stats64)  # every counter agrees; the rest relative to float64's
+  train_rel, stats_rel = relative(output, out32), relative(stats, stats32, "stats")  # counters: 0
   if train_rel > case.floor or stats_rel > case.floor:  # float32 rounding amplified by depth: float64 decides
     assert_tracks(output, out32, torch64_steps[0][0], case.floor, f"train-mode outputs, first step ({train_rel:.3g})")
-    scale = {key: np.maximum(np.abs(value), 1.0) for key, value in stats64.items() if key in stats}
-    assert_tracks(
-        *({k: v[k] / scale[k] for k in scale} for v in (stats, stats32, stats64)),
-        case.floor,
-        f"running statistics, first step ({stats_rel:.3g})",
-    )
+    assert_tracks(*scaled, case.floor, f"running statistics, first step ({stats_rel:.3g})")
 
   # Every step in float64, in lock-step with torch float64 (float32 training itself is chaotic:
   # see test_resnet_parity's docstring): gradients, outputs, statistics, then eval.
@@ -221,35 +215,20 @@ def run(case: Case, seed: int = 0) -> Measured:
       variables64, opt_state, output, grads = step64(variables64, opt_state, x.astype(np.float64), labels)
       if index == 0:
         grad64_rel = assert_gradients_close(jaxbn.convert.to_state_dict({"params": grads}), torch_grads, case)
-      assert_float64_close(as_arrays(output), out64, case.grad64_rtol, f"train-mode outputs, step {index}")
+      assert_float64_matches(as_arrays(output), out64, f"train-mode outputs, step {index}", case.grad64_rtol)
       stats = running_stats(jaxbn.convert.to_state_dict(variables64))
-      for key in [k for k in stats64 if k.endswith("num_batches_tracked")]:
-        assert int(stats.pop(key)) == int(stats64[key]), key
-      scale = {key: np.maximum(np.abs(value), 1.0) for key, value in stats64.items() if key in stats}
-      assert_float64_close(
-          {k: stats[k] / scale[k] for k in scale},
-          {k: stats64[k] / scale[k] for k in scale},
-          case.grad64_rtol,
-          f"running statistics, step {index}",
-      )
+      assert_float64_matches(*relative_stats(stats, stats64), f"running statistics, step {index}", case.grad64_rtol)
     torch64.eval()
     x, _ = batch()
     with torch.no_grad():
       expected64 = as_arrays(torch64(torch.from_numpy(x).double()))
-    assert_float64_close(
+    assert_float64_matches(
         as_arrays(jax.jit(module64.apply)(variables64, x.astype(np.float64))),
         expected64,
-        case.grad64_rtol,
         "eval after training",
+        case.grad64_rtol,
     )
   return Measured(port_seconds, eval_rel, train_rel, stats_rel, grad64_rel)
-
-
-def assert_float64_close(actual: dict, expected: dict, rtol: float, what: str) -> None:
-  """jaxbn float64 against torch float64: relative L2 over the group of arrays within ``rtol``."""
-  distance = np.sqrt(sum(np.sum((np.asarray(actual[k], np.float64) - expected[k]) ** 2) for k in expected))
-  norm = np.sqrt(sum(np.sum(np.asarray(v, np.float64) ** 2) for v in expected.values()))
-  assert distance <= rtol * norm, f"{what}: jaxbn float64 relative L2 {distance / norm:.3g} > {rtol}"
 
 
 def assert_gradients_close(grads: dict, expected: dict, case) -> float:

@@ -161,11 +161,11 @@ def nnx_train_step(model, optimizer, x, labels):
 TRAINERS = {"linen": LinenTrainer, "nnx": NNXTrainer}
 
 
-def assert_float64_matches(actual: dict, torch64: dict, what: str):
-  """jaxbn float64 against torch float64: relative L2 over the group of arrays within FLOAT64_RTOL."""
+def assert_float64_matches(actual: dict, torch64: dict, what: str, rtol: float = FLOAT64_RTOL):
+  """jaxbn float64 against torch float64: relative L2 over the group of arrays within ``rtol``."""
   distance = np.sqrt(sum(np.sum((np.asarray(actual[k], np.float64) - torch64[k]) ** 2) for k in torch64))
   norm = np.sqrt(sum(np.sum(np.asarray(v, np.float64) ** 2) for v in torch64.values()))
-  assert distance <= FLOAT64_RTOL * norm, f"{what}: jaxbn float64 relative L2 {distance / norm:.3g} > {FLOAT64_RTOL}"
+  assert distance <= rtol * norm, f"{what}: jaxbn float64 relative L2 {distance / norm:.3g} > {rtol}"
 
 
 RUNNING = ("running_mean", "running_var", "num_batches_tracked")
