@@ -35,7 +35,7 @@ test: lint
 
 # The whole zoo: every torchvision ResNet and every model jaxbn.port is proven on, not only CI's.
 test-models: $(STAMP)
-	$(PY) -m pytest -m full_models parity_tests/test_resnet_parity.py parity_tests/test_port_models.py
+	$(PY) -m pytest -m full_models parity_tests/test_resnet_parity.py parity_tests/test_port_models.py parity_tests/test_autocast.py
 
 # The port's coverage: the smallest BatchNorm model of every timm architecture module and every
 # torchvision BatchNorm model through the parity harness, one process each (hours on 2 cores;
@@ -47,6 +47,7 @@ zoo: $(STAMP)
 bench: $(STAMP)
 	cd benchmarks && ../$(PY) batchnorm_bench.py --out results-cpu.md
 	cd benchmarks && ../$(PY) resnet_step.py --out results-resnet-cpu.md
+	cd benchmarks && ../$(PY) resnet_step.py --models resnet18 --port --autocast --no-compile --out results-autocast-cpu.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .grimp_cache .ruff_cache drift.png

@@ -1,14 +1,16 @@
 """Whole-model training speed: jaxbn ResNets vs the same Flax model with flax.linen.BatchNorm vs
 torchvision in torch (eager channels_last, and torch.compile where it works), images/s. With
 ``--port``, also the torchvision model through ``jaxbn.port`` (NCHW input) against
-``jaxbn.models`` with ``input_layout="NCHW"``.
+``jaxbn.models`` with ``input_layout="NCHW"``. With ``--autocast``, mixed precision: jaxbn.models with
+``dtype=jnp.bfloat16`` (and the port with ``autocast=jnp.bfloat16`` under ``--port``) against
+torch eager inside ``torch.autocast("cpu", torch.bfloat16)``, beside the float32 rows.
 
 One SGD step (softmax cross-entropy, momentum 0.9) on random images; the JAX steps are jitted and
 donate params, batch_stats and optimiser state, as a training loop would. Implementations are
 timed round-robin in one run (batchnorm_bench.measure: shuffled, the first step of each turn
 untimed), so drift of the machine hits all alike; medians are reported.
 
-  python benchmarks/resnet_step.py [--models resnet18 resnet50] [--batch 8] [--size 112] [--reps 7] [--port]
+  python benchmarks/resnet_step.py [--models resnet18 resnet50] [--batch 8] [--size 112] [--reps 7] [--port] [--autocast]
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import jaxbn.models
 
 def jax_step(model, x, labels):
   """A zero-argument callable running one donated, jitted train step in place."""
-  variables = model.init(jax.random.key(0), x, train=False)
+  variables = jax.jit(model.init, static_argnames="train")(jax.random.key(0), x, train=False)
   tx = optax.sgd(0.01, momentum=0.9)
   state = [variables["params"], variables["batch_stats"], tx.init(variables["params"])]
 
@@ -41,6 +43,7 @@ def jax_step(model, x, labels):
       logits, updates = model.apply(
           {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
       )
+      logits = logits.astype(jnp.float32)  # the loss in float32 (a no-op unless mixed precision)
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
 
     grads, updates = jax.grad(loss, has_aux=True)(params)
@@ -53,7 +56,7 @@ def jax_step(model, x, labels):
   return run
 
 
-def torch_step(name, x_nchw, labels, compiled):
+def torch_step(name, x_nchw, labels, compiled, autocast=False):
   model = getattr(torchvision.models, name)().to(memory_format=torch.channels_last).train()
   optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
   x = torch.from_numpy(x_nchw).contiguous(memory_format=torch.channels_last)
@@ -62,7 +65,9 @@ def torch_step(name, x_nchw, labels, compiled):
 
   def run():
     optimizer.zero_grad(set_to_none=True)
-    torch.nn.functional.cross_entropy(forward(x), y).backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+      logits = forward(x)
+    torch.nn.functional.cross_entropy(logits.float(), y).backward()
     optimizer.step()
 
   return run
@@ -76,10 +81,15 @@ def main() -> None:
   parser.add_argument("--reps", type=int, default=7)
   parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
   parser.add_argument("--port", action="store_true", help="add jaxbn.port and jaxbn.models with NCHW input")
+  parser.add_argument("--autocast", action="store_true", help="add bfloat16 mixed precision (torch.autocast)")
+  parser.add_argument(
+      "--only", nargs="+", help="run the implementations whose names contain one of these (jaxbn.BatchNorm always runs)"
+  )
   parser.add_argument("--out", help="also write the markdown table here")
   args = parser.parse_args()
   header = (
-      f"{machine()}; train step, batch {args.batch} at {args.size}x{args.size}, float32, medians of"
+      f"{machine()}; train step, batch {args.batch} at {args.size}x{args.size},"
+      f" {'float32 and bfloat16 autocast' if args.autocast else 'float32'}, medians of"
       f" {args.reps} interleaved turns of one timed step (after one untimed)."
   )
   rows = ["| model | implementation | ms / step | images/s | jaxbn speed-up |", "|---|---|---|---|---|"]
@@ -90,25 +100,42 @@ def main() -> None:
   x = jnp.asarray(np.moveaxis(x_nchw, 1, -1))
   for name in args.models:
     build = getattr(jaxbn.models, name)
-    calls = {
-        "jaxbn.BatchNorm": jax_step(build(), x, labels),
-        "flax.linen.BatchNorm (fast variance, its default)": jax_step(
+    nchw = jnp.asarray(x_nchw)
+    candidates = {  # built only when selected: each compiles a train step
+        "jaxbn.BatchNorm": lambda: jax_step(build(), x, labels),
+        "flax.linen.BatchNorm (fast variance, its default)": lambda: jax_step(
             build(norm=functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)), x, labels
         ),
-        "flax.linen.BatchNorm (two-pass variance)": jax_step(
+        "flax.linen.BatchNorm (two-pass variance)": lambda: jax_step(
             build(norm=functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5, use_fast_variance=False)), x, labels
         ),
-        "torch eager channels_last": torch_step(name, x_nchw, labels, compiled=False),
+        "torch eager channels_last": lambda: torch_step(name, x_nchw, labels, compiled=False),
     }
     if args.port:
-      ported, _ = jaxbn.port(getattr(torchvision.models, name)(), x_nchw)
-      calls["jaxbn.models, input_layout=NCHW"] = jax_step(build(input_layout="NCHW"), jnp.asarray(x_nchw), labels)
-      calls["jaxbn.port of torchvision (NCHW)"] = jax_step(ported, jnp.asarray(x_nchw), labels)
-    if not args.no_compile:
+      candidates["jaxbn.models, input_layout=NCHW"] = lambda: jax_step(build(input_layout="NCHW"), nchw, labels)
+      candidates["jaxbn.port of torchvision (NCHW)"] = lambda: jax_step(
+          jaxbn.port(getattr(torchvision.models, name)(), x_nchw).module, nchw, labels
+      )
+    if args.autocast:
+      candidates["jaxbn.models, dtype=bfloat16 (autocast)"] = lambda: jax_step(build(dtype=jnp.bfloat16), x, labels)
+      candidates["torch eager channels_last, autocast bfloat16"] = lambda: torch_step(
+          name, x_nchw, labels, False, autocast=True
+      )
+      if args.port:
+        candidates["jaxbn.port of torchvision (NCHW), autocast=bfloat16"] = lambda: jax_step(
+            jaxbn.port(getattr(torchvision.models, name)(), x_nchw, autocast=jnp.bfloat16).module, nchw, labels
+        )
+    calls = {
+        impl: make()
+        for impl, make in candidates.items()
+        if impl == "jaxbn.BatchNorm" or not args.only or any(part in impl for part in args.only)
+    }
+    compiled_name = "torch.compile channels_last"
+    if not args.no_compile and (not args.only or any(part in compiled_name for part in args.only)):
       try:
         compiled = torch_step(name, x_nchw, labels, compiled=True)
         compiled()
-        calls["torch.compile channels_last"] = compiled
+        calls[compiled_name] = compiled
       except Exception as error:  # noqa: BLE001 - inductor needs a working C++ toolchain
         print(f"torch.compile unavailable: {type(error).__name__}: {error}")
     medians = {

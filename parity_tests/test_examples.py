@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -36,3 +37,25 @@ def test_nnx_finetune_frozen_backbone_keeps_frozen_arrays_bit_identical():
   assert "BatchNorm settings that differ: 0" in out
   assert "40 frozen BatchNorm arrays bit-identical after 5 adamw steps: True" in out
   assert "untrained stage arrays bit-identical after 5 adamw steps: True" in out
+
+
+def test_mixed_precision_train_skips_non_finite_steps_and_keeps_float32_variables():
+  out = run(
+      "mixed_precision_train.py",
+      "--steps",
+      "5",
+      "--initial-scale",
+      "131072",
+      "--size",
+      "16",
+      "--blocks",
+      "1",
+      "1",
+      "1",
+      "1",
+  )
+  skipped, scale = re.search(r"skipped \(non-finite gradients\): (\d+), loss scale now (\S+)", out).groups()
+  assert 1 <= int(skipped) < 5, out  # the scale starts too high for float16 and backs off
+  assert float(scale) == 131072 * 0.5 ** int(skipped)  # halved per skipped step; growth needs 2000 finite ones
+  assert "parameters and optimizer state unchanged on every skipped step: True" in out
+  assert "variables after training: float32; running statistics finite: True" in out

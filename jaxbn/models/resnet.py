@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -23,8 +24,8 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 linear_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
-def conv(features: int, kernel: int, stride: int = 1, groups: int = 1, dilation: int = 1, name=None):
-  """torch's Conv2d(bias=False, padding=dilation * (kernel // 2)) in NHWC."""
+def conv(features: int, kernel: int, stride: int = 1, groups: int = 1, dilation: int = 1, dtype=None, name=None):
+  """torch's Conv2d(bias=False, padding=dilation * (kernel // 2)) in NHWC, computed in ``dtype``."""
   padding = dilation * (kernel // 2)
   return nn.Conv(
       features,
@@ -35,6 +36,7 @@ def conv(features: int, kernel: int, stride: int = 1, groups: int = 1, dilation:
       feature_group_count=groups,
       use_bias=False,
       kernel_init=conv_init,
+      dtype=dtype,
       name=name,
   )
 
@@ -45,10 +47,11 @@ class Downsample(nn.Module):
   features: int
   stride: int
   norm: Callable
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = conv(self.features, 1, self.stride, name="0")(x)
+    x = conv(self.features, 1, self.stride, dtype=self.dtype, name="0")(x)
     return self.norm(use_running_average=not train, name="1")(x)
 
 
@@ -62,6 +65,7 @@ class Block(nn.Module):
   base_width: int = 64
   dilation: int = 1
   norm: Callable = BatchNorm
+  dtype: Any = None  # the convolutions' (flax's dtype)
 
 
 class BasicBlock(Block):
@@ -72,9 +76,13 @@ class BasicBlock(Block):
     if self.groups != 1 or self.base_width != 64:
       raise ValueError("BasicBlock only supports groups=1 and base_width=64 (as torchvision)")
     norm = functools.partial(self.norm, use_running_average=not train)
-    out = nn.relu(norm(name="bn1")(conv(self.planes, 3, self.stride, name="conv1")(x)))
-    out = norm(name="bn2")(conv(self.planes, 3, name="conv2")(out))
-    identity = Downsample(self.planes, self.stride, self.norm, name="downsample")(x, train) if self.downsample else x
+    out = nn.relu(norm(name="bn1")(conv(self.planes, 3, self.stride, dtype=self.dtype, name="conv1")(x)))
+    out = norm(name="bn2")(conv(self.planes, 3, dtype=self.dtype, name="conv2")(out))
+    identity = (
+        Downsample(self.planes, self.stride, self.norm, self.dtype, name="downsample")(x, train)
+        if self.downsample
+        else x
+    )
     return nn.relu(out + identity)
 
 
@@ -87,13 +95,15 @@ class Bottleneck(Block):
   def __call__(self, x, train: bool):
     width = int(self.planes * (self.base_width / 64.0)) * self.groups
     norm = functools.partial(self.norm, use_running_average=not train)
-    out = nn.relu(norm(name="bn1")(conv(width, 1, name="conv1")(x)))
-    out = conv(width, 3, self.stride, self.groups, self.dilation, name="conv2")(out)
+    out = nn.relu(norm(name="bn1")(conv(width, 1, dtype=self.dtype, name="conv1")(x)))
+    out = conv(width, 3, self.stride, self.groups, self.dilation, self.dtype, name="conv2")(out)
     out = nn.relu(norm(name="bn2")(out))
-    out = norm(name="bn3")(conv(self.planes * self.expansion, 1, name="conv3")(out))
+    out = norm(name="bn3")(conv(self.planes * self.expansion, 1, dtype=self.dtype, name="conv3")(out))
     identity = x
     if self.downsample:
-      identity = Downsample(self.planes * self.expansion, self.stride, self.norm, name="downsample")(x, train)
+      identity = Downsample(self.planes * self.expansion, self.stride, self.norm, self.dtype, name="downsample")(
+          x, train
+      )
     return nn.relu(out + identity)
 
 
@@ -110,10 +120,11 @@ class Stage(nn.Module):
   dilation: int
   first_dilation: int
   norm: Callable
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool):
-    common = dict(groups=self.groups, base_width=self.base_width, norm=self.norm)
+    common = dict(groups=self.groups, base_width=self.base_width, norm=self.norm, dtype=self.dtype)
     x = self.block(self.planes, self.stride, self.downsample, dilation=self.first_dilation, name="0", **common)(
         x, train
     )
@@ -144,6 +155,10 @@ class ResNet(nn.Module):
     norm: the norm class, called with ``use_running_average`` and ``name``:
       ``jaxbn.BatchNorm`` or ``jaxbn.FrozenBatchNorm`` (or a ``functools.partial`` of either).
     input_layout: ``'NHWC'`` or ``'NCHW'`` (torch's layout, transposed on entry).
+    dtype: the convolutions' and ``fc``'s computation dtype (flax's ``dtype``): ``jnp.bfloat16``
+      or ``jnp.float16`` is ``torch.autocast`` (both on its lower-precision list); parameters and
+      running statistics stay float32 and BatchNorm computes its statistics in float32, returning
+      the input's dtype, so the output is in ``dtype``. Default: float32 throughout.
   """
 
   block: type
@@ -155,6 +170,7 @@ class ResNet(nn.Module):
   zero_init_residual: bool = False
   norm: Callable = BatchNorm
   input_layout: str = "NHWC"
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -173,7 +189,7 @@ class ResNet(nn.Module):
     if self.zero_init_residual:
       norm = functools.partial(_zero_init_last_norm, self.norm, "bn3" if self.block is Bottleneck else "bn2")
 
-    x = conv(64, 7, 2, name="conv1")(x)
+    x = conv(64, 7, 2, dtype=self.dtype, name="conv1")(x)
     x = nn.relu(norm(use_running_average=not train, name="bn1")(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     inplanes, dilation = 64, 1
@@ -193,11 +209,12 @@ class ResNet(nn.Module):
           dilation=dilation,
           first_dilation=first_dilation,
           norm=norm,
+          dtype=self.dtype,
           name=f"layer{i + 1}",
       )(x, train)
       inplanes = planes * self.block.expansion
     x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, kernel_init=linear_init, name="fc")(x)
+    return nn.Dense(self.num_classes, kernel_init=linear_init, dtype=self.dtype, name="fc")(x)
 
 
 def _zero_init_last_norm(norm, last_name, *, name, **kwargs):

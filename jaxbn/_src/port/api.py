@@ -17,6 +17,7 @@ from jaxbn._src.checkpoints.files import as_numpy, state_dict_to_numpy
 from jaxbn._src.checkpoints.rules import from_torch
 from jaxbn._src.errors import PortError
 from jaxbn._src.port import leaves, ops
+from jaxbn._src.port.autocast import make as make_autocast
 from jaxbn._src.port.graph import trace
 from jaxbn._src.port.interpreter import Ported
 from jaxbn._src.port.leaves import MODULES, Options, find, user_rule
@@ -42,6 +43,8 @@ def port(
     example_input: Any,
     *,
     dtype: Any = None,
+    autocast: Any = None,
+    autocast_device: str | None = None,
     axis_name: str | None = None,
     custom_modules: dict[type, Callable[[torch.nn.Module], nn.Module]] | None = None,
     custom_ops: dict[Callable, Callable] | None = None,
@@ -64,7 +67,15 @@ def port(
     example_input: a tensor or array in torch's layout (NCHW), or a tuple of them: the shapes
       the variables are created for.
     dtype: cast floating variables (and the layers' param_dtype) to this; default: the torch
-      model's.
+      model's. That is torch's ``model.to(dtype)``, running statistics included; for mixed
+      precision use ``autocast``.
+    autocast: ``jnp.bfloat16`` or ``jnp.float16``: the forward runs as inside
+      ``torch.autocast(device_type=autocast_device, dtype=autocast)``: the ops on torch's
+      lower-precision list (convolutions, linear layers, matmul, scaled_dot_product_attention) in
+      this dtype, those on its float32 list in float32, the rest in their inputs' dtype; variables
+      stay in ``dtype`` (float32), BatchNorm's statistics and updates in float32.
+    autocast_device: whose lists: ``"cpu"`` or ``"cuda"`` (they differ: CUDA's float32 list holds
+      softmax, layer_norm, exp, pow, sum, interpolation); default: JAX's backend (``"cuda"`` on GPU).
     axis_name: the mapped axis over which SyncBatchNorm layers merge statistics.
     custom_modules: ``{torch class: factory}``: ``factory(torch_module)`` returns an unbound
       Flax Linen module used at that module's path (it gets the mode through a ``train``,
@@ -98,6 +109,7 @@ def port(
   options = Options(
       param_dtype=jnp.dtype(dtype) if dtype is not None else (floating[0] if floating else jnp.float32),
       axis_name=axis_name,
+      autocast=make_autocast(autocast, autocast_device),
   )
   modules = {**MODULES, **{cls: user_rule(factory) for cls, factory in (custom_modules or {}).items()}}
   if find(torch_model, modules) is not None:

@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from jaxbn._src.checkpoints.files import tensor_to_numpy
 from jaxbn._src.errors import PortError
-from jaxbn._src.port import ops
+from jaxbn._src.port import autocast, ops
 from jaxbn._src.port.leaves import Constant, Leaf, Options, Tensor, class_name, find, rule
 
 
@@ -280,11 +280,12 @@ def _node(node: fx.Node, model, options, modules, custom_ops, leaves, stateless,
       return problem(f"module {class_name(type(module))}")
     inplace = getattr(module, "inplace", False) is True
     if isinstance(made, Leaf):
-      leaves[node.target] = made
+      leaves[node.target] = autocast.leaf(made, type(module), options.autocast)
       return Node(node.name, "module", node.target, args, kwargs, _rebinds(node, inplace))
     stateless[node.target] = class_name(type(module))
     key, kwargs = made.op, made.kwargs + kwargs
-    op = ops.OPS.get(key) or ops.OpRule(key)  # a table op, or a custom_modules function
+    # a table op (with torch.autocast's casts, if asked), or a custom_modules function
+    op = autocast.op(ops.OPS[key], key, options.autocast) if key in ops.OPS else ops.OpRule(key)
     return Node(node.name, "op", op, args, kwargs, _rebinds(node, inplace))
   elif node.op == "call_method":
     key = getattr(torch.Tensor, node.target, node.target)
@@ -308,6 +309,8 @@ def _node(node: fx.Node, model, options, modules, custom_ops, leaves, stateless,
   op = custom_ops.get(key) or ops.OPS.get(key)
   if op is None:
     return problem(f"{'method' if node.op == 'call_method' else 'function'} {ops.name_of(key)}")
+  if key not in custom_ops:
+    op = autocast.op(op, key, options.autocast)
   return Node(node.name, "op", op, args, kwargs, _rebinds(node, inplace))
 
 

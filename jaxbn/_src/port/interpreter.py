@@ -12,9 +12,16 @@ from typing import Any
 
 import flax.linen as nn
 
+from jaxbn._src.port.autocast import cast
 from jaxbn._src.port.graph import Program, decode, references
 from jaxbn._src.port.leaves import NORMS, Conv, Leaf, Linear, swap_norm
 from jaxbn._src.port.ops import Context
+
+
+def _call(layer: nn.Module, leaf: Leaf, train: bool, args, kwargs):
+  if leaf.inputs_dtype is not None:
+    args, kwargs = cast((args, kwargs), leaf.inputs_dtype)
+  return layer(*args, **kwargs, **_mode_keywords(leaf, train))
 
 
 def _mode_keywords(leaf: Leaf, train: bool) -> dict:
@@ -29,7 +36,7 @@ class Namespace(nn.Module):
   @nn.compact
   def __call__(self, path: tuple[str, ...], leaf: Leaf, train: bool, args, kwargs):
     if len(path) == 1:
-      return leaf.prototype.clone(parent=self, name=path[0])(*args, **kwargs, **_mode_keywords(leaf, train))
+      return _call(leaf.prototype.clone(parent=self, name=path[0]), leaf, train, args, kwargs)
     return Namespace(name=path[0])(path[1:], leaf, train, args, kwargs)
 
 
@@ -71,7 +78,7 @@ class Ported(nn.Module):
       if not rest:
         if first not in top:
           top[first] = leaf.prototype.clone(parent=self, name=first)
-        return top[first](*args, **kwargs, **_mode_keywords(leaf, train_mode))
+        return _call(top[first], leaf, train_mode, args, kwargs)
       if first not in top:
         top[first] = Namespace(name=first)
       return top[first](tuple(rest), leaf, train_mode, args, kwargs)

@@ -37,10 +37,12 @@ from jaxbn._src.port import ops
 class Leaf:
   """A Flax module (unbound; built at the torch path when called). ``mode`` names the call
   keyword that carries the mode: ``"use_running_average"`` (gets ``not train``), ``"train"``,
-  ``"deterministic"`` (``not train``), or None."""
+  ``"deterministic"`` (``not train``), or None. ``inputs_dtype``: floating inputs are cast to it
+  first (an op on torch.autocast's float32 list)."""
 
   prototype: nn.Module
   mode: str | None = None
+  inputs_dtype: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,7 @@ class Options:
 
   param_dtype: Dtype = jnp.float32
   axis_name: str | None = None
+  autocast: Any = None  # an autocast.Autocast: torch.autocast's rules, or None
 
 
 # --- Flax modules for torch layers that flax has no channels-first twin of ---------------------
@@ -73,6 +76,14 @@ def torch_uniform(fan_in_axes: Callable[[tuple], int]):
 
 
 kernel_init = torch_uniform(lambda shape: int(np.prod(shape[:-1])))
+
+
+def plus_bias(y, bias):
+  """``y + bias`` in y's dtype with the bias rounded to it, added in float32 at least: in a
+  low-precision y the bias's gradient, a sum over every position, would otherwise accumulate in
+  bfloat16 (measured: 3.0 where torch's is 2e-3, on a bias before a BatchNorm)."""
+  wide = jnp.promote_types(y.dtype, jnp.float32)
+  return (y.astype(wide) + bias.astype(y.dtype).astype(wide)).astype(y.dtype)
 
 
 def _channels_last_dimension_numbers(n: int):
@@ -96,6 +107,7 @@ class Conv(nn.Module):
   use_bias: bool = True
   padding_mode: str = "zeros"
   param_dtype: Dtype = jnp.float32
+  dtype: Dtype | None = None  # the computation's (torch.autocast's low dtype); default: promoted
 
   @nn.compact
   def __call__(self, x):
@@ -106,7 +118,7 @@ class Conv(nn.Module):
     if self.padding_mode != "zeros":
       x = jnp.pad(x, ((0, 0), (0, 0), *padding), mode=ops.PAD_MODES[self.padding_mode])
       padding = ((0, 0),) * n
-    dtype = jnp.result_type(x, kernel)
+    dtype = jnp.result_type(x, kernel) if self.dtype is None else self.dtype
     y = jax.lax.conv_general_dilated(
         jnp.moveaxis(x, 1, -1).astype(dtype),
         kernel.astype(dtype),
@@ -120,7 +132,7 @@ class Conv(nn.Module):
     if self.use_bias:
       fan_in = int(np.prod(kernel_shape[:-1]))
       bias = self.param("bias", functools.partial(kernel_init, fan_in=fan_in), (self.features,), self.param_dtype)
-      y = y + bias.reshape(-1, *(1,) * n).astype(dtype)
+      y = plus_bias(y, bias.reshape(-1, *(1,) * n))
     return y
 
 
@@ -138,6 +150,7 @@ class ConvTranspose(nn.Module):
   groups: int = 1
   use_bias: bool = True
   param_dtype: Dtype = jnp.float32
+  dtype: Dtype | None = None  # the computation's (torch.autocast's low dtype); default: promoted
 
   @nn.compact
   def __call__(self, x):
@@ -147,7 +160,7 @@ class ConvTranspose(nn.Module):
     fan_in = int(np.prod(self.kernel_size)) * (self.features // groups)
     init = functools.partial(kernel_init, fan_in=fan_in)
     kernel = self.param("kernel", init, kernel_shape, self.param_dtype)
-    dtype = jnp.result_type(x, kernel)
+    dtype = jnp.result_type(x, kernel) if self.dtype is None else self.dtype
     weight = jnp.transpose(kernel, (n + 1, n, *range(n)))  # torch's (in, out/g, *k)
     weight = weight.reshape(groups, in_features // groups, self.features // groups, *self.kernel_size)
     weight = jnp.swapaxes(weight, 1, 2).reshape(self.features, in_features // groups, *self.kernel_size)
@@ -169,7 +182,7 @@ class ConvTranspose(nn.Module):
     )
     if self.use_bias:
       bias = self.param("bias", init, (self.features,), self.param_dtype)
-      y = y + bias.reshape(-1, *(1,) * n).astype(dtype)
+      y = plus_bias(y, bias.reshape(-1, *(1,) * n))
     return y
 
 
@@ -212,15 +225,16 @@ class Linear(nn.Module):
   features: int
   use_bias: bool = True
   param_dtype: Dtype = jnp.float32
+  dtype: Dtype | None = None  # the computation's (torch.autocast's low dtype); default: promoted
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", kernel_init, (x.shape[-1], self.features), self.param_dtype)
-    dtype = jnp.result_type(x, kernel)
+    dtype = jnp.result_type(x, kernel) if self.dtype is None else self.dtype
     y = jnp.matmul(x.astype(dtype), kernel.astype(dtype))
     if self.use_bias:
       init = functools.partial(kernel_init, fan_in=x.shape[-1])
-      y = y + self.param("bias", init, (self.features,), self.param_dtype).astype(dtype)
+      y = plus_bias(y, self.param("bias", init, (self.features,), self.param_dtype))
     return y
 
 
@@ -235,7 +249,8 @@ class GroupNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     channels = x.shape[1]
-    grouped = x.reshape(x.shape[0], self.num_groups, -1)
+    # low-precision input: statistics in float32, output in the input's dtype (torch's kernels)
+    grouped = x.reshape(x.shape[0], self.num_groups, -1).astype(jnp.promote_types(x.dtype, jnp.float32))
     mean = jnp.mean(grouped, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(grouped - mean), axis=-1, keepdims=True)
     y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
@@ -386,11 +401,19 @@ def linear(m, options):
   return Leaf(Linear(m.out_features, m.bias is not None, options.param_dtype))
 
 
+class LayerNorm(nn.LayerNorm):
+  """flax's LayerNorm with torch's output dtype, the input's (flax's promotes it with the
+  parameters'); statistics in float32 at least, as torch's kernels."""
+
+  def __call__(self, x, *args, **kwargs):
+    return super().__call__(x, *args, **kwargs).astype(x.dtype)
+
+
 @register(torch.nn.LayerNorm)
 def layer_norm(m, options):
   axes = tuple(range(-len(m.normalized_shape), 0))
   return Leaf(
-      nn.LayerNorm(
+      LayerNorm(
           epsilon=m.eps,
           use_scale=m.elementwise_affine,
           use_bias=m.elementwise_affine and m.bias is not None,

@@ -500,9 +500,10 @@ def _max_pool(n):
 def _avg_pool(n):
   def avg_pool(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
     window = _window(x, n, kernel_size, stride, padding, 1, ceil_mode)
-    total = _pool(x, window, 0.0, jax.lax.add)
+    # a low-precision input is summed and divided in float32, as torch's kernels do
+    total = _pool(x.astype(jnp.promote_types(x.dtype, jnp.float32)), window, 0.0, jax.lax.add)
     if divisor_override:
-      return total / divisor_override
+      return (total / divisor_override).astype(x.dtype)
     # torch divides by the window's size clipped to the padded input (count_include_pad) or to
     # the input; a box, so the count is a product of per-axis counts.
     divisor = np.ones((), np.float64)
@@ -511,7 +512,7 @@ def _avg_pool(n):
       inside[0 if count_include_pad else left : left + length + (left if count_include_pad else 0)] = 1
       counts = np.array([inside[i : i + k].sum() for i in range(0, left + length + right - k + 1, s)])
       divisor = np.multiply.outer(divisor, counts)
-    return total / jnp.asarray(divisor, total.dtype)
+    return (total / jnp.asarray(divisor, total.dtype)).astype(x.dtype)
 
   return avg_pool
 
