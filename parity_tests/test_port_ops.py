@@ -63,6 +63,21 @@ class Attention(nn.Module):
     )
 
 
+class FunctionalNorms(nn.Module):
+  """timm's LayerNorm2d and GroupNorm: F.layer_norm and F.group_norm with the module's own
+  weights (read in forward); torch.unbind and Tensor.unbind."""
+
+  def __init__(self, channels=6):
+    super().__init__()
+    self.weight, self.bias, self.group_weight = (nn.Parameter(torch.randn(channels)) for _ in range(3))
+
+  def forward(self, x):
+    y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, 1e-6).permute(0, 3, 1, 2)
+    z = F.group_norm(x, 3, self.group_weight, None, 1e-5)
+    first, second = torch.unbind(y[:, :2], dim=1)
+    return y + z, first * second.unbind(0)[0]
+
+
 CASES = {
     "conv1d stride padding": (lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1), (2, 4, 11)),
     "conv2d same dilated": (lambda: nn.Conv2d(4, 6, 4, padding="same", dilation=2), (2, 4, 9, 8)),
@@ -110,6 +125,7 @@ CASES = {
     "group norm": (lambda: nn.GroupNorm(2, 8), (2, 8, 3, 3)),
     "layer norm": (lambda: nn.LayerNorm(5), (2, 3, 5)),
     "layer norm 2 axes no bias": (lambda: nn.LayerNorm((4, 4), bias=False), (2, 3, 4, 4)),
+    "functional norms own weights, unbind": (FunctionalNorms, (2, 6, 4, 5)),
     "pads": (
         lambda: nn.Sequential(
             nn.ZeroPad2d((1, 2, 0, 3)),

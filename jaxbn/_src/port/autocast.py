@@ -80,8 +80,8 @@ ATEN: dict[Any, str | Callable[..., str | None]] = {
     **{key: "rsqrt" for key in (torch.rsqrt, ops.method("rsqrt"))},
     **{key: _pow for key in (torch.pow, ops.method("pow"), operator.pow)},
     **{key: _sum for key in (torch.sum, ops.method("sum"))},
-    torch.nn.LayerNorm: "layer_norm",
-    torch.nn.GroupNorm: "group_norm",
+    **{key: "layer_norm" for key in (torch.nn.LayerNorm, F.layer_norm)},
+    **{key: "group_norm" for key in (torch.nn.GroupNorm, F.group_norm)},
 }
 try:
   from timm.layers import Linear as TimmLinear

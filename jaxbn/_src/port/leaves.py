@@ -78,14 +78,6 @@ def torch_uniform(fan_in_axes: Callable[[tuple], int]):
 kernel_init = torch_uniform(lambda shape: int(np.prod(shape[:-1])))
 
 
-def plus_bias(y, bias):
-  """``y + bias`` in y's dtype with the bias rounded to it, added in float32 at least: in a
-  low-precision y the bias's gradient, a sum over every position, would otherwise accumulate in
-  bfloat16 (measured: 3.0 where torch's is 2e-3, on a bias before a BatchNorm)."""
-  wide = jnp.promote_types(y.dtype, jnp.float32)
-  return (y.astype(wide) + bias.astype(y.dtype).astype(wide)).astype(y.dtype)
-
-
 def _channels_last_dimension_numbers(n: int):
   channels_last = (0, n + 1, *range(1, n + 1))
   return jax.lax.ConvDimensionNumbers(channels_last, (n + 1, n, *range(n)), channels_last)
@@ -132,7 +124,7 @@ class Conv(nn.Module):
     if self.use_bias:
       fan_in = int(np.prod(kernel_shape[:-1]))
       bias = self.param("bias", functools.partial(kernel_init, fan_in=fan_in), (self.features,), self.param_dtype)
-      y = plus_bias(y, bias.reshape(-1, *(1,) * n))
+      y = ops.plus_bias(y, bias.reshape(-1, *(1,) * n))
     return y
 
 
@@ -182,7 +174,7 @@ class ConvTranspose(nn.Module):
     )
     if self.use_bias:
       bias = self.param("bias", init, (self.features,), self.param_dtype)
-      y = plus_bias(y, bias.reshape(-1, *(1,) * n))
+      y = ops.plus_bias(y, bias.reshape(-1, *(1,) * n))
     return y
 
 
@@ -234,12 +226,12 @@ class Linear(nn.Module):
     y = jnp.matmul(x.astype(dtype), kernel.astype(dtype))
     if self.use_bias:
       init = functools.partial(kernel_init, fan_in=x.shape[-1])
-      y = plus_bias(y, self.param("bias", init, (self.features,), self.param_dtype))
+      y = ops.plus_bias(y, self.param("bias", init, (self.features,), self.param_dtype))
     return y
 
 
 class GroupNorm(nn.Module):
-  """torch.nn.GroupNorm on channels-first input (flax's normalises the last axis)."""
+  """torch.nn.GroupNorm on channels-first input (flax's normalises the last axis): ops.group_norm."""
 
   num_groups: int
   epsilon: float = 1e-5
@@ -248,17 +240,29 @@ class GroupNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    channels = x.shape[1]
-    # low-precision input: statistics in float32, output in the input's dtype (torch's kernels)
-    grouped = x.reshape(x.shape[0], self.num_groups, -1).astype(jnp.promote_types(x.dtype, jnp.float32))
-    mean = jnp.mean(grouped, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(grouped - mean), axis=-1, keepdims=True)
-    y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    scale = bias = None
     if self.affine:
-      shape = (-1,) + (1,) * (x.ndim - 2)
-      y = y * self.param("scale", nn.initializers.ones, (channels,), self.param_dtype).reshape(shape)
-      y = y + self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype).reshape(shape)
-    return y.astype(x.dtype)
+      scale = self.param("scale", nn.initializers.ones, (x.shape[1],), self.param_dtype)
+      bias = self.param("bias", nn.initializers.zeros, (x.shape[1],), self.param_dtype)
+    return ops.group_norm(x, self.num_groups, scale, bias, self.epsilon)
+
+
+class LayerNorm(nn.Module):
+  """torch.nn.LayerNorm over the last ``len(normalized_shape)`` axes: ops.layer_norm, with flax's
+  parameter names (``scale``, ``bias``)."""
+
+  normalized_shape: tuple[int, ...]
+  epsilon: float = 1e-5
+  use_scale: bool = True
+  use_bias: bool = True
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    shape = self.normalized_shape
+    scale = self.param("scale", nn.initializers.ones, shape, self.param_dtype) if self.use_scale else None
+    bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype) if self.use_bias else None
+    return ops.layer_norm(x, shape, scale, bias, self.epsilon)
 
 
 @functools.cache
@@ -401,28 +405,10 @@ def linear(m, options):
   return Leaf(Linear(m.out_features, m.bias is not None, options.param_dtype))
 
 
-class LayerNorm(nn.LayerNorm):
-  """flax's LayerNorm with torch's output dtype, the input's (flax's promotes it with the
-  parameters'); statistics in float32 at least, as torch's kernels."""
-
-  def __call__(self, x, *args, **kwargs):
-    return super().__call__(x, *args, **kwargs).astype(x.dtype)
-
-
 @register(torch.nn.LayerNorm)
 def layer_norm(m, options):
-  axes = tuple(range(-len(m.normalized_shape), 0))
-  return Leaf(
-      LayerNorm(
-          epsilon=m.eps,
-          use_scale=m.elementwise_affine,
-          use_bias=m.elementwise_affine and m.bias is not None,
-          reduction_axes=axes,
-          feature_axes=axes,
-          param_dtype=options.param_dtype,
-          use_fast_variance=False,
-      )
-  )
+  affine = m.elementwise_affine
+  return Leaf(LayerNorm(tuple(m.normalized_shape), m.eps, affine, affine and m.bias is not None, options.param_dtype))
 
 
 @register(torch.nn.GroupNorm)
