@@ -60,6 +60,10 @@ TOTAL_FACTOR = 2.0  # jaxbn's L2 distance to torch float64 vs torch float32's
 FLOAT64_RTOL = 1e-9  # float64 gradients per tensor; float64 training, relative L2 per group
 CI_MODELS = ["resnet18", "resnet50"]
 FULL_MODELS = ["resnet34", "resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2"]
+# After updates, float64 rounding differences grow about 100x per SGD step through resnet152's
+# 155 BatchNorms: measured 1.9e-13, 1.8e-11, 1.4e-9 on the train-mode logits at steps 0, 1, 2
+# (2e-13 at identical parameters: the growth is the updates', not an error of either side).
+FLOAT64_AFTER_UPDATES_RTOL = {"resnet152": 1e-8}
 
 
 def batches(rng, count, size=64, batch=4, classes=10):
@@ -241,13 +245,16 @@ def run_parity(name, tmp_path, api="linen"):
         for key, expected in grads64.items():
           error = np.max(np.abs(grads[key] - expected)) / np.max(np.abs(expected))
           assert error <= FLOAT64_RTOL, f"float64 gradient of {key}: relative error {error:.3g} > {FLOAT64_RTOL}"
-      assert_float64_matches({"logits": logits}, {"logits": logits64}, f"train-mode step {step}")
-      assert_float64_matches(*relative_stats(training_state(trainer64), stats64), f"running statistics, step {step}")
+      rtol = FLOAT64_AFTER_UPDATES_RTOL.get(name, FLOAT64_RTOL) if step else FLOAT64_RTOL
+      assert_float64_matches({"logits": logits}, {"logits": logits64}, f"train-mode step {step}", rtol)
+      assert_float64_matches(
+          *relative_stats(training_state(trainer64), stats64), f"running statistics, step {step}", rtol
+      )
     torch64.eval()
     x, _ = next(batches(rng, 1))
     expected = torch64(torch.from_numpy(x).double()).detach().numpy()
     logits = trainer64.eval(np.moveaxis(x, 1, -1).astype(np.float64))
-    assert_float64_matches({"logits": logits}, {"logits": expected}, "eval after training")
+    assert_float64_matches({"logits": logits}, {"logits": expected}, "eval after training", rtol)
 
 
 def training_state(trainer) -> dict:
