@@ -16,6 +16,7 @@ still float32 after the step.
 
 from __future__ import annotations
 
+import copy
 import functools
 import operator
 
@@ -154,29 +155,23 @@ def test_the_device_chooses_the_lists():
 # --- models: one training step from identical parameters ------------------------------------------
 
 
-def flat(tree: dict, prefix=()) -> dict:
-  out = {}
-  for key, value in tree.items():
-    out.update(flat(value, (*prefix, key)) if isinstance(value, dict) else {"/".join((*prefix, key)): value})
-  return out
-
-
 def distance(actual: dict, expected: dict) -> float:
   """Relative L2 over the group of arrays."""
   diff = sum(np.sum((np.asarray(actual[k], np.float64) - np.asarray(v, np.float64)) ** 2) for k, v in expected.items())
   return float(np.sqrt(diff / sum(np.sum(np.asarray(v, np.float64) ** 2) for v in expected.values())))
 
 
-def torch_step(model, x, labels, autocast_dtype=None):
-  """Train outputs, running-statistic updates and gradients of one step of the model's copy."""
-  model = copy_of(model).train()
+def torch_step(model, x, labels, autocast=False):
+  """Train outputs, running-statistic updates and gradients of one step of the model's copy, in
+  float32 or inside torch.autocast("cpu", torch.bfloat16)."""
+  model = copy.deepcopy(model).train()
   before = {
       f"{path}.{name}": getattr(layer, name).clone()
       for path, layer in model.named_modules()
       if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm)
       for name in ("running_mean", "running_var")
   }
-  with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+  with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
     output = model(x)
   logits = output[0] if isinstance(output, tuple) else output
   torch.nn.functional.cross_entropy(logits.float(), labels).backward()
@@ -188,15 +183,9 @@ def torch_step(model, x, labels, autocast_dtype=None):
   )
 
 
-def copy_of(model):
-  import copy
-
-  return copy.deepcopy(model)
-
-
 def check_against_autocast(jaxbn_step, model, x, labels):
   float32 = torch_step(model, x, labels)
-  mixed = torch_step(model, x, labels, torch.bfloat16)
+  mixed = torch_step(model, x, labels, autocast=True)
   ours = jaxbn_step()
   for what, f32, auto, mine in zip(
       ("train outputs", "statistic updates", "gradients"), float32, mixed, ours, strict=True
