@@ -34,6 +34,7 @@ import jaxbn
 from jaxbn._src.port import autocast
 from parity_tests.test_port_models import CI, HandWritten
 from parity_tests.test_port_ops import CASES
+from parity_tests.test_resnet_parity import relative_l2
 
 # Two bfloat16 steps (2 ** -7) relative to the largest |output|: each side rounds every op's
 # result to bfloat16 and the two accumulate in different orders.
@@ -155,12 +156,6 @@ def test_the_device_chooses_the_lists():
 # --- models: one training step from identical parameters ------------------------------------------
 
 
-def distance(actual: dict, expected: dict) -> float:
-  """Relative L2 over the group of arrays."""
-  diff = sum(np.sum((np.asarray(actual[k], np.float64) - np.asarray(v, np.float64)) ** 2) for k, v in expected.items())
-  return float(np.sqrt(diff / sum(np.sum(np.asarray(v, np.float64) ** 2) for v in expected.values())))
-
-
 def torch_step(model, x, labels, autocast=False):
   """Train outputs, running-statistic updates and gradients of one step of the model's copy, in
   float32 or inside torch.autocast("cpu", torch.bfloat16)."""
@@ -190,7 +185,7 @@ def check_against_autocast(jaxbn_step, model, x, labels):
   for what, f32, auto, mine in zip(
       ("train outputs", "statistic updates", "gradients"), float32, mixed, ours, strict=True
   ):
-    d_autocast, d_float32, d_to_autocast = distance(auto, f32), distance(mine, f32), distance(mine, auto)
+    d_autocast, d_float32, d_to_autocast = relative_l2(auto, f32), relative_l2(mine, f32), relative_l2(mine, auto)
     assert d_autocast > 1e-4, f"{what}: autocast is {d_autocast:.2g} from float32, so it did not run in bfloat16"
     assert (
         d_float32 <= 1.5 * d_autocast
@@ -203,23 +198,21 @@ def batch(shape, classes=10):
   return torch.randn(shape, generator=generator), torch.randint(0, classes, (shape[0],), generator=generator)
 
 
-def ported_step(model, x, labels):
-  """jaxbn.port(autocast=bfloat16): one step's outputs, statistic updates and gradients by torch key."""
-  module, variables = jaxbn.port(model, x, autocast=jnp.bfloat16, autocast_device="cpu")
+def stats_updates(before: dict, after: dict) -> dict:
+  return {k: np.asarray(after[k]) - np.asarray(before[k]) for k in after if k.endswith(("running_mean", "running_var"))}
+
+
+def linen_step(module, variables, x, labels):
+  """One step of a Linen model in mixed precision: its outputs, statistic updates and gradients by
+  torch key, after checking that the logits are bfloat16 and every variable stays float32."""
 
   def loss(params):
     output, updates = module.apply(
-        {**variables, "params": params},
-        x.numpy(),
-        train=True,
-        mutable=["batch_stats"],
-        rngs={"dropout": jax.random.key(0)},
+        {**variables, "params": params}, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)}
     )
     logits = output[0] if isinstance(output, tuple) else output
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels.numpy()).mean(), (
-        logits,
-        updates,
-    )
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels.numpy()).mean()
+    return loss, (logits, updates)
 
   grads, (logits, updates) = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
   tx = optax.sgd(0.1, momentum=0.9)
@@ -227,13 +220,18 @@ def ported_step(model, x, labels):
   assert logits.dtype == jnp.bfloat16
   floating = [v for v in jax.tree.leaves((grads, stepped, updates)) if jnp.issubdtype(v.dtype, jnp.floating)]
   assert {str(v.dtype) for v in floating} == {"float32"}
-  new_stats = jaxbn.convert.to_state_dict(updates)
-  old_stats = jaxbn.convert.to_state_dict({"batch_stats": variables["batch_stats"]})
+  before = jaxbn.convert.to_state_dict({"batch_stats": variables["batch_stats"]})
   return (
       {"logits": np.asarray(logits, np.float32)},
-      {k: new_stats[k] - old_stats[k] for k in new_stats if k.endswith(("running_mean", "running_var"))},
+      stats_updates(before, jaxbn.convert.to_state_dict(updates)),
       jaxbn.convert.to_state_dict({"params": grads}),
   )
+
+
+def ported_step(model, x, labels):
+  """jaxbn.port(autocast=bfloat16)."""
+  module, variables = jaxbn.port(model, x, autocast=jnp.bfloat16, autocast_device="cpu")
+  return linen_step(module, variables, x.numpy(), labels)
 
 
 PORTED = {  # CI: the hand-written model holds every port mechanism (FrozenBatchNorm2d, BatchNorm1d, cat, mean)
@@ -269,31 +267,11 @@ def test_ported_model_step_matches_torch_autocast_full(name):
   run_ported(name, *PORTED_FULL[name])
 
 
-def stats_updates(before: dict, after: dict) -> dict:
-  return {k: np.asarray(after[k]) - np.asarray(before[k]) for k in after if k.endswith(("running_mean", "running_var"))}
-
-
 def linen_resnet_step(torch_model, x, labels):
   """jaxbn.models.resnet18(dtype=bfloat16): flax's own dtype on the convolutions and fc."""
   model = jaxbn.models.resnet18(num_classes=10, dtype=jnp.bfloat16, input_layout="NCHW")
   template = jax.eval_shape(model.init, jax.random.key(0), x.numpy())
-  variables = jaxbn.convert.from_torch(torch_model.state_dict(), template).variables
-
-  def loss(params):
-    logits, updates = model.apply({**variables, "params": params}, x.numpy(), train=True, mutable=["batch_stats"])
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels.numpy()).mean()
-    return loss, (logits, updates)
-
-  grads, (logits, updates) = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
-  assert logits.dtype == jnp.bfloat16
-  floating = [v for v in jax.tree.leaves((grads, updates)) if jnp.issubdtype(v.dtype, jnp.floating)]
-  assert {str(v.dtype) for v in floating} == {"float32"}
-  before = jaxbn.convert.to_state_dict({"batch_stats": variables["batch_stats"]})
-  return (
-      {"logits": np.asarray(logits, np.float32)},
-      stats_updates(before, jaxbn.convert.to_state_dict(updates)),
-      jaxbn.convert.to_state_dict({"params": grads}),
-  )
+  return linen_step(model, jaxbn.convert.from_torch(torch_model.state_dict(), template).variables, x.numpy(), labels)
 
 
 def nnx_resnet_step(torch_model, x, labels):

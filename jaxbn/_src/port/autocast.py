@@ -196,22 +196,9 @@ def leaf(made: leaves.Leaf, torch_class: type, autocast: Autocast | None) -> lea
   in param_dtype)."""
   if autocast is None:
     return made
-  if torch_class is _frozen_batchnorm_class():
-    # torchvision's x * scale + shift with float32 buffers: a low-precision input comes out float32
-    # (type promotion; no list involved)
-    layer = made.prototype
-    return dataclasses.replace(made, prototype=layer.clone(dtype=jnp.promote_types(autocast.dtype, layer.param_dtype)))
   category = autocast.category(torch_class)
   if category == LOWER:
     return dataclasses.replace(made, prototype=made.prototype.clone(dtype=jnp.dtype(autocast.dtype)))
   if category == FLOAT32:
     return dataclasses.replace(made, inputs_dtype="float32")
   return made
-
-
-def _frozen_batchnorm_class():
-  try:
-    from torchvision.ops import FrozenBatchNorm2d
-  except ImportError:
-    return None
-  return FrozenBatchNorm2d

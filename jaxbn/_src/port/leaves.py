@@ -351,7 +351,9 @@ def sync_batchnorm(m, options):
 
 
 def frozen_batchnorm(m, options):
-  return Leaf(FrozenBatchNorm(axis=1, epsilon=float(m.eps), param_dtype=options.param_dtype))
+  # torchvision's forward is x * scale + shift with its buffers, so the output has their dtype
+  # (a bfloat16 input, as under autocast, comes out float32)
+  return Leaf(FrozenBatchNorm(axis=1, epsilon=float(m.eps), dtype=options.param_dtype, param_dtype=options.param_dtype))
 
 
 def _padding(m, n):

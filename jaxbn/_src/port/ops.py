@@ -97,6 +97,12 @@ def supported() -> list[str]:
   return sorted({name_of(key) for key in OPS})
 
 
+def _wide(x):
+  """x in float32 at least: torch's kernels sum and normalise low-precision input in float32 and
+  return it in its own dtype."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _dims(dims) -> tuple[int, ...]:
   """torch accepts ``x.permute(0, 2, 1)`` and ``x.permute((0, 2, 1))``."""
   if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
@@ -365,33 +371,28 @@ except ImportError:  # torchvision is optional
 # --- normalization (BatchNorm is jaxbn's; these serve the LayerNorm and GroupNorm leaves too) ----
 
 
-def _wide(x):
-  """Low-precision input is normalised in float32 and returned in its dtype, as torch's kernels do."""
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
 def _affine(y, weight, bias, shape):
   if weight is not None:
     y = y * weight.reshape(shape)
   return y if bias is None else y + bias.reshape(shape)
 
 
+def _standardize(x, axes, eps):
+  mean = jnp.mean(x, axes, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)  # two passes: torch's accuracy
+  return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
 @register(F.layer_norm)
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
-  axes = tuple(range(-len(tuple(normalized_shape)), 0))
-  wide = _wide(x)
-  mean = jnp.mean(wide, axes, keepdims=True)
-  var = jnp.mean(jnp.square(wide - mean), axes, keepdims=True)  # two passes: torch's accuracy
-  y = (wide - mean) * jax.lax.rsqrt(var + eps)
-  return _affine(y, weight, bias, tuple(normalized_shape)).astype(x.dtype)
+  shape = tuple(normalized_shape)
+  y = _standardize(_wide(x), tuple(range(-len(shape), 0)), eps)
+  return _affine(y, weight, bias, shape).astype(x.dtype)
 
 
 @register(F.group_norm)
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
-  grouped = _wide(x).reshape(x.shape[0], num_groups, -1)
-  mean = jnp.mean(grouped, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(grouped - mean), axis=-1, keepdims=True)
-  y = ((grouped - mean) * jax.lax.rsqrt(var + eps)).reshape(x.shape)
+  y = _standardize(_wide(x).reshape(x.shape[0], num_groups, -1), -1, eps).reshape(x.shape)
   return _affine(y, weight, bias, (-1,) + (1,) * (x.ndim - 2)).astype(x.dtype)
 
 
@@ -399,8 +400,7 @@ def plus_bias(y, bias):
   """``y + bias`` in y's dtype with the bias rounded to it, added in float32 at least: in a
   low-precision y the bias's gradient, a sum over every position, would otherwise accumulate in
   bfloat16 (measured: 3.0 where torch's is 2e-3, on a bias before a BatchNorm)."""
-  wide = jnp.promote_types(y.dtype, jnp.float32)
-  return (y.astype(wide) + bias.astype(y.dtype).astype(wide)).astype(y.dtype)
+  return (_wide(y) + _wide(bias.astype(y.dtype))).astype(y.dtype)
 
 
 # --- functional convolution (nn.Conv* modules are leaves, with Flax's kernel layout) -------------
@@ -546,8 +546,7 @@ def _max_pool(n):
 def _avg_pool(n):
   def avg_pool(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
     window = _window(x, n, kernel_size, stride, padding, 1, ceil_mode)
-    # a low-precision input is summed and divided in float32, as torch's kernels do
-    total = _pool(x.astype(jnp.promote_types(x.dtype, jnp.float32)), window, 0.0, jax.lax.add)
+    total = _pool(_wide(x), window, 0.0, jax.lax.add)
     if divisor_override:
       return (total / divisor_override).astype(x.dtype)
     # torch divides by the window's size clipped to the padded input (count_include_pad) or to
