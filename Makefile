@@ -39,7 +39,7 @@ test-models: $(STAMP)
 
 # The port's coverage: the smallest BatchNorm model of every timm architecture module and every
 # torchvision BatchNorm model through the parity harness, one process each (hours on 2 cores;
-# `--zoo timm` alone took 45 minutes).
+# `--zoo timm` alone took 45 minutes; `--families` runs torchvision's smallest of each module).
 zoo: $(STAMP)
 	cd benchmarks && ../$(PY) zoo_sweep.py --out zoo-cpu.md
 

@@ -56,6 +56,7 @@ def aten_names_the_port_reaches() -> set[str]:
   one = jnp.ones(())
   names |= {autocast._pow(one, 2.0), autocast._pow(one, one), autocast._pow(2.0, one)}
   names |= {autocast._sum(one), autocast._sum(one, 0)}
+  names |= {autocast._einsum("ij,jk->ik", one, one), autocast._einsum("ij,ij->ij", one, one)}
   return names - {None}
 
 

@@ -214,6 +214,12 @@ def test_check_takes_a_model_from_a_python_file(jaxbn_cli, tmp_path):
   code, out, err = jaxbn_cli("check", "--model", f"{tmp_path / 'net.py'}:make", "--steps", "2", "--size", "16")
   assert code == 0, out + err
   assert "2 BatchNorm layers, 3 steps" in out and "momentum != 0.1 in 1" in out
+  # Below float32's resolution, float64 decides: rounding passes, and a float64 difference fails.
+  model = ("--model", f"{tmp_path / 'net.py'}:make", "--steps", "1", "--size", "16")
+  code, out, err = jaxbn_cli("check", *model, "--tolerance", "1e-12")
+  assert code == 0 and "float32 rounding" in out and "OK: worst relative difference" in out, out + err
+  code, out, err = jaxbn_cli("check", *model, "--tolerance", "1e-30")
+  assert code == 1 and "not float32 rounding" in out and "FAILED" in out, out + err
 
 
 def test_convert_takes_a_ported_model(jaxbn_cli, tmp_path):

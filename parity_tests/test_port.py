@@ -166,7 +166,7 @@ def test_extension_hooks_custom_ops_modules_and_leaves():
       return self.bn(self.branchy(torch.roll(self.scale(self.conv(x)), 1, dims=3)))
 
   model = Model().eval()
-  with pytest.raises(jaxbn.PortError, match=r"(?s)could not trace branchy \(Branchy\).*leaf_modules=\(Branchy,\)"):
+  with pytest.raises(jaxbn.PortError, match=r"(?s)a data-dependent branch.*leaf_modules=\(Branchy,\).*\[in branchy"):
     jaxbn.port(model, X)
   module, variables = jaxbn.port(
       model,
@@ -257,6 +257,20 @@ def test_timm_batchnorm_act_keeps_its_activation_when_frozen():
   assert relative(jax.jit(module.apply)(variables, x), expected) <= 1e-5
   frozen = module.with_batchnorm("frozen")
   assert relative(jax.jit(frozen.apply)(jaxbn.freeze(variables), x), expected) <= 1e-5
+
+
+def test_timm_same_padding_convolution_and_activation_modules_port():
+  """timm's Conv2dSame (TF padding by max() on sizes: every tf_* model, nasnet) and a
+  BatchNormAct2d with timm's own GELU module (efficientformerv2)."""
+  timm = pytest.importorskip("timm", reason="timm is in the test extra")
+  model = nn.Sequential(
+      timm.layers.Conv2dSame(3, 4, 3, stride=2), timm.layers.BatchNormAct2d(4, act_layer=timm.layers.activations.GELU)
+  )
+  module, variables = jaxbn.port(model, X)
+  odd = X[:, :, :7, :5]  # other paddings, same decisions
+  assert relative(module.apply(variables, odd), model.eval()(torch.from_numpy(odd))) <= RTOL
+  y, _ = module.apply(variables, X, train=True, mutable=["batch_stats"])
+  assert relative(y, model.train()(torch.from_numpy(X))) <= RTOL
 
 
 def test_conv_transpose_converts_both_ways():
@@ -461,6 +475,27 @@ def test_per_layer_comparison_of_an_activated_batchnorm_is_after_its_activation(
   assert {row.layer for row in report} == {"1"} and max(row.max_rel for row in report) <= 1e-5, report
 
 
+def test_per_layer_comparison_follows_forwards_that_differ_by_mode():
+  """A BatchNorm only the training forward runs (GoogLeNet's aux heads) is compared in train
+  steps and left out of eval ones, not compared with its stale train output."""
+
+  class AuxBatchNorm(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.bn, self.aux = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+      y = self.bn(x)
+      return (y, self.aux(x * 2)) if self.training else y
+
+  model = AuxBatchNorm()
+  module, variables = jaxbn.port(model, X)
+  report = jaxbn.parity.compare(model, module, variables, [X, X[::-1].copy()], channels_last=False)
+  assert [(row.layer, row.mode) for row in report] == [("bn", "train"), ("aux", "train"), ("bn", "eval")]
+  assert max(row.max_rel for row in report) <= RTOL, report
+
+
 class ReadsItsTensors(nn.Module):
   """Parameters and buffers used directly in forward, as timm's layer scale, blur pool and
   attention-bias tables do."""
@@ -534,7 +569,78 @@ def test_shape_arithmetic_and_asserts_run_at_trace_time():
     jaxbn.port(Windows(block=3), X)
 
 
-def test_tensor_attributes_beyond_shape_are_refused_when_tracing():
+class SamePadding(nn.Module):
+  """Python decisions symbolic fx cannot take, as timm writes them: TF "same" padding through
+  max() on sizes (Conv2dSame), a branch on a size, len(), and an attention-bias cache keyed by
+  str(x.device) that eval fills (levit, efficientformer)."""
+
+  def __init__(self):
+    super().__init__()
+    self.conv, self.bn, self.cache = nn.Conv2d(3, 4, 3, stride=2), nn.BatchNorm2d(4), {}
+    self.bias = nn.Parameter(torch.randn(4, 1, 1))
+
+  def forward(self, x):
+    ih, iw = x.size()[-2:]
+    pad_h, pad_w = (max((math.ceil(size / 2) - 1) * 2 + 3 - size, 0) for size in (ih, iw))
+    x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    if x.shape[-1] > 6:
+      x = x * 2
+    if not self.training:
+      self.cache.setdefault(str(x.device), self.bias * 1)
+    bias = self.bias if self.training else self.cache[str(x.device)]
+    return (self.bn(self.conv(x)) + bias).reshape(len(x), -1)
+
+
+def test_python_decisions_on_shapes_are_taken_on_the_example_and_checked_where_it_runs():
+  model = SamePadding()
+  before = {k: v.clone() for k, v in model.state_dict().items()}
+  module, variables = jaxbn.port(model, X)
+  assert model.cache == {}  # tracing ran eval's forward: its cache holds no fx proxy
+  for key, value in model.state_dict().items():  # torch ran train mode on the example: undone
+    assert torch.equal(value, before[key]), key
+  assert relative(module.apply(variables, X[:, :, :7, :7]), model.eval()(torch.from_numpy(X[:, :, :7, :7]))) <= RTOL
+  y, _ = module.apply(variables, X, train=True, mutable=["batch_stats"])
+  assert relative(y, model.train()(torch.from_numpy(X))) <= RTOL
+  with pytest.raises(jaxbn.PortError, match=r"test_port.py:\d+: if x.shape\[-1\] > 6:: the port specialised"):
+    module.apply(variables, X[:, :, :4, :4])  # 5 columns once padded: torch takes the other branch
+  with pytest.raises(jaxbn.PortError, match=r"len\(\) was 4 there, 2 here"):
+    module.apply(variables, X[:2])
+
+
+def test_python_decisions_on_tensor_values_are_refused():
+  class DataBranch(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+      return self.bn(x) if x.mean() > -100 else x
+
+  with pytest.raises(
+      jaxbn.PortError, match=r"Python bool\(\) of a tensor's values decides what runs.*x.mean\(\) > -100"
+  ):
+    jaxbn.port(DataBranch(), X)
+
+
+def test_a_decision_needing_a_forward_that_torch_cannot_run_names_the_example():
+  class Head(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+      y = self.bn(x)
+      return y if len(y) > 1 else -y
+
+  with pytest.raises(
+      jaxbn.PortError, match=r"train-mode forward failed at bn: ValueError: Expected more than 1 value per channel.*"
+  ):
+    jaxbn.port(Head(), np.ones((1, 4), np.float32))
+
+
+def test_tensor_attributes_beyond_shape_and_dtype_are_refused_when_tracing():
   class OnDevice(nn.Module):
 
     def __init__(self):
@@ -542,7 +648,7 @@ def test_tensor_attributes_beyond_shape_are_refused_when_tracing():
       self.bn = nn.BatchNorm2d(3)
 
     def forward(self, x):
-      return self.bn(x) * x.new_ones(1).to(x.device)
+      return self.bn(x) * x.is_cuda
 
-  with pytest.raises(jaxbn.PortError, match=r"reads .device of a tensor \(the port reads shape, ndim, real"):
+  with pytest.raises(jaxbn.PortError, match=r"reads .is_cuda of a tensor \(the port reads shape, ndim, dtype"):
     jaxbn.port(OnDevice(), X)

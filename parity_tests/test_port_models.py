@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -138,3 +139,20 @@ def test_port_parity(name):
 @pytest.mark.parametrize("name", list(FULL))
 def test_port_parity_full(name):
   port_harness.run(FULL[name])
+
+
+def test_spread_arbiter_accepts_only_within_ten_times_torchs_own_spread():
+  """Where a tolerance is below what the arithmetic resolves, the harness accepts jaxbn within
+  SPREAD_FACTOR (10) of torch's own spread one ulp away, and not beyond."""
+  expected = {"out": np.linspace(1, 2, 8)}
+  moved = lambda relative: {"out": expected["out"] * (1 + relative)}  # noqa: E731
+  case = Case(build=HandWritten, input_shape=(2, 3, 8, 8), grad64_rtol=1e-9)
+  port_harness.assert_float64_close(moved(5e-10), expected, "within 1e-9", case, twin=lambda: 1 / 0)  # not run
+  port_harness.assert_float64_close(moved(1e-8), expected, "ill-conditioned", case, twin=lambda: moved(2e-9))
+  with pytest.raises(AssertionError, match=r"> 10x torch float64's own spread one ulp away \(2e-09\)"):
+    port_harness.assert_float64_close(moved(3e-8), expected, "beyond", case, twin=lambda: moved(2e-9))
+  torch32, torch64 = moved(1e-7), expected  # torch float32 1e-7 from float64; floor 1e-6
+  port_harness.assert_tracks_or_spread(moved(1e-6), torch32, torch64, 1e-6, "tracks", twin=lambda: 1 / 0)
+  port_harness.assert_tracks_or_spread(moved(4e-6), torch32, torch64, 1e-6, "spread", twin=lambda: moved(6e-7))
+  with pytest.raises(AssertionError, match=r"torch float32's own spread one ulp away"):
+    port_harness.assert_tracks_or_spread(moved(1e-4), torch32, torch64, 1e-6, "beyond", twin=lambda: moved(6e-7))

@@ -65,7 +65,7 @@ class Attention(nn.Module):
 
 class FunctionalNorms(nn.Module):
   """timm's LayerNorm2d and GroupNorm: F.layer_norm and F.group_norm with the module's own
-  weights (read in forward); torch.unbind and Tensor.unbind."""
+  weights (read in forward); torch.unbind and Tensor.unbind; F.normalize (swiftformer)."""
 
   def __init__(self, channels=6):
     super().__init__()
@@ -75,7 +75,31 @@ class FunctionalNorms(nn.Module):
     y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, 1e-6).permute(0, 3, 1, 2)
     z = F.group_norm(x, 3, self.group_weight, None, 1e-5)
     first, second = torch.unbind(y[:, :2], dim=1)
-    return y + z, first * second.unbind(0)[0]
+    return y + z, first * second.unbind(0)[0], F.normalize(x, dim=-1), F.normalize(x, p=1.0, dim=1, eps=0.5)
+
+
+class Encodings(nn.Module):
+  """xcit's Fourier position encoding and friends: arange, repeat, sin / cos, floor division,
+  dtype casts through .dtype, .float() and .to(), max / min with and without dim, einsum
+  and swapaxes (maxvit's attention)."""
+
+  def forward(self, x):
+    n, c, h, w = x.shape
+    rows = torch.arange(1, h + 1).to(x.dtype).unsqueeze(1).repeat(1, w)  # (h, w)
+    periods = 100 ** (2 * torch.div(torch.arange(c), 2, rounding_mode="floor").to(x.dtype) / c)
+    pos = (rows[None] / periods.to(x.dtype)[:, None, None]).sin() + rows.cos() + torch.arange(0.5, 2.5, 0.5)[:1]
+    values, indices = x.max(1)
+    rounded = x.float().to(x.dtype) + x.type_as(rows)  # float32 rounding in both
+    pairs = torch.einsum("nchw,nchv->ncwv", x, x) + torch.einsum("ncij,ncij->ncij", [x, x]).sum(2, keepdim=True)
+    return (
+        (rounded + pos).repeat(1, 2, 1, 1),
+        values,
+        x.min(),
+        torch.max(x, x * 0.5),
+        indices.to(x.dtype),
+        torch.arange(5) / 2,
+        torch.swapaxes(pairs, 2, 3),
+    )
 
 
 CASES = {
@@ -132,6 +156,7 @@ CASES = {
             nn.ReflectionPad2d(2),
             nn.ReplicationPad2d((1, 0, 2, 1)),
             nn.ConstantPad2d(1, 0.5),
+            nn.ConstantPad2d((-1, 2, 0, -3), 0.25),  # negative widths crop
         ),
         (2, 3, 4, 4),
     ),
@@ -155,6 +180,8 @@ CASES = {
     "linear on features": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.Identity()), (2, 3, 4)),
     "functional": (Functional, (2, 6, 4, 7)),
     "unfold": (lambda: nn.Unfold((2, 3), dilation=(1, 2), padding=1, stride=(2, 1)), (2, 3, 6, 7)),
+    "encodings": (Encodings, (2, 6, 4, 5)),
+    "fold, overlapping": (lambda: nn.Fold((5, 6), (2, 3), dilation=(1, 2), padding=1, stride=(2, 1)), (2, 18, 12)),
     "attention": (lambda: Attention(), (2, 4, 6, 8)),
     "attention causal scaled gqa": (lambda: Attention(causal=True, scale=0.3, kv_heads=2), (2, 4, 6, 8)),
     "attention boolean mask": (lambda: Attention(mask="bool"), (2, 4, 6, 8)),

@@ -172,13 +172,21 @@ def compare(
     for step, x in enumerate(batches):
       train = step < train_steps
       torch_model.train(train)
+      outputs.clear()
       with torch.no_grad():
         torch_model(torch.from_numpy(x))
       captured, batch_stats = step_flax(np.moveaxis(x, 1, -1) if channels_last else x, train)
       stats = traverse_util.flatten_dict(batch_stats, sep="/")
       for name, layer in torch_layers.items():
+        if name not in outputs:  # not run in this mode (GoogLeNet's aux heads in eval)
+          continue
         path = "/".join(rename(name).split("."))
         expected = outputs[name]
+        if path not in captured:
+          raise ValueError(
+              f"{name} ran in torch's {'train' if train else 'eval'} forward, but the Flax model has no BatchNorm"
+              f" output at {path}: pass rename= to map torch paths to Flax paths."
+          )
         actual = np.asarray(captured[path], np.float64)
         if channels_last and expected.ndim > 2:
           actual = np.moveaxis(actual, -1, 1)

@@ -3,8 +3,9 @@
 The torch model (random init, or ``--weights``) trains its BatchNorm statistics for a few steps,
 is saved as ``.safetensors`` with its BatchNorm configuration, loaded, converted (ported with
 ``jaxbn.port`` unless it is one of jaxbn.models' ResNets) and run next to torch in training and
-eval. Exit status 1 when the worst relative difference exceeds ``--tolerance`` or a running
-statistic is not finite.
+eval. Exit status 1 when the worst relative difference exceeds ``--tolerance`` (for a ported model:
+and the same comparison in float64 exceeds 1e-9, so that float32 rounding on an ill-conditioned
+layer is not reported as a wrong port) or a running statistic is not finite.
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ def check(args) -> int:
     print(f"  {m.layer}: {m.field} torch={m.torch} flax={m.flax}")
 
   batches = [batch() for _ in range(args.steps + 1)]
+  before = copy.deepcopy(torch_model) if ported else None  # compare moves torch's statistics
   start = time.perf_counter()
   report = jaxbn.parity.compare(
       torch_model, model, variables, batches, train_steps=args.steps, channels_last=not ported
@@ -160,11 +162,41 @@ def check(args) -> int:
   print("\nTimings (this machine):")
   for name, seconds in timings.items():
     print(f"  {name:<46} {seconds * 1e3:9.1f} ms")
-  return verdict(report, state_dict, torch_model, args.tolerance)
+  worst = max(row.max_rel for row in report)
+  worst64 = None
+  if ported and worst > args.tolerance:
+    worst64 = float64_worst(before, batches, args.steps)
+    print(
+        f"\nIn float64 (both models in double, the same batches) the worst relative difference is {worst64:.2e}"
+        f" (bound {min(args.tolerance, FLOAT64_BOUND):.0e}): "
+        + (
+            "float32 rounding, amplified where a BatchNorm channel has few values, is what exceeds the tolerance;"
+            " the layers compute what torch's do."
+            if worst64 <= min(args.tolerance, FLOAT64_BOUND)
+            else "the difference is not float32 rounding."
+        )
+    )
+  return verdict(report, state_dict, torch_model, args.tolerance, worst64)
 
 
-def verdict(report, state_dict, torch_model, tolerance: float) -> int:
-  """0 when every difference is within ``tolerance`` and every statistic finite, else 1."""
+# float64 resolves what float32 cannot (2 ** -29 finer): a float32 difference that float64 brings
+# under this is rounding, not a different computation.
+FLOAT64_BOUND = 1e-9
+
+
+def float64_worst(torch_model, batches, steps: int) -> float:
+  """The same per-layer comparison with the torch model and its port in float64."""
+  with jax.enable_x64(True):
+    model64 = torch_model.double()
+    batches64 = [b.astype(np.float64) for b in batches]
+    module, variables = jaxbn.port(model64, batches64[0], dtype=np.float64)
+    report = jaxbn.parity.compare(model64, module, variables, batches64, train_steps=steps, channels_last=False)
+  return max(row.max_rel for row in report)
+
+
+def verdict(report, state_dict, torch_model, tolerance: float, worst64: float | None = None) -> int:
+  """0 when every difference is within ``tolerance`` (or, in float32, beyond it only by rounding
+  that float64 resolves: ``worst64``) and every statistic finite, else 1."""
   worst = max(row.max_rel for row in report)
   # NaN compares False with any tolerance: non-finite statistics or differences fail by name.
   corrupted = [
@@ -187,8 +219,11 @@ def verdict(report, state_dict, torch_model, tolerance: float) -> int:
   if corrupted:
     print("\nFAILED: non-finite running statistics:\n  " + "\n  ".join(corrupted))
     return 1
-  if worst > tolerance:
+  if worst > tolerance and (worst64 is None or worst64 > min(tolerance, FLOAT64_BOUND)):
     print(f"\nFAILED: worst relative difference {worst:.2e} > tolerance {tolerance:.0e}")
     return 1
+  if worst > tolerance:
+    print(f"\nOK: worst relative difference {worst:.2e} in float32, {worst64:.2e} in float64")
+    return 0
   print(f"\nOK: worst relative difference {worst:.2e} <= tolerance {tolerance:.0e}")
   return 0

@@ -121,7 +121,9 @@ def port(
       (getattr(torch.Tensor, key) if isinstance(key, str) else key): ops.OpRule(fn)
       for key, fn in (custom_ops or {}).items()
   }
-  traced = trace(torch_model, options, modules, custom_ops, tuple(leaf_modules))
+  traced = trace(
+      torch_model, _torch_examples(example_input, torch_model), options, modules, custom_ops, tuple(leaf_modules)
+  )
   if traced.problems:
     lines = "\n".join(f"  - {p}" for p in traced.problems)
     raise PortError(f"{type(torch_model).__name__}: {len(traced.problems)} unsupported node(s):\n{lines}\n{EXTEND}")
@@ -143,6 +145,19 @@ def port(
     return Port(nnx_module, nnx.state(nnx_module))
   template = jax.eval_shape(lambda *xs: module.init(jax.random.key(0), *xs), *inputs)
   return Port(module, from_torch(state_dict, template, strict=strict, dtype=dtype).variables)
+
+
+def _torch_examples(example_input, torch_model) -> tuple[torch.Tensor, ...]:
+  """The example inputs as torch tensors in the model's floating dtype, for the trace's decisions."""
+  floating = next((p.dtype for p in torch_model.parameters() if p.is_floating_point()), torch.float32)
+  inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+  arrays = (as_numpy(x) for x in inputs)
+  return tuple(
+      torch.from_numpy(a.astype(np.float32)).to(floating)
+      if jnp.issubdtype(a.dtype, jnp.floating)
+      else torch.from_numpy(a)
+      for a in arrays
+  )
 
 
 def _check_all_called(state_dict, traced, strict):

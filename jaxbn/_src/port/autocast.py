@@ -62,6 +62,19 @@ def _sum(x, dim=None, *args, **kwargs):
   return "sum" if dim is None else "sum.dim_IntList"
 
 
+def _einsum(equation, *operands):
+  """torch contracts einsum's operands pairwise with bmm, which autocast casts; one operand, or
+  no index summed away, runs without bmm."""
+  inputs, _, output = equation.replace(" ", "").partition("->")
+  terms = inputs.split(",")
+  if len(terms) < 2:
+    return None
+  if not output:  # implicit form: the indices that appear once, sorted
+    output = "".join(sorted(c for c in set(inputs) - {","} if inputs.count(c) == 1))
+  summed = set("".join(terms)) - set(output) - {"."}
+  return "bmm" if summed else None
+
+
 # The ATen op each entry of the port's tables calls (a function of the arguments where it depends on them).
 ATEN: dict[Any, str | Callable[..., str | None]] = {
     **{key: name for name, keys in _CONVS.items() for key in keys},
@@ -82,6 +95,8 @@ ATEN: dict[Any, str | Callable[..., str | None]] = {
     **{key: _sum for key in (torch.sum, ops.method("sum"))},
     **{key: "layer_norm" for key in (torch.nn.LayerNorm, F.layer_norm)},
     **{key: "group_norm" for key in (torch.nn.GroupNorm, F.group_norm)},
+    F.normalize: "norm.ScalarOpt_dim",
+    torch.einsum: _einsum,
 }
 try:
   from timm.layers import Linear as TimmLinear
@@ -91,7 +106,7 @@ except ImportError:  # timm is optional
   pass
 
 _LOWER_BOTH = (
-    "conv1d conv2d conv3d conv_transpose1d conv_transpose2d.input conv_transpose3d.input linear matmul"
+    "conv1d conv2d conv3d conv_transpose1d conv_transpose2d.input conv_transpose3d.input linear matmul bmm"
     " scaled_dot_product_attention"
 ).split()
 
@@ -110,7 +125,7 @@ LISTS: dict[str, dict[str, str]] = {
         **dict.fromkeys(_LOWER_BOTH, LOWER),
         **dict.fromkeys(  # softmax, log_softmax and sum are "fp32_set_opt_dtype": float32 unless given a dtype
             "softmax.int log_softmax.int exp rsqrt pow.Tensor_Scalar pow.Tensor_Tensor pow.Scalar sum sum.dim_IntList"
-            " layer_norm group_norm"
+            " layer_norm group_norm norm.ScalarOpt_dim"  # norm is "fp32_append_dtype": computed in float32
             " upsample_nearest1d upsample_nearest2d upsample_nearest3d _upsample_nearest_exact1d"
             " _upsample_nearest_exact2d _upsample_nearest_exact3d upsample_linear1d upsample_bilinear2d"
             " _upsample_bilinear2d_aa upsample_bicubic2d _upsample_bicubic2d_aa upsample_trilinear3d".split(),

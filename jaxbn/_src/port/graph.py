@@ -7,9 +7,7 @@ collected, with its module path and source line, into one ``PortError``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -20,7 +18,8 @@ import torch.fx as fx
 from jaxbn._src.checkpoints.files import tensor_to_numpy
 from jaxbn._src.errors import PortError
 from jaxbn._src.port import autocast, ops
-from jaxbn._src.port.leaves import Constant, Leaf, Options, Tensor, class_name, find, rule
+from jaxbn._src.port.leaves import Constant, Leaf, Metadata, Options, Tensor, class_name, find, rule
+from jaxbn._src.port.tracer import Guard, Tracer, guard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,9 +144,9 @@ def references(value) -> list[str]:
   return []
 
 
-# Frames of the tracing machinery (torch's, and this file's autograd.Function hook), not the user's.
+# Frames of the tracing machinery (torch's, and the tracer's hooks and decisions), not the user's.
 _INTERNAL = re.compile(
-    r"[/\\]torch[/\\](fx|nn[/\\]modules[/\\]module\.py|_jit_internal|overrides\.py|nn[/\\]functional\.py)|jaxbn[/\\]_src[/\\]port[/\\]graph\.py"
+    r"[/\\]torch[/\\](fx|nn[/\\]modules[/\\]module\.py|_jit_internal|overrides\.py|nn[/\\]functional\.py)|jaxbn[/\\]_src[/\\]port[/\\]tracer\.py"
 )
 
 
@@ -164,50 +163,8 @@ def source_line(node: fx.Node) -> str:
 def module_path(node: fx.Node) -> str:
   if node.op == "call_module":
     return node.target
-  stack = node.meta.get("nn_module_stack") or {}
-  return next(reversed(stack), "") if stack else ""
-
-
-class Tracer(fx.Tracer):
-  """fx's tracer that keeps whole every module the tables (or the user) port as one piece, and
-  every ``torch.autograd.Function`` as one node: fx would otherwise inline its forward and lose
-  its backward, a port with silently wrong gradients."""
-
-  def __init__(self, is_leaf: Callable[[torch.nn.Module], bool]):
-    super().__init__()
-    self.record_stack_traces = True
-    self.proxy_buffer_attributes = True  # a buffer read in forward is a node (its torch name), not a literal
-    self._is_leaf = is_leaf
-
-  def is_leaf_module(self, module, qualified_name):
-    return self._is_leaf(module) or super().is_leaf_module(module, qualified_name)
-
-  def trace(self, root, concrete_args=None):
-    original = torch.autograd.Function.__dict__["apply"]
-    tracer = self
-
-    def apply(cls, *args, **kwargs):
-      if any(isinstance(a, fx.Proxy) for a in torch.utils._pytree.tree_leaves((args, kwargs))):
-        return tracer.create_proxy("call_function", autograd_call(cls), args, kwargs)
-      return original.__func__(cls, *args, **kwargs)
-
-    torch.autograd.Function.apply = classmethod(apply)
-    try:
-      return super().trace(root, concrete_args)
-    finally:
-      torch.autograd.Function.apply = original
-
-
-@functools.cache
-def autograd_call(function: type) -> Callable:
-  """The node target for a ``torch.autograd.Function`` subclass (fx names nodes by ``__name__``)."""
-
-  def call(*args, **kwargs):
-    return function.apply(*args, **kwargs)
-
-  call.__name__ = call.__qualname__ = function.__name__
-  call.autograd_function = function
-  return call
+  stack = node.meta.get("nn_module_stack") or {}  # key -> (path, class); a key may be "path@N"
+  return next(reversed(stack.values()))[0] if stack else ""
 
 
 @dataclasses.dataclass
@@ -218,8 +175,16 @@ class Traced:
   stateless: dict[str, str]  # dotted torch path -> class, of modules run as op calls
 
 
-def trace(model: torch.nn.Module, options: Options, modules: dict, custom_ops: dict, leaf_modules: tuple) -> Traced:
-  """Both of the model's forwards (train and eval differ: aux heads, dropout) as programs."""
+def trace(
+    model: torch.nn.Module,
+    examples: tuple[torch.Tensor, ...],
+    options: Options,
+    modules: dict,
+    custom_ops: dict,
+    leaf_modules: tuple,
+) -> Traced:
+  """Both of the model's forwards (train and eval differ: aux heads, dropout) as programs.
+  ``examples``: the forward's inputs, for the Python decisions fx cannot take symbolically."""
 
   def is_leaf(module):
     return isinstance(module, leaf_modules) or find(module, modules) is not None
@@ -228,17 +193,18 @@ def trace(model: torch.nn.Module, options: Options, modules: dict, custom_ops: d
   stateless: dict[str, str] = {}
   problems: dict[Problem, None] = {}
   programs = {}
-  modes = {module: module.training for module in model.modules()}  # each restored, not just the root's
-  attributes = set(vars(model))  # fx stores tensor literals on the root as _tensor_constantN
+  saved = _attributes(model)
   try:
     for train in (True, False):
       model.train(train)
-      tracer = Tracer(is_leaf)
+      tracer = Tracer(is_leaf, examples)
       try:
         graph = tracer.trace(model)
+      except PortError:
+        raise
       except Exception as error:  # data-dependent control flow and the like
-        stack = list(getattr(tracer, "module_stack", {}) or {})
-        where = stack[-1] if stack else ""
+        stack = list((getattr(tracer, "module_stack", None) or {}).values())
+        where = stack[-1][0] if stack else ""
         owner = type(model.get_submodule(where)).__name__ if where else type(model).__name__
         raise PortError(
             f"torch.fx could not trace {where or 'the model'} ({owner}) in {'train' if train else 'eval'} mode:"
@@ -249,11 +215,28 @@ def trace(model: torch.nn.Module, options: Options, modules: dict, custom_ops: d
           tuple(_node(node, model, options, modules, custom_ops, leaves, stateless, problems) for node in graph.nodes)
       )
   finally:
-    for module, training in modes.items():
-      module.training = training
-    for name in set(vars(model)) - attributes:
-      delattr(model, name)
+    _restore(saved)
   return Traced(programs, leaves, list(problems), stateless)
+
+
+def _attributes(model: torch.nn.Module) -> list:
+  """Every module's attributes, and the contents of those that are dicts: tracing switches modes,
+  fx stores tensor literals on the root, and modules fill caches (timm's attention-bias caches)."""
+  return [
+      (module, {name: (value, dict(value) if type(value) is dict else None) for name, value in vars(module).items()})
+      for module in model.modules()
+  ]
+
+
+def _restore(saved: list) -> None:
+  for module, attributes in saved:
+    for name in set(vars(module)) - set(attributes):
+      del vars(module)[name]
+    for name, (value, contents) in attributes.items():
+      vars(module)[name] = value
+      if contents is not None:
+        value.clear()
+        value.update(contents)
 
 
 def _node(node: fx.Node, model, options, modules, custom_ops, leaves, stateless, problems) -> Node:
@@ -296,6 +279,17 @@ def _node(node: fx.Node, model, options, modules, custom_ops, leaves, stateless,
       return Node(node.name, "op", ops.OpRule(Static(key)), args, kwargs)  # a namedtuple (GoogLeNetOutputs)
   if key is getattr and len(node.args) > 1 and node.args[1] not in ops.TENSOR_ATTRIBUTES:
     return problem(f"reads .{node.args[1]} of a tensor (the port reads {', '.join(ops.TENSOR_ATTRIBUTES)})")
+  if key is guard:
+    _, expected, conversion, on_values = node.args
+    if on_values:
+      path = module_path(node)
+      owner = type(model.get_submodule(path) if path else model).__name__
+      return problem(
+          f"Python {conversion}() of a tensor's values decides what runs (a data-dependent branch), which JAX"
+          f" cannot trace: rewrite it with torch.where, or port {owner} as one piece: leaf_modules=({owner},)"
+          f" and custom_modules={{{owner}: factory}}"
+      )
+    return Node(node.name, "op", ops.OpRule(Guard(conversion, expected, source_line(node))), args[:1])
   function = getattr(key, "autograd_function", None)
   if function is not None:
     if function in custom_ops:
@@ -321,6 +315,9 @@ def _tensor(node: fx.Node, model, options, modules, leaves, problem) -> Node:
   owner = model.get_submodule(owner_path)
   value = getattr(owner, attribute)
   if find(owner, modules) is not None:
+    if all(user.target is getattr and user.args[1] in ("shape", "ndim", "dtype") for user in node.users):
+      dtype = options.param_dtype if value.is_floating_point() else jax.dtypes.canonicalize_dtype(_numpy_dtype(value))
+      return Node(node.name, "op", ops.OpRule(Metadata(tuple(value.shape), np.dtype(dtype).name)))
     return problem(
         f"reads {attribute} of {owner_path} ({class_name(type(owner))}), a module the port runs as one"
         " piece; call the module instead, or port the reading module with custom_modules"
@@ -336,6 +333,10 @@ def _tensor(node: fx.Node, model, options, modules, leaves, problem) -> Node:
   collection = "params" if attribute in owner._parameters else "buffers"
   leaves[node.target] = Leaf(Tensor(tuple(array.shape), dtype.name, collection))
   return Node(node.name, "module", node.target)
+
+
+def _numpy_dtype(tensor: torch.Tensor) -> np.dtype:
+  return tensor_to_numpy(tensor.reshape(-1)[:0]).dtype
 
 
 def _rebinds(node: fx.Node, inplace: bool) -> str | None:

@@ -211,6 +211,18 @@ class Constant:
     return jnp.asarray(np.frombuffer(self.data, np.dtype(self.dtype)).reshape(self.shape))
 
 
+@dataclasses.dataclass(frozen=True)
+class Metadata:
+  """A tensor of a module the port runs whole, read only for its shape and dtype (timm's xcit:
+  ``x.to(self.proj.weight.dtype)``): no values, which live in the Flax layer in its layout."""
+
+  shape: tuple[int, ...]
+  dtype: str
+
+  def __call__(self):
+    return jax.ShapeDtypeStruct(self.shape, np.dtype(self.dtype))
+
+
 class Linear(nn.Module):
   """torch.nn.Linear: ``x @ kernel + bias`` over the last axis, ``kernel`` as ``(in, out)``."""
 
@@ -438,6 +450,16 @@ register(torch.nn.Flatten)(lambda m, o: call(torch.flatten, start_dim=m.start_di
 register(torch.nn.Unfold)(
     lambda m, o: call(F.unfold, kernel_size=m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
 )
+register(torch.nn.Fold)(
+    lambda m, o: call(
+        F.fold,
+        output_size=m.output_size,
+        kernel_size=m.kernel_size,
+        dilation=m.dilation,
+        padding=m.padding,
+        stride=m.stride,
+    )
+)
 register(torch.nn.Dropout)(lambda m, o: call(F.dropout, p=m.p, training=m.training))
 register(torch.nn.Upsample)(
     lambda m, o: call(
@@ -507,7 +529,7 @@ except ImportError:  # torchvision is optional
 
 
 def _register_timm():
-  from timm.layers import BatchNormAct2d, DropPath
+  from timm.layers import BatchNormAct2d, DropPath, activations
   from timm.layers import Linear as TimmLinear
   from timm.layers.drop import drop_path
 
@@ -519,6 +541,18 @@ def _register_timm():
       lambda m, o: call(drop_path, drop_prob=m.drop_prob, training=m.training, scale_by_keep=m.scale_by_keep)
   )
   register(TimmLinear)(linear)
+  # timm's activation modules (BatchNormAct2d's act): the same functions as torch's
+  for timm_class, op, kwargs in (
+      (activations.Swish, F.silu, {}),
+      (activations.Mish, F.mish, {}),
+      (activations.Sigmoid, torch.sigmoid, {}),
+      (activations.Tanh, torch.tanh, {}),
+      (activations.HardSwish, F.hardswish, {}),
+      (activations.HardSigmoid, F.hardsigmoid, {}),
+      (activations.GELU, F.gelu, {}),
+      (activations.GELUTanh, F.gelu, {"approximate": "tanh"}),
+  ):
+    register(timm_class)(lambda m, o, op=op, kwargs=kwargs: call(op, **kwargs))
 
   @register(BatchNormAct2d)
   def batchnorm_act(m, options):

@@ -119,7 +119,23 @@ register(operator.sub, operator.isub, torch.sub, *methods("sub", "sub_"))(
     lambda x, y, *, alpha=1: x - (y if alpha == 1 else alpha * y)
 )
 register(operator.mul, operator.imul, torch.mul, *methods("mul", "mul_"))(lambda x, y: x * y)
-register(operator.truediv, operator.itruediv, torch.div, *methods("div", "div_"))(lambda x, y: x / y)
+
+
+@register(operator.truediv, operator.itruediv, torch.div, *methods("div", "div_"))
+def div(x, y, *, rounding_mode=None):
+  if rounding_mode == "floor":
+    return jnp.floor_divide(x, y)
+  if rounding_mode == "trunc":
+    return jnp.trunc(x / y).astype(jnp.result_type(x, y))
+  if _integer_array(x) and (_integer_array(y) or isinstance(y, int)):
+    return x.astype(jnp.float32) / y  # torch's true division of integers: its default dtype, float32
+  return x / y
+
+
+def _integer_array(x) -> bool:
+  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.integer)
+
+
 register(operator.floordiv)(operator.floordiv)
 # torch's % and comparisons are Python's; on shapes (ints, static under jit) they run at trace time.
 for _compare in (operator.mod, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge):
@@ -141,6 +157,15 @@ def _assert(condition, message):
 
 
 register(operator.neg, torch.neg, method("neg"))(lambda x: -x)
+
+
+@register(torch.einsum)
+def einsum(equation, *operands):
+  if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+    operands = tuple(operands[0])
+  return jnp.einsum(equation, *operands, precision=jax.lax.Precision.HIGHEST)
+
+
 register(operator.matmul, torch.matmul, method("matmul"))(jnp.matmul)
 register(operator.pow, torch.pow, method("pow"))(lambda x, y: x**y)
 register(operator.getitem)(lambda x, index: x[index])
@@ -148,10 +173,23 @@ register(torch.exp, method("exp"))(jnp.exp)
 register(torch.sqrt, method("sqrt"))(jnp.sqrt)
 register(torch.rsqrt, method("rsqrt"))(jax.lax.rsqrt)
 register(torch.abs, method("abs"))(jnp.abs)
+register(torch.sin, method("sin"))(jnp.sin)
+register(torch.cos, method("cos"))(jnp.cos)
 
 
-# Tensor attributes that JAX arrays share; any other (.device, .dtype) is refused when the port traces.
-TENSOR_ATTRIBUTES = ("shape", "ndim", "real", "imag", "T", "mT")
+@register(torch.arange)
+def arange(start, end=None, step=1, *, dtype=None, device=None, requires_grad=False, layout=None, pin_memory=False):
+  """torch's dtype rule: int64 (int32 without x64) for integer arguments, else float32."""
+  del device, requires_grad, layout, pin_memory
+  integers = all(isinstance(v, int) for v in (start, end, step) if v is not None)
+  dtype = DTYPES[dtype] if dtype is not None else (jnp.int64 if integers else jnp.float32)
+  values = np.arange(start, end, step) if end is not None else np.arange(start)
+  return jnp.asarray(values, jax.dtypes.canonicalize_dtype(dtype))
+
+
+# Tensor attributes that JAX arrays share; any other is refused when the port traces (.device is
+# the example input's, taken when tracing: the port is device-agnostic).
+TENSOR_ATTRIBUTES = ("shape", "ndim", "dtype", "real", "imag", "T", "mT")
 
 
 @register(builtins.getattr)
@@ -167,6 +205,50 @@ def size(x, dim=None):
 @register(method("dim"))
 def ndim(x):
   return x.ndim
+
+
+# --- dtypes ------------------------------------------------------------------------------------
+
+DTYPES = {
+    torch.float64: jnp.float64,
+    torch.float32: jnp.float32,
+    torch.float16: jnp.float16,
+    torch.bfloat16: jnp.bfloat16,
+    torch.int64: jnp.int64,
+    torch.int32: jnp.int32,
+    torch.int8: jnp.int8,
+    torch.uint8: jnp.uint8,
+    torch.bool: jnp.bool_,
+}
+
+
+@register(method("to"))
+def to(x, *args, **kwargs):
+  """``Tensor.to(dtype | tensor | device, ...)``: the dtype changes; devices and copies are torch's."""
+  for target in (*args, kwargs.get("dtype")):
+    if isinstance(target, torch.dtype):
+      return x.astype(DTYPES[target])
+    if isinstance(target, (np.dtype, type)) or hasattr(target, "dtype"):  # x.dtype, or another tensor
+      return x.astype(getattr(target, "dtype", target))
+  return x
+
+
+@register(method("type_as"))
+def type_as(x, other):
+  return x.astype(other.dtype)
+
+
+def _cast(dtype):
+  return lambda x, memory_format=None: x.astype(dtype)
+
+
+for _name, _dtype in (
+    ("float", jnp.float32),
+    ("double", jnp.float64),
+    ("half", jnp.float16),
+    ("bfloat16", jnp.bfloat16),
+):
+  register(method(_name))(_cast(_dtype))
 
 
 # --- shapes ------------------------------------------------------------------------------------
@@ -190,7 +272,7 @@ def permute(x, *dims):
   return jnp.transpose(x, _dims(dims))
 
 
-@register(torch.transpose, method("transpose"))
+@register(torch.transpose, torch.swapaxes, *methods("transpose", "swapaxes"))
 def transpose(x, dim0, dim1):
   return jnp.swapaxes(x, dim0, dim1)
 
@@ -211,6 +293,12 @@ def squeeze(x, dim=None):
 @register(torch.unsqueeze, method("unsqueeze"))
 def unsqueeze(x, dim):
   return jnp.expand_dims(x, dim if dim >= 0 else dim + x.ndim + 1)
+
+
+@register(method("repeat"))
+def repeat(x, *sizes):
+  sizes = tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes
+  return jnp.tile(x.reshape((1,) * (len(sizes) - x.ndim) + x.shape), sizes)
 
 
 @register(method("expand"))
@@ -274,6 +362,23 @@ register(torch.sum, method("sum"))(_reduction(jnp.sum))
 @register(torch.amax, method("amax"))
 def amax(x, dim=(), keepdim=False):
   return jnp.max(x, axis=dim if isinstance(dim, int) else (tuple(dim) or None), keepdims=keepdim)
+
+
+def _extreme(reduce, arg_reduce, elementwise):
+  """``torch.max`` / ``min``: of everything; ``(values, indices)`` along ``dim``; or elementwise."""
+
+  def extreme(x, dim=None, keepdim=False):
+    if dim is None:
+      return reduce(x)
+    if hasattr(dim, "shape"):  # another tensor
+      return elementwise(x, dim)
+    return reduce(x, axis=dim, keepdims=keepdim), arg_reduce(x, axis=dim, keepdims=keepdim)
+
+  return extreme
+
+
+register(torch.max, method("max"))(_extreme(jnp.max, jnp.argmax, jnp.maximum))
+register(torch.min, method("min"))(_extreme(jnp.min, jnp.argmin, jnp.minimum))
 
 
 # --- activations -------------------------------------------------------------------------------
@@ -383,6 +488,18 @@ def _standardize(x, axes, eps):
   return (x - mean) * jax.lax.rsqrt(var + eps)
 
 
+@register(F.normalize)
+def normalize(x, p=2.0, dim=1, eps=1e-12, out=None):
+  del out  # torch writes into it; the port returns the value
+  wide = _wide(x)  # torch's norm accumulates low precision in float32, then rounds once
+  norm = (
+      jnp.sqrt(jnp.sum(wide * wide, dim, keepdims=True))
+      if p == 2
+      else jnp.sum(jnp.abs(wide) ** p, dim, keepdims=True) ** (1 / p)
+  )
+  return x / jnp.maximum(norm.astype(x.dtype), eps)
+
+
 @register(F.layer_norm)
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
   shape = tuple(normalized_shape)
@@ -481,6 +598,17 @@ def unfold(x, kernel_size, dilation=1, padding=0, stride=1):
       precision=jax.lax.Precision.HIGHEST,
   )
   return patches.reshape(patches.shape[0], patches.shape[1], -1)
+
+
+@register(F.fold)
+def fold(x, output_size, kernel_size, dilation=1, padding=0, stride=1):
+  """``nn.Fold``: the adjoint of ``unfold``, so overlapping blocks sum as in torch. ``x`` is
+  ``(N, C * prod(k), L)``."""
+  size = _tuple(output_size, 2)
+  channels = x.shape[1] // math.prod(_tuple(kernel_size, len(size)))
+  image = jax.ShapeDtypeStruct((x.shape[0], channels, *size), x.dtype)
+  (folded,) = jax.linear_transpose(lambda y: unfold(y, kernel_size, dilation, padding, stride), image)(x)
+  return folded
 
 
 # --- pooling -----------------------------------------------------------------------------------
@@ -609,8 +737,8 @@ def pad(x, pad, mode="constant", value=None):
   # torch lists (left, right) pairs from the last axis backwards
   pairs = [(pad[i], pad[i + 1]) for i in range(0, len(pad), 2)]
   widths = [(0, 0)] * (x.ndim - len(pairs)) + pairs[::-1]
-  if mode == "constant":
-    return jnp.pad(x, widths, constant_values=value or 0)
+  if mode == "constant":  # negative widths crop, as in torch
+    return jax.lax.pad(x, jnp.asarray(value or 0, x.dtype), [(low, high, 0) for low, high in widths])
   return jnp.pad(x, widths, mode=PAD_MODES[mode])
 
 

@@ -1,0 +1,198 @@
+"""fx's tracer, taught three things the port needs.
+
+1. Modules the tables (or the user) port as one piece stay whole.
+2. A ``torch.autograd.Function`` stays one node: fx would otherwise inline its forward and lose
+   its backward, a port with silently wrong gradients.
+3. Python decisions on traced values (``if h % 2``, ``max(pad, 0)``, ``len(x)``, ``int(n)``,
+   ``str(x.device)``) are taken on the example input's concrete values, where plain symbolic
+   tracing fails. The torch model is run alongside the trace, lazily and in program order (as
+   eager torch would), only as far as the first decision needs; every decision leaves a
+   ``Guard`` node in the program that, when the ported model runs, checks the decision comes out
+   the same at its input's shapes and refuses a decision on tensor values (which JAX cannot take
+   under jit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import torch
+import torch.fx as fx
+from torch.fx._symbolic_trace import _maybe_revert_all_patches
+
+from jaxbn._src.errors import PortError
+
+CONVERSIONS: dict[str, Callable[[Any], Any]] = {"bool": bool, "len": len, "int": int, "float": float, "index": int}
+
+
+def guard(value, expected, conversion: str, on_values: bool):
+  """The fx node a Python decision leaves: ``CONVERSIONS[conversion](value)`` was ``expected``;
+  ``on_values``: ``value`` was a tensor (a decision on data, which the port refuses), not a shape."""
+  del value, conversion, on_values
+  return expected
+
+
+@dataclasses.dataclass(frozen=True)
+class Guard:
+  """A Python decision the trace took on the example input, checked again where the program runs."""
+
+  conversion: str
+  expected: Any
+  where: str
+
+  def __call__(self, value):
+    if isinstance(value, (jax.Array, np.ndarray)) and self.conversion != "len":  # len(): a static shape
+      raise PortError(
+          f"{self.where}: Python {self.conversion}() of a tensor's values decides what runs (torch took the"
+          f" branch for {self.expected!r} on the example input); a ported model cannot branch on traced values"
+          " under jit. Rewrite the branch with torch.where, or port the module with"
+          " custom_modules={TorchClass: factory}."
+      )
+    actual = CONVERSIONS[self.conversion](value)
+    if actual != self.expected:
+      raise PortError(
+          f"{self.where}: the port specialised this Python branch to the example input's shapes"
+          f" ({self.conversion}() was {self.expected!r} there, {actual!r} here). Port the model again with an"
+          " example input of the shapes you apply it to."
+      )
+    return actual
+
+
+class Tracer(fx.Tracer):
+  """fx's symbolic tracer with leaf modules, autograd functions as nodes, and concrete decisions.
+
+  ``examples``: the forward's inputs as torch tensors, for the decisions symbolic tracing
+  cannot take."""
+
+  def __init__(self, is_leaf: Callable[[torch.nn.Module], bool], examples: Sequence[torch.Tensor]):
+    super().__init__()
+    self.record_stack_traces = True
+    self.proxy_buffer_attributes = True  # a buffer read in forward is a node (its torch name), not a literal
+    self._is_leaf = is_leaf
+    self._examples = list(examples)
+    self._values: dict[fx.Node, Any] = {}
+    self._state: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # saved before torch first runs
+
+  def is_leaf_module(self, module, qualified_name):
+    return self._is_leaf(module) or super().is_leaf_module(module, qualified_name)
+
+  def proxy(self, node: fx.Node) -> fx.Proxy:
+    return ConcreteProxy(node, self)
+
+  def trace(self, root, concrete_args=None):
+    original = torch.autograd.Function.__dict__["apply"]
+    tracer = self
+
+    def apply(cls, *args, **kwargs):
+      if any(isinstance(a, fx.Proxy) for a in torch.utils._pytree.tree_leaves((args, kwargs))):
+        return tracer.create_proxy("call_function", autograd_call(cls), args, kwargs)
+      return original.__func__(cls, *args, **kwargs)
+
+    torch.autograd.Function.apply = classmethod(apply)
+    try:
+      return super().trace(root, concrete_args)
+    finally:
+      torch.autograd.Function.apply = original
+      if self._state is not None:  # running the model updated its BatchNorm buffers: undo
+        with torch.no_grad():
+          for tensor, saved in self._state:
+            tensor.copy_(saved)
+
+  # Decisions: fx asks the tracer for bool() and iter(); the proxy for len(), int() and the rest.
+
+  def to_bool(self, obj: fx.Proxy) -> bool:
+    return self.decide(obj, "bool")
+
+  def iter(self, obj: fx.Proxy):
+    return iter([obj[i] for i in range(self.decide(obj, "len"))])
+
+  def decide(self, obj: fx.Proxy, conversion: str):
+    value = self.value(obj.node)
+    expected = CONVERSIONS[conversion](value)
+    on_values = isinstance(value, torch.Tensor) and conversion != "len"
+    self.create_proxy("call_function", guard, (obj, expected, conversion, on_values), {})
+    return expected
+
+  def value(self, node: fx.Node) -> Any:
+    """``node``'s value on the examples: the program run up to it, in order, once."""
+    if node not in self._values:
+      if self._state is None:
+        self._state = [(t, t.detach().clone()) for t in itertools.chain(self.root.parameters(), self.root.buffers())]
+      # fx's patches (Module.__call__ records a node) undone while torch runs for real
+      with torch.no_grad(), _maybe_revert_all_patches():
+        for pending in self.graph.nodes:
+          if pending not in self._values:
+            try:
+              self._values[pending] = self._run(pending)
+            except Exception as error:
+              mode = "train" if self.root.training else "eval"
+              raise PortError(
+                  f"a Python decision in forward needs the model run on the example input, and torch's {mode}-mode"
+                  f" forward failed at {pending.target}: {type(error).__name__}: {error}. Give port() an"
+                  f" example input the model runs on in {mode} mode."
+              ) from error
+          if pending is node:
+            break
+    return self._values[node]
+
+  def _run(self, node: fx.Node) -> Any:
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), self._values.__getitem__)
+    if node.op == "placeholder":
+      index = sum(1 for n in self._values if n.op == "placeholder")
+      if index < len(self._examples):
+        return self._examples[index]
+      if args:
+        return args[0]
+      raise PortError(f"the forward's input {node.target!r} has no example: give port() every input")
+    if node.op == "get_attr":
+      return functools.reduce(getattr, node.target.split("."), self.root)
+    if node.op == "call_module":
+      return self.root.get_submodule(node.target)(*args, **kwargs)
+    if node.op == "call_method":
+      return getattr(args[0], node.target)(*args[1:], **kwargs)
+    if node.op == "call_function":
+      return node.target(*args, **kwargs)
+    return None  # the output
+
+
+class ConcreteProxy(fx.Proxy):
+  """A proxy whose conversions to Python values are decisions on the example input."""
+
+  def __len__(self):
+    return self.tracer.decide(self, "len")
+
+  def __int__(self):
+    return self.tracer.decide(self, "int")
+
+  def __index__(self):
+    return self.tracer.decide(self, "index")
+
+  def __float__(self):
+    return self.tracer.decide(self, "float")
+
+  def __getattr__(self, name):
+    if name == "device":  # the port is device-agnostic: code keys caches on it (timm's levit)
+      return self.tracer.value(self.node).device
+    return ConcreteAttribute(self, name)
+
+
+class ConcreteAttribute(fx.proxy.Attribute, ConcreteProxy):
+  """``x.shape`` and the like: fx's lazy attribute, with the same decisions."""
+
+
+@functools.cache
+def autograd_call(function: type) -> Callable:
+  """The node target for a ``torch.autograd.Function`` subclass (fx names nodes by ``__name__``)."""
+
+  def call(*args, **kwargs):
+    return function.apply(*args, **kwargs)
+
+  call.__name__ = call.__qualname__ = function.__name__
+  call.autograd_function = function
+  return call
