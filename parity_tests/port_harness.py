@@ -279,29 +279,20 @@ def torch_layer_spread(model64, x) -> float:
   """torch float64's own per-layer spread: every BatchNorm layer's output over a train and an eval
   forward, against the same with the model and input one ulp away (the worst max |difference| /
   max |output|, as parity.compare measures)."""
-  from jaxbn._src.parity import _torch_batchnorms
+  from jaxbn._src.parity import _torch_batchnorm_outputs, _torch_batchnorms
 
   def outputs(model, x):
-    captured, step = {}, [0]
-    hooks = [
-        layer.register_forward_hook(
-            lambda m, i, o, name=name: captured.__setitem__((step[0], name), o.detach().numpy().copy())
-        )
-        for name, layer in _torch_batchnorms(model).items()
-    ]
-    for step[0], train in enumerate((True, False)):
-      model.train(train)
-      with torch.no_grad():
-        model(torch.from_numpy(x))
-    for hook in hooks:
-      hook.remove()
-    return captured
+    layers = _torch_batchnorms(model)
+    return {
+        (train, name): output
+        for train in (True, False)
+        for name, output in _torch_batchnorm_outputs(model, layers, x, train).items()
+    }
 
   generator = torch.Generator().manual_seed(2)
   nudged = copy.deepcopy(model64)
   nudge(nudged, generator, 2.0**-52)
-  moved = (torch.from_numpy(x) * _one_ulp(x.shape, generator, 2.0**-52)).numpy()
-  ours, theirs = outputs(copy.deepcopy(model64), x), outputs(nudged, moved)
+  ours, theirs = outputs(copy.deepcopy(model64), x), outputs(nudged, nudged_array(x, generator, 2.0**-52))
   return max(float(np.max(np.abs(ours[k] - theirs[k])) / max(np.max(np.abs(ours[k])), 1e-30)) for k in ours)
 
 
@@ -324,7 +315,7 @@ def float32_twin_step(model, x, labels, loss) -> tuple[dict, dict]:
   """torch float32's first step (outputs, running statistics) one float32 ulp away."""
   generator = torch.Generator().manual_seed(1)
   nudge(model, generator, 2.0**-23)
-  x = (torch.from_numpy(x) * _one_ulp(x.shape, generator, 2.0**-23, torch.float32)).numpy()
+  x = nudged_array(x, generator, 2.0**-23)
   optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
   output, _ = torch_step(model, optimizer, x, labels, loss)
   return output, running_stats(model.state_dict())
@@ -364,7 +355,7 @@ class Float64Twin:
   def _run(self):
     generator = torch.Generator().manual_seed(1)
     nudge(self._model, generator, 2.0**-52)
-    moved = lambda x: (torch.from_numpy(x.astype(np.float64)) * _one_ulp(x.shape, generator, 2.0**-52)).numpy()  # noqa: E731
+    moved = lambda x: nudged_array(x.astype(np.float64), generator, 2.0**-52)  # noqa: E731
     batches = [(moved(x), labels) for x, labels in self._batches]
     optimizer = torch.optim.SGD(self._model.parameters(), lr=LR, momentum=MOMENTUM)
     return torch64_run(self._model, optimizer, batches, self._loss), torch64_eval(self._model, moved(self._eval_x))
@@ -382,7 +373,12 @@ class Float64Twin:
     return self._run[1]
 
 
-def _one_ulp(shape, generator, ulp: float, dtype=torch.float64) -> torch.Tensor:
+def nudged_array(x: np.ndarray, generator, ulp: float) -> np.ndarray:
+  """``x`` with every element one ``ulp`` (relative) up or down."""
+  return x * _one_ulp(x.shape, generator, ulp, torch.from_numpy(x).dtype).numpy()
+
+
+def _one_ulp(shape, generator, ulp: float, dtype) -> torch.Tensor:
   signs = torch.randint(0, 2, tuple(shape), generator=generator).to(dtype) * 2 - 1
   return 1 + signs * ulp
 

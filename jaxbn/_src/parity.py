@@ -149,8 +149,6 @@ def compare(
 
   Returns one LayerDifference per BatchNorm layer and step (see ``format_table``).
   """
-  import torch
-
   if is_nnx(flax_model):
     step_flax = _nnx_runner(flax_model, variables, train_kwargs or {}, eval_kwargs or {})
   else:
@@ -160,57 +158,64 @@ def compare(
   rename = renamer(rename)
   train_steps = len(batches) - 1 if train_steps is None else train_steps
   torch_layers = _torch_batchnorms(torch_model)
+  report = []
+  for step, x in enumerate(batches):
+    train = step < train_steps
+    outputs = _torch_batchnorm_outputs(torch_model, torch_layers, x, train)
+    captured, batch_stats = step_flax(np.moveaxis(x, 1, -1) if channels_last else x, train)
+    stats = traverse_util.flatten_dict(batch_stats, sep="/")
+    for name, layer in torch_layers.items():
+      if name not in outputs:  # not run in this mode (GoogLeNet's aux heads in eval)
+        continue
+      path = "/".join(rename(name).split("."))
+      expected = outputs[name]
+      if path not in captured:
+        raise ValueError(
+            f"{name} ran in torch's {'train' if train else 'eval'} forward, but the Flax model has no BatchNorm"
+            f" output at {path}: pass rename= to map torch paths to Flax paths."
+        )
+      actual = np.asarray(captured[path], np.float64)
+      if channels_last and expected.ndim > 2:
+        actual = np.moveaxis(actual, -1, 1)
+      difference = np.max(np.abs(actual - expected))
+      row = LayerDifference(
+          name,
+          "train" if train else "eval",
+          step,
+          float(difference),
+          float(difference / max(np.max(np.abs(expected)), 1e-30)),
+      )
+      if train and getattr(layer, "running_mean", None) is not None and f"{path}/mean" in stats:
+        for field, leaf, buffer in (
+            ("mean_drift", "mean", layer.running_mean),
+            ("var_drift", "var", layer.running_var),
+        ):
+          ours = np.asarray(stats[f"{path}/{leaf}"], np.float64)
+          theirs = buffer.detach().numpy().astype(np.float64)
+          setattr(row, field, float(np.max(np.abs(ours - theirs) / np.maximum(np.abs(theirs), 1.0))))
+      report.append(row)
+  return report
+
+
+def _torch_batchnorm_outputs(torch_model, layers: dict, x: np.ndarray, train: bool) -> dict[str, np.ndarray]:
+  """Each BatchNorm layer's output (by name) in one torch forward of ``x`` in that mode, under
+  no_grad; a layer the forward does not run (GoogLeNet's aux heads in eval) is absent."""
+  import torch
+
   outputs: dict[str, np.ndarray] = {}
   # Copy at once: torchvision's ReLU(inplace=True) overwrites the BatchNorm output right after.
   hooks = [
       layer.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o.detach().numpy().copy()))
-      for name, layer in torch_layers.items()
+      for name, layer in layers.items()
   ]
-
-  report = []
   try:
-    for step, x in enumerate(batches):
-      train = step < train_steps
-      torch_model.train(train)
-      outputs.clear()
-      with torch.no_grad():
-        torch_model(torch.from_numpy(x))
-      captured, batch_stats = step_flax(np.moveaxis(x, 1, -1) if channels_last else x, train)
-      stats = traverse_util.flatten_dict(batch_stats, sep="/")
-      for name, layer in torch_layers.items():
-        if name not in outputs:  # not run in this mode (GoogLeNet's aux heads in eval)
-          continue
-        path = "/".join(rename(name).split("."))
-        expected = outputs[name]
-        if path not in captured:
-          raise ValueError(
-              f"{name} ran in torch's {'train' if train else 'eval'} forward, but the Flax model has no BatchNorm"
-              f" output at {path}: pass rename= to map torch paths to Flax paths."
-          )
-        actual = np.asarray(captured[path], np.float64)
-        if channels_last and expected.ndim > 2:
-          actual = np.moveaxis(actual, -1, 1)
-        difference = np.max(np.abs(actual - expected))
-        row = LayerDifference(
-            name,
-            "train" if train else "eval",
-            step,
-            float(difference),
-            float(difference / max(np.max(np.abs(expected)), 1e-30)),
-        )
-        if train and getattr(layer, "running_mean", None) is not None and f"{path}/mean" in stats:
-          for field, leaf, buffer in (
-              ("mean_drift", "mean", layer.running_mean),
-              ("var_drift", "var", layer.running_var),
-          ):
-            ours = np.asarray(stats[f"{path}/{leaf}"], np.float64)
-            theirs = buffer.detach().numpy().astype(np.float64)
-            setattr(row, field, float(np.max(np.abs(ours - theirs) / np.maximum(np.abs(theirs), 1.0))))
-        report.append(row)
+    torch_model.train(train)
+    with torch.no_grad():
+      torch_model(torch.from_numpy(x))
   finally:
     for hook in hooks:
       hook.remove()
-  return report
+  return outputs
 
 
 def without_dropout(torch_model) -> Any:

@@ -313,30 +313,24 @@ def _tensor(node: fx.Node, model, options, modules, leaves, problem) -> Node:
   leaf at its torch path; anything else (a non-persistent buffer, a literal) a constant."""
   owner_path, _, attribute = node.target.rpartition(".")
   owner = model.get_submodule(owner_path)
-  value = getattr(owner, attribute)
+  array = tensor_to_numpy(getattr(owner, attribute))
+  floating = np.issubdtype(array.dtype, np.floating)
+  dtype = np.dtype(options.param_dtype if floating else jax.dtypes.canonicalize_dtype(array.dtype))  # the port's
   if find(owner, modules) is not None:
     if all(user.target is getattr and user.args[1] in ("shape", "ndim", "dtype") for user in node.users):
-      dtype = options.param_dtype if value.is_floating_point() else jax.dtypes.canonicalize_dtype(_numpy_dtype(value))
-      return Node(node.name, "op", ops.OpRule(Metadata(tuple(value.shape), np.dtype(dtype).name)))
+      return Node(node.name, "op", ops.OpRule(Metadata(tuple(array.shape), dtype.name)))
     return problem(
         f"reads {attribute} of {owner_path} ({class_name(type(owner))}), a module the port runs as one"
         " piece; call the module instead, or port the reading module with custom_modules"
     )
-  array = tensor_to_numpy(value)
   in_state_dict = attribute in owner._parameters or (
       attribute in owner._buffers and attribute not in owner._non_persistent_buffers_set
   )
   if not in_state_dict:
     return Node(node.name, "op", ops.OpRule(Constant(array.tobytes(), array.shape, array.dtype.name)))
-  floating = np.issubdtype(array.dtype, np.floating)
-  dtype = np.dtype(options.param_dtype if floating else jax.dtypes.canonicalize_dtype(array.dtype))
   collection = "params" if attribute in owner._parameters else "buffers"
   leaves[node.target] = Leaf(Tensor(tuple(array.shape), dtype.name, collection))
   return Node(node.name, "module", node.target)
-
-
-def _numpy_dtype(tensor: torch.Tensor) -> np.dtype:
-  return tensor_to_numpy(tensor.reshape(-1)[:0]).dtype
 
 
 def _rebinds(node: fx.Node, inplace: bool) -> str | None:
