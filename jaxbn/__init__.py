@@ -1,6 +1,6 @@
 """jaxbn: BatchNorm for Flax that behaves exactly like PyTorch's."""
 
-from jaxbn import convert, functional, models, nnx, parity
+from jaxbn import convert, functional, layers, models, nnx, ops, parity
 from jaxbn._src.checkpoints.files import (
     load_state_dict,
     read_batchnorm_config,
@@ -26,13 +26,16 @@ __all__ = [
     "eval_mode",
     "fold_batchnorm",
     "convert",
+    "emit",
     "freeze",
     "frozen_mask",
     "functional",
     "keep_frozen",
+    "layers",
     "load_state_dict",
     "models",
     "nnx",
+    "ops",
     "parity",
     "port",
     "port_supported",
@@ -42,8 +45,13 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-# jaxbn.port needs torch, an optional extra: imported on first use.
-_PORT = {"port": ("api", "port"), "Port": ("api", "Port"), "port_supported": ("api", "supported")}
+# jaxbn.port and jaxbn.emit need torch, an optional extra: imported on first use.
+_PORT = {
+    "port": ("jaxbn._src.port.api", "port"),
+    "Port": ("jaxbn._src.port.api", "Port"),
+    "port_supported": ("jaxbn._src.port.api", "supported"),
+    "emit": ("jaxbn._src.emit.api", "emit"),
+}
 
 
 def __getattr__(name):
@@ -51,7 +59,7 @@ def __getattr__(name):
     import importlib
 
     module, attribute = _PORT[name]
-    return getattr(importlib.import_module(f"jaxbn._src.port.{module}"), attribute)
+    return getattr(importlib.import_module(module), attribute)
   raise AttributeError(f"module 'jaxbn' has no attribute {name!r}")
 
 

@@ -153,7 +153,10 @@ def running_stats(state_dict) -> dict:
   }
 
 
-def run(case: Case, seed: int = 0) -> Measured:
+def run(case: Case, seed: int = 0, port: Callable = None) -> Measured:
+  """``port(model, x, dtype=None, strict=True) -> (module, variables)``: ``jaxbn.port`` (default),
+  or ``jaxbn.emit``'s source loaded (test_emit)."""
+  port = port or jaxbn.port
   torch.manual_seed(seed)
   generator = torch.Generator().manual_seed(seed)
   model = case.build()
@@ -172,7 +175,7 @@ def run(case: Case, seed: int = 0) -> Measured:
 
   x, labels = batch()
   start = time.perf_counter()
-  module, variables = jaxbn.port(model, x)
+  module, variables = port(model, x)
   port_seconds = time.perf_counter() - start
 
   # Flax -> torch: every tensor back bit for bit, loadable strictly into a fresh model.
@@ -199,7 +202,7 @@ def run(case: Case, seed: int = 0) -> Measured:
     if layers_rel > PER_LAYER_RTOL:  # float32 cannot resolve it (two values per channel): float64 decides
       with jax.enable_x64(True):
         model64 = copy.deepcopy(model).double()
-        module64, variables64 = jaxbn.port(model64, x.astype(np.float64), dtype=np.float64)
+        module64, variables64 = port(model64, x.astype(np.float64), dtype=np.float64)
         layers64_rel = per_layer(model64, module64, variables64, x.astype(np.float64))
       if layers64_rel > case.grad64_rtol:  # ill-conditioned even in float64: torch's own spread decides
         spread = torch_layer_spread(model64, x.astype(np.float64))
@@ -244,7 +247,7 @@ def run(case: Case, seed: int = 0) -> Measured:
   # Every step in float64, in lock-step with torch float64 (float32 training itself is chaotic:
   # see test_resnet_parity's docstring): gradients, outputs, statistics, then eval.
   with jax.enable_x64(True):
-    module64, _ = jaxbn.port(model, x, dtype=np.float64, strict=False)
+    module64, _ = port(model, x, dtype=np.float64, strict=False)
     variables64 = jax.tree.map(
         lambda v: np.asarray(v, np.float64) if np.issubdtype(v.dtype, np.floating) else v, initial
     )

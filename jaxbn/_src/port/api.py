@@ -18,7 +18,7 @@ from jaxbn._src.checkpoints.rules import from_torch
 from jaxbn._src.errors import PortError
 from jaxbn._src.port import leaves, ops
 from jaxbn._src.port.autocast import make as make_autocast
-from jaxbn._src.port.graph import trace
+from jaxbn._src.port.graph import Traced, trace
 from jaxbn._src.port.interpreter import Ported
 from jaxbn._src.port.leaves import MODULES, Options, find, user_rule
 from jaxbn._src.port.nnx import PortedNNX
@@ -100,6 +100,38 @@ def port(
     >>> module, variables = jaxbn.port(net, torch.zeros(1, 3, 64, 64))       # doctest: +SKIP
     >>> logits = module.apply(variables, x)                                  # doctest: +SKIP
   """
+  return traced_port(
+      torch_model,
+      example_input,
+      dtype=dtype,
+      autocast=autocast,
+      autocast_device=autocast_device,
+      axis_name=axis_name,
+      custom_modules=custom_modules,
+      custom_ops=custom_ops,
+      leaf_modules=leaf_modules,
+      strict=strict,
+      api=api,
+      rngs=rngs,
+  )[0]
+
+
+def traced_port(
+    torch_model,
+    example_input,
+    *,
+    dtype=None,
+    autocast=None,
+    autocast_device=None,
+    axis_name=None,
+    custom_modules=None,
+    custom_ops=None,
+    leaf_modules=(),
+    strict=True,
+    api="linen",
+    rngs=None,
+) -> tuple[Port, Traced]:
+  """``port``, and the traced programs it runs (for ``jaxbn.emit``)."""
   if not isinstance(torch_model, torch.nn.Module):
     raise TypeError(f"port takes a torch.nn.Module, got {type(torch_model).__name__}")
   if api not in ("linen", "nnx"):
@@ -142,9 +174,9 @@ def port(
   if api == "nnx":
     nnx_module = PortedNNX(module, rngs=rngs or nnx.Rngs(0)).lazy_init(*inputs)
     from_torch(state_dict, nnx_module, strict=strict, dtype=dtype)  # in place
-    return Port(nnx_module, nnx.state(nnx_module))
+    return Port(nnx_module, nnx.state(nnx_module)), traced
   template = jax.eval_shape(lambda *xs: module.init(jax.random.key(0), *xs), *inputs)
-  return Port(module, from_torch(state_dict, template, strict=strict, dtype=dtype).variables)
+  return Port(module, from_torch(state_dict, template, strict=strict, dtype=dtype).variables), traced
 
 
 def _torch_examples(example_input, torch_model) -> tuple[torch.Tensor, ...]:

@@ -110,6 +110,10 @@ def encode(value) -> Any:
     return Aggregate(Static(kind), tuple(encode(v) for v in value))
   if isinstance(value, torch.Tensor):
     raise TypeError("tensor constant")
+  if isinstance(value, torch.dtype):
+    return np.dtype(bool if value == torch.bool else str(value).removeprefix("torch."))
+  if isinstance(value, (torch.device, torch.memory_format)):
+    return None  # JAX places arrays itself; layouts are XLA's
   return value
 
 
@@ -173,6 +177,24 @@ class Traced:
   leaves: dict[str, Leaf]  # dotted torch path -> Flax leaf
   problems: list[Problem]
   stateless: dict[str, str]  # dotted torch path -> class, of modules run as op calls
+  scopes: dict[bool, dict[str, tuple[Scope, ...]]]  # by train mode: node name -> the calls it is inside
+
+
+@dataclasses.dataclass(frozen=True)
+class Scope:
+  """One module call a node runs inside: ``key`` tells repeated calls apart (``relu@1``)."""
+
+  key: str
+  path: str
+  torch_class: type
+
+
+def scope(node: fx.Node) -> tuple[Scope, ...]:
+  """The module calls (outermost first) that made a node; a call_module node is not inside itself."""
+  stack = [Scope(key, path, cls) for key, (path, cls) in (node.meta.get("nn_module_stack") or {}).items()]
+  if node.op == "call_module" and stack and stack[-1].path == node.target:
+    stack.pop()
+  return tuple(stack)
 
 
 def trace(
@@ -192,7 +214,7 @@ def trace(
   leaves: dict[str, Leaf] = {}
   stateless: dict[str, str] = {}
   problems: dict[Problem, None] = {}
-  programs = {}
+  programs, scopes = {}, {}
   saved = _attributes(model)
   try:
     for train in (True, False):
@@ -214,9 +236,10 @@ def trace(
       programs[train] = Program(
           tuple(_node(node, model, options, modules, custom_ops, leaves, stateless, problems) for node in graph.nodes)
       )
+      scopes[train] = {node.name: scope(node) for node in graph.nodes}
   finally:
     _restore(saved)
-  return Traced(programs, leaves, list(problems), stateless)
+  return Traced(programs, leaves, list(problems), stateless, scopes)
 
 
 def _attributes(model: torch.nn.Module) -> list:

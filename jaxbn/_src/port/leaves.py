@@ -14,8 +14,6 @@ own rule).
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +29,18 @@ from jaxbn._src.linen.batch_norm import BatchNorm
 from jaxbn._src.linen.folded import FoldedBatchNorm
 from jaxbn._src.linen.frozen import FrozenBatchNorm
 from jaxbn._src.port import ops
+from jaxbn._src.torchlike.compute import compact
+from jaxbn._src.torchlike.linen import (  # noqa: F401 (the table's modules, used through here too)
+    Apply,
+    BatchNormAct,
+    Conv,
+    ConvTranspose,
+    GroupNorm,
+    LayerNorm,
+    Linear,
+    Tensor,
+    activated,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,142 +72,6 @@ class Options:
   autocast: Any = None  # an autocast.Autocast: torch.autocast's rules, or None
 
 
-# --- Flax modules for torch layers that flax has no channels-first twin of ---------------------
-
-
-def torch_uniform(fan_in_axes: Callable[[tuple], int]):
-  """torch's default init for conv and linear weights and biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-
-  def init(key, shape, dtype=jnp.float32, fan_in: int | None = None):
-    bound = 1 / math.sqrt(max(fan_in if fan_in is not None else fan_in_axes(shape), 1))
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
-
-
-kernel_init = torch_uniform(lambda shape: int(np.prod(shape[:-1])))
-
-
-def _channels_last_dimension_numbers(n: int):
-  channels_last = (0, n + 1, *range(1, n + 1))
-  return jax.lax.ConvDimensionNumbers(channels_last, (n + 1, n, *range(n)), channels_last)
-
-
-class Conv(nn.Module):
-  """torch.nn.Conv{1,2,3}d on channels-first input. ``kernel`` has Flax's layout
-  ``(*kernel_size, in_features / groups, features)``; padding is torch's, per axis. Computed
-  channels-last between two transposes, which XLA cancels between neighbouring convolutions and
-  BatchNorms (``compute_channels_last``): resnet50's CPU train step took 1.16x jaxbn.models'
-  with channels-first dimension numbers, 0.95x this way (benchmarks/results-port-step-cpu.md)."""
-
-  features: int
-  kernel_size: tuple[int, ...]
-  strides: tuple[int, ...]
-  padding: tuple[tuple[int, int], ...]
-  dilation: tuple[int, ...]
-  groups: int = 1
-  use_bias: bool = True
-  padding_mode: str = "zeros"
-  param_dtype: Dtype = jnp.float32
-  dtype: Dtype | None = None  # the computation's (torch.autocast's low dtype); default: promoted
-
-  @nn.compact
-  def __call__(self, x):
-    n = len(self.kernel_size)
-    kernel_shape = (*self.kernel_size, x.shape[1] // self.groups, self.features)
-    kernel = self.param("kernel", kernel_init, kernel_shape, self.param_dtype)
-    padding = self.padding
-    if self.padding_mode != "zeros":
-      x = jnp.pad(x, ((0, 0), (0, 0), *padding), mode=ops.PAD_MODES[self.padding_mode])
-      padding = ((0, 0),) * n
-    dtype = jnp.result_type(x, kernel) if self.dtype is None else self.dtype
-    y = jax.lax.conv_general_dilated(
-        jnp.moveaxis(x, 1, -1).astype(dtype),
-        kernel.astype(dtype),
-        self.strides,
-        padding,
-        rhs_dilation=self.dilation,
-        dimension_numbers=_channels_last_dimension_numbers(n),
-        feature_group_count=self.groups,
-    )
-    y = jnp.moveaxis(y, -1, 1)
-    if self.use_bias:
-      fan_in = int(np.prod(kernel_shape[:-1]))
-      bias = self.param("bias", functools.partial(kernel_init, fan_in=fan_in), (self.features,), self.param_dtype)
-      y = ops.plus_bias(y, bias.reshape(-1, *(1,) * n))
-    return y
-
-
-class ConvTranspose(nn.Module):
-  """torch.nn.ConvTranspose{1,2,3}d on channels-first input. ``kernel`` is the torch weight
-  ``(in, out / groups, *kernel_size)`` in the layout of flax's ConvTranspose with
-  ``transpose_kernel=True``: ``(*kernel_size, out / groups, in)`` (conversion's ordinary kernel rule)."""
-
-  features: int
-  kernel_size: tuple[int, ...]
-  strides: tuple[int, ...]
-  padding: tuple[int, ...]
-  output_padding: tuple[int, ...]
-  dilation: tuple[int, ...]
-  groups: int = 1
-  use_bias: bool = True
-  param_dtype: Dtype = jnp.float32
-  dtype: Dtype | None = None  # the computation's (torch.autocast's low dtype); default: promoted
-
-  @nn.compact
-  def __call__(self, x):
-    n, in_features, groups = len(self.kernel_size), x.shape[1], self.groups
-    kernel_shape = (*self.kernel_size, self.features // groups, in_features)
-    # torch's fan_in for a transposed weight (in, out/g, *k) is its dim 1 times the kernel size
-    fan_in = int(np.prod(self.kernel_size)) * (self.features // groups)
-    init = functools.partial(kernel_init, fan_in=fan_in)
-    kernel = self.param("kernel", init, kernel_shape, self.param_dtype)
-    dtype = jnp.result_type(x, kernel) if self.dtype is None else self.dtype
-    weight = jnp.transpose(kernel, (n + 1, n, *range(n)))  # torch's (in, out/g, *k)
-    weight = weight.reshape(groups, in_features // groups, self.features // groups, *self.kernel_size)
-    weight = jnp.swapaxes(weight, 1, 2).reshape(self.features, in_features // groups, *self.kernel_size)
-    weight = jnp.flip(weight, tuple(range(2, n + 2)))
-    padding = [
-        (d * (k - 1) - p, d * (k - 1) - p + op)
-        for k, p, op, d in zip(self.kernel_size, self.padding, self.output_padding, self.dilation, strict=True)
-    ]
-    channels_first = (0, 1, *range(2, n + 2))
-    y = jax.lax.conv_general_dilated(
-        x.astype(dtype),
-        weight.astype(dtype),
-        (1,) * n,
-        padding,
-        lhs_dilation=self.strides,
-        rhs_dilation=self.dilation,
-        dimension_numbers=jax.lax.ConvDimensionNumbers(*(channels_first,) * 3),
-        feature_group_count=groups,
-    )
-    if self.use_bias:
-      bias = self.param("bias", init, (self.features,), self.param_dtype)
-      y = ops.plus_bias(y, bias.reshape(-1, *(1,) * n))
-    return y
-
-
-class Tensor(nn.Module):
-  """A parameter or buffer that torch's forward reads directly (``x * self.gamma``), held at its
-  torch path under the leaf name ``tensor``: torch's ``blocks.0.gamma`` is
-  ``params/blocks/0/gamma/tensor``. A buffer lives in the ``buffers`` collection, which an
-  optimiser over ``params`` never trains and a training step never writes."""
-
-  shape: tuple[int, ...]
-  dtype: str
-  collection: str = "params"
-
-  @nn.compact
-  def __call__(self):
-    def zeros(*_):
-      return jnp.zeros(self.shape, self.dtype)  # the value comes from the state_dict
-
-    if self.collection == "params":
-      return self.param("tensor", zeros)
-    return self.variable(self.collection, "tensor", zeros).value
-
-
 @dataclasses.dataclass(frozen=True)
 class Constant:
   """A tensor the model holds outside its state_dict (a non-persistent buffer, a tensor literal in
@@ -221,82 +95,6 @@ class Metadata:
 
   def __call__(self):
     return jax.ShapeDtypeStruct(self.shape, np.dtype(self.dtype))
-
-
-class Linear(nn.Module):
-  """torch.nn.Linear: ``x @ kernel + bias`` over the last axis, ``kernel`` as ``(in, out)``."""
-
-  features: int
-  use_bias: bool = True
-  param_dtype: Dtype = jnp.float32
-  dtype: Dtype | None = None  # the computation's (torch.autocast's low dtype); default: promoted
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param("kernel", kernel_init, (x.shape[-1], self.features), self.param_dtype)
-    dtype = jnp.result_type(x, kernel) if self.dtype is None else self.dtype
-    y = jnp.matmul(x.astype(dtype), kernel.astype(dtype))
-    if self.use_bias:
-      init = functools.partial(kernel_init, fan_in=x.shape[-1])
-      y = ops.plus_bias(y, self.param("bias", init, (self.features,), self.param_dtype))
-    return y
-
-
-class GroupNorm(nn.Module):
-  """torch.nn.GroupNorm on channels-first input (flax's normalises the last axis): ops.group_norm."""
-
-  num_groups: int
-  epsilon: float = 1e-5
-  affine: bool = True
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    scale = bias = None
-    if self.affine:
-      scale = self.param("scale", nn.initializers.ones, (x.shape[1],), self.param_dtype)
-      bias = self.param("bias", nn.initializers.zeros, (x.shape[1],), self.param_dtype)
-    return ops.group_norm(x, self.num_groups, scale, bias, self.epsilon)
-
-
-class LayerNorm(nn.Module):
-  """torch.nn.LayerNorm over the last ``len(normalized_shape)`` axes: ops.layer_norm, with flax's
-  parameter names (``scale``, ``bias``)."""
-
-  normalized_shape: tuple[int, ...]
-  epsilon: float = 1e-5
-  use_scale: bool = True
-  use_bias: bool = True
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    shape = self.normalized_shape
-    scale = self.param("scale", nn.initializers.ones, shape, self.param_dtype) if self.use_scale else None
-    bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype) if self.use_bias else None
-    return ops.layer_norm(x, shape, scale, bias, self.epsilon)
-
-
-@functools.cache
-def activated(norm: type) -> type:
-  """``norm`` followed by stateless calls (timm's BatchNormAct2d: BatchNorm, then its activation),
-  as one layer at one path, so that the layer's output (what parity compares) is torch's."""
-
-  class Activated(norm):
-    after: tuple[Call, ...] = ()
-
-    @nn.compact
-    def __call__(self, x, *args, **kwargs):
-      y = super().__call__(x, *args, **kwargs)
-      for call in self.after:
-        y = ops.OPS[call.op].fn(y, **dict(call.kwargs))
-      return y
-
-  Activated.__name__ = Activated.__qualname__ = f"{norm.__name__}Act"
-  return Activated
-
-
-BatchNormAct = activated(BatchNorm)
 
 
 NORMS = (BatchNorm, FrozenBatchNorm, FoldedBatchNorm)
@@ -383,10 +181,10 @@ def conv(m, options):
   return Leaf(
       Conv(
           m.out_channels,
-          tuple(m.kernel_size),
-          tuple(m.stride),
-          _padding(m, n),
-          tuple(m.dilation),
+          compact(tuple(m.kernel_size)),
+          compact(tuple(m.stride)),
+          compact(_padding(m, n)),
+          compact(tuple(m.dilation)),
           m.groups,
           m.bias is not None,
           m.padding_mode,
@@ -402,11 +200,11 @@ def conv_transpose(m, options):
   return Leaf(
       ConvTranspose(
           m.out_channels,
-          tuple(m.kernel_size),
-          tuple(m.stride),
-          tuple(m.padding),
-          tuple(m.output_padding),
-          tuple(m.dilation),
+          compact(tuple(m.kernel_size)),
+          compact(tuple(m.stride)),
+          compact(tuple(m.padding)),
+          compact(tuple(m.output_padding)),
+          compact(tuple(m.dilation)),
           m.groups,
           m.bias is not None,
           options.param_dtype,
@@ -533,10 +331,6 @@ def _register_timm():
   from timm.layers import Linear as TimmLinear
   from timm.layers.drop import drop_path
 
-  @ops.register(drop_path, context=True)
-  def timm_drop_path(ctx, x, drop_prob=0.0, training=False, scale_by_keep=True):
-    return ops.drop_samples(ctx._replace(train=ctx.train and training), x, drop_prob, "row", scale_by_keep)
-
   register(DropPath)(
       lambda m, o: call(drop_path, drop_prob=m.drop_prob, training=m.training, scale_by_keep=m.scale_by_keep)
   )
@@ -559,7 +353,7 @@ def _register_timm():
     after = [rule(m.drop, options), rule(m.act, options)]
     if any(not isinstance(c, Call) or ops.OPS[c.op].context for c in after):
       return None  # dropout inside the layer: not supported
-    after = tuple(c for c in after if c.op is not torch.Tensor.clone)
+    after = tuple(Apply(ops.OPS[c.op].fn, c.kwargs) for c in after if c.op is not torch.Tensor.clone)
     return Leaf(BatchNormAct(**_batchnorm_fields(m, options), after=after), "use_running_average")
 
 

@@ -1,0 +1,513 @@
+"""The model's call tree as classes: one per torch module class, shared by every call whose code
+has the same shape, with what differs between those calls (channels, strides) as its fields.
+
+A block's code is a list of statements over expressions (plain tuples, so that two calls' code
+can be compared): ``("const", value, label)`` for every number, string or tuple in it,
+``("var", name)`` for a value, ``("train",)`` for the mode, and calls of layers, children and
+functions. A class's *shape* is its code with the constants taken out (``skeleton``); the
+constants whose values differ between the calls become the class's fields, those that do not
+stay literals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import torch
+
+from jaxbn._src.emit.tree import Block
+from jaxbn._src.errors import PortError
+from jaxbn._src.port.graph import Aggregate, Node, Ref, Slice, Static
+from jaxbn._src.port.leaves import Constant, Leaf, Metadata
+from jaxbn._src.port.tracer import Guard
+
+OPAQUE = (Guard, Constant, Metadata, Static)  # op targets that are not functions of the previous value
+
+SEQUENTIAL_FORWARD = torch.nn.Sequential.forward
+
+
+@dataclasses.dataclass
+class Class:
+  """One emitted class: its torch class, its code's shape, and every call's constants.
+
+  ``optional``: constant index -> the index of the flag constant of the optional child call it is
+  part of (a torch submodule that some calls have and others have not: ResNet's ``downsample``).
+  """
+
+  torch_class: type
+  skeleton: tuple
+  labels: list  # one per constant of the skeleton, for field names
+  example: tuple  # one call's code (statements with its value names), to render
+  calls: list[list[Any]] = dataclasses.field(default_factory=list)  # each call's constants
+  keys: list[str] = dataclasses.field(default_factory=list)  # each call's key
+  optional: dict[int, int] = dataclasses.field(default_factory=dict)
+
+  def fields(self, label=str) -> dict[int, str]:
+    """Constant index -> field name, for the constants whose values differ between calls. Equal
+    columns share one field, named after the first; a constant of an optional call shares the
+    field of a column it equals wherever the call is made, and is a literal where it is constant there."""
+    columns: dict[tuple, str] = {}
+    fields: dict[int, str] = {}
+    taken: set[str] = set()
+    flags = set(self.optional.values())
+    for index in range(len(self.labels)):
+      present = (
+          [i for i, call in enumerate(self.calls) if call[self.optional[index]]] if index in self.optional else None
+      )
+      rows = present if present is not None else range(len(self.calls))
+      column = tuple(_key(self.calls[i][index]) for i in rows)
+      if len(set(column)) <= 1 and index not in flags:
+        continue
+      if present is not None:
+        shared = next(
+            (n for (c, n) in columns.items() if len(c) == len(self.calls) and _restricted(c, present) == column), None
+        )
+        if shared is not None:
+          fields[index] = shared
+          continue
+        column = ("optional", *column)
+      if column not in columns:
+        name = _identifier(label(self.labels[index]))
+        while name in taken:
+          name += "_"
+        taken.add(name)
+        columns[column] = name
+      fields[index] = columns[column]
+    return fields
+
+  def default(self, index: int):
+    """A field's default: False for an optional call's flag, None for its constants; else none."""
+    if index in set(self.optional.values()):
+      return False
+    return None if index in self.optional else REQUIRED
+
+
+REQUIRED = object()
+
+
+def _restricted(column: tuple, rows: list[int]) -> tuple:
+  return tuple(column[i] for i in rows)
+
+
+def _key(value):
+  """Values compared for equality (``1 == 1.0 == True`` in Python; not here)."""
+  return (type(value).__name__, repr(value))
+
+
+def _identifier(label: str) -> str:
+  name = re.sub(r"\W+", "_", label).strip("_") or "field"
+  return f"f_{name}" if name[0].isdigit() else name
+
+
+@dataclasses.dataclass
+class Code:
+  """A call's code before classes are assigned: children as ``("ref", key)``."""
+
+  torch_class: type
+  code: tuple
+  height: int
+
+
+class Classes:
+  """The classes of a model's call tree. First every call's code (children by reference), then,
+  from the leaves' callers up, classes: a child's class is settled (variants with and without an
+  optional child merged) before its caller's code is compared."""
+
+  def __init__(self, leaves: dict[str, Leaf]):
+    self.leaves = leaves
+    self.classes: dict[tuple, Class] = {}  # class key -> Class, callers after their children
+    self.built: dict[str, tuple] = {}  # call key -> (class key, constants)
+    self.codes: dict[str, Code] = {}  # call key -> its code
+    self.sequences: set[str] = set()  # call keys of Sequentials written as layers.Sequential
+
+  def build(self, train_root: Block, eval_root: Block) -> tuple:
+    """Every class; returns the model's class key."""
+    self._collect(train_root, eval_root)
+    for height in sorted({code.height for code in self.codes.values()}):
+      level: dict[tuple, Class] = {}
+      for key, code in self.codes.items():
+        if code.height == height:
+          resolved = self._resolve(code.code)
+          skeleton, constants, labels = _skeleton(resolved)
+          cls = level.setdefault((code.torch_class, skeleton), Class(code.torch_class, skeleton, labels, resolved))
+          cls.calls.append(constants)
+          cls.keys.append(key)
+      for class_key, cls in _merge_optional(level).items():
+        self.classes[class_key] = cls
+        for key, constants in zip(cls.keys, cls.calls, strict=True):
+          self.built[key] = (class_key, constants)
+    return self.built[train_root.key][0]
+
+  # --- phase 1: each call's code -----------------------------------------------------------------
+
+  def _collect(self, train_block: Block | None, eval_block: Block | None) -> int:
+    """Records a call's code (after its children's); returns its height (0: calls only layers)."""
+    some = train_block or eval_block
+    heights = [self._collect_child(*pair) for pair in _child_pairs(train_block, eval_block)]
+    code = _merge_modes(*(self._code(b) if b is not None else None for b in (train_block, eval_block)))
+    height = 1 + max(heights, default=-1)
+    self.codes[some.key] = Code(some.torch_class, code, height)
+    return height
+
+  def _collect_child(self, train_block: Block | None, eval_block: Block | None) -> int:
+    some = train_block or eval_block
+    if some.torch_class.forward is SEQUENTIAL_FORWARD:
+      heights = [self._collect_child(*pair) for pair in _child_pairs(train_block, eval_block)]
+      if all(self._sequence(b) is not None for b in (train_block, eval_block) if b is not None):
+        self.sequences.add(some.key)
+        return max(heights, default=-1)
+      code = _merge_modes(*(self._code(b) if b is not None else None for b in (train_block, eval_block)))
+      height = 1 + max(heights, default=-1)
+      self.codes[some.key] = Code(some.torch_class, code, height)
+      return height
+    return self._collect(train_block, eval_block)
+
+  def _code(self, block: Block) -> tuple:
+    """A block's statements, for one mode."""
+    statements = []
+    for item in block.items:
+      if isinstance(item, Block):
+        statements.append(self._child(block, item))
+      else:
+        statements.append(self._node(block, item))
+    if block.key:  # a module's forward returns what its caller reads; the model's has an output node
+      outputs = tuple(("var", name) for name in block.outputs)
+      statements.append(("return", outputs[0] if len(outputs) == 1 else ("tuple", outputs)))
+    return (("inputs", tuple(block.inputs)), *statements)
+
+  def _child(self, parent: Block, child: Block) -> tuple:
+    attribute = _relative(child.path, parent.path)
+    args = tuple(("var", name) for name in child.inputs)
+    if child.key in self.sequences:
+      elements = _relabelled(self._sequence(child), attribute)
+      return ("assign", tuple(child.outputs), ("sequential", elements, attribute, args))
+    return ("assign", tuple(child.outputs), ("call", ("ref", child.key), attribute, args))
+
+  def _sequence(self, block: Block) -> tuple | None:
+    """A torch.nn.Sequential whose items each take the previous one's value: its elements."""
+    elements = []
+    previous = block.inputs[0] if len(block.inputs) == 1 else None
+    for index, item in enumerate(block.items):
+      if isinstance(item, Block):
+        if item.inputs != [previous] or len(item.outputs) != 1 or item.key in self.sequences:
+          return None
+        if item.key not in self.codes:
+          return None
+        elements.append(("element", ("ref", item.key), _relative(item.path, block.path)))
+        previous = item.outputs[0]
+        continue
+      if item.kind not in ("module", "op") or not _reads_only(item, previous):
+        return None
+      expression = self._node(block, item)[2]
+      if expression[0] == "op" and (expression[1].context or isinstance(expression[1].fn, OPAQUE)):
+        return None
+      if expression[0] == "layer" and expression[3] != str(index):
+        return None
+      elements.append(expression)
+      previous = item.name
+    return tuple(elements) if block.outputs == [previous] else None
+
+  def _node(self, block: Block, node: Node) -> tuple:
+    if node.kind == "input":
+      default = _expression(node.args[0], node.target) if node.args else None
+      return ("input", node.name, node.target, default)
+    if node.kind == "output":
+      return ("return", _expression(node.args[0], "output"))
+    if node.kind == "unsupported":
+      raise PortError(f"emit: {node.target}")
+    args = tuple(_expression(a, f"{node.name}_{i}") for i, a in enumerate(node.args))
+    kwargs = tuple((k, _expression(v, k)) for k, v in node.kwargs)
+    if node.kind == "module":
+      attribute = _relative(node.target, block.path)
+      leaf = self.leaves[node.target]
+      fields = tuple(
+          (field.name, ("const", getattr(leaf.prototype, field.name), f"{attribute}_{field.name}"))
+          for field in dataclasses.fields(leaf.prototype)
+          if field.name not in ("parent", "name")
+      )  # every field, so that calls compare field by field; the source leaves out defaults
+      return ("assign", (node.name,), ("layer", type(leaf.prototype), fields, attribute, leaf.mode, args, kwargs))
+    return ("assign", (node.name,), ("op", node.target, args, kwargs))
+
+  # --- phase 2: children as their classes ------------------------------------------------------
+
+  def _resolve(self, e):
+    """``("ref", key)`` children as their class and constants (labelled for field names)."""
+    if isinstance(e, tuple) and e:
+      if e[0] == "call" and isinstance(e[1], tuple) and e[1][0] == "ref":
+        _, (_, key), attribute, args = e
+        class_key, constants = self.built[key]
+        return ("call", class_key, _labelled(constants, attribute, class_key), attribute, self._resolve(args))
+      if e[0] == "element" and e[1][0] == "ref":
+        _, (_, key), attribute = e
+        class_key, constants = self.built[key]
+        return ("element", class_key, _labelled(constants, attribute, class_key))
+      if e[0] == "const":
+        return e
+      return tuple(self._resolve(x) for x in e)
+    return e
+
+  def label(self, label) -> str:
+    """A constant's label as text: a child's constant is named by the child's attribute and field."""
+    if isinstance(label, str):
+      return label
+    _, attribute, key, index = label
+    child = self.classes[key]
+    return f"{attribute}_{self.fields(key).get(index) or self.label(child.labels[index])}"
+
+  def fields(self, key) -> dict[int, str]:
+    return self.classes[key].fields(self.label)
+
+
+ALWAYS_WRITTEN = ("momentum", "epsilon")  # a BatchNorm's, even at torch's defaults: what a reader checks first
+
+
+def _labelled(constants, attribute: str, class_key) -> tuple:
+  return tuple(("const", value, ("child", attribute, class_key, i)) for i, value in enumerate(constants))
+
+
+def _relabelled(elements: tuple, prefix: str) -> tuple:
+  """A Sequential's elements with their constants' labels under the Sequential's attribute."""
+
+  def walk(e):
+    if isinstance(e, tuple) and e:
+      if e[0] == "const" and len(e) == 3 and isinstance(e[2], str):
+        return ("const", e[1], f"{prefix}_{e[2]}")
+      if e[0] == "element":
+        return ("element", e[1], f"{prefix}.{e[2]}")
+      return tuple(walk(x) for x in e)
+    return e
+
+  return walk(elements)
+
+
+def _merge_optional(level: dict[tuple, Class]) -> dict[tuple, Class]:
+  """Variants of one torch class that differ by one child call, made by some calls and not by
+  others (``if self.downsample is not None``), as one class with that call behind a flag."""
+  classes = dict(level)
+  merged = True
+  while merged:
+    merged = False
+    for (key_a, a), (key_b, b) in [(x, y) for x in classes.items() for y in classes.items() if x[0] != y[0]]:
+      if a.torch_class is not b.torch_class:
+        continue
+      flagged = _optional_form(a.example, b.skeleton)
+      if flagged is None:
+        continue
+      combined = _combine(a, b, flagged)
+      del classes[key_a], classes[key_b]
+      classes[(a.torch_class, combined.skeleton)] = combined
+      merged = True
+      break
+  return classes
+
+
+def _optional_form(code: tuple, other_skeleton: tuple) -> tuple | None:
+  """``code`` with one child call behind a flag, if leaving that call out (its output read as its
+  input) gives code of ``other_skeleton``'s shape."""
+  for index, statement in enumerate(code):
+    if statement[0] != "assign" or len(statement[1]) != 1 or statement[2][0] not in ("call", "sequential"):
+      continue
+    expression = statement[2]
+    args = expression[4] if expression[0] == "call" else expression[3]
+    if len(args) != 1 or args[0][0] != "var":
+      continue
+    output, source = statement[1][0], args[0][1]
+    reduced = _substituted(code[:index] + code[index + 1 :], output, source)
+    if _skeleton(reduced)[0] == other_skeleton:
+      attribute = expression[3] if expression[0] == "call" else expression[2]
+      flag = ("const", True, f"with_{attribute}")
+      return code[:index] + (("optional", flag, statement),) + code[index + 1 :]
+  return None
+
+
+def _substituted(e, old: str, new: str):
+  if isinstance(e, tuple) and e:
+    if e[0] == "var" and len(e) == 2:
+      return ("var", new) if e[1] == old else e
+    if e[0] == "const":
+      return e
+    return tuple(_substituted(x, old, new) for x in e)
+  return e
+
+
+def _combine(a: Class, b: Class, flagged: tuple) -> Class:
+  skeleton, _, labels = _skeleton(flagged)
+  numbered_code = numbered(flagged)
+  optional = {}
+  for statement in numbered_code:
+    if statement[0] == "optional":
+      flag = statement[1][3]
+      for index in _constant_indices(statement[2]):
+        optional[index] = flag
+  combined = Class(a.torch_class, skeleton, labels, flagged, optional=optional)
+  flag = next(iter(set(optional.values())))
+  for calls, keys, present in ((a.calls, a.keys, True), (b.calls, b.keys, False)):
+    for call, key in zip(calls, keys, strict=True):
+      values = iter(call)
+      row = []
+      for index in range(len(labels)):
+        if index == flag:
+          row.append(present)
+        elif index in optional and not present:
+          row.append(None)
+        else:
+          row.append(next(values))
+      combined.calls.append(row)
+      combined.keys.append(key)
+  return combined
+
+
+def _constant_indices(e) -> list[int]:
+  found = []
+
+  def walk(x):
+    if isinstance(x, tuple) and x:
+      if x[0] == "const" and len(x) == 4:
+        found.append(x[3])
+      elif x[0] == "call":
+        walk(x[2])
+        walk(x[4])
+      elif x[0] == "element":
+        walk(x[2])
+      else:
+        for y in x:
+          walk(y)
+
+  walk(e)
+  return found
+
+
+def _child_pairs(train_block: Block | None, eval_block: Block | None):
+  """The children of a block's two modes, matched by call key: (train child, eval child)."""
+  pairs: dict[str, list] = {}
+  for mode, block in enumerate((train_block, eval_block)):
+    for item in block.items if block is not None else ():
+      if isinstance(item, Block):
+        pairs.setdefault(item.key, [None, None])[mode] = item
+  return [tuple(pair) for pair in pairs.values()]
+
+
+def _reads_only(node: Node, previous: str | None) -> bool:
+  from jaxbn._src.port.graph import references
+
+  names = references((node.args, node.kwargs))
+  return previous is not None and names == [previous] and node.args and node.args[0] == Ref(previous)
+
+
+def _relative(path: str, base: str) -> str:
+  return path[len(base) + 1 :] if base else path
+
+
+def _expression(value, label: str) -> tuple:
+  """An encoded node argument as an expression."""
+  if isinstance(value, Ref):
+    return ("var", value.name)
+  if isinstance(value, Slice):
+    return ("slice", _expression(value.start, label), _expression(value.stop, label), _expression(value.step, label))
+  if isinstance(value, Aggregate):
+    items = tuple(_expression(v, label) for v in value.items)
+    return ("aggregate", value.kind, items, value.keys)
+  if isinstance(value, tuple) and any(isinstance(v, (Ref, Slice, Aggregate)) for v in value):
+    return ("tuple", tuple(_expression(v, label) for v in value))
+  return ("const", value, label)
+
+
+def _merge_modes(train_code: tuple | None, eval_code: tuple | None) -> tuple:
+  """One body when both modes' code has the same shape, with a constant that is True in train and
+  False in eval (``training=self.training``) as the mode; else the signature and
+  ``("modes", train statements, eval statements)`` (None for a mode that does not call the block)."""
+  if train_code is not None and eval_code is not None:
+    merged = _merge(train_code, eval_code)
+    if merged is not _FAIL:
+      return merged
+  signatures = {_signature(c) for c in (train_code, eval_code) if c is not None}
+  if len(signatures) > 1:
+    raise PortError("emit: a module takes different inputs in train and eval mode")
+  (signature,) = signatures
+  return (*signature, ("modes", _body(train_code), _body(eval_code)))
+
+
+def _signature(code: tuple) -> tuple:
+  return tuple(s for s in code if s[0] in ("inputs", "input"))
+
+
+def _body(code: tuple | None) -> tuple | None:
+  return None if code is None else tuple(s for s in code if s[0] not in ("inputs", "input"))
+
+
+_FAIL = object()
+
+
+def _merge(a, b):
+  """``a`` and ``b`` as one, where they differ only in constants that are the mode; else _FAIL."""
+  if a == b:
+    return a
+  if not (isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b) and a):
+    return _FAIL
+  if a[0] == b[0] == "const" and len(a) == 3:
+    if a[1] is True and b[1] is False:
+      return ("train",)
+    if a[1] is False and b[1] is True:
+      return ("not_train",)
+    return _FAIL
+  if a[0] == "var":
+    return _FAIL
+  parts = tuple(_merge(x, y) for x, y in zip(a, b, strict=True))
+  return _FAIL if any(p is _FAIL for p in parts) else parts
+
+
+def numbered(code) -> tuple:
+  """The code with each constant's position (pre-order) as a fourth element."""
+  count = [0]
+
+  def walk(e):
+    if isinstance(e, tuple) and e:
+      if e[0] == "const" and len(e) == 3:
+        count[0] += 1
+        return (*e, count[0] - 1)
+      if e[0] == "call":
+        _, key, constants, attribute, args = e
+        return ("call", key, walk(constants), attribute, walk(args))
+      if e[0] == "element":
+        return ("element", e[1], walk(e[2]))
+      return tuple(walk(x) for x in e)
+    return e
+
+  return walk(code)
+
+
+def _skeleton(code) -> tuple[tuple, list, list]:
+  """The code with each constant as ``("hole", i)`` and each value name as its first-seen index;
+  the constants and their labels in order."""
+  constants: list = []
+  labels: list = []
+  names: dict[str, int] = {}
+
+  def name(n):
+    return names.setdefault(n, len(names))
+
+  def walk(e):
+    if isinstance(e, tuple) and e:
+      if e[0] == "const" and len(e) == 4:
+        constants.append(e[1])
+        labels.append(e[2])
+        return ("hole", e[3])
+      if e[0] == "var" and len(e) == 2:
+        return ("var", name(e[1]))
+      if e[0] == "call":
+        _, key, consts, attribute, args = e
+        return ("call", key, walk(consts), attribute, walk(args))
+      if e[0] == "element":
+        return ("element", e[1], walk(e[2]))
+      if e[0] == "inputs":
+        return ("inputs", tuple(name(n) for n in e[1]))
+      if e[0] == "input":
+        return ("input", name(e[1]), e[2], walk(e[3]))
+      if e[0] == "assign":
+        return ("assign", tuple(name(n) for n in e[1]), walk(e[2]))
+      return tuple(walk(x) for x in e)
+    return e
+
+  return walk(numbered(code)), constants, labels

@@ -1,0 +1,589 @@
+"""The classes as Flax Linen source: ``@nn.compact`` modules that build their layers at torch's
+attribute names, with the mode as ``train``."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import operator
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxbn._src.emit.classes import ALWAYS_WRITTEN, REQUIRED, Class, Classes, _key, numbered
+from jaxbn._src.errors import PortError
+from jaxbn._src.linen.batch_norm import BatchNorm
+from jaxbn._src.linen.folded import FoldedBatchNorm
+from jaxbn._src.linen.frozen import FrozenBatchNorm
+from jaxbn._src.port.graph import Static
+from jaxbn._src.port.leaves import Constant, Metadata
+from jaxbn._src.port.tracer import Guard
+from jaxbn._src.torchlike import functional, linen
+
+INFIX = {
+    functional.add: "+",
+    functional.sub: "-",
+    functional.mul: "*",
+    jax.numpy.matmul: "@",
+    functional.pow_: "**",
+    operator.floordiv: "//",
+    operator.mod: "%",
+    operator.eq: "==",
+    operator.ne: "!=",
+    operator.lt: "<",
+    operator.le: "<=",
+    operator.gt: ">",
+    operator.ge: ">=",
+}
+MODE_KEYWORDS = {"use_running_average": "not train", "deterministic": "not train", "train": "train"}
+JAXBN_LAYERS = {
+    BatchNorm: "jaxbn.BatchNorm",
+    FrozenBatchNorm: "jaxbn.FrozenBatchNorm",
+    FoldedBatchNorm: "jaxbn.FoldedBatchNorm",
+}
+
+
+class Source:
+  """Renders the classes; collects the imports and definitions the code needs."""
+
+  def __init__(self, classes: Classes):
+    self.classes = classes
+    self.names: dict[tuple, str] = {}
+    self.imports: dict[str, None] = {}
+    self.namedtuples: dict[type, None] = {}
+    taken: set[str] = set()
+    for key, cls in classes.classes.items():
+      name = cls.torch_class.__name__
+      while name in taken:
+        name = _next_name(name)
+      taken.add(name)
+      self.names[key] = name
+
+  # --- classes ---------------------------------------------------------------------------------
+
+  def render_class(self, key: tuple, cls: Class) -> str:
+    fields = self.classes.fields(key)
+    code = numbered(cls.example)
+    lines = [f"class {self.names[key]}(nn.Module):", f'  """{_torch_name(cls.torch_class)} in torch."""', ""]
+    declared: dict[str, tuple[str, Any]] = {}
+    for index, name in fields.items():
+      declared.setdefault(name, (_annotation([call[index] for call in cls.calls]), cls.default(index)))
+    required = [f"  {name}: {annotation}" for name, (annotation, default) in declared.items() if default is REQUIRED]
+    defaulted = [
+        f"  {name}: {annotation} = {default!r}"
+        for name, (annotation, default) in declared.items()
+        if default is not REQUIRED
+    ]
+    lines += required + defaulted
+    if declared:
+      lines.append("")
+    body = Body(self, fields)
+    parameters = body.parameters(code)
+    lines += ["  @nn.compact", f"  def __call__(self, {', '.join([*parameters, 'train: bool = False'])}):"]
+    lines += ["    " + line for line in body.statements(code)]
+    return "\n".join(lines)
+
+  def field_arguments(self, key: tuple, constants: tuple, render) -> list[str]:
+    """``field=value`` for each of a child class's fields, from the constants of one call."""
+    child = self.classes.classes[key]
+    seen: dict[str, None] = {}
+    arguments = []
+    for index, name in self.classes.fields(key).items():
+      if name not in seen:
+        seen[name] = None
+        value = constants[index]
+        if (
+            value[0] == "const"
+            and child.default(index) is not REQUIRED
+            and _key(value[1]) == _key(child.default(index))
+        ):
+          continue  # the field's default: an optional child this call does not make
+        arguments.append(f"{name}={render(value)}")
+    return arguments
+
+  # --- names of things the code calls ------------------------------------------------------------
+
+  def function(self, fn) -> str:
+    if isinstance(fn, Static):
+      self.namedtuples[fn.value] = None
+      return fn.value.__name__
+    module = getattr(fn, "__module__", None) or ""
+    name = getattr(fn, "__name__", None)
+    if getattr(functional, name or "", None) is fn and module == functional.__name__:
+      return f"ops.{name}"
+    for prefix, namespace in (("jnp", jax.numpy), ("jax.nn", jax.nn), ("jax.lax", jax.lax), ("math", math)):
+      if name and getattr(namespace, name, None) is fn:
+        if prefix == "math":
+          self.imports["import math"] = None
+        return f"{prefix}.{name}"
+    if getattr(operator, name or "", None) is fn:
+      return f"operator.{name}"
+    return self.by_reference(fn)
+
+  def layer(self, cls: type) -> str:
+    if cls in JAXBN_LAYERS:
+      return JAXBN_LAYERS[cls]
+    if getattr(linen, cls.__name__, None) is cls:
+      return f"layers.{cls.__name__}"
+    for base in cls.__mro__:  # BatchNormAct: the BatchNorm it extends
+      if base in JAXBN_LAYERS:
+        return JAXBN_LAYERS[base]
+    return self.by_reference(cls)
+
+  def by_reference(self, thing) -> str:
+    """Something of the user's (custom_modules, custom_ops): imported from where it is defined."""
+    module, name = thing.__module__, thing.__qualname__
+    if module in ("__main__", "builtins") or "<" in name:
+      raise PortError(
+          f"emit: {module}.{name} (given to custom_modules or custom_ops) is not importable; define it in a module"
+      )
+    self.imports[f"import {module}  # custom_modules / custom_ops: imported from where they are defined"] = None
+    return f"{module}.{name}"
+
+
+class Body:
+  """One class's ``__call__``: statements with value names chosen as a person would (a value takes
+  over its input's name when that input is not read again)."""
+
+  def __init__(self, source: Source, fields: dict[int, str]):
+    self.source = source
+    self.fields = fields
+    self.names: dict[str, str] = {}
+    self.taken: set[str] = set()
+
+  def parameters(self, code: tuple) -> list[str]:
+    parameters = []
+    for statement in code:
+      if statement[0] == "inputs":
+        names = statement[1]
+        for i, name in enumerate(names):
+          parameters.append(self._take(name, "x" if len(names) == 1 else f"x{i}"))
+      elif statement[0] == "input":
+        _, name, target, default = statement
+        parameter = self._take(name, target)
+        parameters.append(parameter if default is None else f"{parameter}={self.expression(default)}")
+    return parameters
+
+  def _take(self, name: str, wanted: str) -> str:
+    chosen = wanted
+    while chosen in self.taken or chosen in ("train", "self", "ctx"):
+      chosen = _next_name(chosen)
+    self.taken.add(chosen)
+    self.names[name] = chosen
+    return chosen
+
+  def statements(self, code: tuple) -> list[str]:
+    statements = [s for s in code if s[0] not in ("inputs", "input")]
+    if statements and statements[0][0] == "modes":
+      _, train_code, eval_code = statements[0]
+      if train_code is None or eval_code is None:
+        only = train_code or eval_code
+        mode = "train" if train_code is not None else "not train"
+        return [f"assert {mode}, 'torch runs this module only in {'train' if train_code else 'eval'} mode'"] + (
+            self._run([s for s in only if s[0] not in ("inputs", "input")])
+        )
+      names = dict(self.names)
+      train_lines = self._run([s for s in train_code if s[0] not in ("inputs", "input")])
+      self.names = names
+      eval_lines = self._run([s for s in eval_code if s[0] not in ("inputs", "input")])
+      return ["if train:", *("  " + x for x in train_lines), "else:", *("  " + x for x in eval_lines)]
+    return self._run(statements)
+
+  def _run(self, statements: list) -> list[str]:
+    last_use: dict[str, int] = {}
+    for i, statement in enumerate(statements):
+      for name in _reads(statement):
+        last_use[name] = i
+    lines = []
+    if any(_uses_context(s) for s in statements):
+      lines.append('ctx = ops.Context(train, lambda: self.make_rng("dropout"))')
+    for i, statement in enumerate(statements):
+      if statement[0] == "optional":
+        lines += self._optional(statement, i, last_use)
+        continue
+      if statement[0] == "return":
+        lines.append(f"return {self.expression(statement[1])}")
+        continue
+      _, targets, expression = statement
+      if expression[0] == "op" and isinstance(expression[1].fn, Guard):
+        guard = expression[1].fn
+        value = self.expression(expression[2][0])
+        target = self._assign(targets, expression, i, last_use)
+        conversion = "int" if guard.conversion == "index" else guard.conversion
+        lines.append(f"{target} = {conversion}({value})")
+        lines.append(
+            f"assert {target} == {guard.expected!r}, 'specialised to the example input (torch: {_quoted(guard.where)})'"
+        )
+        continue
+      rendered = self.expression(expression)
+      if not targets:
+        lines.append(rendered)
+        continue
+      lines.append(f"{self._assign(targets, expression, i, last_use)} = {rendered}")
+    return lines
+
+  def _optional(self, statement: tuple, index: int, last_use: dict) -> list[str]:
+    """A child call some calls of the class make and others do not: its output is its input then."""
+    _, flag, (_, (target,), expression) = statement
+    source = _first_var(expression)
+    lines = []
+    if last_use.get(source, -1) <= index:
+      self.names[target] = self.names[source]
+    else:
+      name = self._take(target, "y")
+      lines.append(f"{name} = {self.names[source]}")
+    lines.append(f"if {self.expression(flag)}:")
+    lines.append(f"  {self.names[target]} = {self.expression(expression)}")
+    return lines
+
+  def _assign(self, targets: tuple, expression: tuple, index: int, last_use: dict) -> str:
+    if len(targets) == 1:
+      first = _first_var(expression)
+      if first is not None and last_use.get(first, -1) <= index and first in self.names:
+        self.names[targets[0]] = self.names[first]  # the input is not read again: reuse its name
+        return self.names[first]
+      return self._take(targets[0], "y")
+    return ", ".join(self._take(t, "y") for t in targets)
+
+  # --- expressions -------------------------------------------------------------------------------
+
+  def expression(self, e) -> str:
+    kind = e[0]
+    if kind == "var":
+      return self.names[e[1]]
+    if kind == "const":
+      _, value, _label, index = e
+      return f"self.{self.fields[index]}" if index in self.fields else literal(value, self.source)
+    if kind == "train":
+      return "train"
+    if kind == "not_train":
+      return "not train"
+    if kind == "tuple":
+      items = [self.expression(x) for x in e[1]]
+      return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
+    if kind == "slice":
+      return f"slice({', '.join(self.expression(x) for x in e[1:])})"
+    if kind == "aggregate":
+      return self._aggregate(e)
+    if kind == "layer":
+      return self._layer(e)
+    if kind == "call":
+      _, key, constants, attribute, args = e
+      arguments = self.source.field_arguments(key, constants, self.expression)
+      _check_attribute(attribute)
+      constructor = f"{self.source.names[key]}({', '.join([*arguments, f'name={attribute!r}'])})"
+      return f"{constructor}({', '.join([*(self.expression(a) for a in args), 'train=train'])})"
+    if kind == "sequential":
+      _, elements, attribute, args = e
+      _check_attribute(attribute)
+      items = ", ".join(self._element(x) for x in elements) + ("," if len(elements) == 1 else "")
+      return f"layers.Sequential(({items}), name={attribute!r})({self.expression(args[0])}, train=train)"
+    if kind == "op":
+      return self._op(e)
+    raise AssertionError(f"unknown expression {kind}")
+
+  def _aggregate(self, e) -> str:
+    _, kind, items, keys = e
+    rendered = [self.expression(x) for x in items]
+    kind = kind.value
+    if keys is not None:
+      return "{" + ", ".join(f"{k!r}: {v}" for k, v in zip(keys, rendered, strict=True)) + "}"
+    if kind is list:
+      return f"[{', '.join(rendered)}]"
+    if hasattr(kind, "_fields"):
+      return f"{self.source.function(Static(kind))}({', '.join(rendered)})"
+    return f"({rendered[0]},)" if len(rendered) == 1 else f"({', '.join(rendered)})"
+
+  def _constructor(self, e) -> tuple[str, list[str]]:
+    _, cls, fields, attribute, mode, args, kwargs = e
+    after = []
+    arguments = []
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    for name, value in fields:
+      if name == "after":
+        after = value[1]
+        continue
+      if value[3] not in self.fields and _same(value[1], defaults.get(name)) and name not in ALWAYS_WRITTEN:
+        continue
+      arguments.append(f"{name}={self.expression(value)}")
+    return f"{self.source.layer(cls)}({', '.join(arguments)}", after
+
+  def _layer(self, e) -> str:
+    _, cls, fields, attribute, mode, args, kwargs = e
+    _check_attribute(attribute)
+    constructor, after = self._constructor(e)
+    call_arguments = [self.expression(a) for a in args] + [f"{k}={self.expression(v)}" for k, v in kwargs]
+    if mode is not None:
+      call_arguments.append(f"{mode}={MODE_KEYWORDS[mode]}")
+    separator = ", " if constructor[-1] != "(" else ""
+    value = f"{constructor}{separator}name={attribute!r})({', '.join(call_arguments)})"
+    for apply in after:  # timm's BatchNormAct2d: its activation after the norm
+      extra = "".join(f", {k}={literal(v, self.source)}" for k, v in apply.kwargs)
+      value = f"{self.source.function(apply.fn)}({value}{extra})"
+    return value
+
+  def _element(self, e) -> str:
+    if e[0] == "layer":
+      constructor, after = self._constructor(e)
+      if after:
+        raise PortError("emit: a BatchNormAct layer inside a Sequential")  # not reached: timm's are attributes
+      return constructor + ")"
+    if e[0] == "element":
+      _, key, constants = e
+      return f"{self.source.names[key]}({', '.join(self.source.field_arguments(key, constants, self.expression))})"
+    _, rule, args, kwargs = e  # an op of the previous value
+    function = self.source.function(rule.fn)
+    rest = [self.expression(a) for a in args[1:]]
+    keywords = [f"{k}={self.expression(v)}" for k, v in kwargs]
+    if not rest and not keywords:
+      return function
+    if not rest:
+      self.source.imports["import functools"] = None
+      return f"functools.partial({function}, {', '.join(keywords)})"
+    return f"lambda x: {function}(x, {', '.join(rest + keywords)})"
+
+  def _op(self, e) -> str:
+    _, rule, args, kwargs = e
+    fn = rule.fn
+    if isinstance(fn, Constant):
+      array = np.frombuffer(fn.data, np.dtype(fn.dtype)).reshape(fn.shape)
+      if array.size > 4096:
+        raise PortError(f"emit: a constant tensor of shape {fn.shape} (over 4096 values) in forward")
+      return f"jnp.asarray(np.array({array.tolist()!r}, np.{fn.dtype}))"
+    if isinstance(fn, Metadata):
+      return f"jax.ShapeDtypeStruct({fn.shape!r}, jnp.{fn.dtype})"
+    a = [self.expression(x) for x in args]
+    k = [f"{name}={self.expression(v)}" for name, v in self._keywords(fn, kwargs)]
+    if fn is functional.getitem:
+      return f"{a[0]}[{self._index(args[1])}]"
+    if fn is functional.neg:
+      return f"-{a[0]}"
+    if fn is functional.tensor_attribute:
+      return f"{a[0]}.{args[1][1]}"
+    if fn is functional.size and not k:
+      return f"{a[0]}.shape" if len(a) == 1 else f"{a[0]}.shape[{a[1]}]"
+    if fn is functional.ndim:
+      return f"{a[0]}.ndim"
+    if INFIX.get(fn) and not k and len(a) == 2:
+      return f"{a[0]} {INFIX[fn]} {a[1]}"
+    call = [*(["ctx"] if rule.context else []), *a, *k]
+    return f"{self.source.function(fn)}({', '.join(call)})"
+
+  def _keywords(self, fn, kwargs: tuple) -> list:
+    """Keyword arguments in the function's order, without those at its defaults."""
+    try:
+      parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+      return list(kwargs)
+    order = {name: i for i, name in enumerate(parameters)}
+    kept = [
+        (name, value)
+        for name, value in kwargs
+        if not (
+            name in parameters
+            and value[0] == "const"
+            and value[3] not in self.fields
+            and _same(value[1], parameters[name].default)
+        )
+    ]
+    return sorted(kept, key=lambda item: order.get(item[0], len(order)))
+
+  def _index(self, e) -> str:
+    if e[0] == "slice":
+      parts = ["" if x[0] == "const" and x[1] is None else self.expression(x) for x in e[1:]]
+      text = f"{parts[0]}:{parts[1]}" + (f":{parts[2]}" if parts[2] else "")
+      return text
+    if e[0] == "aggregate" and e[1].value is tuple and e[2]:
+      return ", ".join(self._index(x) for x in e[2])
+    if e[0] == "const" and e[1] is Ellipsis:
+      return "..."
+    return self.expression(e)
+
+
+def _check_attribute(attribute: str) -> None:
+  if "." in attribute:
+    raise PortError(
+        f"emit: the model calls {attribute}, a module inside a container it does not call (a ModuleList or"
+        " ModuleDict); emitting such calls is not supported yet"
+    )
+
+
+def _same(value, default) -> bool:
+  """A value equal to a default, of the same type (``1 != True`` here), dtypes by name."""
+  if default is inspect.Parameter.empty or default is dataclasses.MISSING:
+    return False
+  if value is not None and default is not None and _is_dtype(value) and _is_dtype(default):
+    return np.dtype(value) == np.dtype(default)
+  return _key(value) == _key(default)
+
+
+def _is_dtype(value) -> bool:
+  if value is None or isinstance(value, (str, int, float, tuple)):
+    return False
+  try:
+    np.dtype(value)
+  except TypeError:
+    return False
+  return True
+
+
+def _reads(statement) -> list[str]:
+  found = []
+
+  def walk(e):
+    if isinstance(e, tuple) and e:
+      if e[0] == "var" and len(e) == 2:
+        found.append(e[1])
+      elif e[0] == "call":
+        walk(e[4])
+      elif e[0] not in ("const", "element"):
+        for x in e:
+          walk(x)
+
+  walk(statement[2] if statement[0] in ("assign", "optional") else statement[1])
+  return found
+
+
+def _first_var(expression) -> str | None:
+  reads = _reads(("return", expression))
+  return reads[0] if reads else None
+
+
+def _uses_context(statement) -> bool:
+  def walk(e):
+    if isinstance(e, tuple) and e and e[0] not in ("const", "call", "element"):
+      if e[0] == "op" and len(e) == 4 and getattr(e[1], "context", False):
+        return True
+      return any(walk(x) for x in e)
+    return False
+
+  return walk(statement)
+
+
+def literal(value, source: Source) -> str:
+  """A constant as Python source."""
+  if isinstance(value, float):
+    if math.isinf(value):
+      source.imports["import math"] = None
+      return "math.inf" if value > 0 else "-math.inf"
+    if math.isnan(value):
+      source.imports["import math"] = None
+      return "math.nan"
+    return repr(value)
+  if value is None or isinstance(value, (bool, int, str)):
+    return repr(value)
+  if value is Ellipsis:
+    return "..."
+  if isinstance(value, np.dtype):
+    return f"jnp.{value.name}"
+  if isinstance(value, type) and issubclass(value, np.generic):
+    return f"jnp.{np.dtype(value).name}"
+  if isinstance(value, tuple):
+    items = [literal(v, source) for v in value]
+    return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
+  if isinstance(value, list):
+    return f"[{', '.join(literal(v, source) for v in value)}]"
+  if dataclasses.is_dataclass(value) and type(value) is linen.Apply:
+    return f"layers.Apply({source.function(value.fn)}, {literal(value.kwargs, source)})"
+  raise PortError(f"emit: cannot write a {type(value).__name__} constant ({value!r}) as source")
+
+
+def _annotation(values: list) -> str:
+  types = {type(v) for v in values}
+  if len(types) == 1:
+    (kind,) = types
+    if kind in (int, float, bool, str, tuple):
+      return kind.__name__
+  if types <= {int, float}:
+    return "float"
+  if type(None) in types and len(types) == 2:
+    (other,) = types - {type(None)}
+    if other in (int, float, bool, str, tuple):
+      return f"{other.__name__} | None"
+  return "Any"
+
+
+def _next_name(name: str) -> str:
+  stem = name.rstrip("0123456789")
+  number = name[len(stem) :]
+  return f"{stem}{int(number) + 1 if number else 1}" if stem != name or number else f"{name}1"
+
+
+def _quoted(text: str) -> str:
+  return text.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def _torch_name(cls: type) -> str:
+  return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def module_source(classes: Classes, torch_class: type, examples: list, versions: str) -> str:
+  """``model.py``: a header, the classes (children before their callers), ``load()``."""
+  source = Source(classes)
+  rendered = [source.render_class(key, cls) for key, cls in classes.classes.items()]
+  top = source.names[next(reversed(classes.classes))]
+  namedtuples = [
+      f"{cls.__name__} = collections.namedtuple({cls.__name__!r}, {list(cls._fields)!r})" for cls in source.namedtuples
+  ]
+  if namedtuples:
+    source.imports["import collections"] = None
+  header = f'''"""{_torch_name(torch_class)} as Flax Linen source, written by jaxbn.emit ({versions}).
+
+One class per torch module class; layers sit at torch's attribute names, so ``jaxbn.convert``
+maps torch's state_dict onto them. Load the model with its weights (``model.safetensors``)::
+
+  module, variables = load()
+  y = module.apply(variables, x)  # torch's eval()
+  y, updates = module.apply(variables, x, train=True, mutable=["batch_stats"])  # torch's train()
+
+Edit freely: to load the weights into an edited model, ``load(module=MyEdit(), strict=False)``
+keeps fresh variables where the file has none, and ``jaxbn.convert.from_torch(...,
+strict=False)`` lists them.
+"""'''
+  two_modes = any(_has_modes(cls.example) for cls in classes.classes.values())
+  init = (
+      """def init():  # torch's train and eval forwards call different layers: the variables of both
+    both = [traverse_util.flatten_dict(module.init(key, *inputs, train=train)) for train in (True, False)]
+    return traverse_util.unflatten_dict({**both[1], **both[0]})"""
+      if two_modes
+      else """def init():
+    return module.init(key, *inputs)"""
+  )
+  loader = f'''EXAMPLE_INPUTS = {examples!r}  # (shape, dtype) of the example the model was emitted with
+
+
+def load(path=None, *, module=None, strict=True):
+  """``(module, variables)``: ``{top}()`` (or ``module``, an edited model) with the weights at ``path``
+  (default: {WEIGHTS_NAME} beside this file). ``strict=False`` gives fresh variables to what the
+  file lacks and leaves out what the model lacks."""
+  module = {top}() if module is None else module
+  path = pathlib.Path(__file__).with_name("{WEIGHTS_NAME}") if path is None else path
+  key, inputs = jax.random.key(0), [jnp.zeros(shape, dtype) for shape, dtype in EXAMPLE_INPUTS]
+
+  {init}
+
+  converted = jaxbn.convert.from_torch(jaxbn.load_state_dict(path), jax.eval_shape(init), strict=strict)
+  if not converted.missing:
+    return module, converted.variables
+  fresh = traverse_util.flatten_dict(jax.jit(init)())  # strict=False: an edited model's new layers
+  return module, traverse_util.unflatten_dict({{**fresh, **traverse_util.flatten_dict(converted.variables)}})
+'''
+  source.imports["from flax import traverse_util"] = None
+  custom = [k for k in source.imports if "custom_modules" in k]
+  standard = sorted({"import pathlib", *(k for k in source.imports if k.startswith("import ") and k not in custom)})
+  flax_imports = sorted(k for k in source.imports if k.startswith("from flax"))
+  third_party = ["import flax.linen as nn", *flax_imports, "import jax", "import jax.numpy as jnp", "import numpy as np"]
+  imports = [*standard, "", *third_party, "", "import jaxbn", "from jaxbn import layers, ops"]
+  if custom:
+    imports += ["", *custom]
+  parts = [header, "\n".join(imports), *namedtuples, *rendered, loader]
+  return "\n\n\n".join(parts) + "\n"
+
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+def _has_modes(code) -> bool:
+  return any(statement[0] == "modes" for statement in code)

@@ -1,0 +1,756 @@
+"""torch's functions and Tensor methods as JAX functions: torch's arguments, layout (NCHW) and
+semantics (torch's index rules for pooling windows and interpolation, torch's ``chunk`` sizes).
+
+This is the op table ``jaxbn.port`` runs and ``jaxbn.emit``'s source calls (as ``jaxbn.ops``),
+without torch: each function is registered under the names of the torch callables it implements
+(``torch.flatten`` and ``Tensor.flatten`` share one function); the port resolves the names to
+torch's objects. In-place variants are their out-of-place twins (the caller rebinds the value).
+Ops that need the mode or randomness (dropout, stochastic depth) take a ``Context`` first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Context(NamedTuple):
+  """What a stochastic op needs: the mode and a source of randomness (Flax's "dropout" rng)."""
+
+  train: bool
+  make_rng: Callable[[], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class OpRule:
+  fn: Callable
+  context: bool = False
+
+
+TABLE: dict[str, OpRule] = {}  # torch's name ("torch.flatten", "F.relu", "Tensor.view") -> rule
+
+
+def register(*torch_names: str, context: bool = False):
+  def add(fn):
+    for name in torch_names:
+      TABLE[name] = OpRule(fn, context)
+    return fn
+
+  return add
+
+
+def _named(name: str, fn: Callable) -> Callable:
+  """A function made by a factory, under its public name (emitted source calls it by that name)."""
+  fn.__name__ = fn.__qualname__ = name
+  return fn
+
+
+def _wide(x):
+  """x in float32 at least: torch's kernels sum and normalise low-precision input in float32 and
+  return it in its own dtype."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _dims(dims) -> tuple[int, ...]:
+  """torch accepts ``x.permute(0, 2, 1)`` and ``x.permute((0, 2, 1))``."""
+  if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+    return tuple(dims[0])
+  return tuple(dims)
+
+
+# --- arithmetic and indexing -------------------------------------------------------------------
+
+
+@register("operator.add", "operator.iadd", "torch.add", "Tensor.add", "Tensor.add_")
+def add(x, y, *, alpha=1):
+  return x + (y if alpha == 1 else alpha * y)
+
+
+@register("operator.sub", "operator.isub", "torch.sub", "Tensor.sub", "Tensor.sub_")
+def sub(x, y, *, alpha=1):
+  return x - (y if alpha == 1 else alpha * y)
+
+
+@register("operator.mul", "operator.imul", "torch.mul", "Tensor.mul", "Tensor.mul_")
+def mul(x, y):
+  return x * y
+
+
+@register("operator.truediv", "operator.itruediv", "torch.div", "Tensor.div", "Tensor.div_")
+def div(x, y, *, rounding_mode=None):
+  if rounding_mode == "floor":
+    return jnp.floor_divide(x, y)
+  if rounding_mode == "trunc":
+    return jnp.trunc(x / y).astype(jnp.result_type(x, y))
+  if _integer_array(x) and (_integer_array(y) or isinstance(y, int)):
+    return x.astype(jnp.float32) / y  # torch's true division of integers: its default dtype, float32
+  return x / y
+
+
+def _integer_array(x) -> bool:
+  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.integer)
+
+
+# torch's //, % and comparisons are Python's; on shapes (ints, static under jit) they run at trace time.
+for _name in ("floordiv", "mod", "eq", "ne", "lt", "le", "gt", "ge"):
+  register(f"operator.{_name}")(getattr(operator, _name))
+for _name in ("ceil", "floor", "sqrt"):
+  register(f"math.{_name}")(getattr(math, _name))
+
+
+@register("torch._assert")
+def assert_(condition, message):
+  """torch's shape asserts, checked when the port is traced (shapes are static): a failing one
+  raises torch's message."""
+  try:
+    holds = bool(condition)
+  except jax.errors.ConcretizationTypeError:  # a value known only at run time: not a shape check
+    return
+  if not holds:
+    raise AssertionError(message)
+
+
+@register("operator.neg", "torch.neg", "Tensor.neg")
+def neg(x):
+  return -x
+
+
+@register("torch.einsum")
+def einsum(equation, *operands):
+  if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+    operands = tuple(operands[0])
+  return jnp.einsum(equation, *operands, precision=jax.lax.Precision.HIGHEST)
+
+
+register("operator.matmul", "torch.matmul", "Tensor.matmul")(jnp.matmul)
+
+
+@register("operator.pow", "torch.pow", "Tensor.pow")
+def pow_(x, y):
+  return x**y
+
+
+@register("operator.getitem")
+def getitem(x, index):
+  return x[index]
+
+
+register("torch.exp", "Tensor.exp")(jnp.exp)
+register("torch.sqrt", "Tensor.sqrt")(jnp.sqrt)
+register("torch.rsqrt", "Tensor.rsqrt")(jax.lax.rsqrt)
+register("torch.abs", "Tensor.abs")(jnp.abs)
+register("torch.sin", "Tensor.sin")(jnp.sin)
+register("torch.cos", "Tensor.cos")(jnp.cos)
+
+
+@register("torch.arange")
+def arange(start, end=None, step=1, *, dtype=None, device=None, requires_grad=False, layout=None, pin_memory=False):
+  """torch's dtype rule: int64 (int32 without x64) for integer arguments, else float32."""
+  del device, requires_grad, layout, pin_memory
+  integers = all(isinstance(v, int) for v in (start, end, step) if v is not None)
+  dtype = dtype if dtype is not None else (jnp.int64 if integers else jnp.float32)
+  values = np.arange(start, end, step) if end is not None else np.arange(start)
+  return jnp.asarray(values, jax.dtypes.canonicalize_dtype(dtype))
+
+
+# Tensor attributes that JAX arrays share; any other is refused when the port traces (.device is
+# the example input's, taken when tracing: the port is device-agnostic).
+TENSOR_ATTRIBUTES = ("shape", "ndim", "dtype", "real", "imag", "T", "mT")
+
+
+@register("builtins.getattr")
+def tensor_attribute(x, name):
+  return tuple(x.shape) if name == "shape" else getattr(x, name)
+
+
+@register("Tensor.size")
+def size(x, dim=None):
+  return tuple(x.shape) if dim is None else x.shape[dim]
+
+
+@register("Tensor.dim")
+def ndim(x):
+  return x.ndim
+
+
+# --- dtypes ------------------------------------------------------------------------------------
+
+
+@register("Tensor.to")
+def to(x, *args, **kwargs):
+  """``Tensor.to(dtype | tensor | device, ...)``: the dtype changes; devices and copies are torch's
+  (the port passes torch's dtypes as NumPy's and devices as None)."""
+  for target in (*args, kwargs.get("dtype")):
+    if isinstance(target, (np.dtype, type)) or hasattr(target, "dtype"):  # x.dtype, or another tensor
+      return x.astype(getattr(target, "dtype", target))
+  return x
+
+
+@register("Tensor.type_as")
+def type_as(x, other):
+  return x.astype(other.dtype)
+
+
+def _cast(dtype):
+  return lambda x, memory_format=None: x.astype(dtype)
+
+
+to_float = register("Tensor.float")(_named("to_float", _cast(jnp.float32)))
+to_double = register("Tensor.double")(_named("to_double", _cast(jnp.float64)))
+to_half = register("Tensor.half")(_named("to_half", _cast(jnp.float16)))
+to_bfloat16 = register("Tensor.bfloat16")(_named("to_bfloat16", _cast(jnp.bfloat16)))
+
+
+# --- shapes ------------------------------------------------------------------------------------
+
+
+@register("torch.flatten", "Tensor.flatten")
+def flatten(x, start_dim=0, end_dim=-1):
+  if x.ndim == 0:
+    return x.reshape(1)
+  start, end = start_dim % x.ndim, end_dim % x.ndim
+  return x.reshape(*x.shape[:start], -1, *x.shape[end + 1 :])
+
+
+@register("torch.reshape", "Tensor.view", "Tensor.reshape")
+def reshape(x, *shape):
+  return x.reshape(_dims(shape))
+
+
+@register("torch.permute", "Tensor.permute")
+def permute(x, *dims):
+  return jnp.transpose(x, _dims(dims))
+
+
+@register("torch.transpose", "torch.swapaxes", "Tensor.transpose", "Tensor.swapaxes")
+def transpose(x, dim0, dim1):
+  return jnp.swapaxes(x, dim0, dim1)
+
+
+@register("Tensor.contiguous", "Tensor.clone", "Tensor.detach", "torch.clone")
+def identity(x, *args, **kwargs):
+  return x
+
+
+@register("torch.squeeze", "Tensor.squeeze")
+def squeeze(x, dim=None):
+  if dim is None:
+    return jnp.squeeze(x)
+  dims = (dim,) if isinstance(dim, int) else tuple(dim)
+  return jnp.squeeze(x, tuple(d for d in dims if x.shape[d] == 1))  # torch ignores non-1 dims
+
+
+@register("torch.unsqueeze", "Tensor.unsqueeze")
+def unsqueeze(x, dim):
+  return jnp.expand_dims(x, dim if dim >= 0 else dim + x.ndim + 1)
+
+
+@register("Tensor.repeat")
+def repeat(x, *sizes):
+  sizes = tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes
+  return jnp.tile(x.reshape((1,) * (len(sizes) - x.ndim) + x.shape), sizes)
+
+
+@register("Tensor.expand")
+def expand(x, *sizes):
+  sizes = _dims(sizes)
+  lead = len(sizes) - x.ndim
+  return jnp.broadcast_to(x, tuple(x.shape[i - lead] if s == -1 else s for i, s in enumerate(sizes)))
+
+
+@register("Tensor.expand_as")
+def expand_as(x, other):
+  return jnp.broadcast_to(x, other.shape)
+
+
+@register("torch.cat", "torch.concat", "torch.concatenate")
+def cat(tensors, dim=0):
+  return jnp.concatenate(list(tensors), axis=dim)
+
+
+@register("torch.stack")
+def stack(tensors, dim=0):
+  return jnp.stack(list(tensors), axis=dim)
+
+
+@register("torch.chunk", "Tensor.chunk")
+def chunk(x, chunks, dim=0):
+  size = math.ceil(x.shape[dim] / chunks)  # torch's rule: equal chunks of ceil(n/chunks), maybe fewer
+  return split(x, size, dim)
+
+
+@register("torch.split", "Tensor.split")
+def split(x, split_size_or_sections, dim=0):
+  length = x.shape[dim]
+  if isinstance(split_size_or_sections, int):
+    sizes = [min(split_size_or_sections, length - start) for start in range(0, length, split_size_or_sections)]
+  else:
+    sizes = list(split_size_or_sections)
+  return tuple(jnp.split(x, np.cumsum(sizes)[:-1].tolist(), axis=dim))
+
+
+@register("torch.unbind", "Tensor.unbind")
+def unbind(x, dim=0):
+  return tuple(jnp.moveaxis(x, dim, 0))
+
+
+# --- reductions --------------------------------------------------------------------------------
+
+
+def _reduction(jnp_fn):
+  def reduce(x, dim=None, keepdim=False, *, dtype=None):
+    axis = None if dim is None else (dim if isinstance(dim, int) else tuple(dim))
+    return jnp_fn(x, axis=axis, keepdims=keepdim, dtype=dtype)
+
+  return reduce
+
+
+mean = register("torch.mean", "Tensor.mean")(_named("mean", _reduction(jnp.mean)))
+sum_ = register("torch.sum", "Tensor.sum")(_named("sum_", _reduction(jnp.sum)))
+
+
+@register("torch.amax", "Tensor.amax")
+def amax(x, dim=(), keepdim=False):
+  return jnp.max(x, axis=dim if isinstance(dim, int) else (tuple(dim) or None), keepdims=keepdim)
+
+
+def _extreme(reduce, arg_reduce, elementwise):
+  """``torch.max`` / ``min``: of everything; ``(values, indices)`` along ``dim``; or elementwise."""
+
+  def extreme(x, dim=None, keepdim=False):
+    if dim is None:
+      return reduce(x)
+    if hasattr(dim, "shape"):  # another tensor
+      return elementwise(x, dim)
+    return reduce(x, axis=dim, keepdims=keepdim), arg_reduce(x, axis=dim, keepdims=keepdim)
+
+  return extreme
+
+
+max_ = register("torch.max", "Tensor.max")(_named("max_", _extreme(jnp.max, jnp.argmax, jnp.maximum)))
+min_ = register("torch.min", "Tensor.min")(_named("min_", _extreme(jnp.min, jnp.argmin, jnp.minimum)))
+
+
+# --- activations -------------------------------------------------------------------------------
+
+
+def _activation(name, fn):
+  """An activation as function, Tensor method and in-place method: ``inplace`` changes nothing
+  here (the interpreter rebinds the input)."""
+  return _named(name, lambda x, *args, inplace=False, **kwargs: fn(x, *args, **kwargs))
+
+
+relu = register("F.relu", "F.relu_", "torch.relu", "torch.relu_", "Tensor.relu", "Tensor.relu_")(
+    _activation("relu", jax.nn.relu)
+)
+relu6 = register("F.relu6")(_activation("relu6", jax.nn.relu6))
+hardswish = register("F.hardswish")(_activation("hardswish", jax.nn.hard_swish))
+hardsigmoid = register("F.hardsigmoid")(_activation("hardsigmoid", jax.nn.hard_sigmoid))
+silu = register("F.silu")(_activation("silu", jax.nn.silu))
+sigmoid = register("torch.sigmoid", "F.sigmoid", "Tensor.sigmoid", "Tensor.sigmoid_")(
+    _activation("sigmoid", jax.nn.sigmoid)
+)
+tanh = register("torch.tanh", "F.tanh", "Tensor.tanh", "Tensor.tanh_")(_activation("tanh", jnp.tanh))
+mish = register("F.mish")(_activation("mish", lambda x: x * jnp.tanh(jax.nn.softplus(x))))
+
+
+@register("F.gelu")
+def gelu(x, approximate="none"):
+  return jax.nn.gelu(x, approximate=approximate == "tanh")
+
+
+@register("F.leaky_relu")
+def leaky_relu(x, negative_slope=0.01, inplace=False):
+  return jnp.where(x >= 0, x, negative_slope * x)
+
+
+@register("F.elu")
+def elu(x, alpha=1.0, inplace=False):
+  return jnp.where(x > 0, x, alpha * jnp.expm1(x))
+
+
+@register("F.hardtanh")
+def hardtanh(x, min_val=-1.0, max_val=1.0, inplace=False):
+  return jnp.clip(x, min_val, max_val)
+
+
+@register("torch.clamp", "torch.clip", "Tensor.clamp", "Tensor.clamp_", "Tensor.clip")
+def clamp(x, min=None, max=None):
+  return jnp.clip(x, min, max)
+
+
+@register("F.softmax", "torch.softmax", "Tensor.softmax")
+def softmax(x, dim=None, _stacklevel=3, dtype=None):
+  return jax.nn.softmax(x if dtype is None else x.astype(dtype), axis=dim)
+
+
+@register("F.log_softmax", "torch.log_softmax", "Tensor.log_softmax")
+def log_softmax(x, dim=None, _stacklevel=3, dtype=None):
+  return jax.nn.log_softmax(x if dtype is None else x.astype(dtype), axis=dim)
+
+
+# --- dropout and stochastic depth --------------------------------------------------------------
+
+
+@register("F.dropout", context=True)
+def dropout(ctx: Context, x, p=0.5, training=True, inplace=False):
+  # ``training`` is the traced module's flag; the port's mode decides too (a train graph under init).
+  if not (training and ctx.train) or p == 0:
+    return x
+  if p == 1:
+    return jnp.zeros_like(x)
+  keep = jax.random.bernoulli(ctx.make_rng(), 1 - p, x.shape)
+  return jnp.where(keep, x / (1 - p), 0).astype(x.dtype)
+
+
+def drop_samples(ctx: Context, x, p: float, mode: str = "row", scale: bool = True):
+  """torchvision's stochastic_depth / timm's drop_path: drop whole samples ("row") or the
+  whole batch ("batch") with probability p, scaling survivors by 1/(1-p)."""
+  if not ctx.train or p == 0:
+    return x
+  survival = 1.0 - p
+  shape = (x.shape[0],) + (1,) * (x.ndim - 1) if mode == "row" else (1,) * x.ndim
+  noise = jax.random.bernoulli(ctx.make_rng(), survival, shape).astype(x.dtype)
+  if survival > 0 and scale:
+    noise = noise / survival
+  return x * noise
+
+
+@register("torchvision.ops.stochastic_depth", context=True)
+def stochastic_depth(ctx: Context, x, p, mode, training=True):
+  return drop_samples(ctx._replace(train=ctx.train and training), x, p, mode)
+
+
+@register("timm.layers.drop.drop_path", context=True)
+def drop_path(ctx: Context, x, drop_prob=0.0, training=False, scale_by_keep=True):
+  return drop_samples(ctx._replace(train=ctx.train and training), x, drop_prob, "row", scale_by_keep)
+
+
+# --- normalization (BatchNorm is jaxbn's; these serve the LayerNorm and GroupNorm leaves too) ----
+
+
+def _affine(y, weight, bias, shape):
+  if weight is not None:
+    y = y * weight.reshape(shape)
+  return y if bias is None else y + bias.reshape(shape)
+
+
+def _standardize(x, axes, eps):
+  mean = jnp.mean(x, axes, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)  # two passes: torch's accuracy
+  return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+@register("F.normalize")
+def normalize(x, p=2.0, dim=1, eps=1e-12, out=None):
+  del out  # torch writes into it; the port returns the value
+  wide = _wide(x)  # torch's norm accumulates low precision in float32, then rounds once
+  norm = (
+      jnp.sqrt(jnp.sum(wide * wide, dim, keepdims=True))
+      if p == 2
+      else jnp.sum(jnp.abs(wide) ** p, dim, keepdims=True) ** (1 / p)
+  )
+  return x / jnp.maximum(norm.astype(x.dtype), eps)
+
+
+@register("F.layer_norm")
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+  shape = tuple(normalized_shape)
+  y = _standardize(_wide(x), tuple(range(-len(shape), 0)), eps)
+  return _affine(y, weight, bias, shape).astype(x.dtype)
+
+
+@register("F.group_norm")
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
+  y = _standardize(_wide(x).reshape(x.shape[0], num_groups, -1), -1, eps).reshape(x.shape)
+  return _affine(y, weight, bias, (-1,) + (1,) * (x.ndim - 2)).astype(x.dtype)
+
+
+def plus_bias(y, bias):
+  """``y + bias`` in y's dtype with the bias rounded to it, added in float32 at least: in a
+  low-precision y the bias's gradient, a sum over every position, would otherwise accumulate in
+  bfloat16 (measured: 3.0 where torch's is 2e-3, on a bias before a BatchNorm)."""
+  return (_wide(y) + _wide(bias.astype(y.dtype))).astype(y.dtype)
+
+
+# --- functional convolution (nn.Conv* modules are leaves, with Flax's kernel layout) -------------
+
+
+@register("F.conv1d", "F.conv2d", "F.conv3d")
+def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+  """torch's functional convolution on channels-first input with a torch-layout weight
+  (out, in / groups, *kernel); padding as torch takes it (ints, 'same', 'valid')."""
+  n = x.ndim - 2
+  dilation = _tuple(dilation, n)
+  if padding == "valid":
+    pads = [(0, 0)] * n
+  elif padding == "same":  # torch puts the odd pixel on the right
+    totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:], strict=True)]
+    pads = [(t // 2, t - t // 2) for t in totals]
+  else:
+    pads = [(p, p) for p in _tuple(padding, n)]
+  spec = (0, 1, *range(2, n + 2))
+  y = jax.lax.conv_general_dilated(
+      x,
+      weight.astype(x.dtype),
+      _tuple(stride, n),
+      pads,
+      rhs_dilation=dilation,
+      dimension_numbers=jax.lax.ConvDimensionNumbers(spec, spec, spec),
+      feature_group_count=groups,
+  )
+  return y if bias is None else plus_bias(y, bias.reshape(-1, *(1,) * n))
+
+
+# --- attention and patches ---------------------------------------------------------------------
+
+
+@register("F.scaled_dot_product_attention", context=True)
+def scaled_dot_product_attention(
+    ctx: Context, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
+  """torch's reference: ``softmax(q @ k^T * scale + mask) @ v``; a boolean mask (and
+  ``is_causal``'s lower triangle) marks the positions that take part."""
+  if enable_gqa:  # grouped-query attention: each key/value head serves a group of query heads
+    key = jnp.repeat(key, query.shape[-3] // key.shape[-3], axis=-3)
+    value = jnp.repeat(value, query.shape[-3] // value.shape[-3], axis=-3)
+  scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
+  scores = query @ jnp.swapaxes(key, -2, -1) * scale
+  if is_causal:
+    scores = jnp.where(jnp.tril(jnp.ones(scores.shape[-2:], bool)), scores, -jnp.inf)
+  if attn_mask is not None:
+    scores = jnp.where(attn_mask, scores, -jnp.inf) if attn_mask.dtype == bool else scores + attn_mask
+  weights = jax.nn.softmax(scores, axis=-1)
+  return dropout(ctx, weights, dropout_p) @ value
+
+
+@register("Tensor.unfold")
+def tensor_unfold(x, dimension, size, step):
+  """``Tensor.unfold``: windows of ``size`` every ``step`` along ``dimension``, as a new last axis."""
+  dimension %= x.ndim
+  windows = jnp.arange((x.shape[dimension] - size) // step + 1)[:, None] * step + jnp.arange(size)
+  return jnp.moveaxis(jnp.take(x, windows, axis=dimension), dimension + 1, -1)
+
+
+@register("Tensor.reshape_as", "Tensor.view_as")
+def reshape_as(x, other):
+  return x.reshape(other.shape)
+
+
+@register("F.unfold")
+def unfold(x, kernel_size, dilation=1, padding=0, stride=1):
+  """``nn.Unfold``: each sliding block's values as one column, ``(N, C * prod(k), L)`` in torch's
+  (channel, then kernel position) order."""
+  n = x.ndim - 2
+  patches = jax.lax.conv_general_dilated_patches(
+      x,
+      _tuple(kernel_size, n),
+      _tuple(stride, n),
+      [(p, p) for p in _tuple(padding, n)],
+      rhs_dilation=_tuple(dilation, n),
+      precision=jax.lax.Precision.HIGHEST,
+  )
+  return patches.reshape(patches.shape[0], patches.shape[1], -1)
+
+
+@register("F.fold")
+def fold(x, output_size, kernel_size, dilation=1, padding=0, stride=1):
+  """``nn.Fold``: the adjoint of ``unfold``, so overlapping blocks sum as in torch. ``x`` is
+  ``(N, C * prod(k), L)``."""
+  size = _tuple(output_size, 2)
+  channels = x.shape[1] // math.prod(_tuple(kernel_size, len(size)))
+  image = jax.ShapeDtypeStruct((x.shape[0], channels, *size), x.dtype)
+  (folded,) = jax.linear_transpose(lambda y: unfold(y, kernel_size, dilation, padding, stride), image)(x)
+  return folded
+
+
+# --- pooling -----------------------------------------------------------------------------------
+
+
+def _tuple(value, n: int) -> tuple[int, ...]:
+  return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def pool_geometry(length, kernel, stride, padding, dilation, ceil_mode):
+  """torch's pooling output size and the right padding that yields it (ceil mode adds windows
+  that start inside the input or its left padding)."""
+  span = dilation * (kernel - 1) + 1
+  out = (length + 2 * padding - span + (stride - 1 if ceil_mode else 0)) // stride + 1
+  if ceil_mode and (out - 1) * stride >= length + padding:
+    out -= 1
+  right = max((out - 1) * stride + span - length - padding, 0)
+  return out, right
+
+
+class Window(NamedTuple):
+  """A pooling window per spatial axis, with torch's (left, right) padding for its output size."""
+
+  kernel: tuple[int, ...]
+  stride: tuple[int, ...]
+  dilation: tuple[int, ...]
+  pads: list[tuple[int, int]]
+
+
+def _window(x, n, kernel_size, stride, padding, dilation, ceil_mode) -> Window:
+  kernel = _tuple(kernel_size, n)
+  stride = _tuple(stride if stride not in (None, ()) else kernel_size, n)
+  padding, dilation = _tuple(padding, n), _tuple(dilation, n)
+  pads = [
+      (p, pool_geometry(length, k, s, p, d, ceil_mode)[1])
+      for length, k, s, p, d in zip(x.shape[-n:], kernel, stride, padding, dilation, strict=True)
+  ]
+  return Window(kernel, stride, dilation, pads)
+
+
+def _pool(x, window: Window, init, op):
+  lead = (1,) * (x.ndim - len(window.kernel))
+  return jax.lax.reduce_window(
+      x,
+      init,
+      op,
+      lead + window.kernel,
+      lead + window.stride,
+      [(0, 0)] * len(lead) + window.pads,
+      window_dilation=lead + window.dilation,
+  )
+
+
+def _max_pool(n):
+  def max_pool(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    if return_indices:
+      raise NotImplementedError("max pooling with return_indices=True is not supported by the port")
+    return _pool(x, _window(x, n, kernel_size, stride, padding, dilation, ceil_mode), -jnp.inf, jax.lax.max)
+
+  return max_pool
+
+
+def _avg_pool(n):
+  def avg_pool(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
+    window = _window(x, n, kernel_size, stride, padding, 1, ceil_mode)
+    total = _pool(_wide(x), window, 0.0, jax.lax.add)
+    if divisor_override:
+      return (total / divisor_override).astype(x.dtype)
+    # torch divides by the window's size clipped to the padded input (count_include_pad) or to
+    # the input; a box, so the count is a product of per-axis counts.
+    divisor = np.ones((), np.float64)
+    for length, (left, right), k, s in zip(x.shape[-n:], window.pads, window.kernel, window.stride, strict=True):
+      inside = np.zeros(left + length + right)
+      inside[0 if count_include_pad else left : left + length + (left if count_include_pad else 0)] = 1
+      counts = np.array([inside[i : i + k].sum() for i in range(0, left + length + right - k + 1, s)])
+      divisor = np.multiply.outer(divisor, counts)
+    return (total / jnp.asarray(divisor, total.dtype)).astype(x.dtype)
+
+  return avg_pool
+
+
+max_pool1d, max_pool2d, max_pool3d = (
+    register(f"F.max_pool{n}d")(_named(f"max_pool{n}d", _max_pool(n))) for n in (1, 2, 3)
+)
+avg_pool1d, avg_pool2d, avg_pool3d = (
+    register(f"F.avg_pool{n}d")(_named(f"avg_pool{n}d", _avg_pool(n))) for n in (1, 2, 3)
+)
+
+
+def adaptive_bins(length: int, out: int) -> list[tuple[int, int]]:
+  """torch's adaptive pooling bins: ``[floor(i*L/out), ceil((i+1)*L/out))``, overlapping when
+  ``out`` does not divide ``L``."""
+  return [((i * length) // out, -((-(i + 1) * length) // out)) for i in range(out)]
+
+
+def _adaptive(n, reduce):
+  def adaptive_pool(x, output_size, return_indices=False):
+    if return_indices:
+      raise NotImplementedError("adaptive max pooling with return_indices=True is not supported by the port")
+    sizes = _tuple(output_size, n)
+    for axis, out in zip(range(x.ndim - n, x.ndim), sizes, strict=True):
+      length = x.shape[axis]
+      out = length if out is None else out
+      if length % out == 0:  # equal bins: one reshape
+        shape = x.shape[:axis] + (out, length // out) + x.shape[axis + 1 :]
+        x = reduce(x.reshape(shape), axis + 1)
+      else:
+        x = jnp.stack(
+            [reduce(jax.lax.slice_in_dim(x, start, end, axis=axis), axis) for start, end in adaptive_bins(length, out)],
+            axis=axis,
+        )
+    return x
+
+  return adaptive_pool
+
+
+adaptive_avg_pool1d, adaptive_avg_pool2d, adaptive_avg_pool3d = (
+    register(f"F.adaptive_avg_pool{n}d")(
+        _named(f"adaptive_avg_pool{n}d", _adaptive(n, lambda x, axis: jnp.mean(x, axis)))
+    )
+    for n in (1, 2, 3)
+)
+adaptive_max_pool1d, adaptive_max_pool2d, adaptive_max_pool3d = (
+    register(f"F.adaptive_max_pool{n}d")(
+        _named(f"adaptive_max_pool{n}d", _adaptive(n, lambda x, axis: jnp.max(x, axis)))
+    )
+    for n in (1, 2, 3)
+)
+
+
+# --- padding and interpolation -----------------------------------------------------------------
+
+PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+@register("F.pad")
+def pad(x, pad, mode="constant", value=None):
+  # torch lists (left, right) pairs from the last axis backwards
+  pairs = [(pad[i], pad[i + 1]) for i in range(0, len(pad), 2)]
+  widths = [(0, 0)] * (x.ndim - len(pairs)) + pairs[::-1]
+  if mode == "constant":  # negative widths crop, as in torch
+    return jax.lax.pad(x, jnp.asarray(value or 0, x.dtype), [(low, high, 0) for low, high in widths])
+  return jnp.pad(x, widths, mode=PAD_MODES[mode])
+
+
+def _source_scale(length_in, length_out, scale_factor, align_corners):
+  if align_corners:
+    return (length_in - 1) / (length_out - 1) if length_out > 1 else 0.0
+  return 1.0 / scale_factor if scale_factor is not None else length_in / length_out
+
+
+@register("F.interpolate")
+def interpolate(
+    x, size=None, scale_factor=None, mode="nearest", align_corners=None, recompute_scale_factor=None, antialias=False
+):
+  if antialias or mode not in ("nearest", "linear", "bilinear", "trilinear"):
+    raise NotImplementedError(f"interpolate(mode={mode!r}, antialias={antialias}) is not supported by the port")
+  n = x.ndim - 2
+  if size is not None:
+    sizes, factors = _tuple(size, n), (None,) * n
+  else:
+    factors = _tuple(scale_factor, n)
+    sizes = tuple(int(math.floor(length * f)) for length, f in zip(x.shape[2:], factors, strict=True))
+    if recompute_scale_factor:
+      factors = (None,) * n
+  for axis, length_out, factor in zip(range(2, x.ndim), sizes, factors, strict=True):
+    length_in = x.shape[axis]
+    scale = _source_scale(length_in, length_out, factor, bool(align_corners))
+    positions = np.arange(length_out, dtype=np.float64)
+    if mode == "nearest":
+      index = np.minimum(np.floor(positions.astype(np.float32) * np.float32(scale)).astype(np.int64), length_in - 1)
+      x = jnp.take(x, index, axis=axis)
+      continue
+    source = positions * scale if align_corners else np.maximum((positions + 0.5) * scale - 0.5, 0)
+    low = np.minimum(np.floor(source).astype(np.int64), length_in - 1)
+    high = np.minimum(low + 1, length_in - 1)
+    weight = jnp.asarray(source - low, x.dtype).reshape((-1,) + (1,) * (x.ndim - axis - 1))
+    x = jnp.take(x, low, axis=axis) * (1 - weight) + jnp.take(x, high, axis=axis) * weight
+  return x
+
+
+__all__ = sorted(  # the public names: every table function of this module, and what calls them need
+    {rule.fn.__name__ for rule in TABLE.values() if getattr(rule.fn, "__module__", None) == __name__}
+    | {"Context", "drop_samples", "plus_bias", "pool_geometry", "adaptive_bins"}
+)

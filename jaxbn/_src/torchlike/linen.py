@@ -1,0 +1,238 @@
+"""torch's layers as Flax Linen modules in torch's layout (channels first) with torch's default
+initialisation: what ``jaxbn.port`` builds at each torch module's path and ``jaxbn.emit``'s source
+constructs, as ``jaxbn.layers``. Variables have Flax's names and layouts (``kernel`` as
+``(*kernel_size, in / groups, out)``), which ``jaxbn.convert`` maps to torch's state_dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+from flax.typing import Dtype
+
+from jaxbn._src.linen.batch_norm import BatchNorm
+from jaxbn._src.torchlike import compute
+from jaxbn._src.torchlike import functional as ops
+from jaxbn._src.torchlike.compute import kernel_init, per_axis
+
+
+class Conv(nn.Module):
+  """torch.nn.Conv{1,2,3}d on channels-first input: ``compute.conv``. ``kernel`` has Flax's layout
+  ``(*kernel_size, in_features / groups, features)``. ``kernel_size``, ``strides``, ``padding``
+  and ``dilation`` as torch takes them (an int for every axis, or one per axis); ``padding`` may
+  also be ``(low, high)`` pairs per axis."""
+
+  features: int
+  kernel_size: int | tuple[int, ...]
+  strides: int | tuple[int, ...] = 1
+  padding: int | tuple = 0
+  dilation: int | tuple[int, ...] = 1
+  groups: int = 1
+  use_bias: bool = True
+  padding_mode: str = "zeros"
+  param_dtype: Dtype = jnp.float32
+  dtype: Dtype | None = None  # the computation's (torch.autocast's low dtype); default: promoted
+
+  @nn.compact
+  def __call__(self, x):
+    kernel_shape = (*per_axis(self.kernel_size, x.ndim - 2), x.shape[1] // self.groups, self.features)
+    kernel = self.param("kernel", kernel_init, kernel_shape, self.param_dtype)
+    bias = None
+    if self.use_bias:
+      fan_in = int(np.prod(kernel_shape[:-1]))
+      bias = self.param("bias", functools.partial(kernel_init, fan_in=fan_in), (self.features,), self.param_dtype)
+    return compute.conv(
+        x,
+        kernel,
+        bias,
+        strides=self.strides,
+        padding=self.padding,
+        dilation=self.dilation,
+        groups=self.groups,
+        padding_mode=self.padding_mode,
+        dtype=self.dtype,
+    )
+
+
+class ConvTranspose(nn.Module):
+  """torch.nn.ConvTranspose{1,2,3}d on channels-first input: ``compute.conv_transpose``."""
+
+  features: int
+  kernel_size: int | tuple[int, ...]
+  strides: int | tuple[int, ...] = 1
+  padding: int | tuple[int, ...] = 0
+  output_padding: int | tuple[int, ...] = 0
+  dilation: int | tuple[int, ...] = 1
+  groups: int = 1
+  use_bias: bool = True
+  param_dtype: Dtype = jnp.float32
+  dtype: Dtype | None = None  # the computation's (torch.autocast's low dtype); default: promoted
+
+  @nn.compact
+  def __call__(self, x):
+    kernel_size = per_axis(self.kernel_size, x.ndim - 2)
+    kernel_shape = (*kernel_size, self.features // self.groups, x.shape[1])
+    # torch's fan_in for a transposed weight (in, out/g, *k) is its dim 1 times the kernel size
+    init = functools.partial(kernel_init, fan_in=int(np.prod(kernel_size)) * (self.features // self.groups))
+    kernel = self.param("kernel", init, kernel_shape, self.param_dtype)
+    bias = self.param("bias", init, (self.features,), self.param_dtype) if self.use_bias else None
+    return compute.conv_transpose(
+        x,
+        kernel,
+        bias,
+        strides=self.strides,
+        padding=self.padding,
+        output_padding=self.output_padding,
+        dilation=self.dilation,
+        groups=self.groups,
+        dtype=self.dtype,
+    )
+
+
+class Tensor(nn.Module):
+  """A parameter or buffer that torch's forward reads directly (``x * self.gamma``), held at its
+  torch path under the leaf name ``tensor``: torch's ``blocks.0.gamma`` is
+  ``params/blocks/0/gamma/tensor``. A buffer lives in the ``buffers`` collection, which an
+  optimiser over ``params`` never trains and a training step never writes."""
+
+  shape: tuple[int, ...]
+  dtype: str
+  collection: str = "params"
+
+  @nn.compact
+  def __call__(self):
+    def zeros(*_):
+      return jnp.zeros(self.shape, self.dtype)  # the value comes from the state_dict
+
+    if self.collection == "params":
+      return self.param("tensor", zeros)
+    return self.variable(self.collection, "tensor", zeros).value
+
+
+class Linear(nn.Module):
+  """torch.nn.Linear: ``compute.linear``, ``kernel`` as ``(in, out)``."""
+
+  features: int
+  use_bias: bool = True
+  param_dtype: Dtype = jnp.float32
+  dtype: Dtype | None = None  # the computation's (torch.autocast's low dtype); default: promoted
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", kernel_init, (x.shape[-1], self.features), self.param_dtype)
+    bias = None
+    if self.use_bias:
+      init = functools.partial(kernel_init, fan_in=x.shape[-1])
+      bias = self.param("bias", init, (self.features,), self.param_dtype)
+    return compute.linear(x, kernel, bias, dtype=self.dtype)
+
+
+class GroupNorm(nn.Module):
+  """torch.nn.GroupNorm on channels-first input (flax's normalises the last axis): ops.group_norm."""
+
+  num_groups: int
+  epsilon: float = 1e-5
+  affine: bool = True
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = bias = None
+    if self.affine:
+      scale = self.param("scale", nn.initializers.ones, (x.shape[1],), self.param_dtype)
+      bias = self.param("bias", nn.initializers.zeros, (x.shape[1],), self.param_dtype)
+    return ops.group_norm(x, self.num_groups, scale, bias, self.epsilon)
+
+
+class LayerNorm(nn.Module):
+  """torch.nn.LayerNorm over the last ``len(normalized_shape)`` axes: ops.layer_norm, with flax's
+  parameter names (``scale``, ``bias``)."""
+
+  normalized_shape: tuple[int, ...]
+  epsilon: float = 1e-5
+  use_scale: bool = True
+  use_bias: bool = True
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    shape = self.normalized_shape
+    scale = self.param("scale", nn.initializers.ones, shape, self.param_dtype) if self.use_scale else None
+    bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype) if self.use_bias else None
+    return ops.layer_norm(x, shape, scale, bias, self.epsilon)
+
+
+@dataclasses.dataclass(frozen=True)
+class Apply:
+  """``fn(x, **kwargs)`` as a hashable value (a module field): ``Apply(ops.gelu, (("approximate", "tanh"),))``."""
+
+  fn: Callable
+  kwargs: tuple = ()
+
+  def __call__(self, x):
+    return self.fn(x, **dict(self.kwargs))
+
+
+@functools.cache
+def activated(norm: type) -> type:
+  """``norm`` followed by stateless calls (timm's BatchNormAct2d: BatchNorm, then its activation),
+  as one layer at one path, so that the layer's output (what parity compares) is torch's."""
+
+  class Activated(norm):
+    after: tuple[Apply, ...] = ()
+
+    @nn.compact
+    def __call__(self, x, *args, **kwargs):
+      y = super().__call__(x, *args, **kwargs)
+      for apply in self.after:
+        y = apply(y)
+      return y
+
+  Activated.__name__ = Activated.__qualname__ = f"{norm.__name__}Act"
+  return Activated
+
+
+BatchNormAct = activated(BatchNorm)
+
+
+def mode_keywords(module, train: bool) -> dict:
+  """The mode for a module's call: through its ``use_running_average``, ``deterministic`` or
+  ``train`` keyword, if its ``__call__`` has one."""
+  import inspect
+
+  parameters = inspect.signature(type(module).__call__).parameters
+  if "use_running_average" in parameters:
+    return {"use_running_average": not train}
+  if "deterministic" in parameters:
+    return {"deterministic": not train}
+  return {"train": train} if "train" in parameters else {}
+
+
+class Sequential(nn.Module):
+  """torch.nn.Sequential: ``layers`` called in turn, each at torch's path (``0``, ``1``, ...).
+
+  A layer is an unbound Linen module (given the mode through its ``train``,
+  ``use_running_average`` or ``deterministic`` keyword) or a function of the value (an op).
+
+  Example::
+
+    >>> block = Sequential((Conv(16, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1)), ops.relu))  # doctest: +SKIP
+    >>> y = block.apply(variables, x, train=False)                                        # doctest: +SKIP
+  """
+
+  layers: tuple
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    for index, layer in enumerate(self.layers):
+      if isinstance(layer, nn.Module):
+        layer = layer.clone(parent=self, name=str(index))
+        x = layer(x, **mode_keywords(layer, train))
+      else:
+        x = layer(x)
+    return x

@@ -1,0 +1,15 @@
+"""torch's layers as Flax Linen modules in torch's layout (channels first), with torch's default
+initialisation: what ``jaxbn.port`` runs and ``jaxbn.emit``'s source builds."""
+
+from jaxbn._src.torchlike.linen import (
+    Apply,
+    Conv,
+    ConvTranspose,
+    GroupNorm,
+    LayerNorm,
+    Linear,
+    Sequential,
+    Tensor,
+)
+
+__all__ = ["Apply", "Conv", "ConvTranspose", "GroupNorm", "LayerNorm", "Linear", "Sequential", "Tensor"]
