@@ -9,7 +9,8 @@ from jaxbn._src.torchlike.linen import (
     LayerNorm,
     Linear,
     Sequential,
+    Stochastic,
     Tensor,
 )
 
-__all__ = ["Apply", "Conv", "ConvTranspose", "GroupNorm", "LayerNorm", "Linear", "Sequential", "Tensor"]
+__all__ = ["Apply", "Conv", "ConvTranspose", "GroupNorm", "LayerNorm", "Linear", "Sequential", "Stochastic", "Tensor"]

@@ -1,4 +1,6 @@
-"""jaxbn for Flax NNX: torch's BatchNorm semantics, freezing and folding on ``flax.nnx`` modules.
+"""jaxbn for Flax NNX: torch's BatchNorm semantics, freezing and folding on ``flax.nnx`` modules,
+and torch's other layers in torch's layout (``Conv``, ``Linear``, ``Sequential``: what
+``jaxbn.emit(api="nnx")``'s source builds).
 
 The same functional core as the Linen layers (``jaxbn/_src/layer.py``); conversion
 (``jaxbn.convert``), ``jaxbn.parity`` and the optimiser masks take NNX modules and states too.
@@ -13,18 +15,38 @@ from jaxbn._src.nnx.freezing import (
     unfreeze,
 )
 from jaxbn._src.nnx.frozen import FoldedBatchNorm, FrozenBatchNorm
+from jaxbn._src.torchlike.nnx import (
+    Conv,
+    ConvTranspose,
+    GroupNorm,
+    LayerNorm,
+    Linear,
+    Sequential,
+    Stochastic,
+    Tensor,
+    uninitialised,
+)
 from jaxbn._src.variables.state import Frozen, to_variables, update
 
 __all__ = [
     "BatchNorm",
+    "Conv",
+    "ConvTranspose",
     "FoldedBatchNorm",
     "Frozen",
     "FrozenBatchNorm",
+    "GroupNorm",
+    "LayerNorm",
+    "Linear",
+    "Sequential",
+    "Stochastic",
+    "Tensor",
     "fold_batchnorm",
     "freeze",
     "keep_eval",
     "to_variables",
     "trainable",
     "unfreeze",
+    "uninitialised",
     "update",
 ]

@@ -18,7 +18,10 @@ import sys
 import textwrap
 
 import jax
+from flax import nnx
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import torchvision
@@ -53,18 +56,52 @@ def small_resnet():
   return torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=10)
 
 
-EMIT_CI = {"handwritten": CI["handwritten"], "torchvision:resnet-1-1-1-1": Case(small_resnet, image(32), floor=1e-4)}
+# CI: the hand-written model (train and eval forwards differ, a namedtuple of a dict, functional
+# ops, momentum=None, FrozenBatchNorm2d, BatchNorm1d) through the whole harness, for each API; the
+# one-block-per-stage ResNet (repeated blocks as one class, an optional downsample, Sequential)
+# through eval and a training forward in CI (test_emitted_resnet_...) and the harness in test-models.
+EMIT_CI = {"handwritten": CI["handwritten"]}
+EMIT_FULL = {"torchvision:resnet-1-1-1-1": Case(small_resnet, image(32), floor=1e-4), **CI, **FULL}
+PORTS = {"linen": lambda directory: emitted_port(directory), "nnx": lambda directory: emitted_nnx_port(directory)}
 
 
+@pytest.mark.parametrize("api", list(PORTS))
 @pytest.mark.parametrize("name", list(EMIT_CI))
-def test_emitted_source_passes_the_port_harness(name, tmp_path):
-  port_harness.run(EMIT_CI[name], port=emitted_port(tmp_path))
+def test_emitted_source_passes_the_port_harness(name, api, tmp_path):
+  port_harness.run(EMIT_CI[name], port=PORTS[api](tmp_path))
 
 
 @pytest.mark.full_models
-@pytest.mark.parametrize("name", [n for n in {**CI, **FULL} if n not in EMIT_CI])
-def test_emitted_source_passes_the_port_harness_full(name, tmp_path):
-  port_harness.run({**CI, **FULL}[name], port=emitted_port(tmp_path))
+@pytest.mark.parametrize("api", list(PORTS))
+@pytest.mark.parametrize("name", [n for n in EMIT_FULL if n not in EMIT_CI])
+def test_emitted_source_passes_the_port_harness_full(name, api, tmp_path):
+  port_harness.run(EMIT_FULL[name], port=PORTS[api](tmp_path))
+
+
+@pytest.mark.parametrize("api", list(PORTS))
+def test_emitted_resnet_matches_torch_in_eval_and_a_training_forward(api, tmp_path):
+  """Eval output, then a train-mode forward with its running-statistic updates, against torch
+  float32 from identical parameters: within 1e-4 of the largest output (a deep net's float32
+  rounding: the harness's floor) and 1e-5 relative to max(|statistic|, 1)."""
+  torch.manual_seed(0)
+  model = small_resnet()
+  x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+  module, variables = PORTS[api](tmp_path)(model, x)
+  apply = jax.jit(module.apply, static_argnames=("train", "mutable"))
+  model.eval()
+  with torch.no_grad():
+    expected = model(torch.from_numpy(x)).numpy()
+  assert np.max(np.abs(np.asarray(apply(variables, x)) - expected)) <= 1e-4 * np.max(np.abs(expected))
+  model.train()
+  with torch.no_grad():
+    expected = model(torch.from_numpy(x)).numpy()
+  output, updates = apply(variables, x, train=True, mutable=("batch_stats",))
+  assert np.max(np.abs(np.asarray(output) - expected)) <= 1e-4 * np.max(np.abs(expected))
+  ours = jaxbn.convert.to_state_dict({**variables, **updates})
+  for key, value in model.state_dict().items():
+    if "running" in key or "num_batches" in key:
+      value = value.numpy()
+      assert np.max(np.abs(ours[key] - value) / np.maximum(np.abs(value), 1)) <= 1e-5, key
 
 
 def test_emitted_model_runs_where_torch_cannot_be_imported(tmp_path):
@@ -114,3 +151,115 @@ def test_resnet50_source_is_one_bottleneck_class_within_250_lines(tmp_path):
 def test_emit_refuses_autocast(tmp_path):
   with pytest.raises(jaxbn.PortError, match="autocast"):
     jaxbn.emit(small_resnet(), np.zeros((1, 3, 32, 32), np.float32), tmp_path, autocast=jax.numpy.bfloat16)
+
+
+class NnxAsLinen:
+  """An NNX model behind the harness's Linen interface: ``apply(variables, x, train=...,
+  mutable=[...])`` merges a copy of the model, writes ``variables`` into it (jaxbn.nnx.update),
+  sets torch's mode (``model.train()`` / ``model.eval()``) and calls it."""
+
+  def __init__(self, model):
+    self.graphdef, self.state = nnx.split(model)
+
+  def apply(self, variables, *inputs, train=False, mutable=(), rngs=None):
+    del rngs  # the harness runs without dropout
+    model = nnx.merge(self.graphdef, jax.tree.map(lambda value: value, self.state))  # Variables of this trace
+    jaxbn.nnx.update(model, variables)
+    model.train() if train else model.eval()
+    output = model(*inputs)
+    return (output, {"batch_stats": jaxbn.nnx.to_variables(model)["batch_stats"]}) if mutable else output
+
+
+def emitted_nnx_port(directory):
+  """``jaxbn.port``'s signature through NNX source: the loaded model, behind ``NnxAsLinen``."""
+  count = itertools.count()
+
+  def port(model, x, dtype=None, strict=True):
+    index = next(count)
+    path = jaxbn.emit(model, x, directory / f"emitted{index}", api="nnx", dtype=dtype)
+    loaded = load_source(path, f"emitted_nnx_{id(directory)}_{index}").load(strict=strict)
+    return NnxAsLinen(loaded), jaxbn.nnx.to_variables(loaded)
+
+  return port
+
+
+def test_native_nnx_model_works_with_every_jaxbn_nnx_tool():
+  """``jaxbn.port(api="nnx")`` builds the classes ``emit(api="nnx")`` writes: torch's attributes,
+  NNX's modes, and each jaxbn.nnx tool (freeze, unfreeze, keep_eval, trainable, fold_batchnorm)."""
+  torch.manual_seed(0)
+  torch_model = small_resnet()
+  x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+  model, _ = jaxbn.port(torch_model, x, api="nnx")
+  assert isinstance(model.layer2[0].downsample[1], jaxbn.nnx.BatchNorm) and model.layer1[0].downsample is None
+  assert isinstance(model.layer1[0].bn1.mean, nnx.BatchStat)
+
+  def arrays(module, kind=nnx.Variable):
+    return {path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(module, kind))}
+
+  forward = nnx.jit(lambda model, x: model(x))
+
+  @nnx.jit(static_argnames="wrt")
+  def step(model, optimizer, x, wrt=nnx.Param):
+    optimizer.update(model, nnx.grad(lambda m: jnp.mean(m(x) ** 2), argnums=nnx.DiffState(0, wrt))(model))
+
+  # keep_eval: layer1's statistics stay while the rest trains
+  jaxbn.nnx.keep_eval(model, "layer1")
+  model.train()
+  before = arrays(model.layer1)
+  forward(model, x)
+  assert all(np.array_equal(before[k], v) for k, v in arrays(model.layer1).items())
+  assert int(model.bn1.num_batches_tracked[...]) == 1
+  jaxbn.nnx.keep_eval(model, "layer1", keep=False)
+
+  # trainable: an optimiser over the filter leaves layer1 and every BatchNorm's affine alone
+  wrt = jaxbn.nnx.trainable(model, modules=["layer1"], batchnorm_affine=[""])
+  optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=wrt)
+  fixed = {**arrays(model.layer1, nnx.Param), **{("bn1", "scale"): np.asarray(model.bn1.scale[...])}}
+  moving = np.asarray(model.fc.kernel[...])
+  step(model, optimizer, x, wrt)
+  assert all(np.array_equal(v, arrays(model.layer1, nnx.Param)[k]) for k, v in fixed.items() if k[0] != "bn1")
+  assert np.array_equal(fixed[("bn1", "scale")], np.asarray(model.bn1.scale[...]))
+  assert not np.array_equal(moving, np.asarray(model.fc.kernel[...]))
+
+  # freeze: FrozenBatchNorm with the same arrays, untouched by a training step; unfreeze restores
+  model.eval()
+  expected = np.asarray(forward(model, x))
+  jaxbn.nnx.freeze(model)
+  assert isinstance(model.layer2[0].downsample[1], jaxbn.nnx.FrozenBatchNorm)
+  model.train()
+  np.testing.assert_array_equal(np.asarray(forward(model, x)), expected)  # frozen: eval statistics in training too
+  frozen = arrays(model, jaxbn.nnx.Frozen)
+  step(model, nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param), x)
+  assert all(np.array_equal(v, arrays(model, jaxbn.nnx.Frozen)[k]) for k, v in frozen.items())
+  jaxbn.nnx.unfreeze(model)
+  assert isinstance(model.layer2[0].downsample[1], jaxbn.nnx.BatchNorm)
+
+  # fold_batchnorm: each norm into the convolution before it; eval output within float32 rounding
+  model.eval()
+  expected = np.asarray(forward(model, x))
+  jaxbn.nnx.fold_batchnorm(model)
+  assert isinstance(model.layer1[0].bn1, jaxbn.nnx.FoldedBatchNorm)
+  folded = np.asarray(forward(model, x))
+  assert np.max(np.abs(folded - expected)) <= 1e-5 * np.max(np.abs(expected))
+
+
+def test_cli_emits_a_checkpoint_as_source_that_matches_torch(tmp_path, capsys):
+  """``jaxbn emit --weights``: the class count read from the weights, the weights loaded strictly,
+  the source's eval output within 1e-4 of torch's largest (float32 rounding through resnet18);
+  an existing model.py is refused (status 2) without --overwrite."""
+  from jaxbn.cli import main
+
+  torch.manual_seed(0)
+  model = torchvision.models.resnet18(num_classes=7).eval()
+  jaxbn.save_state_dict(model, tmp_path / "weights.safetensors")
+  argv = ["emit", "--model", "torchvision:resnet18", "--weights", str(tmp_path / "weights.safetensors")]
+  argv += ["--out", str(tmp_path / "resnet18"), "--size", "32"]
+  assert main(argv) == 0
+  assert "from resnet18.model import load" in capsys.readouterr().out
+  module, variables = load_source(tmp_path / "resnet18" / "model.py", "cli_resnet18").load()
+  x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+  with torch.no_grad():
+    expected = model(torch.from_numpy(x)).numpy()
+  assert np.max(np.abs(np.asarray(jax.jit(module.apply)(variables, x)) - expected)) <= 1e-4 * np.max(np.abs(expected))
+  assert main(argv) == 2
+  assert "exists; pass --overwrite" in capsys.readouterr().err

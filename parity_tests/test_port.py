@@ -356,10 +356,10 @@ def test_nnx_port_switches_modes_and_trains_in_place_as_torch():
     grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
     optimizer.update(model, grads)
 
-  kernel = np.asarray(nnx_model.head["kernel"][...])
+  kernel = np.asarray(nnx_model.head.kernel[...])
   step(nnx_model, optimizer, X)
-  assert int(jaxbn.convert.to_state_dict(nnx_model)["body.0.bn.num_batches_tracked"]) == 5
-  assert not np.array_equal(np.asarray(nnx_model.head["kernel"][...]), kernel)
+  assert int(nnx_model.body[0].bn.num_batches_tracked[...]) == 5  # a native module: torch's attributes
+  assert not np.array_equal(np.asarray(nnx_model.head.kernel[...]), kernel)
 
 
 def test_importing_jaxbn_does_not_import_torch():

@@ -1,4 +1,4 @@
-"""The ``jaxbn`` command: ``jaxbn check``, ``jaxbn convert`` and ``jaxbn inspect``.
+"""The ``jaxbn`` command: ``jaxbn check``, ``jaxbn convert``, ``jaxbn emit`` and ``jaxbn inspect``.
 
   jaxbn check [--model MODEL] [--weights PATH] [--steps 3] [--size 64] [--batch 4] [--plot PNG]
       torch model (random init, or weights from PATH) -> BN statistics trained briefly ->
@@ -15,6 +15,11 @@
       Flax shapes are inferred from torch names (see convert.template_from_state_dict). The
       BatchNorm configuration (eps, momentum, ...) recorded in IN, or else --model's, is written
       with OUT and checked against --model.
+
+  jaxbn emit --model MODEL --out DIR [--api linen|nnx] [--weights PATH] [--size 224]
+      the torch model (random init, or weights from PATH) as Flax source, DIR/model.py (one class
+      per torch module class, layers at torch's names, no torch import), and its weights,
+      DIR/model.safetensors; ``from DIR.model import load``. MODEL: as for check, through jaxbn.port.
 
   jaxbn inspect FILE
       every BatchNorm layer in a checkpoint (torch or Flax): channels, counter, recorded

@@ -24,9 +24,9 @@ from jaxbn._src.checkpoints import config as layer_config
 from jaxbn._src.checkpoints.files import numpy_to_torch, state_dict_to_numpy
 from jaxbn._src.checkpoints.flax_files import is_flax_file
 from jaxbn._src.checkpoints.inspection import inspect_state_dict
-from jaxbn.cli.errors import UsageError, does_not_fit
+from jaxbn.cli.errors import UsageError
 from jaxbn.cli.flax_linen import flax_linen_port_errors
-from jaxbn.cli.models import model_for_weights, shape_differences, torch_model_from_spec
+from jaxbn.cli.models import model_with_weights, read_weights
 from jaxbn.cli.plot import check_plot_target, plot_report
 from jaxbn.models import MODELS
 
@@ -37,15 +37,7 @@ def validate(args) -> dict | None:
     raise UsageError("--api nnx checks the jaxbn.models.nnx ResNets; a model from jaxbn.port is a Linen module.")
   if args.plot:
     check_plot_target(args.plot)
-  if not args.weights:
-    return None
-  weights = pathlib.Path(args.weights)
-  if weights.exists() and is_flax_file(weights):
-    raise UsageError(
-        f"--weights {weights} holds Flax variables; --weights takes a torch state_dict. Convert it"
-        f" first: jaxbn convert {weights} weights.safetensors"
-    )
-  return jaxbn.load_state_dict(weights)
+  return read_weights(args.weights)
 
 
 def train_statistics(torch_model, batches, args) -> None:
@@ -68,21 +60,7 @@ def train_statistics(torch_model, batches, args) -> None:
 def check(args) -> int:
   weights = validate(args)
   torch.manual_seed(args.seed)
-  if weights is None:
-    torch_model, ported = torch_model_from_spec(args.model, args.num_classes or 1000)
-  else:
-    torch_model, ported = model_for_weights(args.model, weights, args.num_classes)
-    missing, unexpected, mismatched = shape_differences(weights, torch_model)
-    if missing or unexpected or mismatched:
-      raise does_not_fit(
-          args.weights,
-          args.model,
-          missing,
-          unexpected,
-          mismatched,
-          "Pass the --model the weights were saved from (and its --num-classes).",
-      )
-    torch_model.load_state_dict(numpy_to_torch(weights), strict=True)
+  torch_model, ported = model_with_weights(args.model, weights, args.weights, args.num_classes)
   if ported:
     jaxbn.parity.without_dropout(torch_model)  # torch's random masks cannot be reproduced
   rng = np.random.default_rng(args.seed)

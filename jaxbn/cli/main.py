@@ -73,6 +73,17 @@ def parser() -> argparse.ArgumentParser:
   )
   convert.add_argument("--num-classes", type=_at_least(1), help="classes of --model (default: read from IN)")
   convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+  emit = commands.add_parser("emit", help="write a torch model as Flax source (model.py) with its weights")
+  emit.add_argument("--model", required=True, help=MODEL_FORMS)
+  emit.add_argument("--out", required=True, metavar="DIR", help="where model.py and model.safetensors go")
+  emit.add_argument("--api", choices=["linen", "nnx"], default="linen", help="Flax Linen (default) or NNX source")
+  emit.add_argument("--weights", help="a .pth/.safetensors state_dict for the model (default: random init)")
+  emit.add_argument(
+      "--num-classes", type=_at_least(1), help="classes of --model (default: read from --weights, else 1000)"
+  )
+  emit.add_argument("--size", type=_at_least(1), default=224, help="the example input's height and width")
+  emit.add_argument("--batch", type=_at_least(1), default=1, help="the example input's batch")
+  emit.add_argument("--overwrite", action="store_true", help="replace DIR/model.py if it exists")
   inspect = commands.add_parser("inspect", help="list a checkpoint's BatchNorm layers and flag bad statistics")
   inspect.add_argument("file")
   return root

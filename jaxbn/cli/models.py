@@ -5,7 +5,9 @@ from __future__ import annotations
 import pathlib
 from collections.abc import Mapping
 
-from jaxbn.cli.errors import UsageError
+from jaxbn._src.checkpoints.files import load_state_dict, numpy_to_torch
+from jaxbn._src.checkpoints.flax_files import is_flax_file
+from jaxbn.cli.errors import UsageError, does_not_fit
 from jaxbn.models import MODELS
 
 MODEL_FORMS = "a jaxbn.models ResNet name (resnet18, ...), torchvision:NAME, timm:NAME or path/to/file.py:factory"
@@ -80,4 +82,37 @@ def model_for_weights(spec: str, state_dict: Mapping, num_classes: int | None):
   }
   if len(counts) == 1:
     return torch_model_from_spec(spec, counts.pop())
+  return torch_model, ported
+
+
+def read_weights(path: str | None) -> dict | None:
+  """``--weights``: a torch state_dict (a Flax file is refused, naming the conversion), or None."""
+  if not path:
+    return None
+  weights = pathlib.Path(path)
+  if weights.exists() and is_flax_file(weights):
+    raise UsageError(
+        f"--weights {weights} holds Flax variables; --weights takes a torch state_dict. Convert it"
+        f" first: jaxbn convert {weights} weights.safetensors"
+    )
+  return load_state_dict(weights)
+
+
+def model_with_weights(spec: str, weights: Mapping | None, path: str | None, num_classes: int | None):
+  """The torch model ``--model`` names with ``--weights`` loaded strictly (random init without),
+  and whether jaxbn.port builds its Flax twin."""
+  if weights is None:
+    return torch_model_from_spec(spec, num_classes or DEFAULT_CLASSES)
+  torch_model, ported = model_for_weights(spec, weights, num_classes)
+  missing, unexpected, mismatched = shape_differences(weights, torch_model)
+  if missing or unexpected or mismatched:
+    raise does_not_fit(
+        path,
+        spec,
+        missing,
+        unexpected,
+        mismatched,
+        "Pass the --model the weights were saved from (and its --num-classes).",
+    )
+  torch_model.load_state_dict(numpy_to_torch(weights), strict=True)
   return torch_model, ported

@@ -22,6 +22,8 @@ from jaxbn._src.port.graph import Traced, trace
 from jaxbn._src.port.interpreter import Ported
 from jaxbn._src.port.leaves import MODULES, Options, find, user_rule
 from jaxbn._src.port.nnx import PortedNNX
+from jaxbn._src.port.source.build import load_classes, model_source
+from jaxbn._src.torchlike.nnx import uninitialised
 
 EXTEND = (
     "Extend the port: custom_modules={TorchClass: factory} (factory(torch_module) returns a Flax"
@@ -83,9 +85,13 @@ def port(
     custom_ops: ``{torch function or Tensor method: jax function}`` with torch's arguments.
     leaf_modules: classes to keep whole rather than trace into (give them custom_modules).
     strict: the state_dict must fit the ported variables exactly (as ``load_state_dict``).
-    api: ``"linen"``, or ``"nnx"`` for a ``PortedNNX`` module (flax's Linen-to-NNX bridge over the
-      same port) holding its converted variables; ``variables`` is then its ``nnx.state``.
-    rngs: for ``api="nnx"``: the ``nnx.Rngs`` dropout draws from (default ``nnx.Rngs(0)``).
+    api: ``"linen"``, or ``"nnx"`` for a native ``nnx.Module``: the classes ``jaxbn.emit(api="nnx")``
+      writes, built in memory, holding the converted variables (``model.layer1[0].bn1.mean``;
+      ``model.train()`` / ``model.eval()``; every ``jaxbn.nnx`` tool); ``variables`` is then its
+      ``nnx.state``. With ``custom_modules`` (Linen modules) or ``autocast``, a ``PortedNNX``
+      (flax's Linen-to-NNX bridge over the Linen port) instead.
+    rngs: for ``api="nnx"``: the ``nnx.Rngs`` the model is built with and dropout draws from
+      (default ``nnx.Rngs(0)``).
 
   Returns ``Port(module, variables)``: ``module.apply(variables, x)`` is torch's eval forward;
   ``module.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})``
@@ -172,7 +178,14 @@ def traced_port(
         stacklevel=2,
     )
   if api == "nnx":
-    nnx_module = PortedNNX(module, rngs=rngs or nnx.Rngs(0)).lazy_init(*inputs)
+    if custom_modules or options.autocast is not None:  # Linen modules or autocast's casts: the bridge
+      nnx_module = PortedNNX(module, rngs=rngs or nnx.Rngs(0)).lazy_init(*inputs)
+    else:
+      text, name = model_source(traced, torch_model, example_input, "nnx")
+      model_class = load_classes(text, name)[name]
+      nnx_module = uninitialised(lambda rngs: model_class(rngs=rngs), rngs)  # the arrays come from the state_dict
+      if not strict and from_torch(state_dict, nnx_module, strict=False, dtype=dtype).missing:
+        nnx_module = model_class(rngs=rngs or nnx.Rngs(0))  # fresh values for what it lacks
     from_torch(state_dict, nnx_module, strict=strict, dtype=dtype)  # in place
     return Port(nnx_module, nnx.state(nnx_module)), traced
   template = jax.eval_shape(lambda *xs: module.init(jax.random.key(0), *xs), *inputs)

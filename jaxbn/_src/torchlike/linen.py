@@ -236,3 +236,16 @@ class Sequential(nn.Module):
       else:
         x = layer(x)
     return x
+
+
+class Stochastic(nn.Module):
+  """An op that needs the mode and randomness (``ops.dropout``, ``ops.stochastic_depth``,
+  ``ops.drop_path``) as a layer, for ``Sequential``: ``Stochastic(ops.dropout, (("p", 0.2),))``
+  draws from the ``"dropout"`` rng in training."""
+
+  fn: Callable
+  kwargs: tuple = ()
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return self.fn(ops.Context(train, lambda: self.make_rng("dropout")), x, **dict(self.kwargs))

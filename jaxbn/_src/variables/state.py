@@ -51,7 +51,7 @@ def to_variables(module_or_state) -> dict:
   for path, variable in _flat(module_or_state):
     collection = collection_of(variable)
     if collection is not None:
-      flat[(collection, *map(str, path))] = variable[...]
+      flat[(collection, *map(str, path))] = variable.get_value()  # an array, or a shape (nnx.eval_shape)
   return traverse_util.unflatten_dict(flat)
 
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from jaxbn._src.emit.tree import Block
+from jaxbn._src.port.source.tree import Block
 from jaxbn._src.errors import PortError
 from jaxbn._src.port.graph import Aggregate, Node, Ref, Slice, Static
 from jaxbn._src.port.leaves import Constant, Leaf, Metadata
@@ -115,8 +116,11 @@ class Classes:
   from the leaves' callers up, classes: a child's class is settled (variants with and without an
   optional child merged) before its caller's code is compared."""
 
-  def __init__(self, leaves: dict[str, Leaf]):
+  def __init__(self, leaves: dict[str, Leaf], layer_fields: Callable[[str, Leaf], tuple[type, tuple]] | None = None):
+    """``layer_fields(path, leaf) -> (class, ((field, value), ...))``: how the source builds the
+    layer at ``path``; default: the Linen prototype's class and dataclass fields."""
     self.leaves = leaves
+    self.layer_fields = layer_fields or linen_fields
     self.classes: dict[tuple, Class] = {}  # class key -> Class, callers after their children
     self.built: dict[str, tuple] = {}  # call key -> (class key, constants)
     self.codes: dict[str, Code] = {}  # call key -> its code
@@ -201,7 +205,7 @@ class Classes:
       if item.kind not in ("module", "op") or not _reads_only(item, previous):
         return None
       expression = self._node(block, item)[2]
-      if expression[0] == "op" and (expression[1].context or isinstance(expression[1].fn, OPAQUE)):
+      if expression[0] == "op" and isinstance(expression[1].fn, OPAQUE):
         return None
       if expression[0] == "layer" and expression[3] != str(index):
         return None
@@ -222,12 +226,9 @@ class Classes:
     if node.kind == "module":
       attribute = _relative(node.target, block.path)
       leaf = self.leaves[node.target]
-      fields = tuple(
-          (field.name, ("const", getattr(leaf.prototype, field.name), f"{attribute}_{field.name}"))
-          for field in dataclasses.fields(leaf.prototype)
-          if field.name not in ("parent", "name")
-      )  # every field, so that calls compare field by field; the source leaves out defaults
-      return ("assign", (node.name,), ("layer", type(leaf.prototype), fields, attribute, leaf.mode, args, kwargs))
+      cls, values = self.layer_fields(node.target, leaf)
+      fields = tuple((name, ("const", value, f"{attribute}_{name}")) for name, value in values)
+      return ("assign", (node.name,), ("layer", cls, fields, attribute, leaf.mode, args, kwargs))
     return ("assign", (node.name,), ("op", node.target, args, kwargs))
 
   # --- phase 2: children as their classes ------------------------------------------------------
@@ -258,6 +259,15 @@ class Classes:
 
   def fields(self, key) -> dict[int, str]:
     return self.classes[key].fields(self.label)
+
+
+def linen_fields(path: str, leaf: Leaf) -> tuple[type, tuple]:
+  """Every field of the Linen layer, so that calls compare field by field (the source leaves out
+  defaults)."""
+  prototype = leaf.prototype
+  return type(prototype), tuple(
+      (f.name, getattr(prototype, f.name)) for f in dataclasses.fields(prototype) if f.name not in ("parent", "name")
+  )
 
 
 ALWAYS_WRITTEN = ("momentum", "epsilon")  # a BatchNorm's, even at torch's defaults: what a reader checks first

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxbn._src.emit.classes import ALWAYS_WRITTEN, REQUIRED, Class, Classes, _key, numbered
+from jaxbn._src.port.source.classes import ALWAYS_WRITTEN, REQUIRED, Class, Classes, _key, numbered
 from jaxbn._src.errors import PortError
 from jaxbn._src.linen.batch_norm import BatchNorm
 from jaxbn._src.linen.folded import FoldedBatchNorm
@@ -20,7 +20,10 @@ from jaxbn._src.linen.frozen import FrozenBatchNorm
 from jaxbn._src.port.graph import Static
 from jaxbn._src.port.leaves import Constant, Metadata
 from jaxbn._src.port.tracer import Guard
+from jaxbn._src.nnx.batch_norm import BatchNorm as NnxBatchNorm
+from jaxbn._src.nnx.frozen import FrozenBatchNorm as NnxFrozenBatchNorm
 from jaxbn._src.torchlike import functional, linen
+from jaxbn._src.torchlike import nnx as torchlike_nnx
 
 INFIX = {
     functional.add: "+",
@@ -127,6 +130,8 @@ class Source:
       return JAXBN_LAYERS[cls]
     if getattr(linen, cls.__name__, None) is cls:
       return f"layers.{cls.__name__}"
+    if getattr(torchlike_nnx, cls.__name__, None) is cls or cls in (NnxBatchNorm, NnxFrozenBatchNorm):
+      return f"jaxbn.nnx.{cls.__name__}"
     for base in cls.__mro__:  # BatchNormAct: the BatchNorm it extends
       if base in JAXBN_LAYERS:
         return JAXBN_LAYERS[base]
@@ -178,9 +183,10 @@ class Body:
     statements = [s for s in code if s[0] not in ("inputs", "input")]
     if statements and statements[0][0] == "modes":
       _, train_code, eval_code = statements[0]
+      train = self.train()
       if train_code is None or eval_code is None:
         only = train_code or eval_code
-        mode = "train" if train_code is not None else "not train"
+        mode = train if train_code is not None else f"not {train}"
         return [f"assert {mode}, 'torch runs this module only in {'train' if train_code else 'eval'} mode'"] + (
             self._run([s for s in only if s[0] not in ("inputs", "input")])
         )
@@ -188,7 +194,7 @@ class Body:
       train_lines = self._run([s for s in train_code if s[0] not in ("inputs", "input")])
       self.names = names
       eval_lines = self._run([s for s in eval_code if s[0] not in ("inputs", "input")])
-      return ["if train:", *("  " + x for x in train_lines), "else:", *("  " + x for x in eval_lines)]
+      return [f"if {train}:", *("  " + x for x in train_lines), "else:", *("  " + x for x in eval_lines)]
     return self._run(statements)
 
   def _run(self, statements: list) -> list[str]:
@@ -198,7 +204,7 @@ class Body:
         last_use[name] = i
     lines = []
     if any(_uses_context(s) for s in statements):
-      lines.append('ctx = ops.Context(train, lambda: self.make_rng("dropout"))')
+      lines.append(self.context())
     for i, statement in enumerate(statements):
       if statement[0] == "optional":
         lines += self._optional(statement, i, last_use)
@@ -234,9 +240,30 @@ class Body:
     else:
       name = self._take(target, "y")
       lines.append(f"{name} = {self.names[source]}")
-    lines.append(f"if {self.expression(flag)}:")
+    lines.append(f"if {self.present(flag, expression)}:")
     lines.append(f"  {self.names[target]} = {self.expression(expression)}")
     return lines
+
+  # --- what differs between the APIs ---------------------------------------------------------------
+
+  def train(self) -> str:
+    """The mode, as an expression."""
+    return "train"
+
+  def context(self) -> str:
+    """The line that makes ``ctx`` for ops that need the mode and randomness (dropout)."""
+    return 'ctx = ops.Context(train, lambda: self.make_rng("dropout"))'
+
+  def present(self, flag, expression) -> str:
+    """The condition of an optional child call."""
+    return self.expression(flag)
+
+  def field(self, name: str) -> str:
+    return f"self.{name}"
+
+  def stochastic(self, function: str, kwargs: str) -> str:
+    """A Sequential's element for an op that needs the mode and randomness."""
+    return f"layers.Stochastic({function}, {kwargs})"
 
   def _assign(self, targets: tuple, expression: tuple, index: int, last_use: dict) -> str:
     if len(targets) == 1:
@@ -255,11 +282,11 @@ class Body:
       return self.names[e[1]]
     if kind == "const":
       _, value, _label, index = e
-      return f"self.{self.fields[index]}" if index in self.fields else literal(value, self.source)
+      return self.field(self.fields[index]) if index in self.fields else literal(value, self.source)
     if kind == "train":
-      return "train"
+      return self.train()
     if kind == "not_train":
-      return "not train"
+      return f"not {self.train()}"
     if kind == "tuple":
       items = [self.expression(x) for x in e[1]]
       return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
@@ -270,19 +297,25 @@ class Body:
     if kind == "layer":
       return self._layer(e)
     if kind == "call":
-      _, key, constants, attribute, args = e
-      arguments = self.source.field_arguments(key, constants, self.expression)
-      _check_attribute(attribute)
-      constructor = f"{self.source.names[key]}({', '.join([*arguments, f'name={attribute!r}'])})"
-      return f"{constructor}({', '.join([*(self.expression(a) for a in args), 'train=train'])})"
+      return self._child(e)
     if kind == "sequential":
-      _, elements, attribute, args = e
-      _check_attribute(attribute)
-      items = ", ".join(self._element(x) for x in elements) + ("," if len(elements) == 1 else "")
-      return f"layers.Sequential(({items}), name={attribute!r})({self.expression(args[0])}, train=train)"
+      return self._sequential(e)
     if kind == "op":
       return self._op(e)
     raise AssertionError(f"unknown expression {kind}")
+
+  def _child(self, e) -> str:
+    _, key, constants, attribute, args = e
+    arguments = self.source.field_arguments(key, constants, self.expression)
+    _check_attribute(attribute)
+    constructor = f"{self.source.names[key]}({', '.join([*arguments, f'name={attribute!r}'])})"
+    return f"{constructor}({', '.join([*(self.expression(a) for a in args), 'train=train'])})"
+
+  def _sequential(self, e) -> str:
+    _, elements, attribute, args = e
+    _check_attribute(attribute)
+    items = ", ".join(self._element(x) for x in elements) + ("," if len(elements) == 1 else "")
+    return f"layers.Sequential(({items}), name={attribute!r})({self.expression(args[0])}, train=train)"
 
   def _aggregate(self, e) -> str:
     _, kind, items, keys = e
@@ -300,7 +333,7 @@ class Body:
     _, cls, fields, attribute, mode, args, kwargs = e
     after = []
     arguments = []
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    defaults = _defaults(cls)
     for name, value in fields:
       if name == "after":
         after = value[1]
@@ -335,8 +368,12 @@ class Body:
       return f"{self.source.names[key]}({', '.join(self.source.field_arguments(key, constants, self.expression))})"
     _, rule, args, kwargs = e  # an op of the previous value
     function = self.source.function(rule.fn)
+    if rule.context:  # dropout: a layer that gets the mode (the op's own ``training`` flag is the mode too)
+      kept = [(k, v) for k, v in self._keywords(rule.fn, kwargs) if not (k == "training" and v == ("train",))]
+      pairs = ", ".join(f"({k!r}, {self.expression(v)})" for k, v in kept) + ("," if len(kept) == 1 else "")
+      return self.stochastic(function, f"({pairs})" if kept else "()")
     rest = [self.expression(a) for a in args[1:]]
-    keywords = [f"{k}={self.expression(v)}" for k, v in kwargs]
+    keywords = [f"{k}={self.expression(v)}" for k, v in self._keywords(rule.fn, kwargs)]
     if not rest and not keywords:
       return function
     if not rest:
@@ -408,6 +445,13 @@ def _check_attribute(attribute: str) -> None:
         f"emit: the model calls {attribute}, a module inside a container it does not call (a ModuleList or"
         " ModuleDict); emitting such calls is not supported yet"
     )
+
+
+def _defaults(cls: type) -> dict:
+  """A layer class's defaults: its dataclass fields' (Linen) or its constructor's (NNX)."""
+  if dataclasses.is_dataclass(cls):
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+  return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()}
 
 
 def _same(value, default) -> bool:
@@ -524,12 +568,9 @@ def module_source(classes: Classes, torch_class: type, examples: list, versions:
   source = Source(classes)
   rendered = [source.render_class(key, cls) for key, cls in classes.classes.items()]
   top = source.names[next(reversed(classes.classes))]
-  namedtuples = [
-      f"{cls.__name__} = collections.namedtuple({cls.__name__!r}, {list(cls._fields)!r})" for cls in source.namedtuples
-  ]
-  if namedtuples:
-    source.imports["import collections"] = None
-  header = f'''"""{_torch_name(torch_class)} as Flax Linen source, written by jaxbn.emit ({versions}).
+  namedtuples = namedtuple_lines(source)
+  header = f'''"""{_torch_name(torch_class)} as Flax Linen source, written by jaxbn.emit
+({versions}).
 
 One class per torch module class; layers sit at torch's attribute names, so ``jaxbn.convert``
 maps torch's state_dict onto them. Load the model with its weights (``model.safetensors``)::
@@ -570,16 +611,25 @@ def load(path=None, *, module=None, strict=True):
   fresh = traverse_util.flatten_dict(jax.jit(init)())  # strict=False: an edited model's new layers
   return module, traverse_util.unflatten_dict({{**fresh, **traverse_util.flatten_dict(converted.variables)}})
 '''
-  source.imports["from flax import traverse_util"] = None
-  custom = [k for k in source.imports if "custom_modules" in k]
-  standard = sorted({"import pathlib", *(k for k in source.imports if k.startswith("import ") and k not in custom)})
-  flax_imports = sorted(k for k in source.imports if k.startswith("from flax"))
-  third_party = ["import flax.linen as nn", *flax_imports, "import jax", "import jax.numpy as jnp", "import numpy as np"]
-  imports = [*standard, "", *third_party, "", "import jaxbn", "from jaxbn import layers, ops"]
-  if custom:
-    imports += ["", *custom]
+  imports = import_lines(source, ["import flax.linen as nn", "from flax import traverse_util"])
   parts = [header, "\n".join(imports), *namedtuples, *rendered, loader]
   return "\n\n\n".join(parts) + "\n"
+
+
+def namedtuple_lines(source: Source) -> list[str]:
+  """The namedtuples the model returns (torchvision's GoogLeNetOutputs), defined in the file."""
+  if source.namedtuples:
+    source.imports["import collections"] = None
+  return [f"{cls.__name__} = collections.namedtuple({cls.__name__!r}, {list(cls._fields)!r})" for cls in source.namedtuples]
+
+
+def import_lines(source: Source, flax_imports: list[str], jaxbn_imports: str = "from jaxbn import layers, ops") -> list[str]:
+  """The standard library's, flax's, jax's and numpy's, jaxbn's, then the user's imports."""
+  custom = [k for k in source.imports if "custom_modules" in k]
+  standard = sorted({"import pathlib", *(k for k in source.imports if k.startswith("import ") and k not in custom)})
+  third_party = [*flax_imports, "import jax", "import jax.numpy as jnp", "import numpy as np"]
+  imports = [*standard, "", *third_party, "", "import jaxbn", jaxbn_imports]
+  return imports + (["", *custom] if custom else [])
 
 
 WEIGHTS_NAME = "model.safetensors"

@@ -1,0 +1,69 @@
+"""A traced model as the text of ``model.py`` (``jaxbn.emit``), or as live NNX classes
+(``jaxbn.port(api="nnx")``)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import linecache
+from typing import Any
+
+import torch
+
+from jaxbn._src.checkpoints.files import as_numpy
+from jaxbn._src.errors import PortError
+from jaxbn._src.port.graph import Traced
+from jaxbn._src.port.source import linen, nnx
+from jaxbn._src.port.source.classes import Classes
+from jaxbn._src.port.source.tree import tree
+
+
+def model_source(traced: Traced, torch_model: torch.nn.Module, example_input: Any, api: str) -> tuple[str, str]:
+  """``(text, name of the model's class)``: the traced model as Flax ``api`` source."""
+  roots = []
+  for train in (True, False):
+    root = tree(traced.programs[train], traced.scopes[train])
+    root.torch_class = type(torch_model)
+    roots.append(root)
+  if api == "nnx":
+    classes = Classes(dict(traced.leaves), nnx.layer_fields(torch_model))
+    classes.build(*roots)
+    text = nnx.module_source(classes, type(torch_model), versions())
+  else:
+    classes = Classes(dict(traced.leaves))
+    classes.build(*roots)
+    inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+    examples = [(tuple(as_numpy(x).shape), str(as_numpy(x).dtype)) for x in inputs]
+    text = linen.module_source(classes, type(torch_model), examples, versions())
+  return formatted(text), linen.Source(classes).names[next(reversed(classes.classes))]
+
+
+def load_classes(text: str, name: str) -> dict:
+  """Runs generated source as a module of its own (its lines shown in tracebacks); its namespace."""
+  filename = f"<jaxbn.port: {name}>"
+  linecache.cache[filename] = (len(text), None, text.splitlines(keepends=True), filename)
+  namespace = {"__name__": f"jaxbn_port_{name}", "__file__": filename}
+  exec(compile(text, filename, "exec"), namespace)  # noqa: S102 (jaxbn's own generated source)
+  return namespace
+
+
+def versions() -> str:
+  found = []
+  for package in ("torch", "torchvision", "timm", "jax", "flax", "jaxbn"):
+    try:
+      found.append(f"{package} {importlib.metadata.version(package)}")
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return ", ".join(found)
+
+
+def formatted(text: str) -> str:
+  """The project's form (pyink, 2-space indents, 120 columns) where pyink is installed."""
+  try:
+    import pyink
+  except ImportError:
+    return text
+  mode = pyink.Mode(line_length=120, is_pyink=True, pyink_indentation=2, string_normalization=True)
+  try:
+    return pyink.format_str(text, mode=mode)
+  except Exception as error:  # a bug of the emitter's, not the user's: say so with the text
+    raise PortError(f"emit wrote source that does not parse ({error}):\n{text}") from error

@@ -1,0 +1,240 @@
+"""The classes as Flax NNX source: ``nnx.Module`` classes that build their layers in ``__init__``
+at torch's attribute names (``model.layer1[0].bn1.mean``) and run them in ``__call__``, with
+NNX's mode (``model.train()`` / ``model.eval()``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+import torch
+
+from jaxbn._src.port.source import linen as base
+from jaxbn._src.port.source.classes import REQUIRED, Class, Classes, numbered
+from jaxbn._src.errors import PortError
+from jaxbn._src.linen.batch_norm import BatchNorm
+from jaxbn._src.linen.frozen import FrozenBatchNorm
+from jaxbn._src.nnx.batch_norm import BatchNorm as NnxBatchNorm
+from jaxbn._src.nnx.frozen import FrozenBatchNorm as NnxFrozenBatchNorm
+from jaxbn._src.port.leaves import Leaf
+from jaxbn._src.torchlike import linen
+from jaxbn._src.torchlike import nnx as layers
+
+
+def _num_features(module: torch.nn.Module) -> dict:
+  count = getattr(module, "num_features", None)
+  return {"num_features": count if count is not None else module.running_mean.shape[0]}
+
+
+# Linen layer -> (NNX layer, what its constructor needs that the Linen one infers from the input)
+NNX_LAYERS: dict[type, tuple[type, Any]] = {
+    linen.Conv: (layers.Conv, lambda m: {"in_features": m.in_channels, "kernel_size": tuple(m.kernel_size)}),
+    linen.ConvTranspose: (
+        layers.ConvTranspose,
+        lambda m: {"in_features": m.in_channels, "kernel_size": tuple(m.kernel_size)},
+    ),
+    linen.Linear: (layers.Linear, lambda m: {"in_features": m.in_features}),
+    linen.GroupNorm: (layers.GroupNorm, lambda m: {"num_channels": m.num_channels}),
+    linen.LayerNorm: (layers.LayerNorm, lambda m: {}),
+    linen.Tensor: (layers.Tensor, lambda m: {}),
+    BatchNorm: (NnxBatchNorm, _num_features),
+    FrozenBatchNorm: (NnxFrozenBatchNorm, _num_features),
+}
+
+
+def layer_fields(model: torch.nn.Module):
+  """``Classes``' ``layer_fields`` for NNX: the NNX twin of each Linen layer, with the torch
+  module's sizes (``in_features``, ``num_features``) its constructor takes."""
+
+  def fields(path: str, leaf: Leaf) -> tuple[type, tuple]:
+    prototype = leaf.prototype
+    linen_class = next((c for c in type(prototype).__mro__ if c in NNX_LAYERS), None)
+    if linen_class is None:
+      raise PortError(
+          f"emit(api='nnx'): {path} is a {type(prototype).__name__} from custom_modules, a Linen module; NNX source"
+          " cannot build it (emit api='linen', or port it with jaxbn.port(api='nnx'))"
+      )
+    nnx_class, sizes = NNX_LAYERS[linen_class]
+    module = model.get_submodule(path) if linen_class is not linen.Tensor else None
+    parameters = inspect.signature(nnx_class.__init__).parameters
+    values = {**sizes(module)} if module is not None else {}
+    for field in dataclasses.fields(prototype):
+      if field.name in parameters and field.name not in values and field.name != "use_running_average":
+        values[field.name] = getattr(prototype, field.name)
+    ordered = [(name, values[name]) for name in parameters if name in values]
+    if getattr(prototype, "after", ()):
+      ordered.append(("after", prototype.after))
+    return nnx_class, tuple(ordered)
+
+  return fields
+
+
+class Source(base.Source):
+  def render_class(self, key: tuple, cls: Class) -> str:
+    fields = self.classes.fields(key)
+    code = numbered(cls.example)
+    body = Body(self, fields)
+    parameters = body.parameters(code)
+    call = body.statements(code)
+    declared: dict[str, tuple[str, Any]] = {}
+    for index, name in fields.items():
+      declared.setdefault(name, (base._annotation([c[index] for c in cls.calls]), cls.default(index)))
+    signature = [f"{name}: {annotation}" for name, (annotation, default) in declared.items() if default is REQUIRED]
+    signature += [
+        f"{name}: {annotation} = {default!r}" for name, (annotation, default) in declared.items() if default is not REQUIRED
+    ]
+    init = [f"self.{name} = {name}" for name in declared if name in body.stored]
+    if body.uses_mode:
+      init.append("self.deterministic = False  # the mode: model.train() / model.eval() set it")
+    if body.uses_context:
+      init.append('self.rngs = rngs["dropout"].fork()  # dropout draws from it')
+    init += body.construction or ([] if init else ["del rngs  # no layers"])
+    lines = [f"class {self.names[key]}(nnx.Module):", f'  """{base._torch_name(cls.torch_class)} in torch."""', ""]
+    lines.append(f"  def __init__(self, {', '.join([*signature, '*', 'rngs: nnx.Rngs'])}):")
+    lines += ["    " + line for line in init]
+    lines += ["", f"  def __call__(self, {', '.join(parameters)}):"]
+    lines += ["    " + line for line in call]
+    return "\n".join(lines)
+
+
+class Body(base.Body):
+  """``__call__``'s statements; the layers they call are built in ``construction`` (``__init__``)."""
+
+  def __init__(self, source: Source, fields: dict[int, str]):
+    super().__init__(source, fields)
+    self.construction: list[str] = []
+    self.built: set[str] = set()
+    self.stored: set[str] = set()
+    self.in_init = False
+    self.uses_mode = self.uses_context = False
+    self.condition: str | None = None  # while building an optional child: its flag
+
+  def train(self) -> str:
+    self.uses_mode = True
+    return "not self.deterministic"
+
+  def context(self) -> str:
+    self.uses_mode = self.uses_context = True
+    return "ctx = ops.Context(not self.deterministic, self.rngs)"
+
+  def field(self, name: str) -> str:
+    if self.in_init:
+      return name
+    self.stored.add(name)
+    return f"self.{name}"
+
+  def stochastic(self, function: str, kwargs: str) -> str:
+    return f"jaxbn.nnx.Stochastic({function}, {kwargs}, rngs=rngs)"
+
+  def present(self, flag, expression) -> str:
+    attribute = expression[3] if expression[0] == "call" else expression[2]
+    return f"self.{attribute} is not None"
+
+  def _optional(self, statement: tuple, index: int, last_use: dict) -> list[str]:
+    self.in_init = True
+    self.condition = self.expression(statement[1])
+    self.in_init = False
+    try:
+      return super()._optional(statement, index, last_use)
+    finally:
+      self.condition = None
+
+  def _build(self, attribute: str, make) -> str:
+    """``self.<attribute>``, built once in ``__init__`` by ``make()`` (rendered with fields as the
+    constructor's arguments)."""
+    if not attribute.isidentifier():
+      raise PortError(f"emit(api='nnx'): the model calls a module at {attribute!r}, which is not an attribute name")
+    if attribute not in self.built:
+      self.built.add(attribute)
+      self.in_init = True
+      try:
+        value = make()
+      finally:
+        self.in_init = False
+      if self.condition is not None:
+        value = f"{value} if {self.condition} else None"
+      self.construction.append(f"self.{attribute} = {value}")
+    return f"self.{attribute}"
+
+  def _layer(self, e) -> str:
+    _, cls, fields, attribute, mode, args, kwargs = e
+
+    def make():
+      constructor, _ = self._constructor(e)
+      return f"{constructor}{', ' if constructor[-1] != '(' else ''}rngs=rngs)"
+
+    layer = self._build(attribute, make)
+    call_arguments = [self.expression(a) for a in args] + [f"{k}={self.expression(v)}" for k, v in kwargs]
+    value = f"{layer}({', '.join(call_arguments)})"
+    _, after = self._constructor(e)
+    for apply in after:  # timm's BatchNormAct2d: its activation after the norm
+      extra = "".join(f", {k}={base.literal(v, self.source)}" for k, v in apply.kwargs)
+      value = f"{self.source.function(apply.fn)}({value}{extra})"
+    return value
+
+  def _child(self, e) -> str:
+    _, key, constants, attribute, args = e
+
+    def make():
+      arguments = self.source.field_arguments(key, constants, self.expression)
+      return f"{self.source.names[key]}({', '.join([*arguments, 'rngs=rngs'])})"
+
+    return f"{self._build(attribute, make)}({', '.join(self.expression(a) for a in args)})"
+
+  def _sequential(self, e) -> str:
+    _, elements, attribute, args = e
+
+    def make():
+      return f"jaxbn.nnx.Sequential([{', '.join(self._element(x) for x in elements)}])"
+
+    return f"{self._build(attribute, make)}({self.expression(args[0])})"
+
+  def _element(self, e) -> str:
+    if e[0] == "layer":
+      constructor, after = self._constructor(e)
+      if after:
+        raise PortError("emit: a BatchNormAct layer inside a Sequential")
+      return f"{constructor}{', ' if constructor[-1] != '(' else ''}rngs=rngs)"
+    if e[0] == "element":
+      _, key, constants = e
+      arguments = self.source.field_arguments(key, constants, self.expression)
+      return f"{self.source.names[key]}({', '.join([*arguments, 'rngs=rngs'])})"
+    return super()._element(e)
+
+
+def module_source(classes: Classes, torch_class: type, versions: str) -> str:
+  """``model.py`` for NNX: a header, the classes, ``load()``."""
+  source = Source(classes)
+  rendered = [source.render_class(key, cls) for key, cls in classes.classes.items()]
+  top = source.names[next(reversed(classes.classes))]
+  header = f'''"""{base._torch_name(torch_class)} as Flax NNX source, written by jaxbn.emit
+({versions}).
+
+One class per torch module class; layers sit at torch's attribute names (``model.layer1[0].bn1``),
+so ``jaxbn.convert`` maps torch's state_dict onto them. Load the model with its weights
+(``model.safetensors``)::
+
+  model = load()          # in training mode, as a new torch module
+  model.eval()            # torch's eval(); model.train() is torch's train()
+  y = model(x)
+
+Edit freely: ``load(model=MyEdit(rngs=nnx.Rngs(0)), strict=False)`` loads the weights into an
+edited model and keeps the fresh values of what the file lacks.
+"""'''
+  namedtuples = base.namedtuple_lines(source)
+  imports = base.import_lines(source, ["from flax import nnx"], "from jaxbn import ops")
+  loader = f'''def load(path=None, *, model=None, strict=True):
+  """``{top}`` (or ``model``, an edited one) with the weights at ``path`` (default:
+  {base.WEIGHTS_NAME} beside this file). ``strict=False`` keeps fresh values for what the file
+  lacks and leaves out what the model lacks."""
+  state_dict = jaxbn.load_state_dict(pathlib.Path(__file__).with_name("{base.WEIGHTS_NAME}") if path is None else path)
+  if model is None:  # shapes only: every array comes from the file (with strict=False, maybe not)
+    model = jaxbn.nnx.uninitialised(lambda rngs: {top}(rngs=rngs))
+    if not strict and jaxbn.convert.from_torch(state_dict, model, strict=False).missing:
+      model = {top}(rngs=nnx.Rngs(0))
+  jaxbn.convert.from_torch(state_dict, model, strict=strict)  # in place
+  return model
+'''
+  parts = [header, "\n".join(imports), *namedtuples, *rendered, loader]
+  return "\n\n\n".join(parts) + "\n"
