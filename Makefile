@@ -33,9 +33,10 @@ format: $(STAMP)
 test: lint
 	$(PY) -m pytest
 
-# The whole zoo: every torchvision ResNet and every model jaxbn.port is proven on, not only CI's.
+# The whole zoo: every torchvision ResNet and every model jaxbn.port is proven on, not only CI's,
+# through the port and through jaxbn.emit's source (Linen and NNX).
 test-models: $(STAMP)
-	$(PY) -m pytest -m full_models parity_tests/test_resnet_parity.py parity_tests/test_port_models.py parity_tests/test_autocast.py
+	$(PY) -m pytest -m full_models parity_tests/test_resnet_parity.py parity_tests/test_port_models.py parity_tests/test_autocast.py parity_tests/test_emit.py
 
 # The port's coverage: the smallest BatchNorm model of every timm architecture module and every
 # torchvision BatchNorm model through the parity harness, one process each (hours on 2 cores;

@@ -17,14 +17,16 @@ import subprocess
 import sys
 import textwrap
 
+import flax.linen
 import jax
-from flax import nnx
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
+from flax import nnx
 
 import jaxbn
 from parity_tests import port_harness
@@ -263,3 +265,100 @@ def test_cli_emits_a_checkpoint_as_source_that_matches_torch(tmp_path, capsys):
   assert np.max(np.abs(np.asarray(jax.jit(module.apply)(variables, x)) - expected)) <= 1e-4 * np.max(np.abs(expected))
   assert main(argv) == 2
   assert "exists; pass --overwrite" in capsys.readouterr().err
+
+
+class Scale(torch.nn.Module):
+
+  def __init__(self, channels):
+    super().__init__()
+    self.weight = torch.nn.Parameter(torch.linspace(0.5, 1.5, channels))
+
+  def forward(self, x):
+    return x * self.weight[:, None, None]
+
+
+class FlaxScale(flax.linen.Module):
+  """Scale's Linen twin, given to the port through custom_modules."""
+
+  @flax.linen.compact
+  def __call__(self, x):
+    return x * self.param("scale", flax.linen.initializers.ones, (x.shape[1],))[:, None, None]
+
+
+def roll(x, shifts, dims):
+  return jnp.roll(x, shifts, dims)
+
+
+class WithCustomParts(torch.nn.Module):
+
+  def __init__(self):
+    super().__init__()
+    self.conv, self.scale, self.bn = torch.nn.Conv2d(3, 3, 1), Scale(3), torch.nn.BatchNorm2d(3)
+
+  def forward(self, x):
+    return self.bn(torch.roll(self.scale(self.conv(x)), 1, dims=3))
+
+
+def test_custom_modules_and_ops_are_imported_by_reference(tmp_path):
+  """What custom_modules and custom_ops give is imported from its module, with a comment; the
+  source then matches torch (eval, float32: 1e-6 of the largest output). A local function cannot
+  be imported: refused by name. NNX source cannot build a Linen custom module: refused."""
+  torch.manual_seed(0)
+  model = WithCustomParts().eval()
+  x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+  options = dict(custom_modules={Scale: lambda m: FlaxScale()}, custom_ops={torch.roll: roll})
+  path = jaxbn.emit(model, x, tmp_path / "custom", **options)
+  text = path.read_text()
+  assert "import parity_tests.test_emit  # custom_modules / custom_ops: imported from where they are defined" in text
+  assert "parity_tests.test_emit.FlaxScale(" in text and "parity_tests.test_emit.roll(" in text
+  module, variables = load_source(path, "custom_parts").load()
+  with torch.no_grad():
+    expected = model(torch.from_numpy(x)).numpy()
+  assert np.max(np.abs(np.asarray(module.apply(variables, x)) - expected)) <= 1e-6 * np.max(np.abs(expected))
+  with pytest.raises(jaxbn.PortError, match=r"not importable; define it in a module"):
+    jaxbn.emit(
+        model,
+        x,
+        tmp_path / "local",
+        custom_modules=options["custom_modules"],
+        custom_ops={torch.roll: lambda x, shifts, dims: jnp.roll(x, shifts, dims)},
+    )
+  with pytest.raises(jaxbn.PortError, match=r"emit\(api='nnx'\): scale is a FlaxScale from custom_modules"):
+    jaxbn.emit(model, x, tmp_path / "nnx", api="nnx", **options)
+
+
+class Tiny(torch.nn.Module):
+
+  def __init__(self):
+    super().__init__()
+    self.conv, self.bn, self.fc = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 10)
+
+  def forward(self, x):
+    return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_edited_source_loads_what_still_fits(api, tmp_path):
+  """The README's edit: a new head in the source, then ``load(strict=False)``: every weight that
+  fits is the file's, bit for bit; the new head has fresh values; ``from_torch(strict=False)``
+  names what did not fit."""
+  torch.manual_seed(0)
+  path = jaxbn.emit(Tiny(), np.zeros((1, 3, 8, 8), np.float32), tmp_path / "net", api=api)
+  linen_head, nnx_head = (
+      'layers.Linear(features=10, name="fc")',
+      "jaxbn.nnx.Linear(in_features=4, features=10, rngs=rngs)",
+  )
+  head = linen_head if api == "linen" else nnx_head
+  text = path.read_text()
+  assert head in text
+  path.write_text(text.replace(head, head.replace("features=10", "features=5")))
+  loaded = load_source(path, f"edited_{api}").load(strict=False)
+  variables = loaded[1] if api == "linen" else loaded
+  state_dict = jaxbn.load_state_dict(tmp_path / "net" / "model.safetensors")
+  ours = jaxbn.convert.to_state_dict(variables)
+  assert ours["fc.weight"].shape == (5, 4)
+  for key, value in state_dict.items():
+    if not key.startswith("fc."):
+      np.testing.assert_array_equal(ours[key], value, err_msg=key)
+  report = jaxbn.convert.from_torch(state_dict, variables, strict=False)
+  assert [m[0] for m in report.mismatched] == ["fc.bias", "fc.weight"]

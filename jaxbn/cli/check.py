@@ -21,8 +21,7 @@ import torch
 
 import jaxbn
 from jaxbn._src.checkpoints import config as layer_config
-from jaxbn._src.checkpoints.files import numpy_to_torch, state_dict_to_numpy
-from jaxbn._src.checkpoints.flax_files import is_flax_file
+from jaxbn._src.checkpoints.files import state_dict_to_numpy
 from jaxbn._src.checkpoints.inspection import inspect_state_dict
 from jaxbn.cli.errors import UsageError
 from jaxbn.cli.flax_linen import flax_linen_port_errors

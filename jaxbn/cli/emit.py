@@ -21,7 +21,9 @@ def emit(args) -> int:
   example = np.zeros((args.batch, 3, args.size, args.size), np.float32)
   path = jaxbn.emit(torch_model, example, out, api=args.api)
   classes = sum(line.startswith("class ") for line in path.read_text().splitlines())
-  print(f"{path}: {type(torch_model).__name__} as Flax {'NNX' if args.api == 'nnx' else 'Linen'} source, {classes} classes")
+  print(
+      f"{path}: {type(torch_model).__name__} as Flax {'NNX' if args.api == 'nnx' else 'Linen'} source, {classes} classes"
+  )
   print(f"{out / 'model.safetensors'}: its weights ({'from ' + args.weights if args.weights else 'random init'})")
   load = "model = load()" if args.api == "nnx" else "module, variables = load()"
   print(f"load it from {out.parent.resolve()}: from {out.name}.model import load; {load}")

@@ -14,7 +14,9 @@ from jaxbn._src.port.source.build import model_source
 from jaxbn._src.port.source.linen import WEIGHTS_NAME
 
 
-def emit(torch_model: torch.nn.Module, example_input: Any, out_dir, *, api: str = "linen", **port_options) -> pathlib.Path:
+def emit(
+    torch_model: torch.nn.Module, example_input: Any, out_dir, *, api: str = "linen", **port_options
+) -> pathlib.Path:
   """Writes ``out_dir/model.py``, Flax source of the torch model, and ``out_dir/model.safetensors``,
   its state_dict with the BatchNorm configuration recorded.
 

@@ -184,7 +184,7 @@ def traced_port(
       text, name = model_source(traced, torch_model, example_input, "nnx")
       model_class = load_classes(text, name)[name]
       nnx_module = uninitialised(lambda rngs: model_class(rngs=rngs), rngs)  # the arrays come from the state_dict
-      if not strict and from_torch(state_dict, nnx_module, strict=False, dtype=dtype).missing:
+      if not strict and from_torch(state_dict, nnx_module, strict=False, dtype=dtype).missing:  # fresh values
         nnx_module = model_class(rngs=rngs or nnx.Rngs(0))  # fresh values for what it lacks
     from_torch(state_dict, nnx_module, strict=strict, dtype=dtype)  # in place
     return Port(nnx_module, nnx.state(nnx_module)), traced

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from jaxbn._src.port.source.tree import Block
 from jaxbn._src.errors import PortError
 from jaxbn._src.port.graph import Aggregate, Node, Ref, Slice, Static
 from jaxbn._src.port.leaves import Constant, Leaf, Metadata
+from jaxbn._src.port.source.tree import Block
 from jaxbn._src.port.tracer import Guard
 
 OPAQUE = (Guard, Constant, Metadata, Static)  # op targets that are not functions of the previous value
@@ -179,7 +179,7 @@ class Classes:
     if block.key:  # a module's forward returns what its caller reads; the model's has an output node
       outputs = tuple(("var", name) for name in block.outputs)
       statements.append(("return", outputs[0] if len(outputs) == 1 else ("tuple", outputs)))
-    return (("inputs", tuple(block.inputs)), *statements)
+    return _canonical((("inputs", tuple(block.inputs)), *statements))
 
   def _child(self, parent: Block, child: Block) -> tuple:
     attribute = _relative(child.path, parent.path)
@@ -195,11 +195,15 @@ class Classes:
     previous = block.inputs[0] if len(block.inputs) == 1 else None
     for index, item in enumerate(block.items):
       if isinstance(item, Block):
-        if item.inputs != [previous] or len(item.outputs) != 1 or item.key in self.sequences:
+        attribute = _relative(item.path, block.path)
+        if item.inputs != [previous] or len(item.outputs) != 1 or attribute != str(index):
           return None
-        if item.key not in self.codes:
+        if item.key in self.sequences:  # a Sequential in a Sequential (torchvision's Conv2dNormActivation)
+          elements.append(("sequence", _relabelled(self._sequence(item), attribute)))
+        elif item.key in self.codes:
+          elements.append(("element", ("ref", item.key), attribute))
+        else:
           return None
-        elements.append(("element", ("ref", item.key), _relative(item.path, block.path)))
         previous = item.outputs[0]
         continue
       if item.kind not in ("module", "op") or not _reads_only(item, previous):
@@ -387,6 +391,32 @@ def _constant_indices(e) -> list[int]:
 
   walk(e)
   return found
+
+
+def _canonical(code: tuple) -> tuple:
+  """A block's code with its values named in order of appearance (``v0``, ``v1``): the names the
+  trace gave differ between the train and eval programs, and the code is self-contained."""
+  names: dict[str, str] = {}
+
+  def name(n):
+    return names.setdefault(n, f"v{len(names)}")
+
+  def walk(e):
+    if isinstance(e, tuple) and e:
+      if e[0] == "const":
+        return e
+      if e[0] == "var" and len(e) == 2:
+        return ("var", name(e[1]))
+      if e[0] == "inputs":
+        return ("inputs", tuple(name(n) for n in e[1]))
+      if e[0] == "input":
+        return ("input", name(e[1]), e[2], walk(e[3]))
+      if e[0] == "assign":
+        return ("assign", tuple(name(n) for n in e[1]), walk(e[2]))
+      return tuple(walk(x) for x in e)
+    return e
+
+  return walk(code)
 
 
 def _child_pairs(train_block: Block | None, eval_block: Block | None):

@@ -12,16 +12,16 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxbn._src.port.source.classes import ALWAYS_WRITTEN, REQUIRED, Class, Classes, _key, numbered
 from jaxbn._src.errors import PortError
 from jaxbn._src.linen.batch_norm import BatchNorm
 from jaxbn._src.linen.folded import FoldedBatchNorm
 from jaxbn._src.linen.frozen import FrozenBatchNorm
-from jaxbn._src.port.graph import Static
-from jaxbn._src.port.leaves import Constant, Metadata
-from jaxbn._src.port.tracer import Guard
 from jaxbn._src.nnx.batch_norm import BatchNorm as NnxBatchNorm
 from jaxbn._src.nnx.frozen import FrozenBatchNorm as NnxFrozenBatchNorm
+from jaxbn._src.port.graph import Static
+from jaxbn._src.port.leaves import Constant, Metadata
+from jaxbn._src.port.source.classes import ALWAYS_WRITTEN, REQUIRED, Class, Classes, _key, numbered
+from jaxbn._src.port.tracer import Guard
 from jaxbn._src.torchlike import functional, linen
 from jaxbn._src.torchlike import nnx as torchlike_nnx
 
@@ -126,15 +126,13 @@ class Source:
     return self.by_reference(fn)
 
   def layer(self, cls: type) -> str:
-    if cls in JAXBN_LAYERS:
-      return JAXBN_LAYERS[cls]
+    for base in cls.__mro__:  # BatchNormAct: the BatchNorm it extends, its activation called after
+      if base in JAXBN_LAYERS:
+        return JAXBN_LAYERS[base]
     if getattr(linen, cls.__name__, None) is cls:
       return f"layers.{cls.__name__}"
     if getattr(torchlike_nnx, cls.__name__, None) is cls or cls in (NnxBatchNorm, NnxFrozenBatchNorm):
       return f"jaxbn.nnx.{cls.__name__}"
-    for base in cls.__mro__:  # BatchNormAct: the BatchNorm it extends
-      if base in JAXBN_LAYERS:
-        return JAXBN_LAYERS[base]
     return self.by_reference(cls)
 
   def by_reference(self, thing) -> str:
@@ -261,6 +259,10 @@ class Body:
   def field(self, name: str) -> str:
     return f"self.{name}"
 
+  def sequence(self, elements: list[str]) -> str:
+    """A Sequential's constructor, from its elements' source."""
+    return f"layers.Sequential(({', '.join(elements)}{',' if len(elements) == 1 else ''}))"
+
   def stochastic(self, function: str, kwargs: str) -> str:
     """A Sequential's element for an op that needs the mode and randomness."""
     return f"layers.Stochastic({function}, {kwargs})"
@@ -314,8 +316,8 @@ class Body:
   def _sequential(self, e) -> str:
     _, elements, attribute, args = e
     _check_attribute(attribute)
-    items = ", ".join(self._element(x) for x in elements) + ("," if len(elements) == 1 else "")
-    return f"layers.Sequential(({items}), name={attribute!r})({self.expression(args[0])}, train=train)"
+    constructor = self.sequence([self._element(x) for x in elements])
+    return f"{constructor[:-1]}, name={attribute!r})({self.expression(args[0])}, train=train)"
 
   def _aggregate(self, e) -> str:
     _, kind, items, keys = e
@@ -366,6 +368,8 @@ class Body:
     if e[0] == "element":
       _, key, constants = e
       return f"{self.source.names[key]}({', '.join(self.source.field_arguments(key, constants, self.expression))})"
+    if e[0] == "sequence":
+      return self.sequence([self._element(x) for x in e[1]])
     _, rule, args, kwargs = e  # an op of the previous value
     function = self.source.function(rule.fn)
     if rule.context:  # dropout: a layer that gets the mode (the op's own ``training`` flag is the mode too)
@@ -418,7 +422,8 @@ class Body:
     kept = [
         (name, value)
         for name, value in kwargs
-        if not (
+        if name != "inplace"  # torch's in-place ops are their out-of-place twins here
+        and not (
             name in parameters
             and value[0] == "const"
             and value[3] not in self.fields
@@ -606,7 +611,7 @@ def load(path=None, *, module=None, strict=True):
   {init}
 
   converted = jaxbn.convert.from_torch(jaxbn.load_state_dict(path), jax.eval_shape(init), strict=strict)
-  if not converted.missing:
+  if not (converted.missing or converted.mismatched):
     return module, converted.variables
   fresh = traverse_util.flatten_dict(jax.jit(init)())  # strict=False: an edited model's new layers
   return module, traverse_util.unflatten_dict({{**fresh, **traverse_util.flatten_dict(converted.variables)}})
@@ -620,10 +625,14 @@ def namedtuple_lines(source: Source) -> list[str]:
   """The namedtuples the model returns (torchvision's GoogLeNetOutputs), defined in the file."""
   if source.namedtuples:
     source.imports["import collections"] = None
-  return [f"{cls.__name__} = collections.namedtuple({cls.__name__!r}, {list(cls._fields)!r})" for cls in source.namedtuples]
+  return [
+      f"{cls.__name__} = collections.namedtuple({cls.__name__!r}, {list(cls._fields)!r})" for cls in source.namedtuples
+  ]
 
 
-def import_lines(source: Source, flax_imports: list[str], jaxbn_imports: str = "from jaxbn import layers, ops") -> list[str]:
+def import_lines(
+    source: Source, flax_imports: list[str], jaxbn_imports: str = "from jaxbn import layers, ops"
+) -> list[str]:
   """The standard library's, flax's, jax's and numpy's, jaxbn's, then the user's imports."""
   custom = [k for k in source.imports if "custom_modules" in k]
   standard = sorted({"import pathlib", *(k for k in source.imports if k.startswith("import ") and k not in custom)})

@@ -10,14 +10,14 @@ from typing import Any
 
 import torch
 
-from jaxbn._src.port.source import linen as base
-from jaxbn._src.port.source.classes import REQUIRED, Class, Classes, numbered
 from jaxbn._src.errors import PortError
 from jaxbn._src.linen.batch_norm import BatchNorm
 from jaxbn._src.linen.frozen import FrozenBatchNorm
 from jaxbn._src.nnx.batch_norm import BatchNorm as NnxBatchNorm
 from jaxbn._src.nnx.frozen import FrozenBatchNorm as NnxFrozenBatchNorm
 from jaxbn._src.port.leaves import Leaf
+from jaxbn._src.port.source import linen as base
+from jaxbn._src.port.source.classes import REQUIRED, Class, Classes, numbered
 from jaxbn._src.torchlike import linen
 from jaxbn._src.torchlike import nnx as layers
 
@@ -71,6 +71,7 @@ def layer_fields(model: torch.nn.Module):
 
 
 class Source(base.Source):
+
   def render_class(self, key: tuple, cls: Class) -> str:
     fields = self.classes.fields(key)
     code = numbered(cls.example)
@@ -82,7 +83,9 @@ class Source(base.Source):
       declared.setdefault(name, (base._annotation([c[index] for c in cls.calls]), cls.default(index)))
     signature = [f"{name}: {annotation}" for name, (annotation, default) in declared.items() if default is REQUIRED]
     signature += [
-        f"{name}: {annotation} = {default!r}" for name, (annotation, default) in declared.items() if default is not REQUIRED
+        f"{name}: {annotation} = {default!r}"
+        for name, (annotation, default) in declared.items()
+        if default is not REQUIRED
     ]
     init = [f"self.{name} = {name}" for name in declared if name in body.stored]
     if body.uses_mode:
@@ -167,7 +170,7 @@ class Body(base.Body):
     layer = self._build(attribute, make)
     call_arguments = [self.expression(a) for a in args] + [f"{k}={self.expression(v)}" for k, v in kwargs]
     value = f"{layer}({', '.join(call_arguments)})"
-    _, after = self._constructor(e)
+    after = next((v[1] for name, v in fields if name == "after"), ())
     for apply in after:  # timm's BatchNormAct2d: its activation after the norm
       extra = "".join(f", {k}={base.literal(v, self.source)}" for k, v in apply.kwargs)
       value = f"{self.source.function(apply.fn)}({value}{extra})"
@@ -182,11 +185,14 @@ class Body(base.Body):
 
     return f"{self._build(attribute, make)}({', '.join(self.expression(a) for a in args)})"
 
+  def sequence(self, elements: list[str]) -> str:
+    return f"jaxbn.nnx.Sequential([{', '.join(elements)}])"
+
   def _sequential(self, e) -> str:
     _, elements, attribute, args = e
 
     def make():
-      return f"jaxbn.nnx.Sequential([{', '.join(self._element(x) for x in elements)}])"
+      return self.sequence([self._element(x) for x in elements])
 
     return f"{self._build(attribute, make)}({self.expression(args[0])})"
 
@@ -231,8 +237,8 @@ edited model and keeps the fresh values of what the file lacks.
   state_dict = jaxbn.load_state_dict(pathlib.Path(__file__).with_name("{base.WEIGHTS_NAME}") if path is None else path)
   if model is None:  # shapes only: every array comes from the file (with strict=False, maybe not)
     model = jaxbn.nnx.uninitialised(lambda rngs: {top}(rngs=rngs))
-    if not strict and jaxbn.convert.from_torch(state_dict, model, strict=False).missing:
-      model = {top}(rngs=nnx.Rngs(0))
+    if not strict and any(jaxbn.convert.from_torch(state_dict, model, strict=False)[1:]):
+      model = {top}(rngs=nnx.Rngs(0))  # fresh values for what the file lacks or shapes otherwise
   jaxbn.convert.from_torch(state_dict, model, strict=strict)  # in place
   return model
 '''
