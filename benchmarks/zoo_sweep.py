@@ -169,8 +169,9 @@ def computes_in_float32(model, shape) -> bool:
   return Dtypes.low
 
 
-def run_one(spec: str) -> dict:
-  """One model through the harness, in this process; the result as a JSON-able dict."""
+def run_one(spec: str, emit_only: bool = False) -> dict:
+  """One model through the harness (or only jaxbn.emit's check), in this process; the result as a
+  JSON-able dict."""
   import jaxbn
   from parity_tests import port_harness
   from parity_tests.test_port_models import HARDSIGMOID_GRAD64
@@ -179,6 +180,10 @@ def run_one(spec: str) -> dict:
   try:
     model = build(spec)
     shape = input_shape(spec, model)
+    if emit_only:
+      emitted = emit_check(spec, shape, port_harness.Case(None, shape).floor)
+      status = "pass" if all(cell.split()[1][0].isdigit() for cell in emitted.split("; ")) else "emit"
+      return {"status": status, "seconds": time.perf_counter() - start, "emit": emitted}
     # torch's Hardsigmoid / Hardswish backward use float32's 1/6 in float64 too (test_port_models)
     hard = any(type(m).__name__.lower().startswith("hard") for m in model.modules())
     rtol = HARDSIGMOID_GRAD64 if hard else port_harness.FLOAT64_RTOL
@@ -196,7 +201,14 @@ def run_one(spec: str) -> dict:
           f"{' and '.join(measured.by_spread)} within {measured.spread_ratio:.1f}x torch's own spread one ulp"
           f" away (bound {port_harness.SPREAD_FACTOR}x)"
       )
-    return {"status": "pass", "seconds": time.perf_counter() - start, **vars(measured), "reason": "; ".join(notes)}
+    emitted = emit_check(spec, shape, case.floor)
+    return {
+        "status": "pass",
+        "seconds": time.perf_counter() - start,
+        **vars(measured),
+        "emit": emitted,
+        "reason": "; ".join(notes),
+    }
   except jaxbn.PortError as error:
     reason = next((line.strip(" -") for line in str(error).splitlines()[1:] if line.strip()), str(error))
     return {"status": "refused", "reason": reason[:200]}
@@ -206,6 +218,47 @@ def run_one(spec: str) -> dict:
     return failure(error)  # an assert of the model's or the port's own
   except Exception as error:  # noqa: BLE001 - reported in the table
     return failure(error)
+
+
+def emit_check(spec: str, shape: tuple, floor: float) -> str:
+  """jaxbn.emit's source, Linen then NNX, loaded: eval output, a train-mode forward and its
+  running statistics against torch float32, within the harness's floor (statistics 1e-5) or, where
+  float32 cannot resolve that (few values per BatchNorm channel), within 10x of jaxbn.port's own
+  distance in the same check (the harness decides the port's parity); or why not."""
+  import tempfile
+
+  import numpy as np
+  import torch
+
+  import jaxbn
+  from parity_tests.port_harness import SPREAD_FACTOR
+  from parity_tests.test_emit import PORTS, eval_and_training_forward
+
+  def measure(port):
+    torch.manual_seed(0)
+    model = build(spec)
+    jaxbn.parity.without_dropout(model)
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    return eval_and_training_forward(model, x, port)
+
+  ported = None
+  cells = []
+  for api, port in PORTS.items():
+    try:
+      with tempfile.TemporaryDirectory() as directory:
+        eval_rel, train_rel, stats_rel = measure(port(pathlib.Path(directory)))
+      worst, note = max(eval_rel, train_rel), ""
+      ok = worst <= floor and stats_rel <= 1e-5
+      if not ok:
+        ported = ported or measure(jaxbn.port)
+        ok = worst <= SPREAD_FACTOR * max(ported[:2]) and stats_rel <= max(1e-5, SPREAD_FACTOR * ported[2])
+        note = f" (port {max(ported[:2]):.1e})"
+      cells.append(f"{api} {'' if ok else 'MISMATCH '}{worst:.1e}{note}")
+    except jaxbn.PortError as error:
+      cells.append(f"{api} refused: {str(error).splitlines()[0][:80]}")
+    except Exception as error:  # noqa: BLE001 - reported in the table
+      cells.append(f"{api} failed: {failure(error)['reason'][:80]}")
+  return "; ".join(cells)
 
 
 def failure(error: BaseException) -> dict:
@@ -225,10 +278,13 @@ def main() -> int:
   parser.add_argument(
       "--families", action="store_true", help="torchvision: the smallest model of each builder module only"
   )
+  parser.add_argument(
+      "--emit-only", action="store_true", help="only jaxbn.emit's source (eval and a train-mode forward), no harness"
+  )
   parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one model, JSON out
   args = parser.parse_args()
   if args.one:
-    print(json.dumps(run_one(args.one)))
+    print(json.dumps(run_one(args.one, args.emit_only)))
     return 0
   zoos = {"timm": timm_models, "torchvision": lambda: torchvision_models(args.families)}
   specs = args.only or [spec for zoo, models in zoos.items() if args.zoo in (zoo, "all") for spec in models()]
@@ -237,7 +293,11 @@ def main() -> int:
   for spec in specs:
     try:
       child = subprocess.run(
-          [sys.executable, __file__, "--one", spec], capture_output=True, text=True, timeout=args.timeout, cwd=ROOT
+          [sys.executable, __file__, "--one", spec, *(["--emit-only"] if args.emit_only else [])],
+          capture_output=True,
+          text=True,
+          timeout=args.timeout,
+          cwd=ROOT,
       )
       lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
       last_error = child.stderr.strip().splitlines()[-1][:200] if child.stderr.strip() else "no output"
@@ -260,12 +320,14 @@ def report(rows: list, planned: int) -> str:
   import torchvision
 
   def cells(result):
+    if "port_seconds" not in result and "emit" in result:  # --emit-only
+      return f"{result['status']} | - | - | - | - | - | {result['emit'].replace('|', '/')} | "
     if result["status"] != "pass":
-      return f"{result['status']} | - | - | - | - | - | {result.get('reason', '').replace('|', '/')}"
+      return f"{result['status']} | - | - | - | - | - | - | {result.get('reason', '').replace('|', '/')}"
     layers = f"{result['layers_rel']:.1e}" if result.get("layers_rel") is not None else "-"
     return (
         f"pass | {result['port_seconds']:.2f} | {result['eval_rel']:.1e} | {result['train_rel']:.1e} |"
-        f" {result['stats_rel']:.1e} | {layers} | {result.get('reason', '')}"
+        f" {result['stats_rel']:.1e} | {layers} | {result.get('emit', '-').replace('|', '/')} | {result.get('reason', '')}"
     )
 
   counts = {}
@@ -280,8 +342,8 @@ def report(rows: list, planned: int) -> str:
   )
   table = "\n".join(
       [
-          "| model | status | port (s) | eval | train, step 1 | running stats | per layer | reason / note |",
-          "|---|---|---|---|---|---|---|---|",
+          "| model | status | port (s) | eval | train, step 1 | running stats | per layer | emitted source | reason / note |",
+          "|---|---|---|---|---|---|---|---|---|",
           *(f"| {spec} | {cells(result)} |" for spec, result in rows),
       ]
   )
@@ -289,7 +351,12 @@ def report(rows: list, planned: int) -> str:
       "Measured by benchmarks/zoo_sweep.py (`make zoo`): each model through parity_tests/port_harness.py;"
       " relative differences against torch float32 from identical parameters (after updates, float64"
       " lock-step against torch float64); per layer: jaxbn.parity.compare's worst BatchNorm layer (what"
-      " `jaxbn check` reports), within 1e-3.\n\n" + summary + "\n\n" + table + "\n"
+      " `jaxbn check` reports), within 1e-3; emitted source: jaxbn.emit's model.py (Linen, NNX) loaded, its eval"
+      " output and a train-mode forward against torch float32 (worst of the two; statistics within 1e-5).\n\n"
+      + summary
+      + "\n\n"
+      + table
+      + "\n"
   )
 
 

@@ -8,9 +8,21 @@ from jaxbn._src.torchlike.linen import (
     GroupNorm,
     LayerNorm,
     Linear,
+    ModuleList,
     Sequential,
     Stochastic,
     Tensor,
 )
 
-__all__ = ["Apply", "Conv", "ConvTranspose", "GroupNorm", "LayerNorm", "Linear", "Sequential", "Stochastic", "Tensor"]
+__all__ = [
+    "Apply",
+    "Conv",
+    "ConvTranspose",
+    "GroupNorm",
+    "LayerNorm",
+    "Linear",
+    "ModuleList",
+    "Sequential",
+    "Stochastic",
+    "Tensor",
+]

@@ -80,30 +80,39 @@ def test_emitted_source_passes_the_port_harness_full(name, api, tmp_path):
   port_harness.run(EMIT_FULL[name], port=PORTS[api](tmp_path))
 
 
-@pytest.mark.parametrize("api", list(PORTS))
-def test_emitted_resnet_matches_torch_in_eval_and_a_training_forward(api, tmp_path):
-  """Eval output, then a train-mode forward with its running-statistic updates, against torch
-  float32 from identical parameters: within 1e-4 of the largest output (a deep net's float32
-  rounding: the harness's floor) and 1e-5 relative to max(|statistic|, 1)."""
-  torch.manual_seed(0)
-  model = small_resnet()
-  x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
-  module, variables = PORTS[api](tmp_path)(model, x)
+def eval_and_training_forward(model, x, port) -> tuple[float, float, float]:
+  """The emitted model against torch float32 from identical parameters: eval output, then a
+  train-mode forward and its running statistics. Relative to the largest output, and to
+  max(|statistic|, 1)."""
+  module, variables = port(model, x)
   apply = jax.jit(module.apply, static_argnames=("train", "mutable"))
   model.eval()
   with torch.no_grad():
-    expected = model(torch.from_numpy(x)).numpy()
-  assert np.max(np.abs(np.asarray(apply(variables, x)) - expected)) <= 1e-4 * np.max(np.abs(expected))
+    expected = port_harness.as_arrays(model(torch.from_numpy(x)))
+  eval_rel = port_harness.relative(port_harness.as_arrays(apply(variables, x)), expected)
   model.train()
   with torch.no_grad():
-    expected = model(torch.from_numpy(x)).numpy()
+    expected = port_harness.as_arrays(model(torch.from_numpy(x)))
   output, updates = apply(variables, x, train=True, mutable=("batch_stats",))
-  assert np.max(np.abs(np.asarray(output) - expected)) <= 1e-4 * np.max(np.abs(expected))
+  train_rel = port_harness.relative(port_harness.as_arrays(output), expected)
   ours = jaxbn.convert.to_state_dict({**variables, **updates})
+  stats_rel = 0.0
   for key, value in model.state_dict().items():
     if "running" in key or "num_batches" in key:
       value = value.numpy()
-      assert np.max(np.abs(ours[key] - value) / np.maximum(np.abs(value), 1)) <= 1e-5, key
+      stats_rel = max(stats_rel, float(np.max(np.abs(ours[key] - value) / np.maximum(np.abs(value), 1))))
+  return eval_rel, train_rel, stats_rel
+
+
+@pytest.mark.parametrize("api", list(PORTS))
+def test_emitted_resnet_matches_torch_in_eval_and_a_training_forward(api, tmp_path):
+  """Within 1e-4 of the largest output (a deep net's float32 rounding: the harness's floor) and
+  1e-5 relative to max(|statistic|, 1)."""
+  torch.manual_seed(0)
+  x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+  eval_rel, train_rel, stats_rel = eval_and_training_forward(small_resnet(), x, PORTS[api](tmp_path))
+  assert eval_rel <= 1e-4 and train_rel <= 1e-4, (eval_rel, train_rel)
+  assert stats_rel <= 1e-5, stats_rel
 
 
 def test_emitted_model_runs_where_torch_cannot_be_imported(tmp_path):
@@ -362,3 +371,35 @@ def test_edited_source_loads_what_still_fits(api, tmp_path):
       np.testing.assert_array_equal(ours[key], value, err_msg=key)
   report = jaxbn.convert.from_torch(state_dict, variables, strict=False)
   assert [m[0] for m in report.mismatched] == ["fc.bias", "fc.weight"]
+
+
+class CallsMembers(torch.nn.Module):
+  """A ModuleList iterated and a ModuleDict indexed in forward: members called one by one."""
+
+  def __init__(self):
+    super().__init__()
+    self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+    self.blocks = torch.nn.ModuleList(
+        torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        for _ in range(3)
+    )
+    self.norms = torch.nn.ModuleDict({"a": torch.nn.BatchNorm2d(8), "b": torch.nn.BatchNorm2d(8, momentum=None)})
+
+  def forward(self, x):
+    x = self.stem(x)
+    for block in self.blocks:
+      x = x + block(x)
+    return self.norms["b"](self.norms["a"](x)).mean((2, 3))
+
+
+@pytest.mark.parametrize("api", list(PORTS))
+def test_members_of_containers_called_one_by_one(api, tmp_path):
+  """ModuleList / ModuleDict members at torch's paths (``blocks.1.0``, ``norms.b``) in a
+  ``layers.ModuleList`` / ``nnx.Dict``; eval, a training forward and its statistics within float32
+  rounding of torch (1e-6 of the largest output, statistics 1e-6 relative to max(|value|, 1))."""
+  torch.manual_seed(0)
+  x = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
+  eval_rel, train_rel, stats_rel = eval_and_training_forward(CallsMembers(), x, PORTS[api](tmp_path))
+  assert eval_rel <= 1e-6 and train_rel <= 1e-6 and stats_rel <= 1e-6, (eval_rel, train_rel, stats_rel)
+  text = (tmp_path / "emitted0" / "model.py").read_text()
+  assert ("layers.ModuleList(" if api == "linen" else "nnx.Dict(") in text

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -249,3 +249,21 @@ class Stochastic(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     return self.fn(ops.Context(train, lambda: self.make_rng("dropout")), x, **dict(self.kwargs))
+
+
+class ModuleList(nn.Module):
+  """A torch ModuleList or ModuleDict whose owner calls its members one by one (``for block in
+  self.blocks: x = block(x)``): ``members`` by torch's key, each built at ``<name>/<key>`` when
+  first called: ``blocks("0", x, train=train)``.
+
+  Example::
+
+    >>> blocks = ModuleList({"0": Linear(4), "1": Linear(4)}, name="blocks")   # doctest: +SKIP
+    >>> y = blocks("1", blocks("0", x))                                        # doctest: +SKIP
+  """
+
+  members: Mapping[str, nn.Module]
+
+  @nn.compact
+  def __call__(self, key: str, *args, **kwargs):
+    return self.members[key].clone(parent=self, name=key)(*args, **kwargs)

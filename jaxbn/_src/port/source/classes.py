@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from jaxbn._src.errors import PortError
-from jaxbn._src.port.graph import Aggregate, Node, Ref, Slice, Static
+from jaxbn._src.port.graph import Aggregate, Node, Ref, Slice, Static, references
 from jaxbn._src.port.leaves import Constant, Leaf, Metadata
 from jaxbn._src.port.source.tree import Block
 from jaxbn._src.port.tracer import Guard
@@ -125,6 +125,7 @@ class Classes:
     self.built: dict[str, tuple] = {}  # call key -> (class key, constants)
     self.codes: dict[str, Code] = {}  # call key -> its code
     self.sequences: set[str] = set()  # call keys of Sequentials written as layers.Sequential
+    self._fields: dict[tuple, dict[int, str]] = {}
 
   def build(self, train_root: Block, eval_root: Block) -> tuple:
     """Every class; returns the model's class key."""
@@ -262,7 +263,10 @@ class Classes:
     return f"{attribute}_{self.fields(key).get(index) or self.label(child.labels[index])}"
 
   def fields(self, key) -> dict[int, str]:
-    return self.classes[key].fields(self.label)
+    """A class's fields (computed once the classes are built: the source asks for each call)."""
+    if key not in self._fields:
+      self._fields[key] = self.classes[key].fields(self.label)
+    return self._fields[key]
 
 
 def linen_fields(path: str, leaf: Leaf) -> tuple[type, tuple]:
@@ -430,8 +434,7 @@ def _child_pairs(train_block: Block | None, eval_block: Block | None):
 
 
 def _reads_only(node: Node, previous: str | None) -> bool:
-  from jaxbn._src.port.graph import references
-
+  """The node reads the previous value, as its first argument, and nothing else."""
   names = references((node.args, node.kwargs))
   return previous is not None and names == [previous] and node.args and node.args[0] == Ref(previous)
 

@@ -85,7 +85,8 @@ class Source:
     body = Body(self, fields)
     parameters = body.parameters(code)
     lines += ["  @nn.compact", f"  def __call__(self, {', '.join([*parameters, 'train: bool = False'])}):"]
-    lines += ["    " + line for line in body.statements(code)]
+    statements = body.statements(code)
+    lines += ["    " + line for line in body.containers_lines() + statements]
     return "\n".join(lines)
 
   def field_arguments(self, key: tuple, constants: tuple, render) -> list[str]:
@@ -155,6 +156,7 @@ class Body:
     self.fields = fields
     self.names: dict[str, str] = {}
     self.taken: set[str] = set()
+    self.containers: dict[str, dict[str, str]] = {}  # ModuleList / ModuleDict members the class calls
 
   def parameters(self, code: tuple) -> list[str]:
     parameters = []
@@ -309,15 +311,35 @@ class Body:
   def _child(self, e) -> str:
     _, key, constants, attribute, args = e
     arguments = self.source.field_arguments(key, constants, self.expression)
-    _check_attribute(attribute)
-    constructor = f"{self.source.names[key]}({', '.join([*arguments, f'name={attribute!r}'])})"
-    return f"{constructor}({', '.join([*(self.expression(a) for a in args), 'train=train'])})"
+    constructor = f"{self.source.names[key]}({', '.join(arguments)}"
+    return self._placed(attribute, constructor, [*(self.expression(a) for a in args), "train=train"])
 
   def _sequential(self, e) -> str:
     _, elements, attribute, args = e
-    _check_attribute(attribute)
-    constructor = self.sequence([self._element(x) for x in elements])
-    return f"{constructor[:-1]}, name={attribute!r})({self.expression(args[0])}, train=train)"
+    constructor = self.sequence([self._element(x) for x in elements])[:-1]
+    return self._placed(attribute, constructor, [self.expression(args[0]), "train=train"])
+
+  def _placed(self, attribute: str, constructor: str, call: list[str]) -> str:
+    """A module built at ``attribute`` by ``constructor`` (without its closing parenthesis), called
+    with ``call``. A member of a ModuleList or ModuleDict its owner calls one by one
+    (``blocks.0``) is built in a ``layers.ModuleList`` at the top of ``__call__``."""
+    container, _, key = attribute.partition(".")
+    if not key:
+      separator = ", " if constructor[-1] != "(" else ""
+      return f"{constructor}{separator}name={attribute!r})({', '.join(call)})"
+    _check_attribute(key)
+    members = self.containers.setdefault(container, {})
+    members.setdefault(key, f"{constructor})")
+    if container not in self.names:
+      self._take(container, container)
+    return f"{self.names[container]}({', '.join([repr(key), *call])})"
+
+  def containers_lines(self) -> list[str]:
+    return [
+        f"{self.names[container]} = layers.ModuleList({{{', '.join(f'{k!r}: {v}' for k, v in members.items())}}},"
+        f" name={container!r})"
+        for container, members in self.containers.items()
+    ]
 
   def _aggregate(self, e) -> str:
     _, kind, items, keys = e
@@ -347,13 +369,11 @@ class Body:
 
   def _layer(self, e) -> str:
     _, cls, fields, attribute, mode, args, kwargs = e
-    _check_attribute(attribute)
     constructor, after = self._constructor(e)
     call_arguments = [self.expression(a) for a in args] + [f"{k}={self.expression(v)}" for k, v in kwargs]
     if mode is not None:
       call_arguments.append(f"{mode}={MODE_KEYWORDS[mode]}")
-    separator = ", " if constructor[-1] != "(" else ""
-    value = f"{constructor}{separator}name={attribute!r})({', '.join(call_arguments)})"
+    value = self._placed(attribute, constructor, call_arguments)
     for apply in after:  # timm's BatchNormAct2d: its activation after the norm
       extra = "".join(f", {k}={literal(v, self.source)}" for k, v in apply.kwargs)
       value = f"{self.source.function(apply.fn)}({value}{extra})"
@@ -444,11 +464,11 @@ class Body:
     return self.expression(e)
 
 
-def _check_attribute(attribute: str) -> None:
-  if "." in attribute:
+def _check_attribute(key: str) -> None:
+  if "." in key:
     raise PortError(
-        f"emit: the model calls {attribute}, a module inside a container it does not call (a ModuleList or"
-        " ModuleDict); emitting such calls is not supported yet"
+        f"emit: the model calls a module at {key!r} inside a container it does not call (a ModuleList in a"
+        " ModuleList); emitting calls two containers deep is not supported yet"
     )
 
 

@@ -92,7 +92,11 @@ class Source(base.Source):
       init.append("self.deterministic = False  # the mode: model.train() / model.eval() set it")
     if body.uses_context:
       init.append('self.rngs = rngs["dropout"].fork()  # dropout draws from it')
-    init += body.construction or ([] if init else ["del rngs  # no layers"])
+    init += body.construction + [
+        f"self.{container} = nnx.Dict({{{', '.join(f'{k!r}: {v}' for k, v in members.items())}}})"
+        for container, members in body.containers.items()
+    ]
+    init = init or ["del rngs  # no layers"]
     lines = [f"class {self.names[key]}(nnx.Module):", f'  """{base._torch_name(cls.torch_class)} in torch."""', ""]
     lines.append(f"  def __init__(self, {', '.join([*signature, '*', 'rngs: nnx.Rngs'])}):")
     lines += ["    " + line for line in init]
@@ -146,6 +150,21 @@ class Body(base.Body):
   def _build(self, attribute: str, make) -> str:
     """``self.<attribute>``, built once in ``__init__`` by ``make()`` (rendered with fields as the
     constructor's arguments)."""
+    container, _, key = attribute.partition(".")
+    if key:  # a member of a ModuleList or ModuleDict its owner calls one by one: in an nnx.Dict
+      base._check_attribute(key)
+      if self.condition is not None:
+        raise PortError(
+            f"emit(api='nnx'): {attribute}, a container's member, is called by some calls of its class only"
+        )
+      members = self.containers.setdefault(container, {})
+      if key not in members:
+        self.in_init = True
+        try:
+          members[key] = make()
+        finally:
+          self.in_init = False
+      return f"self.{container}[{key!r}]"
     if not attribute.isidentifier():
       raise PortError(f"emit(api='nnx'): the model calls a module at {attribute!r}, which is not an attribute name")
     if attribute not in self.built:
