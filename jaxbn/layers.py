@@ -12,6 +12,7 @@ from jaxbn._src.torchlike.linen import (
     Sequential,
     Stochastic,
     Tensor,
+    chain,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "Sequential",
     "Stochastic",
     "Tensor",
+    "chain",
 ]

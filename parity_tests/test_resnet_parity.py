@@ -9,8 +9,9 @@ gradients; then 3 identical SGD steps (momentum 0.9, weight decay 1e-4) in jaxbn
 float64 in lock-step, comparing after each step the train-mode logits, every running statistic and
 counter, and eval logits at the end.
 
-resnet18 and resnet50 run in CI (64x64 inputs, batch 4); the other torchvision ResNets are marked
-``full_models`` (``make test-models``). The NNX ResNets (jaxbn.models.nnx) run the same checks
+resnet18 runs in CI (64x64 inputs, batch 4); the other torchvision ResNets, resnet50 (41 s, moved
+out of CI for jaxbn.emit's tests) included, are marked ``full_models`` (``make test-models``); CI
+builds the Bottleneck in test_parity_report. The NNX ResNets (jaxbn.models.nnx) run the same checks
 (``api="nnx"``: conversion into the module, an nnx.jit step with nnx.Optimizer): resnet18 in CI.
 
 Tolerances (float32). Logits relative to the largest |logit|, running statistics to
@@ -58,8 +59,8 @@ TOLERANCE = {"resnet18": 1e-5}  # identical parameters; the floor after updates
 DEEP_TOLERANCE = 2e-4
 TOTAL_FACTOR = 2.0  # jaxbn's L2 distance to torch float64 vs torch float32's
 FLOAT64_RTOL = 1e-9  # float64 gradients per tensor; float64 training, relative L2 per group
-CI_MODELS = ["resnet18", "resnet50"]
-FULL_MODELS = ["resnet34", "resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2"]
+CI_MODELS = ["resnet18"]
+FULL_MODELS = ["resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2"]
 # After updates, float64 rounding differences grow about 100x per SGD step through resnet152's
 # 155 BatchNorms: measured 1.9e-13, 1.8e-11, 1.4e-9 on the train-mode logits at steps 0, 1, 2
 # (2e-13 at identical parameters: the growth is the updates', not an error of either side).

@@ -10,7 +10,7 @@ import torch
 from jaxbn._src.checkpoints.files import save_state_dict
 from jaxbn._src.errors import PortError
 from jaxbn._src.port.api import traced_port
-from jaxbn._src.port.source.build import model_source
+from jaxbn._src.port.source.build import model_source, write
 from jaxbn._src.port.source.linen import WEIGHTS_NAME
 
 
@@ -52,10 +52,7 @@ def emit(
         " precision"
     )
   _, traced = traced_port(torch_model, example_input, **port_options)
-  text, _ = model_source(traced, torch_model, example_input, api)
-  out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  path = out / "model.py"
-  path.write_text(text)
-  save_state_dict(torch_model, out / WEIGHTS_NAME)
+  text, _, constants = model_source(traced, torch_model, example_input, api)
+  path = write(pathlib.Path(out_dir), text, constants)
+  save_state_dict(torch_model, path.parent / WEIGHTS_NAME)
   return path

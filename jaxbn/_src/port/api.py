@@ -88,8 +88,8 @@ def port(
     api: ``"linen"``, or ``"nnx"`` for a native ``nnx.Module``: the classes ``jaxbn.emit(api="nnx")``
       writes, built in memory, holding the converted variables (``model.layer1[0].bn1.mean``;
       ``model.train()`` / ``model.eval()``; every ``jaxbn.nnx`` tool); ``variables`` is then its
-      ``nnx.state``. With ``custom_modules`` (Linen modules) or ``autocast``, a ``PortedNNX``
-      (flax's Linen-to-NNX bridge over the Linen port) instead.
+      ``nnx.state``. With ``custom_modules`` (Linen modules), ``custom_ops`` or ``autocast``, a
+      ``PortedNNX`` (flax's Linen-to-NNX bridge over the Linen port) instead.
     rngs: for ``api="nnx"``: the ``nnx.Rngs`` the model is built with and dropout draws from
       (default ``nnx.Rngs(0)``).
 
@@ -178,11 +178,11 @@ def traced_port(
         stacklevel=2,
     )
   if api == "nnx":
-    if custom_modules or options.autocast is not None:  # Linen modules or autocast's casts: the bridge
+    if custom_modules or custom_ops or options.autocast is not None:  # the user's Linen parts, autocast: the bridge
       nnx_module = PortedNNX(module, rngs=rngs or nnx.Rngs(0)).lazy_init(*inputs)
     else:
-      text, name = model_source(traced, torch_model, example_input, "nnx")
-      model_class = load_classes(text, name)[name]
+      text, name, constants = model_source(traced, torch_model, example_input, "nnx")
+      model_class = load_classes(text, name, constants)[name]
       nnx_module = uninitialised(lambda rngs: model_class(rngs=rngs), rngs)  # the arrays come from the state_dict
       if not strict and from_torch(state_dict, nnx_module, strict=False, dtype=dtype).missing:  # fresh values
         nnx_module = model_class(rngs=rngs or nnx.Rngs(0))  # fresh values for what it lacks

@@ -267,3 +267,11 @@ class ModuleList(nn.Module):
   @nn.compact
   def __call__(self, key: str, *args, **kwargs):
     return self.members[key].clone(parent=self, name=key)(*args, **kwargs)
+
+
+def chain(functions, x):
+  """``x`` through each of ``functions`` in turn: a BatchNormAct2d's activation held as a field
+  (``layers.chain(self.bn1_after, y)``), where the calls of a class differ in it."""
+  for function in functions:
+    x = function(x)
+  return x

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import linecache
+import pathlib
+import tempfile
 from typing import Any
 
 import torch
 
-from jaxbn._src.checkpoints.files import as_numpy
+from jaxbn._src.checkpoints.files import as_numpy, save_state_dict
 from jaxbn._src.errors import PortError
 from jaxbn._src.port.graph import Traced
 from jaxbn._src.port.source import linen, nnx
@@ -17,8 +19,9 @@ from jaxbn._src.port.source.classes import Classes
 from jaxbn._src.port.source.tree import tree
 
 
-def model_source(traced: Traced, torch_model: torch.nn.Module, example_input: Any, api: str) -> tuple[str, str]:
-  """``(text, name of the model's class)``: the traced model as Flax ``api`` source."""
+def model_source(traced: Traced, torch_model: torch.nn.Module, example_input: Any, api: str) -> tuple[str, str, dict]:
+  """``(text, name of the model's class, constants)``: the traced model as Flax ``api`` source,
+  and the tensors too large to write into it (``constants.safetensors``, which the text loads)."""
   roots = []
   for train in (True, False):
     root = tree(traced.programs[train], traced.scopes[train])
@@ -27,19 +30,31 @@ def model_source(traced: Traced, torch_model: torch.nn.Module, example_input: An
   if api == "nnx":
     classes = Classes(dict(traced.leaves), nnx.layer_fields(torch_model))
     classes.build(*roots)
-    text = nnx.module_source(classes, type(torch_model), versions())
+    text, constants = nnx.module_source(classes, type(torch_model), versions())
   else:
     classes = Classes(dict(traced.leaves))
     classes.build(*roots)
     inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
     examples = [(tuple(as_numpy(x).shape), str(as_numpy(x).dtype)) for x in inputs]
-    text = linen.module_source(classes, type(torch_model), examples, versions())
-  return formatted(text), linen.Source(classes).names[next(reversed(classes.classes))]
+    text, constants = linen.module_source(classes, type(torch_model), examples, versions())
+  return formatted(text), linen.Source(classes).names[next(reversed(classes.classes))], constants
 
 
-def load_classes(text: str, name: str) -> dict:
-  """Runs generated source as a module of its own (its lines shown in tracebacks); its namespace."""
-  filename = f"<jaxbn.port: {name}>"
+def write(directory: pathlib.Path, text: str, constants: dict) -> pathlib.Path:
+  """``directory/model.py`` and, where the model has large constants, ``constants.safetensors``."""
+  directory.mkdir(parents=True, exist_ok=True)
+  if constants:
+    save_state_dict(constants, directory / linen.CONSTANTS_FILE)
+  path = directory / "model.py"
+  path.write_text(text)
+  return path
+
+
+def load_classes(text: str, name: str, constants: dict) -> dict:
+  """Runs generated source as a module of its own (its lines shown in tracebacks), its constants
+  in a directory of its own; its namespace."""
+  directory = pathlib.Path(tempfile.mkdtemp(prefix="jaxbn-port-"))
+  filename = str(write(directory, text, constants))
   linecache.cache[filename] = (len(text), None, text.splitlines(keepends=True), filename)
   namespace = {"__name__": f"jaxbn_port_{name}", "__file__": filename}
   exec(compile(text, filename, "exec"), namespace)  # noqa: S102 (jaxbn's own generated source)

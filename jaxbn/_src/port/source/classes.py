@@ -58,7 +58,7 @@ class Class:
           [i for i, call in enumerate(self.calls) if call[self.optional[index]]] if index in self.optional else None
       )
       rows = present if present is not None else range(len(self.calls))
-      column = tuple(_key(self.calls[i][index]) for i in rows)
+      column = tuple(value_key(self.calls[i][index]) for i in rows)
       if len(set(column)) <= 1 and index not in flags:
         continue
       if present is not None:
@@ -92,7 +92,7 @@ def _restricted(column: tuple, rows: list[int]) -> tuple:
   return tuple(column[i] for i in rows)
 
 
-def _key(value):
+def value_key(value):
   """Values compared for equality (``1 == 1.0 == True`` in Python; not here)."""
   return (type(value).__name__, repr(value))
 

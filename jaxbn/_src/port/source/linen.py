@@ -4,6 +4,7 @@ attribute names, with the mode as ``train``."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import math
 import operator
@@ -20,7 +21,7 @@ from jaxbn._src.nnx.batch_norm import BatchNorm as NnxBatchNorm
 from jaxbn._src.nnx.frozen import FrozenBatchNorm as NnxFrozenBatchNorm
 from jaxbn._src.port.graph import Static
 from jaxbn._src.port.leaves import Constant, Metadata
-from jaxbn._src.port.source.classes import ALWAYS_WRITTEN, REQUIRED, Class, Classes, _key, numbered
+from jaxbn._src.port.source.classes import ALWAYS_WRITTEN, REQUIRED, Class, Classes, numbered, value_key
 from jaxbn._src.port.tracer import Guard
 from jaxbn._src.torchlike import functional, linen
 from jaxbn._src.torchlike import nnx as torchlike_nnx
@@ -40,6 +41,12 @@ INFIX = {
     operator.gt: ">",
     operator.ge: ">=",
 }
+INLINE_CONSTANT = 4096  # values of a tensor written into the source; larger ones go to CONSTANTS_FILE
+CONSTANTS_FILE = "constants.safetensors"
+
+# Names the source uses for other things: a value or container may not take them.
+RESERVED = {"train", "self", "ctx", "rngs", "layers", "ops", "jaxbn", "jax", "jnp", "np", "nn", "nnx", "math"}
+RESERVED |= {"functools", "collections", "operator", "pathlib", "traverse_util", "Any", "CONSTANTS"}
 MODE_KEYWORDS = {"use_running_average": "not train", "deterministic": "not train", "train": "train"}
 JAXBN_LAYERS = {
     BatchNorm: "jaxbn.BatchNorm",
@@ -56,6 +63,8 @@ class Source:
     self.names: dict[tuple, str] = {}
     self.imports: dict[str, None] = {}
     self.namedtuples: dict[type, None] = {}
+    self.uses_layers = False  # jaxbn.layers, which NNX source imports only where it is used
+    self.constants: dict[str, np.ndarray] = {}  # tensors too large to write: constants.safetensors
     taken: set[str] = set()
     for key, cls in classes.classes.items():
       name = cls.torch_class.__name__
@@ -72,7 +81,7 @@ class Source:
     lines = [f"class {self.names[key]}(nn.Module):", f'  """{_torch_name(cls.torch_class)} in torch."""', ""]
     declared: dict[str, tuple[str, Any]] = {}
     for index, name in fields.items():
-      declared.setdefault(name, (_annotation([call[index] for call in cls.calls]), cls.default(index)))
+      declared.setdefault(name, (self.annotation([call[index] for call in cls.calls]), cls.default(index)))
     required = [f"  {name}: {annotation}" for name, (annotation, default) in declared.items() if default is REQUIRED]
     defaulted = [
         f"  {name}: {annotation} = {default!r}"
@@ -101,11 +110,17 @@ class Source:
         if (
             value[0] == "const"
             and child.default(index) is not REQUIRED
-            and _key(value[1]) == _key(child.default(index))
+            and value_key(value[1]) == value_key(child.default(index))
         ):
           continue  # the field's default: an optional child this call does not make
         arguments.append(f"{name}={render(value)}")
     return arguments
+
+  def annotation(self, values: list) -> str:
+    annotation = _annotation(values)
+    if annotation == "Any":
+      self.imports["from typing import Any"] = None
+    return annotation
 
   # --- names of things the code calls ------------------------------------------------------------
 
@@ -123,6 +138,7 @@ class Source:
           self.imports["import math"] = None
         return f"{prefix}.{name}"
     if getattr(operator, name or "", None) is fn:
+      self.imports["import operator"] = None
       return f"operator.{name}"
     return self.by_reference(fn)
 
@@ -173,7 +189,7 @@ class Body:
 
   def _take(self, name: str, wanted: str) -> str:
     chosen = wanted
-    while chosen in self.taken or chosen in ("train", "self", "ctx"):
+    while chosen in self.taken or chosen in RESERVED or chosen in self.source.names.values():
       chosen = _next_name(chosen)
     self.taken.add(chosen)
     self.names[name] = chosen
@@ -373,8 +389,17 @@ class Body:
     call_arguments = [self.expression(a) for a in args] + [f"{k}={self.expression(v)}" for k, v in kwargs]
     if mode is not None:
       call_arguments.append(f"{mode}={MODE_KEYWORDS[mode]}")
-    value = self._placed(attribute, constructor, call_arguments)
-    for apply in after:  # timm's BatchNormAct2d: its activation after the norm
+    return self.activated(fields, self._placed(attribute, constructor, call_arguments))
+
+  def activated(self, fields: tuple, value: str) -> str:
+    """timm's BatchNormAct2d: the norm's value through its activation (a field where calls differ)."""
+    after = next((v for name, v in fields if name == "after"), None)
+    if after is None:
+      return value
+    if after[3] in self.fields:
+      self.source.uses_layers = True
+      return f"layers.chain({self.field(self.fields[after[3]])}, {value})"
+    for apply in after[1]:
       extra = "".join(f", {k}={literal(v, self.source)}" for k, v in apply.kwargs)
       value = f"{self.source.function(apply.fn)}({value}{extra})"
     return value
@@ -410,9 +435,11 @@ class Body:
     fn = rule.fn
     if isinstance(fn, Constant):
       array = np.frombuffer(fn.data, np.dtype(fn.dtype)).reshape(fn.shape)
-      if array.size > 4096:
-        raise PortError(f"emit: a constant tensor of shape {fn.shape} (over 4096 values) in forward")
-      return f"jnp.asarray(np.array({array.tolist()!r}, np.{fn.dtype}))"
+      if array.size <= INLINE_CONSTANT:
+        return f"jnp.asarray(np.array({array.tolist()!r}, np.{fn.dtype}))"
+      key = f"{fn.dtype}_{'x'.join(map(str, fn.shape))}_{hashlib.sha1(fn.data).hexdigest()[:12]}"
+      self.source.constants[key] = array
+      return f"jnp.asarray(CONSTANTS[{key!r}])"
     if isinstance(fn, Metadata):
       return f"jax.ShapeDtypeStruct({fn.shape!r}, jnp.{fn.dtype})"
     a = [self.expression(x) for x in args]
@@ -485,7 +512,7 @@ def _same(value, default) -> bool:
     return False
   if value is not None and default is not None and _is_dtype(value) and _is_dtype(default):
     return np.dtype(value) == np.dtype(default)
-  return _key(value) == _key(default)
+  return value_key(value) == value_key(default)
 
 
 def _is_dtype(value) -> bool:
@@ -555,6 +582,7 @@ def literal(value, source: Source) -> str:
   if isinstance(value, list):
     return f"[{', '.join(literal(v, source) for v in value)}]"
   if dataclasses.is_dataclass(value) and type(value) is linen.Apply:
+    source.uses_layers = True
     return f"layers.Apply({source.function(value.fn)}, {literal(value.kwargs, source)})"
   raise PortError(f"emit: cannot write a {type(value).__name__} constant ({value!r}) as source")
 
@@ -588,7 +616,7 @@ def _torch_name(cls: type) -> str:
   return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def module_source(classes: Classes, torch_class: type, examples: list, versions: str) -> str:
+def module_source(classes: Classes, torch_class: type, examples: list, versions: str) -> tuple[str, dict]:
   """``model.py``: a header, the classes (children before their callers), ``load()``."""
   source = Source(classes)
   rendered = [source.render_class(key, cls) for key, cls in classes.classes.items()]
@@ -637,8 +665,18 @@ def load(path=None, *, module=None, strict=True):
   return module, traverse_util.unflatten_dict({{**fresh, **traverse_util.flatten_dict(converted.variables)}})
 '''
   imports = import_lines(source, ["import flax.linen as nn", "from flax import traverse_util"])
-  parts = [header, "\n".join(imports), *namedtuples, *rendered, loader]
-  return "\n\n\n".join(parts) + "\n"
+  parts = [header, "\n".join(imports), *constants_lines(source), *namedtuples, *rendered, loader]
+  return "\n\n\n".join(parts) + "\n", source.constants
+
+
+def constants_lines(source: Source) -> list[str]:
+  """Where the tensors too large to write into the source come from."""
+  if not source.constants:
+    return []
+  return [
+      f'CONSTANTS = jaxbn.load_state_dict(pathlib.Path(__file__).with_name("{CONSTANTS_FILE}"))  # non-persistent'
+      " buffers and index tables the torch model holds outside its state_dict"
+  ]
 
 
 def namedtuple_lines(source: Source) -> list[str]:
@@ -656,6 +694,7 @@ def import_lines(
   """The standard library's, flax's, jax's and numpy's, jaxbn's, then the user's imports."""
   custom = [k for k in source.imports if "custom_modules" in k]
   standard = sorted({"import pathlib", *(k for k in source.imports if k.startswith("import ") and k not in custom)})
+  standard += sorted(k for k in source.imports if k.startswith("from typing"))
   third_party = [*flax_imports, "import jax", "import jax.numpy as jnp", "import numpy as np"]
   imports = [*standard, "", *third_party, "", "import jaxbn", jaxbn_imports]
   return imports + (["", *custom] if custom else [])

@@ -80,7 +80,7 @@ class Source(base.Source):
     call = body.statements(code)
     declared: dict[str, tuple[str, Any]] = {}
     for index, name in fields.items():
-      declared.setdefault(name, (base._annotation([c[index] for c in cls.calls]), cls.default(index)))
+      declared.setdefault(name, (self.annotation([c[index] for c in cls.calls]), cls.default(index)))
     signature = [f"{name}: {annotation}" for name, (annotation, default) in declared.items() if default is REQUIRED]
     signature += [
         f"{name}: {annotation} = {default!r}"
@@ -188,12 +188,7 @@ class Body(base.Body):
 
     layer = self._build(attribute, make)
     call_arguments = [self.expression(a) for a in args] + [f"{k}={self.expression(v)}" for k, v in kwargs]
-    value = f"{layer}({', '.join(call_arguments)})"
-    after = next((v[1] for name, v in fields if name == "after"), ())
-    for apply in after:  # timm's BatchNormAct2d: its activation after the norm
-      extra = "".join(f", {k}={base.literal(v, self.source)}" for k, v in apply.kwargs)
-      value = f"{self.source.function(apply.fn)}({value}{extra})"
-    return value
+    return self.activated(fields, f"{layer}({', '.join(call_arguments)})")
 
   def _child(self, e) -> str:
     _, key, constants, attribute, args = e
@@ -228,7 +223,7 @@ class Body(base.Body):
     return super()._element(e)
 
 
-def module_source(classes: Classes, torch_class: type, versions: str) -> str:
+def module_source(classes: Classes, torch_class: type, versions: str) -> tuple[str, dict]:
   """``model.py`` for NNX: a header, the classes, ``load()``."""
   source = Source(classes)
   rendered = [source.render_class(key, cls) for key, cls in classes.classes.items()]
@@ -248,7 +243,11 @@ Edit freely: ``load(model=MyEdit(rngs=nnx.Rngs(0)), strict=False)`` loads the we
 edited model and keeps the fresh values of what the file lacks.
 """'''
   namedtuples = base.namedtuple_lines(source)
-  imports = base.import_lines(source, ["from flax import nnx"], "from jaxbn import ops")
+  imports = base.import_lines(
+      source,
+      ["from flax import nnx"],
+      "from jaxbn import layers, ops" if source.uses_layers else "from jaxbn import ops",
+  )
   loader = f'''def load(path=None, *, model=None, strict=True):
   """``{top}`` (or ``model``, an edited one) with the weights at ``path`` (default:
   {base.WEIGHTS_NAME} beside this file). ``strict=False`` keeps fresh values for what the file
@@ -261,5 +260,5 @@ edited model and keeps the fresh values of what the file lacks.
   jaxbn.convert.from_torch(state_dict, model, strict=strict)  # in place
   return model
 '''
-  parts = [header, "\n".join(imports), *namedtuples, *rendered, loader]
-  return "\n\n\n".join(parts) + "\n"
+  parts = [header, "\n".join(imports), *base.constants_lines(source), *namedtuples, *rendered, loader]
+  return "\n\n\n".join(parts) + "\n", source.constants
