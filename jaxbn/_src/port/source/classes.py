@@ -12,6 +12,7 @@ stay literals.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 from collections.abc import Callable
 from typing import Any
@@ -157,16 +158,14 @@ class Classes:
     return height
 
   def _collect_child(self, train_block: Block | None, eval_block: Block | None) -> int:
+    """A child's code; a torch.nn.Sequential that chains its items has none of its own (it is
+    written as ``layers.Sequential``): its height is its items'."""
     some = train_block or eval_block
     if some.torch_class.forward is SEQUENTIAL_FORWARD:
       heights = [self._collect_child(*pair) for pair in _child_pairs(train_block, eval_block)]
       if all(self._sequence(b) is not None for b in (train_block, eval_block) if b is not None):
         self.sequences.add(some.key)
         return max(heights, default=-1)
-      code = _merge_modes(*(self._code(b) if b is not None else None for b in (train_block, eval_block)))
-      height = 1 + max(heights, default=-1)
-      self.codes[some.key] = Code(some.torch_class, code, height)
-      return height
     return self._collect(train_block, eval_block)
 
   def _code(self, block: Block) -> tuple:
@@ -226,8 +225,9 @@ class Classes:
       return ("return", _expression(node.args[0], "output"))
     if node.kind == "unsupported":
       raise PortError(f"emit: {node.target}")
-    args = tuple(_expression(a, f"{node.name}_{i}") for i, a in enumerate(node.args))
-    kwargs = tuple((k, _expression(v, k)) for k, v in node.kwargs)
+    op, names = _argument_labels(node)
+    args = tuple(_expression(a, label) for a, label in zip(node.args, names, strict=True))
+    kwargs = tuple((k, _expression(v, f"{op}_{k}")) for k, v in node.kwargs)
     if node.kind == "module":
       attribute = _relative(node.target, block.path)
       leaf = self.leaves[node.target]
@@ -433,6 +433,23 @@ def _child_pairs(train_block: Block | None, eval_block: Block | None):
   return [tuple(pair) for pair in pairs.values()]
 
 
+def _argument_labels(node: Node) -> tuple[str, list[str]]:
+  """The op's name and a label per positional argument, for field names (``flatten_start_dim``)."""
+  fn = getattr(node.target, "fn", None)
+  op = getattr(fn, "__name__", None) or "op"
+  try:
+    parameters = [
+        p.name
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+  except (TypeError, ValueError):  # a callable without a signature
+    parameters = []
+  if getattr(node.target, "context", False):
+    parameters = parameters[1:]  # the Context, which the source passes first
+  return op, [f"{op}_{parameters[i] if i < len(parameters) else i}" for i in range(len(node.args))]
+
+
 def _reads_only(node: Node, previous: str | None) -> bool:
   """The node reads the previous value, as its first argument, and nothing else."""
   names = references((node.args, node.kwargs))
@@ -460,11 +477,12 @@ def _expression(value, label: str) -> tuple:
 def _merge_modes(train_code: tuple | None, eval_code: tuple | None) -> tuple:
   """One body when both modes' code has the same shape, with a constant that is True in train and
   False in eval (``training=self.training``) as the mode; else the signature and
-  ``("modes", train statements, eval statements)`` (None for a mode that does not call the block)."""
-  if train_code is not None and eval_code is not None:
-    merged = _merge(train_code, eval_code)
-    if merged is not _FAIL:
-      return merged
+  ``("modes", train statements, eval statements)``."""
+  if train_code is None or eval_code is None:  # called in one mode only (an aux head): its code as it is
+    return train_code if eval_code is None else eval_code
+  merged = _merge(train_code, eval_code)
+  if merged is not _FAIL:
+    return merged
   signatures = {_signature(c) for c in (train_code, eval_code) if c is not None}
   if len(signatures) > 1:
     raise PortError("emit: a module takes different inputs in train and eval mode")

@@ -200,12 +200,6 @@ class Body:
     if statements and statements[0][0] == "modes":
       _, train_code, eval_code = statements[0]
       train = self.train()
-      if train_code is None or eval_code is None:
-        only = train_code or eval_code
-        mode = train if train_code is not None else f"not {train}"
-        return [f"assert {mode}, 'torch runs this module only in {'train' if train_code else 'eval'} mode'"] + (
-            self._run([s for s in only if s[0] not in ("inputs", "input")])
-        )
       names = dict(self.names)
       train_lines = self._run([s for s in train_code if s[0] not in ("inputs", "input")])
       self.names = names
