@@ -178,14 +178,14 @@ def traced_port(
         stacklevel=2,
     )
   if api == "nnx":
-    if custom_modules or custom_ops or options.autocast is not None:  # the user's Linen parts, autocast: the bridge
+    if custom_modules or custom_ops or options.autocast is not None:  # the user's parts, autocast: the bridge
       nnx_module = PortedNNX(module, rngs=rngs or nnx.Rngs(0)).lazy_init(*inputs)
     else:
       text, name, constants = model_source(traced, torch_model, example_input, "nnx")
       model_class = load_classes(text, name, constants)[name]
       nnx_module = uninitialised(lambda rngs: model_class(rngs=rngs), rngs)  # the arrays come from the state_dict
-      if not strict and from_torch(state_dict, nnx_module, strict=False, dtype=dtype).missing:  # fresh values
-        nnx_module = model_class(rngs=rngs or nnx.Rngs(0))  # fresh values for what it lacks
+      if not strict and from_torch(state_dict, nnx_module, strict=False, dtype=dtype).missing:
+        nnx_module = model_class(rngs=rngs or nnx.Rngs(0))  # fresh values for what the state_dict lacks
     from_torch(state_dict, nnx_module, strict=strict, dtype=dtype)  # in place
     return Port(nnx_module, nnx.state(nnx_module)), traced
   template = jax.eval_shape(lambda *xs: module.init(jax.random.key(0), *xs), *inputs)

@@ -1,5 +1,6 @@
-"""``jaxbn.port(..., api="nnx")``: the ported Linen module as a Flax NNX module, through flax's
-own bridge, with NNX's mode switches."""
+"""``jaxbn.port(..., api="nnx")`` with ``custom_modules``, ``custom_ops`` or ``autocast``: the
+ported Linen module as a Flax NNX module, through flax's own bridge, with NNX's mode switches
+(without them the port builds native NNX classes: ``port/source``)."""
 
 from __future__ import annotations
 
