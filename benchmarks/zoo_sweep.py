@@ -347,6 +347,17 @@ def report(rows: list, planned: int) -> str:
           *(f"| {spec} | {cells(result)} |" for spec, result in rows),
       ]
   )
+  if rows and all("port_seconds" not in result and "emit" in result for _, result in rows):
+    return (
+        "Measured by benchmarks/zoo_sweep.py --emit-only: jaxbn.emit's model.py (Linen, then NNX) loaded; its eval"
+        " output and a train-mode forward against torch float32 (worst of the two, relative to the largest output)"
+        " within the harness's floor, statistics within 1e-5; where float32 cannot resolve that, within 10x of"
+        " jaxbn.port's own distance in the same check, shown as (port ...). A model passes when both APIs do.\n\n"
+        + summary
+        + "\n\n"
+        + table
+        + "\n"
+    )
   return (
       "Measured by benchmarks/zoo_sweep.py (`make zoo`): each model through parity_tests/port_harness.py;"
       " relative differences against torch float32 from identical parameters (after updates, float64"

@@ -471,3 +471,33 @@ def test_large_constants_go_to_a_file_beside_the_source(api, tmp_path):
   if api == "nnx":
     model, _ = jaxbn.port(IndexTable(), x, api="nnx")
     assert np.asarray(model(x)).shape == (6, 4, 1)
+
+
+class NumberedChild(torch.nn.Module):
+  """A child named ``0`` outside any Sequential (torchvision's regnet names blocks ``block1-0``)."""
+
+  def __init__(self):
+    super().__init__()
+    self.add_module("0", torch.nn.Conv2d(3, 4, 1))
+    self.bn = torch.nn.BatchNorm2d(4)
+
+  def forward(self, x):
+    return self.bn(getattr(self, "0")(x))
+
+
+def test_nnx_source_refuses_a_child_it_cannot_name_and_the_port_falls_back_to_the_bridge(tmp_path):
+  """NNX source has no attribute for a child named ``0``: emit refuses by name; port(api="nnx")
+  returns the bridge (PortedNNX), which holds it, within float32 rounding of torch (1e-6)."""
+  torch.manual_seed(0)
+  model = NumberedChild().eval()
+  x = np.random.default_rng(0).standard_normal((2, 3, 4, 4)).astype(np.float32)
+  with pytest.raises(
+      jaxbn.PortError, match=r"emit\(api='nnx'\): the model calls a module at '0', which is not an attribute"
+  ):
+    jaxbn.emit(model, x, tmp_path, api="nnx")
+  ported, _ = jaxbn.port(model, x, api="nnx")
+  assert type(ported).__name__ == "PortedNNX"
+  ported.eval()
+  with torch.no_grad():
+    expected = model(torch.from_numpy(x)).numpy()
+  assert np.max(np.abs(np.asarray(ported(x)) - expected)) <= 1e-6 * np.max(np.abs(expected))

@@ -88,7 +88,8 @@ def port(
     api: ``"linen"``, or ``"nnx"`` for a native ``nnx.Module``: the classes ``jaxbn.emit(api="nnx")``
       writes, built in memory, holding the converted variables (``model.layer1[0].bn1.mean``;
       ``model.train()`` / ``model.eval()``; every ``jaxbn.nnx`` tool); ``variables`` is then its
-      ``nnx.state``. With ``custom_modules`` (Linen modules), ``custom_ops`` or ``autocast``, a
+      ``nnx.state``. With ``custom_modules`` (Linen modules), ``custom_ops`` or ``autocast``, or
+      where NNX source cannot say the model yet (a child named ``0`` outside a Sequential), a
       ``PortedNNX`` (flax's Linen-to-NNX bridge over the Linen port) instead.
     rngs: for ``api="nnx"``: the ``nnx.Rngs`` the model is built with and dropout draws from
       (default ``nnx.Rngs(0)``).
@@ -178,14 +179,19 @@ def traced_port(
         stacklevel=2,
     )
   if api == "nnx":
-    if custom_modules or custom_ops or options.autocast is not None:  # the user's parts, autocast: the bridge
+    nnx_module = None
+    if not (custom_modules or custom_ops or options.autocast is not None):  # the user's parts, autocast: the bridge
+      try:
+        text, name, constants = model_source(traced, torch_model, example_input, "nnx")
+      except PortError:  # what NNX source cannot say yet (a child named "0"): the bridge holds it
+        text = None
+      if text is not None:
+        model_class = load_classes(text, name, constants)[name]
+        nnx_module = uninitialised(lambda rngs: model_class(rngs=rngs), rngs)  # the arrays come from the state_dict
+        if not strict and from_torch(state_dict, nnx_module, strict=False, dtype=dtype).missing:
+          nnx_module = model_class(rngs=rngs or nnx.Rngs(0))  # fresh values for what the state_dict lacks
+    if nnx_module is None:
       nnx_module = PortedNNX(module, rngs=rngs or nnx.Rngs(0)).lazy_init(*inputs)
-    else:
-      text, name, constants = model_source(traced, torch_model, example_input, "nnx")
-      model_class = load_classes(text, name, constants)[name]
-      nnx_module = uninitialised(lambda rngs: model_class(rngs=rngs), rngs)  # the arrays come from the state_dict
-      if not strict and from_torch(state_dict, nnx_module, strict=False, dtype=dtype).missing:
-        nnx_module = model_class(rngs=rngs or nnx.Rngs(0))  # fresh values for what the state_dict lacks
     from_torch(state_dict, nnx_module, strict=strict, dtype=dtype)  # in place
     return Port(nnx_module, nnx.state(nnx_module)), traced
   template = jax.eval_shape(lambda *xs: module.init(jax.random.key(0), *xs), *inputs)
