@@ -40,6 +40,7 @@ from jaxbn._src.torchlike.linen import (  # noqa: F401 (the table's modules, use
     Linear,
     Tensor,
     activated,
+    mode_keyword,
 )
 
 
@@ -388,7 +389,7 @@ def user_rule(factory: Callable[[torch.nn.Module], nn.Module]):
   def make(module, options):
     made = factory(module)
     if isinstance(made, nn.Module):
-      return Leaf(made, _mode_keyword(made))
+      return Leaf(made, mode_keyword(made))
     if callable(made):
       return Call(made)
     raise TypeError(
@@ -397,13 +398,6 @@ def user_rule(factory: Callable[[torch.nn.Module], nn.Module]):
     )
 
   return make
-
-
-def _mode_keyword(module: nn.Module) -> str | None:
-  import inspect
-
-  parameters = inspect.signature(type(module).__call__).parameters
-  return next((name for name in ("train", "use_running_average", "deterministic") if name in parameters), None)
 
 
 def class_name(cls: type) -> str:

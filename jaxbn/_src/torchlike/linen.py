@@ -200,17 +200,21 @@ def activated(norm: type) -> type:
 BatchNormAct = activated(BatchNorm)
 
 
-def mode_keywords(module, train: bool) -> dict:
-  """The mode for a module's call: through its ``use_running_average``, ``deterministic`` or
-  ``train`` keyword, if its ``__call__`` has one."""
+def mode_keyword(module: nn.Module) -> str | None:
+  """The keyword of a module's ``__call__`` that carries the mode: ``train``, ``use_running_average``
+  or ``deterministic``, if it has one."""
   import inspect
 
   parameters = inspect.signature(type(module).__call__).parameters
-  if "use_running_average" in parameters:
-    return {"use_running_average": not train}
-  if "deterministic" in parameters:
-    return {"deterministic": not train}
-  return {"train": train} if "train" in parameters else {}
+  return next((name for name in ("train", "use_running_average", "deterministic") if name in parameters), None)
+
+
+def mode_keywords(module: nn.Module, train: bool) -> dict:
+  """The mode as keyword arguments for ``module``'s call."""
+  keyword = mode_keyword(module)
+  if keyword is None:
+    return {}
+  return {keyword: train if keyword == "train" else not train}
 
 
 class Sequential(nn.Module):
