@@ -30,14 +30,14 @@ def model_source(traced: Traced, torch_model: torch.nn.Module, example_input: An
   if api == "nnx":
     classes = Classes(dict(traced.leaves), nnx.layer_fields(torch_model))
     classes.build(*roots)
-    text, constants = nnx.module_source(classes, type(torch_model), versions())
+    text, name, constants = nnx.module_source(classes, type(torch_model), versions())
   else:
     classes = Classes(dict(traced.leaves))
     classes.build(*roots)
     inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
     examples = [(tuple(as_numpy(x).shape), str(as_numpy(x).dtype)) for x in inputs]
-    text, constants = linen.module_source(classes, type(torch_model), examples, versions())
-  return formatted(text), linen.Source(classes).names[next(reversed(classes.classes))], constants
+    text, name, constants = linen.module_source(classes, type(torch_model), examples, versions())
+  return formatted(text), name, constants
 
 
 def write(directory: pathlib.Path, text: str, constants: dict) -> pathlib.Path:

@@ -399,7 +399,8 @@ def _constant_indices(e) -> list[int]:
 
 def _canonical(code: tuple) -> tuple:
   """A block's code with its values named in order of appearance (``v0``, ``v1``): the names the
-  trace gave differ between the train and eval programs, and the code is self-contained."""
+  trace gave differ between the train and eval programs, and the code is self-contained. A child's
+  call keeps its class key and constants as they are (only its arguments, last, name values)."""
   names: dict[str, str] = {}
 
   def name(n):
@@ -407,8 +408,10 @@ def _canonical(code: tuple) -> tuple:
 
   def walk(e):
     if isinstance(e, tuple) and e:
-      if e[0] == "const":
+      if e[0] in ("const", "element"):
         return e
+      if e[0] == "call":
+        return (*e[:-1], walk(e[-1]))
       if e[0] == "var" and len(e) == 2:
         return ("var", name(e[1]))
       if e[0] == "inputs":
@@ -540,14 +543,10 @@ def numbered(code) -> tuple:
 
 
 def _skeleton(code) -> tuple[tuple, list, list]:
-  """The code with each constant as ``("hole", i)`` and each value name as its first-seen index;
-  the constants and their labels in order."""
+  """The code with each constant as ``("hole", i)`` and its values named in order of appearance
+  (``_canonical``); the constants and their labels in order."""
   constants: list = []
   labels: list = []
-  names: dict[str, int] = {}
-
-  def name(n):
-    return names.setdefault(n, len(names))
 
   def walk(e):
     if isinstance(e, tuple) and e:
@@ -555,20 +554,12 @@ def _skeleton(code) -> tuple[tuple, list, list]:
         constants.append(e[1])
         labels.append(e[2])
         return ("hole", e[3])
-      if e[0] == "var" and len(e) == 2:
-        return ("var", name(e[1]))
       if e[0] == "call":
         _, key, consts, attribute, args = e
         return ("call", key, walk(consts), attribute, walk(args))
       if e[0] == "element":
         return ("element", e[1], walk(e[2]))
-      if e[0] == "inputs":
-        return ("inputs", tuple(name(n) for n in e[1]))
-      if e[0] == "input":
-        return ("input", name(e[1]), e[2], walk(e[3]))
-      if e[0] == "assign":
-        return ("assign", tuple(name(n) for n in e[1]), walk(e[2]))
       return tuple(walk(x) for x in e)
     return e
 
-  return walk(numbered(code)), constants, labels
+  return walk(_canonical(numbered(code))), constants, labels

@@ -610,7 +610,7 @@ def _torch_name(cls: type) -> str:
   return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def module_source(classes: Classes, torch_class: type, examples: list, versions: str) -> tuple[str, dict]:
+def module_source(classes: Classes, torch_class: type, examples: list, versions: str) -> tuple[str, str, dict]:
   """``model.py``: a header, the classes (children before their callers), ``load()``."""
   source = Source(classes)
   rendered = [source.render_class(key, cls) for key, cls in classes.classes.items()]
@@ -660,7 +660,7 @@ def load(path=None, *, module=None, strict=True):
 '''
   imports = import_lines(source, ["import flax.linen as nn", "from flax import traverse_util"])
   parts = [header, "\n".join(imports), *constants_lines(source), *namedtuples, *rendered, loader]
-  return "\n\n\n".join(parts) + "\n", source.constants
+  return "\n\n\n".join(parts) + "\n", top, source.constants
 
 
 def constants_lines(source: Source) -> list[str]:

@@ -223,7 +223,7 @@ class Body(base.Body):
     return super()._element(e)
 
 
-def module_source(classes: Classes, torch_class: type, versions: str) -> tuple[str, dict]:
+def module_source(classes: Classes, torch_class: type, versions: str) -> tuple[str, str, dict]:
   """``model.py`` for NNX: a header, the classes, ``load()``."""
   source = Source(classes)
   rendered = [source.render_class(key, cls) for key, cls in classes.classes.items()]
@@ -261,4 +261,4 @@ edited model and keeps the fresh values of what the file lacks.
   return model
 '''
   parts = [header, "\n".join(imports), *base.constants_lines(source), *namedtuples, *rendered, loader]
-  return "\n\n\n".join(parts) + "\n", source.constants
+  return "\n\n\n".join(parts) + "\n", top, source.constants
