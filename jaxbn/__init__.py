@@ -41,6 +41,8 @@ __all__ = [
     "port_supported",
     "read_batchnorm_config",
     "save_state_dict",
+    "TrainingRecipe",
+    "TrainingRecipeWarning",
     "unfreeze",
 ]
 __version__ = "0.1.0"
@@ -50,6 +52,8 @@ _PORT = {
     "port": ("jaxbn._src.port.api", "port"),
     "Port": ("jaxbn._src.port.api", "Port"),
     "port_supported": ("jaxbn._src.port.api", "supported"),
+    "TrainingRecipe": ("jaxbn._src.port.recipe", "TrainingRecipe"),
+    "TrainingRecipeWarning": ("jaxbn._src.port.recipe", "TrainingRecipeWarning"),
     "emit": ("jaxbn._src.emit.api", "emit"),
 }
 

@@ -21,6 +21,8 @@ from flax import traverse_util
 
 from jaxbn._src.checkpoints import config as layer_config
 from jaxbn._src.checkpoints.config import ConfigMismatch
+from jaxbn._src.checkpoints.recipe import TorchRecipe, torch_mode
+from jaxbn._src.checkpoints.recipe import read as read_recipe
 from jaxbn._src.checkpoints.rules import Rename, renamer
 from jaxbn._src.linen.batch_norm import BatchNorm
 from jaxbn._src.linen.frozen import FrozenBatchNorm
@@ -135,7 +137,9 @@ def compare(
   training step, its running statistics.
 
   Args:
-    torch_model: the torch model; it is put in train/eval mode and its statistics move.
+    torch_model: the torch model, trained as configured: modules it holds in ``eval()`` while in
+      train mode stay in eval in the training steps (as ``jaxbn.port`` keeps them); its
+      statistics move, and every module's mode is left as found.
     flax_model, variables: the Flax port and its variables (e.g. from ``convert.from_torch``),
       with jaxbn layers at the torch module paths (``rename`` maps paths that differ). For an NNX
       module, ``variables`` is its state (None: its own); the module is not changed.
@@ -158,10 +162,11 @@ def compare(
   rename = renamer(rename)
   train_steps = len(batches) - 1 if train_steps is None else train_steps
   torch_layers = _torch_batchnorms(torch_model)
+  recipe = read_recipe(torch_model)  # the modules it keeps in eval while training, as configured
   report = []
   for step, x in enumerate(batches):
     train = step < train_steps
-    outputs = _torch_batchnorm_outputs(torch_model, torch_layers, x, train)
+    outputs = _torch_batchnorm_outputs(torch_model, torch_layers, x, train, recipe)
     captured, batch_stats = step_flax(np.moveaxis(x, 1, -1) if channels_last else x, train)
     stats = traverse_util.flatten_dict(batch_stats, sep="/")
     for name, layer in torch_layers.items():
@@ -197,9 +202,12 @@ def compare(
   return report
 
 
-def _torch_batchnorm_outputs(torch_model, layers: dict, x: np.ndarray, train: bool) -> dict[str, np.ndarray]:
-  """Each BatchNorm layer's output (by name) in one torch forward of ``x`` in that mode, under
-  no_grad; a layer the forward does not run (GoogLeNet's aux heads in eval) is absent."""
+def _torch_batchnorm_outputs(
+    torch_model, layers: dict, x: np.ndarray, train: bool, recipe: TorchRecipe | None = None
+) -> dict[str, np.ndarray]:
+  """Each BatchNorm layer's output (by name) in one torch forward of ``x`` in that mode (training:
+  as ``recipe`` configured it), under no_grad; a layer the forward does not run (GoogLeNet's aux
+  heads in eval) is absent. Every module's mode is left as found."""
   import torch
 
   outputs: dict[str, np.ndarray] = {}
@@ -209,8 +217,7 @@ def _torch_batchnorm_outputs(torch_model, layers: dict, x: np.ndarray, train: bo
       for name, layer in layers.items()
   ]
   try:
-    torch_model.train(train)
-    with torch.no_grad():
+    with torch_mode(torch_model, train, recipe), torch.no_grad():
       torch_model(torch.from_numpy(x))
   finally:
     for hook in hooks:

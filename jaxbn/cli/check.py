@@ -23,6 +23,8 @@ import jaxbn
 from jaxbn._src.checkpoints import config as layer_config
 from jaxbn._src.checkpoints.files import state_dict_to_numpy
 from jaxbn._src.checkpoints.inspection import inspect_state_dict
+from jaxbn._src.checkpoints.recipe import read as read_recipe
+from jaxbn._src.checkpoints.recipe import torch_mode
 from jaxbn.cli.errors import UsageError
 from jaxbn.cli.flax_linen import flax_linen_port_errors
 from jaxbn.cli.models import model_with_weights, read_weights
@@ -42,8 +44,7 @@ def validate(args) -> dict | None:
 def train_statistics(torch_model, batches, args) -> None:
   """torch's BatchNorm statistics moved by ``args.steps`` forward passes in train mode (no
   gradient steps); a batch the model cannot take is a user error, found on the first one."""
-  torch_model.train()
-  with torch.no_grad():
+  with torch_mode(torch_model, True, read_recipe(torch_model)), torch.no_grad():  # as configured
     for step in range(args.steps):
       try:
         torch_model(torch.from_numpy(batches()))

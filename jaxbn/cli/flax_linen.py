@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from flax import traverse_util
 
+from jaxbn._src.checkpoints.recipe import read as read_recipe
+from jaxbn._src.checkpoints.recipe import torch_mode
 from jaxbn._src.port.leaves import Leaf, activated
 
 
@@ -48,11 +50,11 @@ def flax_linen_port_errors(torch_model, module, variables, args) -> str:
   def batch():
     return rng.standard_normal((args.batch, 3, args.size, args.size)).astype(np.float32)
 
-  torch_model.train()
+  recipe = read_recipe(torch_model)  # the modules it keeps in eval while training, as the port does
   for _ in range(args.steps):
     x = batch()
     naive_variables = {**naive_variables, **train(naive_variables, x)[1]}
-    with torch.no_grad():
+    with torch_mode(torch_model, True, recipe), torch.no_grad():
       torch_model(torch.from_numpy(x))
   x = batch()
   torch_model.eval()

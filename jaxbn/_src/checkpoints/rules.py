@@ -256,31 +256,41 @@ def to_state_dict(
   ``variables`` may be an NNX module or state.
   """
   variables = as_variables(variables)
-  rename = renamer(rename)
+  rename = renamer(rename)  # compiled once
   state_dict, unknown = {}, []
   for (collection, *path, leaf), value in (progress or iter)(_flat(variables).items()):
-    value = np.asarray(value)
-    if (collection, leaf) in TENSOR:
-      *path, torch_leaf = path
-      if collection == "buffers" and np.issubdtype(value.dtype, np.signedinteger):
-        value = value.astype(np.int64)  # torch's integer buffers (index tables) are int64
-    else:
-      torch_leaf = TO_TORCH.get((collection, leaf))
-    if torch_leaf is None:
+    key = torch_key(collection, (*path, leaf), rename)
+    if key is None:
       unknown.append("/".join((collection, *path, leaf)))
       continue
+    value = np.asarray(value)
     if leaf == "kernel":
       value = kernel_to_torch(value)
-    elif leaf == "num_batches_tracked":
-      value = value.astype(np.int64)
-    module_path = rename(".".join(path))
-    state_dict[f"{module_path}.{torch_leaf}" if module_path else torch_leaf] = value
+    elif leaf == "num_batches_tracked" or (
+        (collection, leaf) in TENSOR and collection == "buffers" and np.issubdtype(value.dtype, np.signedinteger)
+    ):
+      value = value.astype(np.int64)  # torch's counters and integer buffers (index tables) are int64
+    state_dict[key] = value
   if unknown:
     raise ConversionError(
         f"no torch name for {len(unknown)} Flax variable(s): {', '.join(unknown)}. jaxbn maps"
         f" {sorted('/'.join(k) for k in TO_TORCH)}."
     )
   return state_dict
+
+
+def torch_key(collection: str, path: Sequence[str], rename: Rename = None) -> str | None:
+  """The torch state_dict key of the Flax variable ``collection/path`` (``params``, ``('layer1',
+  '0', 'conv1', 'kernel')`` -> ``layer1.0.conv1.weight``), or None where torch has no name for it."""
+  *module, leaf = path
+  if (collection, leaf) in TENSOR:
+    *module, torch_leaf = module
+  else:
+    torch_leaf = TO_TORCH.get((collection, leaf))
+  if torch_leaf is None:
+    return None
+  module_path = renamer(rename)(".".join(module))
+  return f"{module_path}.{torch_leaf}" if module_path else torch_leaf
 
 
 def to_torch(variables: Mapping, *, rename: Rename = None, like=None) -> dict:

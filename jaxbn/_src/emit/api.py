@@ -32,6 +32,11 @@ def emit(
   mutable=["batch_stats"])`` its train forward. ``api="nnx"``: ``model.load()`` returns the
   ``nnx.Module``, in training mode as a new torch module (``model.eval()``, ``model.train()``).
 
+  The torch model's training recipe (``jaxbn.port``'s ``Port.recipe``: layers it keeps in eval while
+  it trains, parameters with ``requires_grad=False``) is written as the lists ``KEEP_EVAL`` and
+  ``FROZEN``, which the model and ``frozen_mask(variables)`` (Linen) / ``trainable(model)`` (NNX)
+  in ``model.py`` use: edit them to train otherwise.
+
   ``port_options`` are ``jaxbn.port``'s (``custom_ops``, ``leaf_modules``, ``dtype``, and for Linen
   ``custom_modules``): what they give is imported by reference, from the module that defines it.
 
@@ -51,8 +56,8 @@ def emit(
         "emit: autocast is not written into source; emit the float32 model, and use jaxbn.port(autocast=) for mixed"
         " precision"
     )
-  _, traced = traced_port(torch_model, example_input, **port_options)
-  text, _, constants = model_source(traced, torch_model, example_input, api)
+  ported, traced = traced_port(torch_model, example_input, **port_options)
+  text, _, constants = model_source(traced, torch_model, example_input, api, ported.recipe)
   path = write(pathlib.Path(out_dir), text, constants)
   save_state_dict(torch_model, path.parent / WEIGHTS_NAME)
   return path

@@ -7,6 +7,7 @@ import contextvars
 import dataclasses
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from jaxbn._src.variables.paths import check_prefixes_match, split_path, under
 
@@ -23,11 +24,13 @@ _EVAL_SCOPES: contextvars.ContextVar[tuple[_EvalScope, ...]] = contextvars.Conte
 
 
 @contextlib.contextmanager
-def eval_mode(*paths: str) -> Iterator[None]:
+def eval_mode(*paths: str, within: Any = None) -> Iterator[None]:
   """Within this context, every jaxbn.BatchNorm under one of ``paths`` (module paths such as
   ``'backbone/layer1'``) normalises with its running statistics and updates nothing, whatever
   ``use_running_average`` the model passes. Use it inside the function you jit: it acts while
-  the model is traced.
+  the model is traced. ``within``: a bound Linen module whose own path the paths are relative
+  to (``within=self`` inside a module's ``__call__``: what ``jaxbn.emit`` writes for a torch
+  model that keeps layers in eval while it trains).
 
   Example::
 
@@ -46,7 +49,8 @@ def eval_mode(*paths: str) -> Iterator[None]:
     >>> int(updates['batch_stats']['head']['num_batches_tracked'])
     1
   """
-  scope = _EvalScope(tuple(split_path(p) for p in paths))
+  root = tuple(within.scope.path) if within is not None else ()
+  scope = _EvalScope(tuple(root + split_path(p) for p in paths))
   token = _EVAL_SCOPES.set(_EVAL_SCOPES.get() + (scope,))
   try:
     yield

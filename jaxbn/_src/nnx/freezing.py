@@ -141,12 +141,18 @@ def keep_eval(model: nnx.Module, *paths: str, keep: bool = True) -> nnx.Module:
 
 
 def trainable(
-    model: nnx.Module, *, modules: Sequence[str] = (), batchnorm_affine: Sequence[str] = ()
+    model: nnx.Module,
+    *,
+    modules: Sequence[str] = (),
+    batchnorm_affine: Sequence[str] = (),
+    parameters: Sequence[str] = (),
 ) -> nnx.filterlib.Filter:
   """An NNX filter for ``wrt=``: the ``nnx.Param`` s an optimiser may move. Leaves out every
-  parameter under ``modules`` (torch: ``requires_grad_(False)`` on a submodule) and the scale and
+  parameter under ``modules`` (torch: ``requires_grad_(False)`` on a submodule), the scale and
   bias of the BatchNorm layers under ``batchnorm_affine`` (``''`` for all; torch:
-  ``bn.weight.requires_grad = False``). FrozenBatchNorm arrays are ``Frozen``, never ``Param``.
+  ``bn.weight.requires_grad = False``) and the parameters at or under ``parameters`` (parameter
+  paths such as ``'fc/bias'``, or module paths; what ``jaxbn.port`` records as
+  ``port.recipe.frozen``). FrozenBatchNorm arrays are ``Frozen``, never ``Param``.
 
   Example::
 
@@ -156,15 +162,17 @@ def trainable(
   """
   module_prefixes = [split_path(m) for m in modules]
   affine_prefixes = [split_path(m) for m in batchnorm_affine]
+  parameter_prefixes = [split_path(p) for p in parameters]
   params = [_str_path(path) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
   check_prefixes_match(module_prefixes, [p[:-1] for p in params], "jaxbn.nnx.trainable(modules=...)")
+  check_prefixes_match(parameter_prefixes, params, "jaxbn.nnx.trainable(parameters=...)")
   batchnorms = [_str_path(path) for path, _ in layers(model, BatchNorm)]
   check_prefixes_match(affine_prefixes, batchnorms, "jaxbn.nnx.trainable(batchnorm_affine=...)")
   fixed_affine = {path for path in batchnorms if under(path, affine_prefixes)}
 
   def is_trainable(path, value) -> bool:
     path = _str_path(path)
-    return not under(path, module_prefixes) and path[:-1] not in fixed_affine
+    return not under(path, module_prefixes) and path[:-1] not in fixed_affine and not under(path, parameter_prefixes)
 
   return nnx.All(nnx.Param, is_trainable)
 

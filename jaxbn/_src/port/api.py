@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from flax import nnx
+from flax import nnx, traverse_util
 
 from jaxbn._src.checkpoints.files import as_numpy, state_dict_to_numpy
-from jaxbn._src.checkpoints.rules import from_torch
+from jaxbn._src.checkpoints.recipe import read as read_recipe
+from jaxbn._src.checkpoints.rules import from_torch, torch_key
 from jaxbn._src.errors import PortError
+from jaxbn._src.nnx.freezing import keep_eval as keep_eval_nnx
+from jaxbn._src.nnx.freezing import trainable as nnx_trainable
 from jaxbn._src.port import leaves, ops
+from jaxbn._src.port import recipe as recipes
 from jaxbn._src.port.autocast import make as make_autocast
 from jaxbn._src.port.graph import Traced, trace
 from jaxbn._src.port.interpreter import Ported
 from jaxbn._src.port.leaves import MODULES, Options, find, user_rule
 from jaxbn._src.port.nnx import PortedNNX
+from jaxbn._src.port.recipe import TrainingRecipe
 from jaxbn._src.port.source.build import load_classes, model_source
 from jaxbn._src.torchlike.nnx import uninitialised
+from jaxbn._src.variables.freezing import frozen_mask
+from jaxbn._src.variables.state import as_variables
 
 EXTEND = (
     "Extend the port: custom_modules={TorchClass: factory} (factory(torch_module) returns a Flax"
@@ -33,11 +41,41 @@ EXTEND = (
 )
 
 
-class Port(NamedTuple):
-  """``module`` (a ``Ported`` Linen module) and its ``variables``, converted from the torch model."""
+@dataclasses.dataclass(frozen=True)
+class Port:
+  """What ``jaxbn.port`` returns: ``module, variables = port`` unpacks like a pair.
 
-  module: Ported
-  variables: dict
+  Attributes:
+    module: a ``Ported`` Linen module, or for ``api="nnx"`` the ``nnx.Module``.
+    variables: its variables, converted from the torch model (NNX: its ``nnx.state``).
+    recipe: how torch trains the model beyond ``model.train()`` (``TrainingRecipe``): the layers
+      it keeps in eval (already part of ``module``'s training forward) and the parameters it does
+      not train (for the optimiser: ``frozen_mask``, ``trainable``).
+  """
+
+  module: Any
+  variables: Any
+  recipe: TrainingRecipe = TrainingRecipe()
+
+  def __iter__(self):
+    return iter((self.module, self.variables))
+
+  @property
+  def frozen_mask(self) -> Any:
+    """True for every parameter torch does not train (``requires_grad=False``, FrozenBatchNorm2d's
+    buffers): ``jaxbn.keep_frozen(tx, port.frozen_mask)`` is torch's optimiser step."""
+    return frozen_mask(self.variables, parameters=self.recipe.frozen)
+
+  @property
+  def trainable(self) -> Any:
+    """For ``api="nnx"``: the NNX filter of what torch trains, ``nnx.Optimizer(model, tx,
+    wrt=port.trainable)`` and ``nnx.grad(..., argnums=nnx.DiffState(0, port.trainable))``."""
+    if not isinstance(self.module, nnx.Module):
+      raise TypeError(
+          "Port.trainable is the NNX filter of an api='nnx' port; for a Linen port use"
+          " jaxbn.keep_frozen(tx, port.frozen_mask)."
+      )
+    return nnx_trainable(self.module, parameters=self.recipe.frozen)
 
 
 def port(
@@ -54,6 +92,7 @@ def port(
     strict: bool = True,
     api: str = "linen",
     rngs: Any = None,
+    recipe: str = "as_configured",
 ) -> Port:
   """A torch model as a Flax Linen module with the same module paths, and its variables.
 
@@ -93,12 +132,18 @@ def port(
       ``PortedNNX`` (flax's Linen-to-NNX bridge over the Linen port) instead.
     rngs: for ``api="nnx"``: the ``nnx.Rngs`` the model is built with and dropout draws from
       (default ``nnx.Rngs(0)``).
+    recipe: ``"as_configured"``: the training forward is the torch model's as configured when it
+      is in train mode (modules put back into ``eval()`` stay in eval), and ``Port.recipe`` says
+      which parameters torch does not train (``requires_grad=False``); a warning says so when
+      that is not plain ``model.train()``. ``"plain"``: ``model.train()``, every parameter trained.
 
-  Returns ``Port(module, variables)``: ``module.apply(variables, x)`` is torch's eval forward;
-  ``module.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})``
-  its training forward, with torch's running-statistic updates.
+  Returns ``Port(module, variables, recipe)``, which unpacks as ``module, variables``:
+  ``module.apply(variables, x)`` is torch's eval forward; ``module.apply(variables, x, train=True,
+  mutable=["batch_stats"], rngs={"dropout": key})`` its training forward, with torch's
+  running-statistic updates; ``jaxbn.keep_frozen(tx, port.frozen_mask)`` its optimiser.
 
-  Raises PortError listing every unsupported module and op with its path and source line.
+  Raises PortError listing every unsupported module and op with its path and source line, and
+  what torch runs that the port would drop (hooks, parametrizations).
 
   Example::
 
@@ -120,6 +165,7 @@ def port(
       strict=strict,
       api=api,
       rngs=rngs,
+      recipe=recipe,
   )[0]
 
 
@@ -137,12 +183,16 @@ def traced_port(
     strict=True,
     api="linen",
     rngs=None,
+    recipe="as_configured",
 ) -> tuple[Port, Traced]:
   """``port``, and the traced programs it runs (for ``jaxbn.emit``)."""
   if not isinstance(torch_model, torch.nn.Module):
     raise TypeError(f"port takes a torch.nn.Module, got {type(torch_model).__name__}")
   if api not in ("linen", "nnx"):
     raise ValueError(f"api must be 'linen' or 'nnx', not {api!r}")
+  if recipe not in recipes.RECIPES:
+    raise ValueError(f"recipe must be one of {recipes.RECIPES}, not {recipe!r}")
+  torch_recipe = read_recipe(torch_model) if recipe == "as_configured" else None
   state_dict = state_dict_to_numpy(torch_model.state_dict())
   floating = [v.dtype for v in state_dict.values() if np.issubdtype(v.dtype, np.floating)]
   options = Options(
@@ -160,14 +210,27 @@ def traced_port(
       (getattr(torch.Tensor, key) if isinstance(key, str) else key): ops.OpRule(fn)
       for key, fn in (custom_ops or {}).items()
   }
+  leaf_modules = tuple(leaf_modules)
+  recipes.refuse(
+      recipes.refused_state(torch_model, lambda m: isinstance(m, leaf_modules) or find(m, modules) is not None),
+      type(torch_model).__name__,
+  )
   traced = trace(
-      torch_model, _torch_examples(example_input, torch_model), options, modules, custom_ops, tuple(leaf_modules)
+      torch_model, _torch_examples(example_input, torch_model), options, modules, custom_ops, leaf_modules, torch_recipe
   )
   if traced.problems:
     lines = "\n".join(f"  - {p}" for p in traced.problems)
     raise PortError(f"{type(torch_model).__name__}: {len(traced.problems)} unsupported node(s):\n{lines}\n{EXTEND}")
+  order = {name: i for i, (name, _) in enumerate(torch_model.named_modules())}  # the recipe in torch's order
+  mode_leaves = sorted((path for path, leaf in traced.leaves.items() if leaf.mode is not None), key=order.get)
+  in_eval = recipes.kept_in_eval(torch_recipe, mode_leaves)
+  keep_eval = recipes.covering_prefixes(set(in_eval), [tuple(path.split(".")) for path in mode_leaves])
   module = Ported(
-      traced.programs[True], traced.programs[False], tuple(sorted(traced.leaves.items())), type(torch_model).__name__
+      traced.programs[True],
+      traced.programs[False],
+      tuple(sorted(traced.leaves.items())),
+      type(torch_model).__name__,
+      keep_eval,
   )
   inputs = tuple(as_numpy(x) for x in (example_input if isinstance(example_input, (tuple, list)) else (example_input,)))
   _check_all_called(state_dict, traced, strict)
@@ -191,11 +254,28 @@ def traced_port(
         if not strict and from_torch(state_dict, nnx_module, strict=False, dtype=dtype).missing:
           nnx_module = model_class(rngs=rngs or nnx.Rngs(0))  # fresh values for what the state_dict lacks
     if nnx_module is None:
-      nnx_module = PortedNNX(module, rngs=rngs or nnx.Rngs(0)).lazy_init(*inputs)
+      nnx_module = PortedNNX(module, rngs=rngs or nnx.Rngs(0)).lazy_init(*inputs)  # keep_eval in the Linen port
+    elif keep_eval:
+      keep_eval_nnx(nnx_module, *recipes.flax_paths(keep_eval))
     from_torch(state_dict, nnx_module, strict=strict, dtype=dtype)  # in place
-    return Port(nnx_module, nnx.state(nnx_module)), traced
-  template = jax.eval_shape(lambda *xs: module.init(jax.random.key(0), *xs), *inputs)
-  return Port(module, from_torch(state_dict, template, strict=strict, dtype=dtype).variables), traced
+    result = Port(nnx_module, nnx.state(nnx_module))
+  else:
+    template = jax.eval_shape(lambda *xs: module.init(jax.random.key(0), *xs), *inputs)
+    result = Port(module, from_torch(state_dict, template, strict=strict, dtype=dtype).variables)
+  if torch_recipe is not None:
+    position = {key: i for i, key in enumerate(state_dict)}
+    params = sorted(
+        traverse_util.flatten_dict(as_variables(result.variables).get("params", {})),
+        key=lambda path: position.get(torch_key("params", path), len(position)),
+    )
+    frozen = recipes.frozen_parameters(torch_recipe, params)
+    recipe = recipes.TrainingRecipe(
+        recipes.flax_paths(keep_eval), recipes.flax_paths(recipes.covering_prefixes(frozen, params))
+    )
+    recipes.notice(recipe, type(torch_model).__name__, len(in_eval), len(frozen), api)
+    recipes.warn_eval_with_training_modules(torch_recipe, type(torch_model).__name__)
+    result = dataclasses.replace(result, recipe=recipe)
+  return result, traced
 
 
 def _torch_examples(example_input, torch_model) -> tuple[torch.Tensor, ...]:

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from jaxbn._src.checkpoints.files import tensor_to_numpy
+from jaxbn._src.checkpoints.recipe import TorchRecipe, torch_mode
 from jaxbn._src.errors import PortError
 from jaxbn._src.port import autocast, ops
 from jaxbn._src.port.leaves import Constant, Leaf, Metadata, Options, Tensor, class_name, find, rule
@@ -204,9 +205,12 @@ def trace(
     modules: dict,
     custom_ops: dict,
     leaf_modules: tuple,
+    recipe: TorchRecipe | None = None,
 ) -> Traced:
   """Both of the model's forwards (train and eval differ: aux heads, dropout) as programs.
-  ``examples``: the forward's inputs, for the Python decisions fx cannot take symbolically."""
+  ``examples``: the forward's inputs, for the Python decisions fx cannot take symbolically.
+  ``recipe``: the modules torch keeps in eval while it trains stay in eval in the train trace
+  (dropout there drops nothing; code reading ``self.training`` takes its eval branch)."""
 
   def is_leaf(module):
     return isinstance(module, leaf_modules) or find(module, modules) is not None
@@ -218,25 +222,25 @@ def trace(
   saved = _attributes(model)
   try:
     for train in (True, False):
-      model.train(train)
-      tracer = Tracer(is_leaf, examples)
-      try:
-        graph = tracer.trace(model)
-      except PortError:
-        raise
-      except Exception as error:  # data-dependent control flow and the like
-        stack = list((getattr(tracer, "module_stack", None) or {}).values())
-        where = stack[-1][0] if stack else ""
-        owner = type(model.get_submodule(where)).__name__ if where else type(model).__name__
-        raise PortError(
-            f"torch.fx could not trace {where or 'the model'} ({owner}) in {'train' if train else 'eval'} mode:"
-            f" {type(error).__name__}: {error}\nPort it as one piece: leaf_modules=({owner},) and"
-            f" custom_modules={{{owner}: factory}} with a Flax module for it."
-        ) from error
-      programs[train] = Program(
-          tuple(_node(node, model, options, modules, custom_ops, leaves, stateless, problems) for node in graph.nodes)
-      )
-      scopes[train] = {node.name: scope(node) for node in graph.nodes}
+      with torch_mode(model, train, recipe):  # the rules read module.training too (dropout's)
+        tracer = Tracer(is_leaf, examples)
+        try:
+          graph = tracer.trace(model)
+        except PortError:
+          raise
+        except Exception as error:  # data-dependent control flow and the like
+          stack = list((getattr(tracer, "module_stack", None) or {}).values())
+          where = stack[-1][0] if stack else ""
+          owner = type(model.get_submodule(where)).__name__ if where else type(model).__name__
+          raise PortError(
+              f"torch.fx could not trace {where or 'the model'} ({owner}) in {'train' if train else 'eval'} mode:"
+              f" {type(error).__name__}: {error}\nPort it as one piece: leaf_modules=({owner},) and"
+              f" custom_modules={{{owner}: factory}} with a Flax module for it."
+          ) from error
+        programs[train] = Program(
+            tuple(_node(node, model, options, modules, custom_ops, leaves, stateless, problems) for node in graph.nodes)
+        )
+        scopes[train] = {node.name: scope(node) for node in graph.nodes}
   finally:
     _restore(saved)
   return Traced(programs, leaves, list(problems), stateless, scopes)

@@ -16,6 +16,7 @@ from jaxbn._src.port.autocast import cast
 from jaxbn._src.port.graph import Program, decode, references
 from jaxbn._src.port.leaves import NORMS, Conv, Leaf, Linear, swap_norm
 from jaxbn._src.port.ops import Context
+from jaxbn._src.variables.paths import under
 
 
 def _call(layer: nn.Module, leaf: Leaf, train: bool, args, kwargs):
@@ -60,12 +61,15 @@ class Ported(nn.Module):
     train_program, eval_program: the traced forwards.
     leaves: ``(dotted torch path, Leaf)`` pairs: the Flax module at each path.
     name_of_torch_class: the torch model's class, for reading.
+    keep_eval: module paths (``('layer1', '0')``) whose layers run in eval mode with ``train=True``:
+      the torch model kept them in ``eval()`` while it trained (``Port.recipe.keep_eval``).
   """
 
   train_program: Program
   eval_program: Program
   leaves: tuple[tuple[str, Leaf], ...]
   name_of_torch_class: str = ""
+  keep_eval: tuple[tuple[str, ...], ...] = ()
 
   @nn.compact
   def __call__(self, *inputs, train: bool = False, **named_inputs) -> Any:
@@ -73,8 +77,9 @@ class Ported(nn.Module):
     top: dict[str, nn.Module] = {}  # built once per call: a module may be called many times
 
     def call_module(path: str, args, kwargs, train_mode: bool):
-      first, *rest = path.split(".")
+      first, *rest = parts = path.split(".")
       leaf = leaves[path]
+      train_mode = train_mode and not under(parts, self.keep_eval)
       if not rest:
         if first not in top:
           top[first] = leaf.prototype.clone(parent=self, name=first)

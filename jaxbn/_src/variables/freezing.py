@@ -88,14 +88,18 @@ def frozen_mask(
     *,
     modules: Sequence[str] = (),
     batchnorm_affine: Sequence[str] = (),
+    parameters: Sequence[str] = (),
 ) -> dict:
   """A boolean pytree over ``variables['params']``: True where no optimiser may move the array.
 
   Always True for FrozenBatchNorm arrays. Also True for every parameter under ``modules`` (module
-  paths such as ``'layer1'``; torch: ``requires_grad_(False)`` on a submodule), and for the scale
+  paths such as ``'layer1'``; torch: ``requires_grad_(False)`` on a submodule), for the scale
   and bias of the BatchNorm layers under ``batchnorm_affine`` (``''`` for all of them; torch:
-  ``bn.weight.requires_grad = False``). Paths are Flax (``'layer1/0'``) or torch (``'layer1.0'``)
-  module paths; one that matches nothing raises ValueError naming the closest paths.
+  ``bn.weight.requires_grad = False``), and for the parameters at or under ``parameters``
+  (parameter paths such as ``'fc/bias'``, or module paths; torch: ``fc.bias.requires_grad =
+  False``; what ``jaxbn.port`` records as ``port.recipe.frozen``). Paths are Flax (``'layer1/0'``)
+  or torch (``'layer1.0'``) paths; one that matches nothing raises ValueError naming the closest
+  paths.
 
   ``variables`` may be an NNX module or state (e.g. a Linen model through ``nnx.bridge.ToNNX``):
   the mask is then an ``nnx.State`` over its ``nnx.Param`` s, the tree ``nnx.Optimizer(model,
@@ -106,18 +110,25 @@ def frozen_mask(
     from flax import nnx
 
     params = nnx.state(variables, nnx.Param) if isinstance(variables, nnx.Module) else variables.filter(nnx.Param)
-    mask = frozen_mask(as_variables(variables), modules=modules, batchnorm_affine=batchnorm_affine)
+    mask = frozen_mask(
+        as_variables(variables), modules=modules, batchnorm_affine=batchnorm_affine, parameters=parameters
+    )
     return nnx.as_pure(update(params, {"params": mask}))
   params = traverse_util.flatten_dict(variables.get("params", {}))
   stats = traverse_util.flatten_dict(variables.get("batch_stats", {}))
   frozen_layers = layers_holding_stats(params)
   module_prefixes = [split_path(m) for m in modules]
   affine_prefixes = [split_path(m) for m in batchnorm_affine]
+  parameter_prefixes = [split_path(p) for p in parameters]
   check_prefixes_match(module_prefixes, [path[:-1] for path in params], "frozen_mask(modules=...)")
+  check_prefixes_match(parameter_prefixes, list(params), "frozen_mask(parameters=...)")
   check_prefixes_match(affine_prefixes, layers_holding_stats(stats), "frozen_mask(batchnorm_affine=...)")
   batchnorm_layers = {layer for layer in layers_holding_stats(stats) if under(layer, affine_prefixes)}
   mask = {
-      path: path[:-1] in frozen_layers or under(path, module_prefixes) or path[:-1] in batchnorm_layers
+      path: path[:-1] in frozen_layers
+      or under(path, module_prefixes)
+      or path[:-1] in batchnorm_layers
+      or under(path, parameter_prefixes)
       for path in params
   }
   return _unflatten(mask)

@@ -14,14 +14,18 @@ import torch
 from jaxbn._src.checkpoints.files import as_numpy, save_state_dict
 from jaxbn._src.errors import PortError
 from jaxbn._src.port.graph import Traced
+from jaxbn._src.port.recipe import TrainingRecipe
 from jaxbn._src.port.source import linen, nnx
 from jaxbn._src.port.source.classes import Classes
 from jaxbn._src.port.source.tree import tree
 
 
-def model_source(traced: Traced, torch_model: torch.nn.Module, example_input: Any, api: str) -> tuple[str, str, dict]:
+def model_source(
+    traced: Traced, torch_model: torch.nn.Module, example_input: Any, api: str, recipe: TrainingRecipe | None = None
+) -> tuple[str, str, dict]:
   """``(text, name of the model's class, constants)``: the traced model as Flax ``api`` source,
-  and the tensors too large to write into it (``constants.safetensors``, which the text loads)."""
+  and the tensors too large to write into it (``constants.safetensors``, which the text loads).
+  ``recipe``: torch's training recipe, written as editable lists the model uses."""
   roots = []
   for train in (True, False):
     root = tree(traced.programs[train], traced.scopes[train])
@@ -30,13 +34,13 @@ def model_source(traced: Traced, torch_model: torch.nn.Module, example_input: An
   if api == "nnx":
     classes = Classes(dict(traced.leaves), nnx.layer_fields(torch_model))
     classes.build(*roots)
-    text, name, constants = nnx.module_source(classes, type(torch_model), versions())
+    text, name, constants = nnx.module_source(classes, type(torch_model), versions(), recipe)
   else:
     classes = Classes(dict(traced.leaves))
     classes.build(*roots)
     inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
     examples = [(tuple(as_numpy(x).shape), str(as_numpy(x).dtype)) for x in inputs]
-    text, name, constants = linen.module_source(classes, type(torch_model), examples, versions())
+    text, name, constants = linen.module_source(classes, type(torch_model), examples, versions(), recipe)
   return formatted(text), name, constants
 
 

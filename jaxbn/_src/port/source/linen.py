@@ -21,6 +21,7 @@ from jaxbn._src.nnx.batch_norm import BatchNorm as NnxBatchNorm
 from jaxbn._src.nnx.frozen import FrozenBatchNorm as NnxFrozenBatchNorm
 from jaxbn._src.port.graph import Static
 from jaxbn._src.port.leaves import Constant, Metadata
+from jaxbn._src.port.recipe import TrainingRecipe
 from jaxbn._src.port.source.classes import ALWAYS_WRITTEN, REQUIRED, Class, Classes, numbered, value_key
 from jaxbn._src.port.tracer import Guard
 from jaxbn._src.torchlike import functional, linen
@@ -610,11 +611,58 @@ def _torch_name(cls: type) -> str:
   return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def module_source(classes: Classes, torch_class: type, examples: list, versions: str) -> tuple[str, str, dict]:
-  """``model.py``: a header, the classes (children before their callers), ``load()``."""
+def recipe_lines(recipe: TrainingRecipe | None) -> list[str]:
+  """The torch model's training recipe as editable lists (``KEEP_EVAL``, ``FROZEN``), where it has one."""
+  lines = []
+  if recipe is not None and recipe.keep_eval:
+    lines.append(
+        "# torch's training recipe, as the model was configured when emitted (edit freely).\n"
+        "# BatchNorm layers torch kept in eval() while the model trained: with train=True they normalise\n"
+        "# with their running statistics and update nothing.\n"
+        f"KEEP_EVAL = {recipe.keep_eval!r}"
+    )
+  if recipe is not None and recipe.frozen:
+    lines.append(
+        "# Parameters (or modules: all their parameters) torch did not train (requires_grad=False).\n"
+        f"FROZEN = {recipe.frozen!r}"
+    )
+  return ["\n".join(lines)] if lines else []
+
+
+def _kept_in_eval(rendered: str) -> str:
+  """The model class with ``KEEP_EVAL`` as a field and its call inside ``jaxbn.eval_mode`` of it."""
+  lines = rendered.split("\n")
+  call = lines.index("  @nn.compact")
+  body = ["  " + line if line else line for line in lines[call + 2 :]]
+  return "\n".join(
+      [
+          *lines[:call],
+          "  keep_eval: tuple[str, ...] = KEEP_EVAL  # torch's recipe, above",
+          "",
+          *lines[call : call + 2],
+          "    with jaxbn.eval_mode(*self.keep_eval, within=self):",
+          *body,
+      ]
+  )
+
+
+FROZEN_MASK = '''def frozen_mask(variables):
+  """True for the parameters torch did not train (``FROZEN``; FrozenBatchNorm arrays too):
+  ``jaxbn.keep_frozen(tx, frozen_mask(variables))`` is torch's optimiser."""
+  return jaxbn.frozen_mask(variables, parameters=FROZEN)
+'''
+
+
+def module_source(
+    classes: Classes, torch_class: type, examples: list, versions: str, recipe: TrainingRecipe | None = None
+) -> tuple[str, str, dict]:
+  """``model.py``: a header, the classes (children before their callers), ``load()``; torch's
+  training recipe (``recipe``) as the lists the model class and ``frozen_mask`` use."""
   source = Source(classes)
   rendered = [source.render_class(key, cls) for key, cls in classes.classes.items()]
   top = source.names[next(reversed(classes.classes))]
+  if recipe is not None and recipe.keep_eval:
+    rendered[-1] = _kept_in_eval(rendered[-1])
   namedtuples = namedtuple_lines(source)
   header = f'''"""{_torch_name(torch_class)} as Flax Linen source, written by jaxbn.emit
 ({versions}).
@@ -659,8 +707,9 @@ def load(path=None, *, module=None, strict=True):
   return module, traverse_util.unflatten_dict({{**fresh, **traverse_util.flatten_dict(converted.variables)}})
 '''
   imports = import_lines(source, ["import flax.linen as nn", "from flax import traverse_util"])
-  parts = [header, "\n".join(imports), *constants_lines(source), *namedtuples, *rendered, loader]
-  return "\n\n\n".join(parts) + "\n", top, source.constants
+  frozen = [FROZEN_MASK] if recipe is not None and recipe.frozen else []
+  parts = [header, "\n".join(imports), *recipe_lines(recipe), *constants_lines(source), *namedtuples, *rendered]
+  return "\n\n\n".join([*parts, loader, *frozen]) + "\n", top, source.constants
 
 
 def constants_lines(source: Source) -> list[str]:

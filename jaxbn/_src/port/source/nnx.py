@@ -16,6 +16,7 @@ from jaxbn._src.linen.frozen import FrozenBatchNorm
 from jaxbn._src.nnx.batch_norm import BatchNorm as NnxBatchNorm
 from jaxbn._src.nnx.frozen import FrozenBatchNorm as NnxFrozenBatchNorm
 from jaxbn._src.port.leaves import Leaf
+from jaxbn._src.port.recipe import TrainingRecipe
 from jaxbn._src.port.source import linen as base
 from jaxbn._src.port.source.classes import REQUIRED, Class, Classes, numbered
 from jaxbn._src.torchlike import linen
@@ -223,8 +224,11 @@ class Body(base.Body):
     return super()._element(e)
 
 
-def module_source(classes: Classes, torch_class: type, versions: str) -> tuple[str, str, dict]:
-  """``model.py`` for NNX: a header, the classes, ``load()``."""
+def module_source(
+    classes: Classes, torch_class: type, versions: str, recipe: TrainingRecipe | None = None
+) -> tuple[str, str, dict]:
+  """``model.py`` for NNX: a header, the classes, ``load()``; torch's training recipe
+  (``recipe``) as the lists ``load()`` and ``trainable`` use."""
   source = Source(classes)
   rendered = [source.render_class(key, cls) for key, cls in classes.classes.items()]
   top = source.names[next(reversed(classes.classes))]
@@ -248,6 +252,9 @@ edited model and keeps the fresh values of what the file lacks.
       ["from flax import nnx"],
       "from jaxbn import layers, ops" if source.uses_layers else "from jaxbn import ops",
   )
+  keep_eval = (
+      "\n  jaxbn.nnx.keep_eval(model, *KEEP_EVAL)  # torch's recipe, above" if recipe and recipe.keep_eval else ""
+  )
   loader = f'''def load(path=None, *, model=None, strict=True):
   """``{top}`` (or ``model``, an edited one) with the weights at ``path`` (default:
   {base.WEIGHTS_NAME} beside this file). ``strict=False`` keeps fresh values for what the file
@@ -257,8 +264,16 @@ edited model and keeps the fresh values of what the file lacks.
     model = jaxbn.nnx.uninitialised(lambda rngs: {top}(rngs=rngs))
     if not strict and any(jaxbn.convert.from_torch(state_dict, model, strict=False)[1:]):
       model = {top}(rngs=nnx.Rngs(0))  # fresh values for what the file lacks or shapes otherwise
-  jaxbn.convert.from_torch(state_dict, model, strict=strict)  # in place
+  jaxbn.convert.from_torch(state_dict, model, strict=strict)  # in place{keep_eval}
   return model
 '''
-  parts = [header, "\n".join(imports), *base.constants_lines(source), *namedtuples, *rendered, loader]
-  return "\n\n\n".join(parts) + "\n", top, source.constants
+  trainable = [TRAINABLE] if recipe is not None and recipe.frozen else []
+  parts = [header, "\n".join(imports), *base.recipe_lines(recipe), *base.constants_lines(source), *namedtuples]
+  return "\n\n\n".join([*parts, *rendered, loader, *trainable]) + "\n", top, source.constants
+
+
+TRAINABLE = '''def trainable(model):
+  """What torch trained, as an NNX filter (every ``nnx.Param`` but ``FROZEN``):
+  ``nnx.Optimizer(model, tx, wrt=trainable(model))``."""
+  return jaxbn.nnx.trainable(model, parameters=FROZEN)
+'''
