@@ -97,7 +97,8 @@ class BatchNorm(nn.Module):
     """Normalises ``x``; ``mask`` (boolean, broadcastable to ``x``, e.g. ``valid[:, None, None,
     None]`` for padded examples) restricts the batch statistics to the marked elements."""
     use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-    use_running_average = use_running_average or forced_eval(self.scope.path)
+    forced = forced_eval(self.scope.path)  # consulted in every mode: an eval call is inside the context too
+    use_running_average = use_running_average or forced
     label = checks.layer_label("BatchNorm", self.scope.path)
     prepared = prepare(label, x, self.axis)
     feature_shape = prepared.feature_shape

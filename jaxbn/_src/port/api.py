@@ -30,7 +30,7 @@ from jaxbn._src.port.nnx import PortedNNX
 from jaxbn._src.port.recipe import TrainingRecipe
 from jaxbn._src.port.source.build import load_classes, model_source
 from jaxbn._src.torchlike.nnx import uninitialised
-from jaxbn._src.variables.freezing import frozen_mask
+from jaxbn._src.variables.freezing import frozen_mask, layers_holding_stats
 from jaxbn._src.variables.state import as_variables
 
 EXTEND = (
@@ -57,8 +57,15 @@ class Port:
   variables: Any
   recipe: TrainingRecipe = TrainingRecipe()
 
+  # a pair, as before the recipe: ``module, variables = port``, ``port[0]``
   def __iter__(self):
     return iter((self.module, self.variables))
+
+  def __getitem__(self, index):
+    return (self.module, self.variables)[index]
+
+  def __len__(self):
+    return 2
 
   @property
   def frozen_mask(self) -> Any:
@@ -269,8 +276,10 @@ def traced_port(
         key=lambda path: position.get(torch_key("params", path), len(position)),
     )
     frozen = recipes.frozen_parameters(torch_recipe, params)
+    frozen_layers = layers_holding_stats(set(params))  # FrozenBatchNorm2d's buffers: never trained anyway
+    buffers = {path for path in params if path[:-1] in frozen_layers}
     recipe = recipes.TrainingRecipe(
-        recipes.flax_paths(keep_eval), recipes.flax_paths(recipes.covering_prefixes(frozen, params))
+        recipes.flax_paths(keep_eval), recipes.flax_paths(recipes.covering_prefixes(frozen, params, buffers))
     )
     recipes.notice(recipe, type(torch_model).__name__, len(in_eval), len(frozen), api)
     recipes.warn_eval_with_training_modules(torch_recipe, type(torch_model).__name__)

@@ -59,13 +59,18 @@ class TrainingRecipe:
     return not (self.keep_eval or self.frozen)
 
 
-def covering_prefixes(selected: set[tuple[str, ...]], paths: Sequence[tuple[str, ...]]) -> tuple[tuple[str, ...], ...]:
-  """The shortest prefixes (never the whole model) under which every one of ``paths`` is selected,
-  in the model's order: ``layer1`` when all of layer1's are, each path itself where siblings differ."""
+def covering_prefixes(
+    selected: set[tuple[str, ...]], paths: Sequence[tuple[str, ...]], either: set[tuple[str, ...]] = frozenset()
+) -> tuple[tuple[str, ...], ...]:
+  """The shortest prefixes (never the whole model) under which every one of ``paths`` is selected
+  (or in ``either``: may be covered, never listed for itself), in the model's order: ``layer1``
+  when all of layer1's are, each path itself where siblings differ."""
   chosen = []
 
   def visit(prefix: tuple[str, ...], below: list[tuple[str, ...]]):
-    if prefix and all(path in selected for path in below):
+    if not any(path in selected for path in below):
+      return
+    if prefix and all(path in selected or path in either for path in below):
       chosen.append(prefix)
       return
     children: dict[str, list] = {}
@@ -75,8 +80,7 @@ def covering_prefixes(selected: set[tuple[str, ...]], paths: Sequence[tuple[str,
     for child, paths_below in children.items():
       visit((*prefix, child), paths_below)
 
-  if selected:
-    visit((), list(paths))
+  visit((), list(paths))
   return tuple(chosen)
 
 
@@ -159,7 +163,7 @@ def refused_state(torch_model: torch.nn.Module, is_leaf: Callable[[torch.nn.Modu
           " parametrize.remove_parametrizations(module, name) first"
       )
     # fx traces through a module's __call__ (hooks included) unless the port runs it whole
-    hooks = {"forward": module._forward_hooks, "forward pre-": module._forward_pre_hooks}
+    hooks = {"forward ": module._forward_hooks, "forward pre-": module._forward_pre_hooks}
     if module is torch_model or is_leaf(module):
       for what, registered in hooks.items():
         if registered:
@@ -167,7 +171,7 @@ def refused_state(torch_model: torch.nn.Module, is_leaf: Callable[[torch.nn.Modu
               f"{where} ({kind}): {what}hook(s) {_hook_names(registered)}, which the trace does not run (the module"
               " is ported whole): remove them (handle.remove()) before porting, or write what they do into forward"
           )
-    for what, registered in (("backward", module._backward_hooks), ("backward pre-", module._backward_pre_hooks)):
+    for what, registered in (("backward ", module._backward_hooks), ("backward pre-", module._backward_pre_hooks)):
       if registered:
         problems.append(
             f"{where} ({kind}): {what}hook(s) {_hook_names(registered)} change its gradient, which the port does not"
