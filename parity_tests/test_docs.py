@@ -7,6 +7,8 @@ import importlib
 import pathlib
 import re
 
+import jax
+import numpy as np
 import pytest
 
 import jaxbn
@@ -36,12 +38,31 @@ def test_readme_nnx_example_runs():
 
 
 def test_readme_port_example_runs():
-  code = [block for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "jaxbn.port(" in block]
+  code = [
+      block
+      for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+      if "module, variables = jaxbn.port(" in block
+  ]
   assert len(code) == 1, "README has no port example"
   namespace = {}
   exec(compile(code[0], "README.md", "exec"), namespace)
   assert namespace["logits"].shape == (4, 10)
   assert int(namespace["variables"]["batch_stats"]["features"]["0"]["1"]["num_batches_tracked"]) == 1
+
+
+def test_readme_training_recipe_example_runs():
+  code = [
+      block for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "port.frozen_mask" in block
+  ]
+  assert len(code) == 1, "README has no training-recipe example"
+  namespace = {}
+  with pytest.warns(jaxbn.TrainingRecipeWarning, match="20 BatchNorm layer"):
+    exec(compile(code[0], "README.md", "exec"), namespace)
+  port = namespace["port"]
+  assert port.recipe == jaxbn.TrainingRecipe(("bn1", "layer1", "layer2", "layer3", "layer4"), ("layer1",))
+  updated, original = (jax.tree.leaves(v) for v in (namespace["updates"]["batch_stats"], port.variables["batch_stats"]))
+  assert all(np.array_equal(a, b) for a, b in zip(updated, original, strict=True))  # all in eval: nothing moved
+  assert all(jax.tree.leaves(port.frozen_mask["layer1"])) and not any(jax.tree.leaves(port.frozen_mask["fc"]))
 
 
 def test_readme_lists_what_the_port_supports_from_its_tables():
