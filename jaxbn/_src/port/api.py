@@ -27,7 +27,6 @@ from jaxbn._src.port.graph import Traced, trace
 from jaxbn._src.port.interpreter import Ported
 from jaxbn._src.port.leaves import MODULES, Options, find, user_rule
 from jaxbn._src.port.nnx import PortedNNX
-from jaxbn._src.port.recipe import TrainingRecipe
 from jaxbn._src.port.source.build import load_classes, model_source
 from jaxbn._src.torchlike.nnx import uninitialised
 from jaxbn._src.variables.freezing import frozen_mask, layers_holding_stats
@@ -55,7 +54,7 @@ class Port:
 
   module: Any
   variables: Any
-  recipe: TrainingRecipe = TrainingRecipe()
+  recipe: recipes.TrainingRecipe = recipes.TrainingRecipe()
 
   # a pair, as before the recipe: ``module, variables = port``, ``port[0]``
   def __iter__(self):
