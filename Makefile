@@ -30,8 +30,10 @@ format: $(STAMP)
 	$(VENV)/bin/pyink --quiet .
 	$(VENV)/bin/ruff check --quiet --fix .
 
+# Two workers (this machine's cores): the suite is mostly single-threaded XLA compilation. Each
+# test file stays in one worker (--dist loadfile), as it ran before.
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 # The whole zoo: every torchvision ResNet and every model jaxbn.port is proven on, not only CI's,
 # through the port and through jaxbn.emit's source (Linen and NNX).
