@@ -99,6 +99,7 @@ def port(
     api: str = "linen",
     rngs: Any = None,
     recipe: str = "as_configured",
+    static_inputs: dict[str, Any] | None = None,
 ) -> Port:
   """A torch model as a Flax Linen module with the same module paths, and its variables.
 
@@ -142,6 +143,12 @@ def port(
       is in train mode (modules put back into ``eval()`` stay in eval), and ``Port.recipe`` says
       which parameters torch does not train (``requires_grad=False``); a warning says so when
       that is not plain ``model.train()``. ``"plain"``: ``model.train()``, every parameter trained.
+    static_inputs: keyword inputs of ``forward`` that choose what it does (``{"return_dict":
+      False}``), traced at these values (fx's ``concrete_args``); the ported model takes them by the
+      same names, defaulting to these values, and refuses others with torch's message. Other
+      optional keywords keep their defaults, and ``*args`` / ``**kwargs`` the example does not fill
+      are empty; a keyword the trace never read (its default decided a branch) is refused at apply
+      time rather than ignored.
 
   Returns ``Port(module, variables, recipe)``, which unpacks as ``module, variables``:
   ``module.apply(variables, x)`` is torch's eval forward; ``module.apply(variables, x, train=True,
@@ -172,6 +179,7 @@ def port(
       api=api,
       rngs=rngs,
       recipe=recipe,
+      static_inputs=static_inputs,
   )[0]
 
 
@@ -190,6 +198,7 @@ def traced_port(
     api="linen",
     rngs=None,
     recipe="as_configured",
+    static_inputs=None,
 ) -> tuple[Port, Traced]:
   """``port``, and the traced programs it runs (for ``jaxbn.emit``)."""
   if not isinstance(torch_model, torch.nn.Module):
@@ -222,7 +231,14 @@ def traced_port(
       type(torch_model).__name__,
   )
   traced = trace(
-      torch_model, _torch_examples(example_input, torch_model), options, modules, custom_ops, leaf_modules, torch_recipe
+      torch_model,
+      _torch_examples(example_input, torch_model),
+      options,
+      modules,
+      custom_ops,
+      leaf_modules,
+      torch_recipe,
+      static_inputs,
   )
   if traced.problems:
     lines = "\n".join(f"  - {p}" for p in traced.problems)

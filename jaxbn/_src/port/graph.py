@@ -7,6 +7,7 @@ collected, with its module path and source line, into one ``PortError``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any
 
@@ -20,7 +21,7 @@ from jaxbn._src.checkpoints.recipe import TorchRecipe, torch_mode
 from jaxbn._src.errors import PortError
 from jaxbn._src.port import autocast, ops
 from jaxbn._src.port.leaves import Constant, Leaf, Metadata, Options, Tensor, class_name, find, rule
-from jaxbn._src.port.tracer import Guard, Tracer, guard
+from jaxbn._src.port.tracer import Guard, Tracer, guard, input_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +86,11 @@ class Node:
 @dataclasses.dataclass(frozen=True)
 class Program:
   nodes: tuple[Node, ...]
+
+  @functools.cached_property
+  def read(self) -> frozenset[str]:
+    """The names of the nodes some node reads."""
+    return frozenset(name for node in self.nodes for name in references((node.args, node.kwargs)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,11 +212,14 @@ def trace(
     custom_ops: dict,
     leaf_modules: tuple,
     recipe: TorchRecipe | None = None,
+    static_inputs: dict | None = None,
 ) -> Traced:
   """Both of the model's forwards (train and eval differ: aux heads, dropout) as programs.
   ``examples``: the forward's inputs, for the Python decisions fx cannot take symbolically.
   ``recipe``: the modules torch keeps in eval while it trains stay in eval in the train trace
-  (dropout there drops nothing; code reading ``self.training`` takes its eval branch)."""
+  (dropout there drops nothing; code reading ``self.training`` takes its eval branch).
+  ``static_inputs``: keyword inputs traced at a fixed value (``return_dict=False``)."""
+  static_inputs = dict(static_inputs or {})
 
   def is_leaf(module):
     return isinstance(module, leaf_modules) or find(module, modules) is not None
@@ -223,9 +232,9 @@ def trace(
   try:
     for train in (True, False):
       with torch_mode(model, train, recipe):  # the rules read module.training too (dropout's)
-        tracer = Tracer(is_leaf, examples)
+        tracer = Tracer(is_leaf, examples, static_inputs)
         try:
-          graph = tracer.trace(model)
+          graph = tracer.trace(model, concrete_args=static_inputs or None)
         except PortError:
           raise
         except Exception as error:  # data-dependent control flow and the like
@@ -238,7 +247,10 @@ def trace(
               f" custom_modules={{{owner}: factory}} with a Flax module for it."
           ) from error
         programs[train] = Program(
-            tuple(_node(node, model, options, modules, custom_ops, leaves, stateless, problems) for node in graph.nodes)
+            tuple(
+                _node(node, model, options, modules, custom_ops, leaves, stateless, problems, static_inputs)
+                for node in graph.nodes
+            )
         )
         scopes[train] = {node.name: scope(node) for node in graph.nodes}
   finally:
@@ -266,7 +278,7 @@ def _restore(saved: list) -> None:
         value.update(contents)
 
 
-def _node(node: fx.Node, model, options, modules, custom_ops, leaves, stateless, problems) -> Node:
+def _node(node: fx.Node, model, options, modules, custom_ops, leaves, stateless, problems, static) -> Node:
   def problem(what):
     problems[Problem(what, module_path(node), source_line(node))] = None
     return Node(node.name, "unsupported", what)
@@ -277,6 +289,9 @@ def _node(node: fx.Node, model, options, modules, custom_ops, leaves, stateless,
   except TypeError:
     return problem(f"{node.op} {node.target}: a tensor constant in its arguments")
   if node.op == "placeholder":
+    name = input_name(node.target, static)
+    if name in static:  # the forward's own keyword, defaulting to its value (fx's assert checks others)
+      return Node(node.name, "input", name, (encode(static[name]),))
     return Node(node.name, "input", node.target, args)
   if node.op == "output":
     return Node(node.name, "output", None, args)
@@ -304,6 +319,8 @@ def _node(node: fx.Node, model, options, modules, custom_ops, leaves, stateless,
     key = node.target
     if isinstance(key, type) and issubclass(key, tuple) and hasattr(key, "_fields"):
       return Node(node.name, "op", ops.OpRule(Static(key)), args, kwargs)  # a namedtuple (GoogLeNetOutputs)
+  if getattr(key, "output_class", None) is not None:  # a dataclass output (ModelOutput)
+    return Node(node.name, "op", ops.OpRule(Static(as_pytree(key.output_class))), args, kwargs)
   if key is getattr and len(node.args) > 1 and node.args[1] not in ops.TENSOR_ATTRIBUTES:
     return problem(f"reads .{node.args[1]} of a tensor (the port reads {', '.join(ops.TENSOR_ATTRIBUTES)})")
   if key is guard:
@@ -333,6 +350,19 @@ def _node(node: fx.Node, model, options, modules, custom_ops, leaves, stateless,
   if key not in custom_ops:
     op = autocast.op(op, key, options.autocast)
   return Node(node.name, "op", op, args, kwargs, _rebinds(node, inplace))
+
+
+def as_pytree(cls: type) -> type:
+  """A dataclass output as a JAX pytree of its fields (in their order; ``None`` fields stay None),
+  so that jit returns it; registered once, if JAX does not know the class yet."""
+  names = [f.name for f in dataclasses.fields(cls) if f.init]
+  try:
+    jax.tree_util.register_pytree_node(
+        cls, lambda value: ([getattr(value, n) for n in names], None), lambda _, items: cls(*items)
+    )
+  except ValueError:  # registered already (by an earlier port, or by the user)
+    pass
+  return cls
 
 
 def _tensor(node: fx.Node, model, options, modules, leaves, problem) -> Node:

@@ -11,7 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
+import numpy as np
 
+from jaxbn._src.errors import PortError
 from jaxbn._src.port.autocast import cast
 from jaxbn._src.port.graph import Program, decode, references
 from jaxbn._src.port.leaves import NORMS, Conv, Leaf, Linear, swap_norm
@@ -163,17 +166,14 @@ class Ported(nn.Module):
 def run(program: Program, inputs: tuple, named_inputs: dict, call_module, context: Context, train: bool):
   """Walks the program once: each node's value from the values it refers to."""
   env: dict[str, Any] = {}
-  positional = list(inputs)
+  positional, named = list(inputs), dict(named_inputs)
+  for node in program.nodes:  # bound first: fx places a static input's assert right after it
+    if node.kind == "input":
+      env[node.name] = _input(node, positional, named, program.read)
+  if named:
+    raise TypeError(f"the ported model has no input {', '.join(map(repr, named))}")
   for node in program.nodes:
     if node.kind == "input":
-      if positional:
-        env[node.name] = positional.pop(0)
-      elif node.target in named_inputs:
-        env[node.name] = named_inputs[node.target]
-      elif node.args:
-        env[node.name] = decode(node.args[0], env)
-      else:
-        raise TypeError(f"the ported model needs its input {node.target!r}")
       continue
     if node.kind == "output":
       return decode(node.args[0], env)
@@ -188,3 +188,48 @@ def run(program: Program, inputs: tuple, named_inputs: dict, call_module, contex
     if node.rebinds:
       env[node.rebinds] = value
   raise AssertionError("a traced program ends with its output")
+
+
+def _input(node, positional: list, named: dict, read: frozenset) -> Any:
+  """One input of the forward, as Python binds it: positionally, by keyword, or its default
+  (``*args`` and ``**kwargs`` take what is left). A value the traced program never reads was
+  specialised away when porting (``if return_dict is False:``): another value is refused."""
+  if node.target.startswith("**"):
+    value, given = dict(named), bool(named)
+    named.clear()
+  elif node.target.startswith("*"):
+    value, given = tuple(positional), bool(positional)
+    positional.clear()
+  elif positional:
+    return positional.pop(0)
+  elif node.target in named:
+    value = named.pop(node.target)
+    default = decode(node.args[0], {}) if node.args else _NO_DEFAULT
+    given = not _same(value, default)
+  elif node.args:
+    return decode(node.args[0], {})
+  else:
+    raise TypeError(f"the ported model needs its input {node.target!r}")
+  if given and node.name not in read:
+    keywords = node.target.startswith("**")
+    names = list(value) if keywords else [node.target]
+    extra_positional = node.target.startswith("*") and not keywords
+    values = list(value.values()) if keywords else list(value) if extra_positional else [value]
+    if extra_positional or any(isinstance(v, (jax.Array, np.ndarray)) for v in values):
+      fix = "give it to port() as an example input"  # a tensor, or positional (static_inputs are keywords)
+    else:
+      fix = f"port the model again with static_inputs={{{', '.join(f'{n!r}: ...' for n in names)}}}"
+    raise PortError(
+        f"the ported model was traced without its input {', '.join(names)} (the trace took the default there), so"
+        f" the value given now would be ignored: {fix}."
+    )
+  return value
+
+
+_NO_DEFAULT = object()
+
+
+def _same(value, default) -> bool:
+  if value is default:
+    return True
+  return type(value) is type(default) and isinstance(value, (bool, int, float, str)) and value == default

@@ -38,6 +38,13 @@ def guard(value, expected, conversion: str, on_values: bool):
   return expected
 
 
+def input_name(target: str, static: dict) -> str:
+  """The forward's name for a placeholder: fx renames a static input (``return_dict`` becomes
+  ``return_dict_1``, guarded by an assert of its value)."""
+  base, _, number = target.rpartition("_")
+  return base if number.isdigit() and base in static else target
+
+
 @dataclasses.dataclass(frozen=True)
 class Guard:
   """A Python decision the trace took on the example input, checked again where the program runs."""
@@ -68,16 +75,27 @@ class Tracer(fx.Tracer):
   """fx's symbolic tracer with leaf modules, autograd functions as nodes, and concrete decisions.
 
   ``examples``: the forward's inputs as torch tensors, for the decisions symbolic tracing
-  cannot take."""
+  cannot take; ``static``: keyword inputs held at a value (traced as fx's ``concrete_args``)."""
 
-  def __init__(self, is_leaf: Callable[[torch.nn.Module], bool], examples: Sequence[torch.Tensor]):
+  def __init__(
+      self, is_leaf: Callable[[torch.nn.Module], bool], examples: Sequence[torch.Tensor], static: dict | None = None
+  ):
     super().__init__()
+    self._static = dict(static or {})  # keyword inputs held fixed (fx's concrete_args)
     self.record_stack_traces = True
     self.proxy_buffer_attributes = True  # a buffer read in forward is a node (its torch name), not a literal
     self._is_leaf = is_leaf
     self._examples = list(examples)
     self._values: dict[fx.Node, Any] = {}
     self._state: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # saved before torch first runs
+
+  def create_arg(self, a):
+    # A dataclass holding traced values (transformers' ModelOutput, which fx would flatten into a
+    # plain dict, or any other): one node that builds it, so the port returns the same class.
+    if dataclasses.is_dataclass(a) and not isinstance(a, type):
+      fields = {f.name: getattr(a, f.name) for f in dataclasses.fields(a) if f.init}
+      return self.create_node("call_function", output_class(type(a)), (), self.create_arg(fields))
+    return super().create_arg(a)
 
   def is_leaf_module(self, module, qualified_name):
     return self._is_leaf(module) or super().is_leaf_module(module, qualified_name)
@@ -144,12 +162,22 @@ class Tracer(fx.Tracer):
   def _run(self, node: fx.Node) -> Any:
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), self._values.__getitem__)
     if node.op == "placeholder":
-      index = sum(1 for n in self._values if n.op == "placeholder")
+      name = input_name(node.target, self._static)
+      if name in self._static:
+        return self._static[name]
+      if node.target.startswith("*"):  # *args, **kwargs the example does not fill: empty
+        return {} if node.target.startswith("**") else ()
+      index = sum(
+          1 for n in self._values if n.op == "placeholder" and input_name(n.target, self._static) not in self._static
+      )
       if index < len(self._examples):
         return self._examples[index]
       if args:
         return args[0]
-      raise PortError(f"the forward's input {node.target!r} has no example: give port() every input")
+      raise PortError(
+          f"the forward's input {node.target!r} has no example: give port() every input (keywords that choose"
+          " what forward does, as static_inputs={name: value})"
+      )
     if node.op == "get_attr":
       return functools.reduce(getattr, node.target.split("."), self.root)
     if node.op == "call_module":
@@ -196,3 +224,15 @@ def autograd_call(function: type) -> Callable:
   call.__name__ = call.__qualname__ = function.__name__
   call.autograd_function = function
   return call
+
+
+@functools.cache
+def output_class(cls: type) -> Callable:
+  """The node target that builds a dataclass output (fx names nodes by ``__name__``)."""
+
+  def build(**fields):
+    return cls(**fields)
+
+  build.__name__ = build.__qualname__ = cls.__name__
+  build.output_class = cls
+  return build

@@ -13,11 +13,12 @@ import torch
 
 from jaxbn._src.checkpoints.files import as_numpy, save_state_dict
 from jaxbn._src.errors import PortError
-from jaxbn._src.port.graph import Traced
+from jaxbn._src.port.graph import Program, Traced, references
 from jaxbn._src.port.recipe import TrainingRecipe
 from jaxbn._src.port.source import linen, nnx
 from jaxbn._src.port.source.classes import Classes
 from jaxbn._src.port.source.tree import tree
+from jaxbn._src.port.tracer import Guard
 
 
 def model_source(
@@ -28,7 +29,7 @@ def model_source(
   ``recipe``: torch's training recipe, written as editable lists the model uses."""
   roots = []
   for train in (True, False):
-    root = tree(traced.programs[train], traced.scopes[train])
+    root = tree(_signature_read(traced.programs[train]), traced.scopes[train])
     root.torch_class = type(torch_model)
     roots.append(root)
   if api == "nnx":
@@ -42,6 +43,21 @@ def model_source(
     examples = [(tuple(as_numpy(x).shape), str(as_numpy(x).dtype)) for x in inputs]
     text, name, constants = linen.module_source(classes, type(torch_model), examples, versions(), recipe)
   return formatted(text), name, constants
+
+
+def _signature_read(program: Program) -> Program:
+  """The program without the optional inputs it never reads but in the guards of Python branches
+  (``return_dict=None`` that a branch was specialised on, an empty ``**kwargs``): left out of the
+  source's signature with those guards, so that Python refuses them where the code would ignore them."""
+  guards = {node.name for node in program.nodes if node.kind == "op" and isinstance(node.target.fn, Guard)}
+  read = {name for node in program.nodes if node.name not in guards for name in references((node.args, node.kwargs))}
+  unread = {
+      node.name
+      for node in program.nodes
+      if node.kind == "input" and node.name not in read and (node.args or node.target.startswith("*"))
+  }
+  checks = {node.name for node in program.nodes if node.name in guards and set(references(node.args)) <= unread}
+  return Program(tuple(node for node in program.nodes if node.name not in unread | checks))
 
 
 def write(directory: pathlib.Path, text: str, constants: dict) -> pathlib.Path:

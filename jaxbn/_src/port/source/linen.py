@@ -94,7 +94,9 @@ class Source:
       lines.append("")
     body = Body(self, fields)
     parameters = body.parameters(code)
-    lines += ["  @nn.compact", f"  def __call__(self, {', '.join([*parameters, 'train: bool = False'])}):"]
+    keywords = [p for p in parameters if p.startswith("**")]  # train before **kwargs: keyword-only after *args
+    signature = [*(p for p in parameters if p not in keywords), "train: bool = False", *keywords]
+    lines += ["  @nn.compact", f"  def __call__(self, {', '.join(signature)}):"]
     statements = body.statements(code)
     lines += ["    " + line for line in body.containers_lines() + statements]
     return "\n".join(lines)
@@ -127,6 +129,11 @@ class Source:
 
   def function(self, fn) -> str:
     if isinstance(fn, Static):
+      if dataclasses.is_dataclass(fn.value):
+        raise PortError(
+            f"emit: the model returns a {fn.value.__qualname__} (a dataclass), which source cannot define yet;"
+            " jaxbn.port returns it"
+        )
       self.namedtuples[fn.value] = None
       return fn.value.__name__
     module = getattr(fn, "__module__", None) or ""

@@ -1,0 +1,158 @@
+"""jaxbn.port takes forwards as third-party libraries write them and returns their output classes.
+
+The model here has the shape of Hugging Face transformers' vision models:
+``forward(pixel_values, output_hidden_states=None, return_dict=None, **kwargs)`` returning a
+``ModelOutput`` (an OrderedDict subclass that is a dataclass, ``None`` fields left out) or, with
+``return_dict=False``, a tuple. Tolerance: float32 outputs within 1e-6 of the largest |output|
+(measured <= 2e-7).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import importlib.util
+
+import jax
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import jaxbn
+
+RTOL = 1e-6
+
+
+class ModelOutput(collections.OrderedDict):
+  """transformers.utils.ModelOutput's behaviour, trimmed: fields that are not None are also items."""
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      if getattr(self, field.name) is not None:
+        self[field.name] = getattr(self, field.name)
+
+  def to_tuple(self):
+    return tuple(self[key] for key in self.keys())
+
+
+@dataclasses.dataclass
+class BaseModelOutputWithPooling(ModelOutput):
+  last_hidden_state: torch.Tensor | None = None
+  pooler_output: torch.Tensor | None = None
+  hidden_states: tuple | None = None
+
+
+class VisionModel(nn.Module):
+
+  def __init__(self):
+    super().__init__()
+    self.embedder = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+    self.encoder = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+
+  def forward(self, pixel_values, output_hidden_states=None, return_dict=None, **kwargs):
+    embedded = self.embedder(pixel_values)
+    hidden = self.encoder(embedded)
+    pooled = hidden.mean((2, 3))
+    states = (embedded, hidden) if output_hidden_states else None
+    if return_dict is False:
+      return (hidden, pooled) + ((states,) if states else ())
+    return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled, hidden_states=states)
+
+
+def model():
+  torch.manual_seed(0)
+  return VisionModel()
+
+
+X = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+
+
+def relative(actual, expected) -> float:
+  expected = expected.detach().numpy()
+  return float(np.max(np.abs(np.asarray(actual) - expected)) / np.max(np.abs(expected)))
+
+
+def test_optional_keywords_and_kwargs_keep_their_defaults_and_the_output_its_class():
+  torch_model = model()
+  module, variables = jaxbn.port(torch_model, X)
+  with torch.no_grad():
+    evaluated = torch_model.eval()(torch.from_numpy(X))
+  for train in (False, True):
+    torch_model.train(train)
+    with torch.no_grad():
+      expected = torch_model(torch.from_numpy(X))
+    output = (
+        module.apply(variables, X, train=train, mutable=["batch_stats"])[0] if train else module.apply(variables, X)
+    )
+    assert type(output) is BaseModelOutputWithPooling and list(output.keys()) == ["last_hidden_state", "pooler_output"]
+    assert output.hidden_states is None
+    for key in expected:
+      assert relative(output[key], expected[key]) <= RTOL, (train, key)
+  jitted = jax.jit(module.apply)(variables, X)  # a registered pytree: jit returns the class
+  assert type(jitted) is BaseModelOutputWithPooling and relative(jitted.pooler_output, evaluated.pooler_output) <= RTOL
+
+
+def test_static_inputs_trace_a_keyword_at_its_value_and_refuse_another():
+  torch_model = model().eval()
+  module, variables = jaxbn.port(torch_model, X, static_inputs={"return_dict": False, "output_hidden_states": True})
+  with torch.no_grad():
+    expected = torch_model(torch.from_numpy(X), output_hidden_states=True, return_dict=False)
+  for output in (module.apply(variables, X), module.apply(variables, X, return_dict=False)):
+    assert type(output) is tuple and len(output) == 3 and len(output[2]) == 2
+    assert relative(output[1], expected[1]) <= RTOL and relative(output[2][0], expected[2][0]) <= RTOL
+  with pytest.raises(AssertionError, match="return_dict has been specialized to have value False"):
+    module.apply(variables, X, return_dict=True)
+
+
+def test_a_keyword_the_trace_never_read_is_refused_not_ignored():
+  module, variables = jaxbn.port(model(), X)  # return_dict=None: the branch on it was taken when porting
+  with pytest.raises(jaxbn.PortError, match=r"without its input return_dict .*static_inputs=\{'return_dict': \.\.\.\}"):
+    module.apply(variables, X, return_dict=False)
+  with pytest.raises(jaxbn.PortError, match=r"without its input interpolate_pos_encoding .*static_inputs"):
+    module.apply(variables, X, interpolate_pos_encoding=True)  # into **kwargs, which forward never reads
+  assert type(module.apply(variables, X, return_dict=None)) is BaseModelOutputWithPooling  # the default is fine
+
+
+def test_emitted_source_takes_only_the_inputs_its_code_reads(tmp_path):
+  torch_model = model().eval()
+  with pytest.raises(jaxbn.PortError, match="BaseModelOutputWithPooling \\(a dataclass\\)"):
+    jaxbn.emit(torch_model, X, tmp_path / "dict", static_inputs={"return_dict": True})
+  path = jaxbn.emit(torch_model, X, tmp_path / "tuple", static_inputs={"return_dict": False})
+  assert "def __call__(self, pixel_values, return_dict=False, train: bool = False):" in path.read_text()
+  spec = importlib.util.spec_from_file_location("emitted_inputs", path)
+  source = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(source)
+  module, variables = source.load()
+  with torch.no_grad():
+    expected = torch_model(torch.from_numpy(X), return_dict=False)
+  assert relative(module.apply(variables, X)[0], expected[0]) <= RTOL
+  with pytest.raises(TypeError, match="output_hidden_states"):  # Python refuses what the code would ignore
+    module.apply(variables, X, output_hidden_states=True)
+
+
+def test_a_plain_dataclass_output_and_star_args():
+  @dataclasses.dataclass
+  class Prediction:
+    logits: torch.Tensor
+    features: torch.Tensor
+
+  class Net(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x, *args):
+      features = self.bn(self.conv(x))
+      return Prediction(features.mean((2, 3)), features)
+
+  torch.manual_seed(0)
+  net = Net().eval()
+  module, variables = jaxbn.port(net, X)
+  output = jax.jit(module.apply)(variables, X)
+  with torch.no_grad():
+    expected = net(torch.from_numpy(X))
+  assert type(output) is Prediction and relative(output.logits, expected.logits) <= RTOL
+  with pytest.raises(jaxbn.PortError, match="without its input \\*args .*give it to port\\(\\) as an example input"):
+    module.apply(variables, X, X)
