@@ -219,6 +219,23 @@ def test_dropout_is_torch_dropout_in_train_and_identity_in_eval():
   assert abs(float(jnp.mean(dropped == 0)) - 0.25) < 0.01  # 20000 draws: 4 standard deviations
 
 
+@pytest.mark.parametrize("spatial", [1, 2, 3])
+def test_channel_dropout_drops_whole_channels_as_torch(spatial):
+  from jaxbn._src.port.ops import OPS, Context
+
+  function = getattr(F, f"dropout{spatial}d")
+  x = jnp.ones((100, 40) + (3,) * spatial)
+  dropped = np.asarray(OPS[function].fn(Context(True, lambda: jax.random.key(3)), x, p=0.25, training=True))
+  per_channel = dropped.reshape(100, 40, -1)
+  assert np.all(per_channel == per_channel[..., :1])  # one draw per (sample, channel)
+  np.testing.assert_allclose(np.unique(per_channel), [0.0, 1 / 0.75], rtol=1e-6)  # survivors scaled, as torch
+  assert abs(float(np.mean(per_channel[..., 0] == 0)) - 0.25) < 0.03  # 4000 draws: 4 standard deviations
+  for off in (Context(False, None), Context(True, None)):  # eval, or the module in eval (training=False)
+    assert OPS[function].fn(off, x, p=0.25, training=off.train is False) is x
+  torch_dropped = function(torch.ones(tuple(x.shape)), p=0.25, training=True).reshape(100, 40, -1)
+  assert bool((torch_dropped == torch_dropped[..., :1]).all())  # torch's unit of dropping is the same
+
+
 def test_stochastic_depth_drops_whole_samples():
   from torchvision.ops import stochastic_depth
 

@@ -102,7 +102,25 @@ class Encodings(nn.Module):
     )
 
 
+class PReLUs(nn.Module):
+  """nn.PReLU with a slope per channel and one shared slope (traced through: F.prelu on its
+  weight), F.prelu on a 1-D input, and channel dropout in eval (the identity)."""
+
+  def __init__(self, channels=4):
+    super().__init__()
+    self.per_channel, self.shared = nn.PReLU(channels), nn.PReLU()
+    self.drop1, self.drop2, self.drop3 = nn.Dropout1d(0.3), nn.Dropout2d(0.3), nn.Dropout3d(0.3)
+    with torch.no_grad():
+      self.per_channel.weight.uniform_(-0.5, 0.5)
+
+  def forward(self, x):
+    y = self.drop2(self.shared(self.per_channel(x)))
+    flat = x.flatten(2)
+    return y, self.drop1(flat), self.drop3(x[:, :, None]), F.prelu(flat[0, 0], self.shared.weight)
+
+
 CASES = {
+    "prelu and channel dropout (eval)": (PReLUs, (2, 4, 5, 5)),
     "conv1d stride padding": (lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1), (2, 4, 11)),
     "conv2d same dilated": (lambda: nn.Conv2d(4, 6, 4, padding="same", dilation=2), (2, 4, 9, 8)),
     "conv2d valid no bias": (lambda: nn.Conv2d(4, 6, 3, padding="valid", bias=False), (2, 4, 7, 7)),

@@ -260,6 +260,14 @@ register(torch.nn.Fold)(
     )
 )
 register(torch.nn.Dropout)(lambda m, o: call(F.dropout, p=m.p, training=m.training))
+for _n in (1, 2, 3):
+  register(getattr(torch.nn, f"Dropout{_n}d"))(
+      lambda m, o, n=_n: call(getattr(F, f"dropout{n}d"), p=m.p, training=m.training)
+  )
+
+# torch.nn modules fx would keep whole whose forward is one table op on their own parameters:
+# traced through, so the parameter is a variable at its torch name (``act.weight``).
+TRACED_THROUGH = (torch.nn.PReLU,)  # F.prelu(input, self.weight)
 register(torch.nn.Upsample)(
     lambda m, o: call(
         F.interpolate,
@@ -408,4 +416,4 @@ def class_name(cls: type) -> str:
 
 
 def supported() -> list[str]:
-  return sorted(class_name(cls) for cls in MODULES)
+  return sorted(class_name(cls) for cls in (*MODULES, *TRACED_THROUGH))

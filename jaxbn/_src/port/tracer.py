@@ -27,6 +27,7 @@ import torch.fx as fx
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 
 from jaxbn._src.errors import PortError
+from jaxbn._src.port.leaves import TRACED_THROUGH
 
 CONVERSIONS: dict[str, Callable[[Any], Any]] = {"bool": bool, "len": len, "int": int, "float": float, "index": int}
 
@@ -98,6 +99,8 @@ class Tracer(fx.Tracer):
     return super().create_arg(a)
 
   def is_leaf_module(self, module, qualified_name):
+    if isinstance(module, TRACED_THROUGH) and not self._is_leaf(module):
+      return False
     return self._is_leaf(module) or super().is_leaf_module(module, qualified_name)
 
   def proxy(self, node: fx.Node) -> fx.Proxy:

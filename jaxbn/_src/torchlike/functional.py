@@ -376,6 +376,13 @@ def elu(x, alpha=1.0, inplace=False):
   return jnp.where(x > 0, x, alpha * jnp.expm1(x))
 
 
+@register("F.prelu", "torch.prelu")
+def prelu(x, weight):
+  # one slope, or one per channel (axis 1; a 1-D input is its own channel axis)
+  slope = weight.reshape((-1,) + (1,) * (x.ndim - 2)) if x.ndim >= 2 else weight
+  return jnp.where(x >= 0, x, slope * x).astype(x.dtype)
+
+
 @register("F.hardtanh")
 def hardtanh(x, min_val=-1.0, max_val=1.0, inplace=False):
   return jnp.clip(x, min_val, max_val)
@@ -408,6 +415,25 @@ def dropout(ctx: Context, x, p=0.5, training=True, inplace=False):
     return jnp.zeros_like(x)
   keep = jax.random.bernoulli(ctx.make_rng(), 1 - p, x.shape)
   return jnp.where(keep, x / (1 - p), 0).astype(x.dtype)
+
+
+def _channel_dropout(spatial: int):
+  def dropout_nd(ctx: Context, x, p=0.5, training=True, inplace=False):
+    # one draw per (sample, channel), over the last ``spatial`` axes; unbatched (C, ...) input too
+    if not (training and ctx.train) or p == 0:
+      return x
+    if p == 1:
+      return jnp.zeros_like(x)
+    keep = jax.random.bernoulli(ctx.make_rng(), 1 - p, x.shape[: x.ndim - spatial] + (1,) * spatial)
+    return jnp.where(keep, x / (1 - p), 0).astype(x.dtype)
+
+  dropout_nd.__name__ = dropout_nd.__qualname__ = f"dropout{spatial}d"
+  return dropout_nd
+
+
+dropout1d = register("F.dropout1d", context=True)(_channel_dropout(1))
+dropout2d = register("F.dropout2d", context=True)(_channel_dropout(2))
+dropout3d = register("F.dropout3d", context=True)(_channel_dropout(3))
 
 
 def drop_samples(ctx: Context, x, p: float, mode: str = "row", scale: bool = True):
