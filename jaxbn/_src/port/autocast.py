@@ -82,6 +82,7 @@ ATEN: dict[Any, str | Callable[..., str | None]] = {
     torch.nn.Linear: "linear",
     **{key: "matmul" for key in (torch.matmul, ops.method("matmul"), operator.matmul)},
     F.scaled_dot_product_attention: "scaled_dot_product_attention",
+    **{key: "prelu" for key in (F.prelu, torch.prelu)},
     **{key: "cat" for key in (torch.cat, torch.concat, torch.concatenate)},
     torch.stack: "stack",
     **{getattr(F, f"{op}3d"): f"{op}3d" for op in ("avg_pool", "max_pool", "adaptive_avg_pool", "adaptive_max_pool")},
@@ -107,7 +108,7 @@ except ImportError:  # timm is optional
 
 _LOWER_BOTH = (
     "conv1d conv2d conv3d conv_transpose1d conv_transpose2d.input conv_transpose3d.input linear matmul bmm"
-    " scaled_dot_product_attention"
+    " scaled_dot_product_attention prelu"
 ).split()
 
 LISTS: dict[str, dict[str, str]] = {
