@@ -44,6 +44,8 @@ __all__ = [
     "TrainingRecipe",
     "TrainingRecipeWarning",
     "unfreeze",
+    "verification",
+    "verify",
 ]
 __version__ = "0.1.0"
 
@@ -55,6 +57,8 @@ _PORT = {
     "TrainingRecipe": ("jaxbn._src.port.recipe", "TrainingRecipe"),
     "TrainingRecipeWarning": ("jaxbn._src.port.recipe", "TrainingRecipeWarning"),
     "emit": ("jaxbn._src.emit.api", "emit"),
+    "verify": ("jaxbn._src.verify.api", "verify"),
+    "verification": ("jaxbn.verification", None),
 }
 
 
@@ -63,7 +67,8 @@ def __getattr__(name):
     import importlib
 
     module, attribute = _PORT[name]
-    return getattr(importlib.import_module(module), attribute)
+    imported = importlib.import_module(module)
+    return imported if attribute is None else getattr(imported, attribute)
   raise AttributeError(f"module 'jaxbn' has no attribute {name!r}")
 
 

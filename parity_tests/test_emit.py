@@ -1,8 +1,9 @@
 """jaxbn.emit: a torch model as Flax source, loaded and checked against real torch.
 
-The emitted ``model.py`` goes through the port's harness (port_harness.run: conversion round trip
-with strict loading, eval and train-mode outputs, every running statistic and counter over 2 SGD
-steps, float64 gradients, with the port's tolerances) in place of ``jaxbn.port``'s module; a
+The emitted ``model.py`` goes through the port's harness (port_harness.run, that is
+``jaxbn.verify(..., via="emit")``: conversion round trip with strict loading, eval and train-mode
+outputs, and over 2 SGD steps every gradient, running statistic, counter and updated parameter in
+float64 lock-step with torch, with the port's tolerances) in place of ``jaxbn.port``'s module; a
 process where ``import torch`` fails loads it and gets the same eval output, bit for bit (the
 same program on the same machine). CI runs the hand-written model and a one-block-per-stage
 torchvision ResNet; ``make test-models`` runs every model of test_port_models.
@@ -69,15 +70,25 @@ PORTS = {"linen": lambda directory: emitted_port(directory), "nnx": lambda direc
 
 @pytest.mark.parametrize("api", list(PORTS))
 @pytest.mark.parametrize("name", list(EMIT_CI))
-def test_emitted_source_passes_the_port_harness(name, api, tmp_path):
-  port_harness.run(EMIT_CI[name], port=PORTS[api](tmp_path))
+def test_emitted_source_passes_the_port_harness(name, api):
+  port_harness.run(EMIT_CI[name], via="emit", api=api)
 
 
 @pytest.mark.full_models
 @pytest.mark.parametrize("api", list(PORTS))
 @pytest.mark.parametrize("name", [n for n in EMIT_FULL if n not in EMIT_CI])
-def test_emitted_source_passes_the_port_harness_full(name, api, tmp_path):
-  port_harness.run(EMIT_FULL[name], port=PORTS[api](tmp_path))
+def test_emitted_source_passes_the_port_harness_full(name, api):
+  port_harness.run(EMIT_FULL[name], via="emit", api=api)
+
+
+def as_arrays(output) -> dict:
+  leaves = jax.tree.leaves(output, is_leaf=lambda leaf: isinstance(leaf, torch.Tensor))
+  return {str(i): np.asarray(leaf, np.float64) for i, leaf in enumerate(leaves)}
+
+
+def relative(actual: dict, expected: dict) -> float:
+  """The worst output's max |difference| over its max |torch value|."""
+  return max(float(np.max(np.abs(actual[k] - v)) / max(np.max(np.abs(v)), 1e-30)) for k, v in expected.items())
 
 
 def eval_and_training_forward(model, x, port) -> tuple[float, float, float]:
@@ -88,13 +99,13 @@ def eval_and_training_forward(model, x, port) -> tuple[float, float, float]:
   apply = jax.jit(module.apply, static_argnames=("train", "mutable"))
   model.eval()
   with torch.no_grad():
-    expected = port_harness.as_arrays(model(torch.from_numpy(x)))
-  eval_rel = port_harness.relative(port_harness.as_arrays(apply(variables, x)), expected)
+    expected = as_arrays(model(torch.from_numpy(x)))
+  eval_rel = relative(as_arrays(apply(variables, x)), expected)
   model.train()
   with torch.no_grad():
-    expected = port_harness.as_arrays(model(torch.from_numpy(x)))
+    expected = as_arrays(model(torch.from_numpy(x)))
   output, updates = apply(variables, x, train=True, mutable=("batch_stats",))
-  train_rel = port_harness.relative(port_harness.as_arrays(output), expected)
+  train_rel = relative(as_arrays(output), expected)
   ours = jaxbn.convert.to_state_dict({**variables, **updates})
   stats_rel = 0.0
   for key, value in model.state_dict().items():

@@ -1,7 +1,8 @@
 """jaxbn.port on the torchvision and timm zoos and a hand-written model, against real torch.
 
-Each model goes through port_harness.run (conversion round trip with strict loading, eval and
-train-mode outputs, every running statistic and counter over 2 SGD steps, float64 gradients).
+Each model goes through port_harness.run, that is jaxbn.verify (conversion round trip with strict
+loading, eval and train-mode outputs, and over 2 SGD steps every gradient, running statistic,
+counter and updated parameter in float64 lock-step with torch).
 CI runs the small subset (``CI``) at small resolution; ``make test-models`` runs all of them.
 Tolerances (see port_harness): from identical parameters 2e-4 relative for deep nets (measured
 worst per model in the README's table), 1e-5 for the hand-written one; float64 gradients 1e-9
@@ -13,7 +14,6 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -120,7 +120,7 @@ FULL = {
         torchvision_model("inception_v3", aux_logits=True, init_weights=True), image(299, 2), floor=5e-4
     ),
     "torchvision:resnet50-FrozenBatchNorm2d": Case(frozen_resnet50, image(64)),
-    "torchvision:fasterrcnn_resnet50_fpn.backbone": Case(fasterrcnn_backbone, image(64, 2), loss="l2"),
+    "torchvision:fasterrcnn_resnet50_fpn.backbone": Case(fasterrcnn_backbone, image(64, 2), loss="mean_square"),
     "timm:efficientnet_b0": Case(lambda: timm_model("efficientnet_b0")(), image(64, 2)),
     "timm:resnet50": Case(lambda: timm_model("resnet50")(), image(64)),
     "timm:mobilenetv3_large_100": Case(
@@ -139,20 +139,3 @@ def test_port_parity(name):
 @pytest.mark.parametrize("name", list(FULL))
 def test_port_parity_full(name):
   port_harness.run(FULL[name])
-
-
-def test_spread_arbiter_accepts_only_within_ten_times_torchs_own_spread():
-  """Where a tolerance is below what the arithmetic resolves, the harness accepts jaxbn within
-  SPREAD_FACTOR (10) of torch's own spread one ulp away, and not beyond."""
-  expected = {"out": np.linspace(1, 2, 8)}
-  moved = lambda relative: {"out": expected["out"] * (1 + relative)}  # noqa: E731
-  case = Case(build=HandWritten, input_shape=(2, 3, 8, 8), grad64_rtol=1e-9)
-  port_harness.assert_float64_close(moved(5e-10), expected, "within 1e-9", case, twin=lambda: 1 / 0)  # not run
-  port_harness.assert_float64_close(moved(1e-8), expected, "ill-conditioned", case, twin=lambda: moved(2e-9))
-  with pytest.raises(AssertionError, match=r"> 10x torch float64's own spread one ulp away \(2e-09\)"):
-    port_harness.assert_float64_close(moved(3e-8), expected, "beyond", case, twin=lambda: moved(2e-9))
-  torch32, torch64 = moved(1e-7), expected  # torch float32 1e-7 from float64; floor 1e-6
-  port_harness.assert_tracks_or_spread(moved(1e-6), torch32, torch64, 1e-6, "tracks", twin=lambda: 1 / 0)
-  port_harness.assert_tracks_or_spread(moved(4e-6), torch32, torch64, 1e-6, "spread", twin=lambda: moved(6e-7))
-  with pytest.raises(AssertionError, match=r"torch float32's own spread one ulp away"):
-    port_harness.assert_tracks_or_spread(moved(1e-4), torch32, torch64, 1e-6, "beyond", twin=lambda: moved(6e-7))

@@ -9,6 +9,7 @@ its running statistics. Layers are matched by module path (torch ``layer1.0.bn1`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Sequence
@@ -42,9 +43,47 @@ class LayerDifference:
   var_drift: float | None = None
 
 
-def _torch_batchnorms(torch_model) -> dict[str, Any]:
+def torch_batchnorms(torch_model) -> dict[str, Any]:
+  """The torch model's BatchNorm-like layers by module name, in definition order."""
   names = layer_config.torch_configs(torch_model)
   return {name: m for name, m in torch_model.named_modules() if name in names}
+
+
+def is_batchnorm_call(module, method) -> bool:
+  """``capture_intermediates`` filter: the calls of jaxbn's BatchNorm layers."""
+  return method == "__call__" and isinstance(module, (BatchNorm, FrozenBatchNorm))
+
+
+def linen_outputs(intermediates) -> dict[str, Any]:
+  """Captured Linen intermediates as ``{module path: its output}`` (``layer1/0/bn1``)."""
+  # The outermost call ends last: an activated BatchNorm (timm's BatchNormAct2d) sows its inner
+  # BatchNorm's output first and its own, after the activation, last; torch's hook sees that one.
+  return {"/".join(path[:-1]): value[-1] for path, value in traverse_util.flatten_dict(intermediates).items()}
+
+
+def nnx_outputs(captured) -> dict[str, Any]:
+  """``nnx.capture``'s method outputs as ``{module path: its output}``."""
+  from flax import nnx
+
+  return {"/".join(map(str, path[:-1])): value.get_value()[-1] for path, value in nnx.to_flat_state(captured)}
+
+
+@contextlib.contextmanager
+def recording(layers: dict, outputs: dict):
+  """Forward hooks that copy each layer's output (float64 numpy) into ``outputs[name]`` while the
+  context lasts."""
+  # Copy at once: torchvision's ReLU(inplace=True) overwrites the BatchNorm output right after.
+  hooks = [
+      layer.register_forward_hook(
+          lambda m, i, o, name=name: outputs.__setitem__(name, o.detach().numpy().astype(np.float64))
+      )
+      for name, layer in layers.items()
+  ]
+  try:
+    yield outputs
+  finally:
+    for hook in hooks:
+      hook.remove()
 
 
 def compare_config(
@@ -67,14 +106,11 @@ def compare_config(
 def _linen_runner(flax_model: nn.Module, variables, train_kwargs, eval_kwargs):
   """A step function ``(x, train) -> (BatchNorm outputs by path, batch_stats)`` over Linen variables."""
 
-  def is_batchnorm(module, method):
-    return method == "__call__" and isinstance(module, (BatchNorm, FrozenBatchNorm))
-
   @functools.partial(jax.jit, static_argnums=2)
   def run(variables, x, train):
     kwargs = train_kwargs if train else eval_kwargs
     _, state = flax_model.apply(
-        variables, x, **kwargs, mutable=["batch_stats", "intermediates"], capture_intermediates=is_batchnorm
+        variables, x, **kwargs, mutable=["batch_stats", "intermediates"], capture_intermediates=is_batchnorm_call
     )
     return state
 
@@ -83,12 +119,7 @@ def _linen_runner(flax_model: nn.Module, variables, train_kwargs, eval_kwargs):
     state = run(variables, x, train)
     if train:
       variables = {**variables, "batch_stats": state["batch_stats"]}
-    # The outermost call ends last: an activated BatchNorm (timm's BatchNormAct2d) sows its inner
-    # BatchNorm's output first and its own, after the activation, last; torch's hook sees that one.
-    captured = {
-        "/".join(path[:-1]): value[-1] for path, value in traverse_util.flatten_dict(state["intermediates"]).items()
-    }
-    return captured, variables.get("batch_stats", {})
+    return linen_outputs(state["intermediates"]), variables.get("batch_stats", {})
 
   return step
 
@@ -108,8 +139,7 @@ def _nnx_runner(flax_model, state, train_kwargs, eval_kwargs):
     _, outputs = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(
         x, **(train_kwargs if train else eval_kwargs)
     )
-    captured = {"/".join(map(str, path[:-1])): value.get_value()[-1] for path, value in nnx.to_flat_state(outputs)}
-    return captured, nnx.state(model)
+    return nnx_outputs(outputs), nnx.state(model)
 
   def step(x, train):
     nonlocal state
@@ -161,12 +191,12 @@ def compare(
     step_flax = _linen_runner(flax_model, variables, train_kwargs, eval_kwargs)
   rename = renamer(rename)
   train_steps = len(batches) - 1 if train_steps is None else train_steps
-  torch_layers = _torch_batchnorms(torch_model)
+  torch_layers = torch_batchnorms(torch_model)
   recipe = read_recipe(torch_model)  # the modules it keeps in eval while training, as configured
   report = []
   for step, x in enumerate(batches):
     train = step < train_steps
-    outputs = _torch_batchnorm_outputs(torch_model, torch_layers, x, train, recipe)
+    outputs = torch_batchnorm_outputs(torch_model, torch_layers, x, train, recipe)
     captured, batch_stats = step_flax(np.moveaxis(x, 1, -1) if channels_last else x, train)
     stats = traverse_util.flatten_dict(batch_stats, sep="/")
     for name, layer in torch_layers.items():
@@ -202,7 +232,7 @@ def compare(
   return report
 
 
-def _torch_batchnorm_outputs(
+def torch_batchnorm_outputs(
     torch_model, layers: dict, x: np.ndarray, train: bool, recipe: TorchRecipe | None = None
 ) -> dict[str, np.ndarray]:
   """Each BatchNorm layer's output (by name) in one torch forward of ``x`` in that mode (training:
@@ -210,18 +240,8 @@ def _torch_batchnorm_outputs(
   heads in eval) is absent. Every module's mode is left as found."""
   import torch
 
-  outputs: dict[str, np.ndarray] = {}
-  # Copy at once: torchvision's ReLU(inplace=True) overwrites the BatchNorm output right after.
-  hooks = [
-      layer.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o.detach().numpy().copy()))
-      for name, layer in layers.items()
-  ]
-  try:
-    with torch_mode(torch_model, train, recipe), torch.no_grad():
-      torch_model(torch.from_numpy(x))
-  finally:
-    for hook in hooks:
-      hook.remove()
+  with recording(layers, {}) as outputs, torch_mode(torch_model, train, recipe), torch.no_grad():
+    torch_model(torch.from_numpy(x))
   return outputs
 
 

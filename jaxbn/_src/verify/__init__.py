@@ -1,0 +1,1 @@
+"""Proof that a Flax port trains like its torch model (``jaxbn.verify``)."""

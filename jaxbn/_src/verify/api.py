@@ -1,0 +1,423 @@
+"""``jaxbn.verify``: proof that a port trains like its torch model, on the user's own model.
+
+The run, on a copy of the torch model (the model itself is left as found):
+
+1. Round trip: the Flax variables convert back to torch's state_dict bit for bit (keys, dtypes,
+   values) and load into the model with ``strict=True``.
+2. Eval outputs from identical parameters, in the model's dtype.
+3. The first optimiser step in the model's dtype (float32) from identical parameters against
+   torch's: training outputs and every running statistic and counter.
+4. Every step in float64, in lock-step with torch float64 (float32 training is chaotic: a value
+   near a ReLU's kink rounds to either side, and steps amplify it): eval outputs before training;
+   at each step the training outputs, every gradient, every running statistic and counter, every
+   parameter after the update; eval outputs after the last step.
+
+Both frameworks train the model as configured: modules torch keeps in eval stay in eval, and
+parameters with ``requires_grad=False`` are not stepped (on the Flax side through what the port or
+the emitted source says: ``Port.frozen_mask`` / ``Port.trainable``, ``frozen_mask`` /
+``trainable`` in ``model.py``), so a port that trains what torch does not fails.
+
+Bounds (``measures`` names each measure): float32 from identical parameters ``floor`` (2e-4 of
+the largest output: deep nets' rounding), or else jaxbn's L2 distance to torch float64 within
+twice torch float32's plus ``floor``; float64 ``rtol`` (1e-9: relative L2 of outputs and scaled
+statistics, per tensor for gradients and parameters). Where the arithmetic cannot resolve a bound
+(an ill-conditioned model), torch's own spread decides: torch run again one ulp away, jaxbn
+within 10x of it. Counters and the round trip are exact.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import pathlib
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxbn._src.checkpoints.rules import to_state_dict
+from jaxbn._src.parity import torch_batchnorms, without_dropout
+from jaxbn._src.verify import arbiters, measures
+from jaxbn._src.verify.batches import as64, draw, inputs_of
+from jaxbn._src.verify.optimizers import SGD, Optimizer
+from jaxbn._src.verify.result import Check, Divergence, LayerFigures, Verification
+from jaxbn._src.verify.runs import LOSSES, Step, TorchRun
+from jaxbn._src.verify.targets import Target, flax_run, target, variables_of
+
+FLOOR = 2e-4  # float32 from identical parameters, relative to the largest output (deep nets' rounding)
+RTOL = 1e-9  # float64, relative
+
+
+def verify(
+    torch_model,
+    example_input: Any,
+    *,
+    via: str = "port",
+    api: str = "linen",
+    steps: int = 3,
+    optimizer: Optimizer | None = None,
+    loss: str = "mean_square",
+    batches: Sequence[Any] | None = None,
+    seed: int = 0,
+    floor: float = FLOOR,
+    rtol: float = RTOL,
+    build: Callable[..., Any] | None = None,
+) -> Verification:
+  """Ports (or emits) ``torch_model`` and trains both for ``steps`` optimiser steps in lock-step:
+  returns a ``Verification`` (``.passed``, ``.summary()``, ``.to_json()``, ``.divergence``: which
+  layer, which step, forward or backward). Prints nothing.
+
+  Args:
+    torch_model: the model as the user trains it (its modules' ``training`` flags and parameters'
+      ``requires_grad`` as configured, read as ``jaxbn.port`` reads them). A copy is trained; its
+      dropout and stochastic depth are set to p=0 (torch's random masks cannot be reproduced).
+    example_input: an array or tensor in torch's layout, or a tuple of them: the batches' shapes
+      and dtypes (floating inputs are drawn at random, others repeated).
+    via, api: what is verified: ``"port"`` (``jaxbn.port``) or ``"emit"`` (``jaxbn.emit``'s
+      ``model.py``, imported and loaded), as ``"linen"`` or ``"nnx"``.
+    steps: optimiser steps in float64 lock-step (the first also in the model's dtype).
+    optimizer: ``jaxbn.verification.SGD`` (default: lr 1e-3, momentum 0.9), ``Adam`` or ``AdamW``.
+    loss: ``"mean_square"`` of every floating output, or ``"cross_entropy"`` of every (batch,
+      classes) output against random labels (other outputs: mean square).
+    batches: ``steps + 1`` inputs (arrays or tuples) to use instead of random ones; the last is
+      the eval after training.
+    seed: the random batches and labels.
+    floor, rtol: the float32 and float64 bounds (module docstring).
+    build: instead of ``via``/``api``, ``build(torch_model, inputs, dtype) -> jaxbn.Port`` (``inputs``
+      a tuple of arrays; ``dtype`` None or ``np.float64``): the user's own Flax side.
+
+  Example::
+
+    result = jaxbn.verify(model, np.zeros((4, 3, 64, 64), np.float32), api="nnx")
+    assert result.passed, result.summary()
+  """
+  if loss not in LOSSES:
+    raise ValueError(f"loss={loss!r}: choose one of {LOSSES}")
+  if steps < 1:
+    raise ValueError(f"steps={steps}: verify needs at least one optimiser step")
+  optimizer = SGD() if optimizer is None else optimizer
+  started = time.perf_counter()
+  model = without_dropout(copy.deepcopy(torch_model))
+  inputs = inputs_of(example_input)
+  draws = draw(inputs, batches, steps, seed)
+  with tempfile.TemporaryDirectory() as directory:
+    chosen = Target("the given build()", build) if build is not None else target(via, api, pathlib.Path(directory))
+    run = _Run(model, chosen, optimizer, loss, draws, floor, rtol)
+    checks = run.checks()
+  return Verification(
+      target=chosen.name,
+      optimizer=repr(optimizer),
+      loss=loss,
+      steps=steps,
+      checks=tuple(checks),
+      divergence=run.divergence(checks),
+      layers=run.layer_figures(),
+      seconds={**run.seconds, "total": time.perf_counter() - started},
+  )
+
+
+def _module_of(key: str) -> str:
+  return key.rpartition(".")[0] or key
+
+
+class _Run:
+  """One verification's state: the torch runs (as found, float64, the one-ulp twins), the Flax
+  runs, and what each step gave."""
+
+  def __init__(self, model, chosen: Target, optimizer, loss, batches, floor, rtol):
+    self.model, self.target, self.optimizer, self.loss = model, chosen, optimizer, loss
+    self.batches, self.floor, self.rtol = batches, floor, rtol
+    self.initial = copy.deepcopy(model)
+    self.dtype = next((str(p.dtype).removeprefix("torch.") for p in model.parameters()), "float32")
+    self.seconds: dict[str, float] = {"build": 0.0, "torch": 0.0, "jax": 0.0}
+    self.native: dict[str, Step] = {}  # the model's dtype: "eval", "torch eval", "step", "torch step"
+    self.steps64: list[tuple[Step, Step]] = []  # (jaxbn, torch) float64, per step
+    self.eval64: dict[str, Step] = {}  # "before", "torch before", "after", "torch after"
+    self.order: list[str] = []
+
+  def _timed(self, what: str, call: Callable, *args):
+    start = time.perf_counter()
+    result = call(*args)
+    self.seconds[what] += time.perf_counter() - start
+    return result
+
+  def _torch(self, model) -> TorchRun:
+    return TorchRun(model, self.optimizer, self.loss, torch_batchnorms(model))
+
+  def checks(self) -> list[Check]:
+    checks = []
+    built = self._timed("build", self.target.build, self.model, self.batches[0][0], None)
+    checks.append(self._round_trip(built))
+    flax = flax_run(built, self.optimizer.optax(), self.loss)
+    torch_run = self._torch(self.model)
+    inputs, labels = self.batches[0]
+    self.native["torch eval"] = self._timed("torch", torch_run.evaluate, inputs)
+    self.native["eval"] = self._timed("jax", flax.evaluate, inputs)
+    self.native["torch step"] = self._timed("torch", torch_run.step, inputs, labels)
+    self.native["step"] = self._timed("jax", flax.step, inputs, labels)
+    self.order = torch_run.order
+    torch64 = self._torch(copy.deepcopy(self.initial).double())
+    with jax.enable_x64(True):
+      built64 = self._timed("build", self.target.build, copy.deepcopy(self.initial).double(), as64(inputs), np.float64)
+      flax64 = flax_run(built64, self.optimizer.optax(), self.loss)
+      self.eval64["torch before"] = self._timed("torch", torch64.evaluate, as64(inputs))
+      self.eval64["before"] = self._timed("jax", flax64.evaluate, as64(inputs))
+      for inputs, labels in self.batches[:-1]:
+        theirs = self._timed("torch", torch64.step, as64(inputs), labels)
+        self.steps64.append((self._timed("jax", flax64.step, as64(inputs), labels), theirs))
+      last = as64(self.batches[-1][0])
+      self.eval64["torch after"] = self._timed("torch", torch64.evaluate, last)
+      self.eval64["after"] = self._timed("jax", flax64.evaluate, last)
+    checks += self._native_checks()
+    checks += self._float64_checks()
+    return checks
+
+  def _round_trip(self, built) -> Check:
+    """Every tensor back to torch bit for bit, and a strict load into the model."""
+    from jaxbn._src.checkpoints.rules import to_torch
+
+    expected = {k: v.detach().numpy() for k, v in self.model.state_dict().items()}
+    variables = variables_of(built)
+    back = to_state_dict(variables)
+    problems = [f"{k} missing" for k in expected if k not in back] + [
+        f"{k} unexpected" for k in back if k not in expected
+    ]
+    problems += [
+        f"{k} differs"
+        for k, v in expected.items()
+        if k in back and (back[k].dtype != v.dtype or back[k].shape != v.shape or not np.array_equal(back[k], v))
+    ]
+    if not problems:
+      try:
+        copy.deepcopy(self.initial).load_state_dict(to_torch(variables, like=self.model), strict=True)
+      except RuntimeError as error:
+        problems.append(f"load_state_dict(strict=True): {str(error).splitlines()[0]}")
+    where = ", ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+    return Check(
+        "round trip to torch's state_dict", self.dtype, None, len(problems), 0, "exact", not problems, where or None
+    )
+
+  # -- the model's dtype (float32), from identical parameters ---------------------------------
+
+  @functools.cached_property
+  def _twin_native(self) -> Step:
+    """torch in the model's dtype, its first step one ulp away."""
+    model = copy.deepcopy(self.initial)
+    generator = measures.generator(1)
+    ulp = float(np.finfo(np.dtype(self.dtype) if self.dtype != "bfloat16" else np.float32).eps) / 2
+    measures.nudge(model, generator, ulp)
+    inputs, labels = self.batches[0]
+    return self._torch(model).step(tuple(measures.nudged(x, generator, ulp) for x in inputs), labels)
+
+  def _native_checks(self) -> list[Check]:
+    checks = []
+    eval_error = measures.max_relative(self.native["eval"].outputs, self.native["torch eval"].outputs)
+    if eval_error <= self.floor:
+      checks.append(Check("eval outputs", self.dtype, None, eval_error, self.floor, "tolerance", True))
+    else:  # float32 rounding on an ill-conditioned model, or a different computation: float64 decides
+      error64 = measures.relative_l2(self.eval64["before"].outputs, self.eval64["torch before"].outputs)
+      checks.append(Check("eval outputs", self.dtype, None, error64, self.rtol, "float64", error64 <= self.rtol))
+    ours, theirs, first64 = self.native["step"], self.native["torch step"], self.steps64[0][1]
+    checks.append(
+        arbiters.tracks(
+            "training outputs",
+            self.dtype,
+            ours.outputs,
+            theirs.outputs,
+            first64.outputs,
+            lambda: self._twin_native.outputs,
+            self.floor,
+        )
+    )
+    statistics, counters = measures.split_counters(ours.statistics)
+    expected, expected_counters = measures.split_counters(theirs.statistics)
+    reference = measures.split_counters(first64.statistics)[0]
+    scale = functools.partial(measures.scaled_statistics, reference=reference)
+    checks.append(
+        arbiters.tracks(
+            "running statistics",
+            self.dtype,
+            scale(statistics),
+            scale(expected),
+            scale(reference),
+            lambda: scale(measures.split_counters(self._twin_native.statistics)[0]),
+            self.floor,
+            absolute=True,
+        )
+    )
+    checks.append(self._counters(counters, expected_counters, self.dtype, 0))
+    return checks
+
+  @staticmethod
+  def _counters(actual, expected, dtype, step) -> Check:
+    difference = measures.counter_difference(actual, expected)
+    wrong = [k for k, v in expected.items() if int(actual[k]) != int(v)]
+    return Check("num_batches_tracked", dtype, step, difference, 0, "exact", not wrong, ", ".join(wrong[:5]) or None)
+
+  # -- float64 lock-step ------------------------------------------------------------------------
+
+  @functools.cached_property
+  def _twin64(self) -> tuple[Step, list[Step], Step]:
+    """torch float64 one ulp away: (eval before, every step, eval after)."""
+    with jax.enable_x64(True):
+      model = copy.deepcopy(self.initial).double()
+      generator = measures.generator(2)
+      ulp = 2.0**-52
+      measures.nudge(model, generator, ulp)
+      run = self._torch(model)
+      moved = [(tuple(measures.nudged(x, generator, ulp) for x in as64(b)), labels) for b, labels in self.batches]
+      before = run.evaluate(moved[0][0])
+      steps = [run.step(*batch) for batch in moved[:-1]]
+      return before, steps, run.evaluate(moved[-1][0])
+
+  def _group64(self, name, step, ours, theirs, twin) -> Check:
+    return arbiters.group(name, step, ours, theirs, twin, self.rtol)
+
+  def _tensors64(self, name, step, ours, theirs, twin) -> Check:
+    return arbiters.tensors(name, step, ours, theirs, twin, self.rtol)
+
+  def _float64_checks(self) -> list[Check]:
+    twin = lambda: self._twin64  # noqa: E731  (run only when a bound fails)
+    checks = [
+        self._group64(
+            "eval outputs before training",
+            None,
+            self.eval64["before"].outputs,
+            self.eval64["torch before"].outputs,
+            lambda: twin()[0].outputs,
+        )
+    ]
+    for step, (ours, theirs) in enumerate(self.steps64):
+      twin_step = lambda step=step: twin()[1][step]  # noqa: E731
+      statistics, counters = measures.split_counters(ours.statistics)
+      expected, expected_counters = measures.split_counters(theirs.statistics)
+      scale = functools.partial(measures.scaled_statistics, reference=expected)
+      checks += [
+          self._group64("training outputs", step, ours.outputs, theirs.outputs, lambda s=twin_step: s().outputs),
+          self._tensors64("gradients", step, ours.gradients, theirs.gradients, lambda s=twin_step: s().gradients),
+          self._group64(
+              "running statistics",
+              step,
+              scale(statistics),
+              scale(expected),
+              lambda s=twin_step: scale(measures.split_counters(s().statistics)[0]),
+          ),
+          self._counters(counters, expected_counters, "float64", step),
+          self._tensors64(
+              "parameters after the update",
+              step,
+              ours.parameters,
+              theirs.parameters,
+              lambda s=twin_step: s().parameters,
+          ),
+      ]
+    checks.append(
+        self._group64(
+            "eval outputs after training",
+            None,
+            self.eval64["after"].outputs,
+            self.eval64["torch after"].outputs,
+            lambda: twin()[2].outputs,
+        )
+    )
+    return checks
+
+  # -- where it went wrong ------------------------------------------------------------------------
+
+  def _rank(self, layer: str) -> int:
+    """A module's place in the forward (modules never called, or the output: after the rest)."""
+    return self.order.index(layer) if layer in self.order else len(self.order)
+
+  def _first_layer(self, errors: dict[str, float], bound: float) -> str | None:
+    beyond = [layer for layer, error in errors.items() if not error <= bound]
+    return min(beyond, key=self._rank) if beyond else None
+
+  @staticmethod
+  def _layer_errors(ours: dict, theirs: dict) -> dict[str, float]:
+    return {k: measures.max_relative({k: ours[k]}, {k: v}) for k, v in theirs.items() if k in ours}
+
+  def _statistics_errors(self, ours: Step, theirs: Step) -> dict[str, float]:
+    """Per layer: max |difference| / max(|torch|, 1) over its running mean and variance, and any
+    counter difference."""
+    errors: dict[str, float] = {}
+    for key, value in theirs.statistics.items():
+      if key not in ours.statistics:
+        continue
+      difference = np.abs(ours.statistics[key] - value) / np.maximum(np.abs(value), 1.0)
+      layer = _module_of(key)
+      errors[layer] = max(errors.get(layer, 0.0), float(np.max(difference, initial=0.0)))
+    return errors
+
+  def divergence(self, checks: list[Check]) -> Divergence | None:
+    """The first failed check's step and phase, and there the first layer in the forward beyond
+    the bound (for gradients the last: the backward runs the other way)."""
+    failed = next((check for check in checks if not check.passed), None)
+    if failed is None:
+      return None
+    if failed.name.startswith("round trip"):
+      return Divergence("round trip", None, failed.dtype, (failed.where or "").split(" ")[0], None, failed.error, 0)
+    float64 = failed.dtype == "float64" or failed.arbiter == "float64"
+    bound = self.rtol if float64 else self.floor
+    if failed.name.startswith("eval"):
+      pair = (
+          (self.eval64["after"], self.eval64["torch after"])
+          if "after" in failed.name
+          else (self.eval64["before"], self.eval64["torch before"])
+          if float64
+          else (self.native["eval"], self.native["torch eval"])
+      )
+      errors = self._layer_errors(pair[0].layers, pair[1].layers)
+      layer = self._first_layer(errors, bound) or "the output (after every BatchNorm layer)"
+      return Divergence("eval", None, failed.dtype, layer, None, errors.get(layer, failed.error), bound)
+    ours, theirs = self.steps64[failed.step] if float64 else (self.native["step"], self.native["torch step"])
+    dtype = "float64" if float64 else self.dtype
+    if failed.name == "training outputs":
+      forward = self._layer_errors(ours.layers, theirs.layers)
+      layer = self._first_layer(forward, bound) or "the output (after every BatchNorm layer)"
+      return Divergence("forward", failed.step, dtype, layer, None, forward.get(layer, failed.error), bound)
+    if failed.name == "gradients":
+      errors = measures.tensor_errors(ours.gradients, theirs.gradients)
+      beyond = [k for k, e in errors.items() if not e <= bound]
+      tensor = max(beyond, key=lambda k: self._rank(_module_of(k))) if beyond else failed.where
+      return Divergence(
+          "backward", failed.step, dtype, _module_of(tensor), tensor, errors.get(tensor, failed.error), bound
+      )
+    if failed.name in ("running statistics", "num_batches_tracked"):
+      errors = self._statistics_errors(ours, theirs)
+      layer = self._first_layer(errors, 0 if failed.name == "num_batches_tracked" else bound)
+      layer = layer or _module_of(failed.where or "")
+      return Divergence("statistics", failed.step, dtype, layer, None, errors.get(layer, failed.error), bound)
+    errors = measures.tensor_errors(ours.parameters, theirs.parameters)
+    beyond = [k for k, e in errors.items() if not e <= bound]
+    tensor = min(beyond, key=lambda k: self._rank(_module_of(k))) if beyond else failed.where
+    return Divergence("update", failed.step, dtype, _module_of(tensor), tensor, errors.get(tensor, failed.error), bound)
+
+  def layer_figures(self) -> tuple[LayerFigures, ...]:
+    """Per torch module, the worst over the run: BatchNorm outputs (model's dtype: eval and the
+    first step), gradients, updates and statistics (float64)."""
+    figures: dict[str, dict[str, float]] = {}
+
+    def note(layer, field, value):
+      entry = figures.setdefault(layer, {})
+      entry[field] = max(entry.get(field, 0.0), value) if np.isfinite(value) else float("inf")
+
+    for ours, theirs in (
+        (self.native["eval"], self.native["torch eval"]),
+        (self.native["step"], self.native["torch step"]),
+    ):
+      for layer, error in self._layer_errors(ours.layers, theirs.layers).items():
+        note(layer, "output", error)
+    for ours, theirs in self.steps64:
+      for field, errors in (
+          ("gradient", measures.tensor_errors(ours.gradients, theirs.gradients)),
+          ("update", measures.tensor_errors(ours.parameters, theirs.parameters)),
+      ):
+        for key, error in errors.items():
+          note(_module_of(key), field, error)
+      for layer, error in self._statistics_errors(ours, theirs).items():
+        note(layer, "statistics", error)
+    ordered = sorted(figures, key=self._rank)
+    return tuple(LayerFigures(layer, **figures[layer]) for layer in ordered)

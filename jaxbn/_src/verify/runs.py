@@ -1,0 +1,216 @@
+"""The two sides of a verification, stepping in lock-step: a torch model trained as configured,
+and its Flax port (Linen variables, or an NNX module). Each step returns a ``Step``: what both
+frameworks' arrays are after it, under torch's state_dict keys, in float64 numpy."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxbn._src.checkpoints.recipe import read as read_recipe
+from jaxbn._src.checkpoints.recipe import torch_mode
+from jaxbn._src.checkpoints.rules import to_state_dict
+from jaxbn._src.parity import is_batchnorm_call, linen_outputs, nnx_outputs, recording
+from jaxbn._src.variables.state import to_variables
+
+RUNNING = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@dataclasses.dataclass
+class Step:
+  """One training step (or, with no gradients, an eval forward)."""
+
+  outputs: dict[str, np.ndarray]  # the output's floating leaves, by index
+  layers: dict[str, np.ndarray]  # each BatchNorm layer's output, by torch module name
+  gradients: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # what torch trains
+  parameters: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # after the update
+  statistics: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # after the forward
+
+
+def _numpy(value) -> np.ndarray:
+  if hasattr(value, "detach"):
+    value = value.detach().numpy()
+  return np.asarray(value).astype(np.float64)  # a copy: torch's buffers change in place as it trains
+
+
+def _is_floating(leaf) -> bool:
+  if hasattr(leaf, "is_floating_point"):  # a torch tensor
+    return leaf.is_floating_point()
+  return jnp.issubdtype(leaf.dtype, jnp.floating)
+
+
+def output_leaves(output) -> dict[str, np.ndarray]:
+  """The floating leaves of an output pytree (tuples, dicts, dataclasses; torch or JAX), by index."""
+  import torch
+
+  leaves = jax.tree.leaves(output, is_leaf=lambda x: isinstance(x, torch.Tensor))
+  return {str(i): _numpy(leaf) for i, leaf in enumerate(leaf for leaf in leaves if _is_floating(leaf))}
+
+
+def split_state(state_dict: dict) -> tuple[dict, dict]:
+  """(parameters, running statistics) of a state_dict, as float64 copies."""
+  statistics = {k: _numpy(v) for k, v in state_dict.items() if k.rpartition(".")[2] in RUNNING}
+  return {k: _numpy(v) for k, v in state_dict.items() if k not in statistics}, statistics
+
+
+# The loss both frameworks differentiate: "mean_square" of every floating output (any model), or
+# "cross_entropy" of every (batch, classes) output against labels % classes (others: mean square).
+LOSSES = ("mean_square", "cross_entropy")
+
+
+def torch_loss(output, labels, kind: str):
+  import torch
+
+  total = 0
+  for leaf in jax.tree.leaves(output, is_leaf=lambda x: isinstance(x, torch.Tensor)):
+    if not _is_floating(leaf):
+      continue
+    if kind == "cross_entropy" and leaf.ndim == 2:
+      total = total + torch.nn.functional.cross_entropy(leaf, labels % leaf.shape[-1])
+    else:
+      total = total + leaf.square().mean()
+  return total
+
+
+def jax_loss(output, labels, kind: str):
+  total = 0.0
+  for leaf in jax.tree.leaves(output):
+    if not _is_floating(leaf):
+      continue
+    if kind == "cross_entropy" and leaf.ndim == 2:
+      total = total + optax.softmax_cross_entropy_with_integer_labels(leaf, labels % leaf.shape[-1]).mean()
+    else:
+      total = total + jnp.mean(leaf**2)
+  return total
+
+
+class TorchRun:
+  """The torch model, trained as configured (modules it keeps in eval stay in eval, parameters
+  with ``requires_grad=False`` are not stepped); its modes are restored after every call."""
+
+  def __init__(self, model, optimizer, loss: str, batchnorms: dict):
+    self.model, self.loss, self.batchnorms = model, loss, batchnorms
+    self.recipe = read_recipe(model)
+    self.optimizer = optimizer.torch([p for p in model.parameters() if p.requires_grad])
+    self.order: list[str] = []  # module names in the order the first forward calls them
+
+  def _ordering(self):
+    def first_call(name):
+      return lambda module, args: None if name in self.order else self.order.append(name)
+
+    return [m.register_forward_pre_hook(first_call(name)) for name, m in self.model.named_modules()]
+
+  def step(self, inputs, labels) -> Step:
+    import torch
+
+    hooks = [] if self.order else self._ordering()
+    with recording(self.batchnorms, {}) as layers, torch_mode(self.model, True, self.recipe):
+      output = self.model(*map(torch.from_numpy, inputs))
+      for hook in hooks:
+        hook.remove()
+      self.optimizer.zero_grad()
+      torch_loss(output, torch.from_numpy(labels), self.loss).backward()
+      gradients = {k: _numpy(p.grad) for k, p in self.model.named_parameters() if p.grad is not None}
+      self.optimizer.step()
+    parameters, statistics = split_state(self.model.state_dict())
+    return Step(output_leaves(output), dict(layers), gradients, parameters, statistics)
+
+  def evaluate(self, inputs) -> Step:
+    import torch
+
+    with recording(self.batchnorms, {}) as layers, torch_mode(self.model, False), torch.no_grad():
+      output = self.model(*map(torch.from_numpy, inputs))
+    return Step(output_leaves(output), dict(layers))
+
+
+def _torch_names(captured: dict) -> dict[str, np.ndarray]:
+  """Captured module outputs by torch module name (NNX captures every module: arrays only)."""
+  return {path.replace("/", "."): _numpy(value) for path, value in captured.items() if hasattr(value, "dtype")}
+
+
+class LinenRun:
+  """A Linen module and its variables, stepped with ``optax`` as the user would: the optimiser
+  ``jaxbn.keep_frozen(tx, frozen_mask)``, ``train=True`` and ``mutable=["batch_stats"]``."""
+
+  def __init__(self, module, variables, tx: optax.GradientTransformation, loss: str):
+    self.variables, self.opt_state = variables, tx.init(variables["params"])
+
+    def forward(variables, inputs, train):
+      return module.apply(
+          variables,
+          *inputs,
+          train=train,
+          mutable=["batch_stats", "intermediates"],
+          capture_intermediates=is_batchnorm_call,
+      )
+
+    @jax.jit
+    def step(variables, opt_state, inputs, labels):
+      def objective(params):
+        output, state = forward({**variables, "params": params}, inputs, True)
+        return jax_loss(output, labels, loss), (output, state)
+
+      gradients, (output, state) = jax.grad(objective, has_aux=True)(variables["params"])
+      updates, opt_state = tx.update(gradients, opt_state, variables["params"])
+      new = {**variables, "params": optax.apply_updates(variables["params"], updates)}
+      if "batch_stats" in state:
+        new["batch_stats"] = state["batch_stats"]
+      return new, opt_state, output, gradients, state.get("intermediates", {})
+
+    self._step = step
+    self._evaluate = jax.jit(lambda variables, inputs: forward(variables, inputs, False))
+
+  def step(self, inputs, labels) -> Step:
+    self.variables, self.opt_state, output, gradients, captured = self._step(
+        self.variables, self.opt_state, inputs, labels
+    )
+    parameters, statistics = split_state(to_state_dict(self.variables))
+    gradients = {k: _numpy(v) for k, v in to_state_dict({"params": gradients}).items()}
+    return Step(output_leaves(output), _torch_names(linen_outputs(captured)), gradients, parameters, statistics)
+
+  def evaluate(self, inputs) -> Step:
+    output, state = self._evaluate(self.variables, inputs)
+    return Step(output_leaves(output), _torch_names(linen_outputs(state.get("intermediates", {}))))
+
+
+class NnxRun:
+  """An NNX module stepped as the user would: ``nnx.Optimizer(model, tx, wrt=trainable)`` under
+  ``nnx.jit``, ``model.train()`` (modules set to ``keep_eval`` stay in eval)."""
+
+  def __init__(self, model, tx: optax.GradientTransformation, trainable: Any, loss: str):
+    from flax import nnx
+
+    self.model, self.optimizer = model, nnx.Optimizer(model, tx, wrt=trainable)
+
+    def forward(model, inputs):
+      return nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(*inputs)
+
+    @nnx.jit
+    def step(model, optimizer, inputs, labels):
+      def objective(model):
+        output, captured = forward(model, inputs)
+        return jax_loss(output, labels, loss), (output, captured)
+
+      gradients, (output, captured) = nnx.grad(objective, argnums=nnx.DiffState(0, trainable), has_aux=True)(model)
+      optimizer.update(model, gradients)
+      return output, gradients, captured
+
+    self._step, self._evaluate = step, nnx.jit(forward)
+
+  def step(self, inputs, labels) -> Step:
+    self.model.train()
+    output, gradients, captured = self._step(self.model, self.optimizer, inputs, labels)
+    parameters, statistics = split_state(to_state_dict(to_variables(self.model)))
+    gradients = {k: _numpy(v) for k, v in to_state_dict(to_variables(gradients)).items()}
+    return Step(output_leaves(output), _torch_names(nnx_outputs(captured)), gradients, parameters, statistics)
+
+  def evaluate(self, inputs) -> Step:
+    self.model.eval()
+    output, captured = self._evaluate(self.model, inputs)
+    self.model.train()
+    return Step(output_leaves(output), _torch_names(nnx_outputs(captured)))

@@ -1,0 +1,125 @@
+"""What is verified: the Flax model a user trains, built from the torch model in one of four ways
+(``jaxbn.port`` or ``jaxbn.emit``'s source; Linen or NNX), or by the user's own function."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import pathlib
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import optax
+
+from jaxbn._src.port.api import Port, port
+from jaxbn._src.port.recipe import TrainingRecipeWarning
+from jaxbn._src.variables.freezing import frozen_mask, keep_frozen
+from jaxbn._src.verify.runs import LinenRun, NnxRun
+
+TARGETS = ("port", "emit")
+APIS = ("linen", "nnx")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """How the Flax side is made: ``build(torch_model, example_inputs, dtype) -> Port``."""
+
+  name: str  # "port (linen)", "emitted source (nnx)", ...
+  build: Callable[..., Port]
+
+
+def _quietly(call, *args, **kwargs):
+  """verify trains with the recipe itself: the port's notice about it is not for this call."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", TrainingRecipeWarning)
+    return call(*args, **kwargs)
+
+
+def _from_port(api: str) -> Callable[..., Port]:
+  def build(model, inputs, dtype):
+    return _quietly(port, model, inputs if len(inputs) > 1 else inputs[0], dtype=dtype, api=api)
+
+  return build
+
+
+_modules = itertools.count()
+
+
+def _load_source(path: pathlib.Path):
+  spec = importlib.util.spec_from_file_location(f"jaxbn_verified_model_{next(_modules)}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _from_source(api: str, directory: pathlib.Path) -> Callable[..., Port]:
+  """``jaxbn.emit`` into ``directory``, ``model.py`` imported, its ``load()``; what it trains from
+  its own ``frozen_mask`` / ``trainable`` (the emitted ``FROZEN`` list)."""
+  from jaxbn._src.emit.api import emit
+
+  count = itertools.count()
+
+  def build(model, inputs, dtype):
+    example = inputs if len(inputs) > 1 else inputs[0]
+    path = _quietly(emit, model, example, directory / f"model{next(count)}", api=api, dtype=dtype)
+    source = _load_source(path)
+    if api == "nnx":
+      loaded = source.load()
+      trainable = getattr(source, "trainable", None)
+      return _Emitted(loaded, None, trainable(loaded) if trainable else None)
+    module, variables = source.load()
+    mask = getattr(source, "frozen_mask", frozen_mask)
+    return _Emitted(module, variables, mask(variables))
+
+  return build
+
+
+@dataclasses.dataclass(frozen=True)
+class _Emitted:
+  """Emitted source's model, with what its own ``model.py`` says to train."""
+
+  module: Any
+  variables: Any
+  frozen: Any  # Linen: the frozen mask; NNX: the trainable filter (None: every nnx.Param)
+
+
+def target(via: str, api: str, directory: pathlib.Path | None = None) -> Target:
+  if via not in TARGETS:
+    raise ValueError(f"via={via!r}: verify checks one of {TARGETS}")
+  if api not in APIS:
+    raise ValueError(f"api={api!r}: verify checks one of {APIS}")
+  if via == "port":
+    return Target(f"jaxbn.port (api={api!r})", _from_port(api))
+  return Target(f"jaxbn.emit source (api={api!r})", _from_source(api, directory))
+
+
+def is_nnx(built) -> bool:
+  from flax import nnx
+
+  return isinstance(built.module, nnx.Module)
+
+
+def flax_run(built, optimizer: optax.GradientTransformation, loss: str):
+  """The Flax side of the lock-step from what ``Target.build`` gave (a ``Port`` or emitted source),
+  with its optimiser as the user would build it."""
+  from flax import nnx
+
+  from jaxbn._src.nnx.freezing import trainable
+
+  if is_nnx(built):
+    if isinstance(built, Port):
+      wrt = built.trainable
+    else:
+      wrt = built.frozen if built.frozen is not None else trainable(built.module)
+    return NnxRun(built.module, optimizer, wrt if wrt is not None else nnx.Param, loss)
+  mask = built.frozen_mask if isinstance(built, Port) else built.frozen
+  return LinenRun(built.module, built.variables, keep_frozen(optimizer, mask), loss)
+
+
+def variables_of(built) -> Any:
+  """Linen variables (an NNX model's through ``to_variables``) for the round trip."""
+  from jaxbn._src.variables.state import to_variables
+
+  return to_variables(built.module) if is_nnx(built) else built.variables
