@@ -22,8 +22,6 @@ import torch
 
 import jaxbn
 
-FLOAT64_RTOL = 1e-9  # jaxbn.verification.RTOL
-
 
 @dataclasses.dataclass
 class Case:
@@ -32,7 +30,7 @@ class Case:
   floor: float = 2e-4  # identical parameters (deep nets; a shallow one gets less)
   loss: str = "cross_entropy"  # or "mean_square" (outputs that are not logits)
   steps: int = 2
-  grad64_rtol: float = FLOAT64_RTOL
+  grad64_rtol: float | None = None  # jaxbn.verify's: 1e-9 (1e-7 with Hardsigmoid / Hardswish)
 
 
 def run(case: Case, seed: int = 0, via: str = "port", api: str = "linen") -> jaxbn.verification.Verification:

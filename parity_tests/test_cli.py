@@ -173,7 +173,9 @@ def test_model_spec_errors_are_one_line_and_exit_2(jaxbn_cli, tmp_path):
       (("check", "--model", "timm:no_such_net"), "timm has no model 'no_such_net'"),
       (("check", "--model", "torchvision:no_such_net"), "torchvision.models has no 'no_such_net'"),
       (("check", "--model", str(tmp_path / "missing.py") + ":make"), "is not a .py file"),
-      (("check", "--model", "torchvision:mobilenet_v3_small", "--api", "nnx"), "--api nnx checks the"),
+      (("check", "--model", "resnet18", "--emit"), "--emit checks what jaxbn.port / jaxbn.emit make"),
+      (("check", "--model", "resnet18", "--train-steps", "1"), "use --model torchvision:resnet18"),
+      (("check", "--json", str(tmp_path / "no" / "dir" / "x.json")), "--json"),
   ]
   for args, expected in cases:  # each fails before any model runs
     code, out, err = jaxbn_cli(*args)
@@ -243,3 +245,72 @@ def test_plot_without_matplotlib_names_the_extra(jaxbn_cli, monkeypatch, tmp_pat
   monkeypatch.setitem(sys.modules, "matplotlib", None)
   code, out, err = jaxbn_cli("check", "--plot", tmp_path / "x.png")  # refused before any model runs
   assert code == 2 and "--plot needs matplotlib: pip install 'jaxbn[plot]'" in err, err
+
+
+NET = """
+import torch
+
+
+class Net(torch.nn.Module):
+  def __init__(self):
+    super().__init__()
+    self.conv = torch.nn.Conv2d(3, 4, 3)
+    self.bn = torch.nn.BatchNorm2d(4, momentum=None)
+    self.fc = torch.nn.Linear(4, 5)
+    self.bn_head = torch.nn.BatchNorm1d(5)
+
+  def forward(self, x):
+    return self.bn_head(self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3))))
+
+
+def make():
+  return Net()
+"""
+
+
+@pytest.mark.parametrize("options", [(), ("--api", "nnx"), ("--emit",), ("--emit", "--api", "nnx")])
+def test_check_trains_side_by_side_and_writes_json(jaxbn_cli, tmp_path, options):
+  """``--train-steps``: jaxbn.verify on what is checked (the port or emitted source, Linen or NNX);
+  ``--json``: one object with the per-layer rows and verify's result."""
+  import json
+
+  (tmp_path / "net.py").write_text(NET)
+  model = ("--model", f"{tmp_path / 'net.py'}:make", "--steps", "1", "--size", "16")
+  code, out, err = jaxbn_cli("check", *model, *options, "--train-steps", "2", "--json", tmp_path / "r.json")
+  assert code == 0, out + err
+  assert "Trained side by side (2 optimiser steps; jaxbn.verify)" in out and "trains like torch" in out
+  document = json.loads((tmp_path / "r.json").read_text())
+  assert document["passed"] is True and document["status"] == 0 and document["schema"] == 1
+  assert ("emit" in document["checked"]) == ("--emit" in options)
+  assert ("'nnx'" in document["checked"]) == ("nnx" in options)
+  assert {row["layer"] for row in document["layers"]} == {"bn", "bn_head"}
+  assert document["verify"]["passed"] is True and document["verify"]["steps"] == 2
+  assert document["verify"]["target"].startswith("jaxbn.emit" if "--emit" in options else "jaxbn.port")
+
+
+def test_check_fails_when_verify_fails(jaxbn_cli, tmp_path, monkeypatch):
+  """A port that differs only in training (here: one BatchNorm's momentum) passes the forward
+  comparison and fails verify: exit status 1, the layer named, the JSON says so."""
+  import json
+
+  real = jaxbn.verify
+
+  def broken_momentum(torch_model, x, **options):
+    def build(model, inputs, dtype):
+      def factory(module):
+        return jaxbn.BatchNorm(axis=1, momentum=0.3, epsilon=module.eps, param_dtype=dtype or np.float32)
+
+      return jaxbn.port(model, inputs[0], dtype=dtype, custom_modules={torch.nn.BatchNorm2d: factory})
+
+    options.pop("via"), options.pop("api")
+    return real(torch_model, x, build=build, **options)
+
+  monkeypatch.setattr(jaxbn, "verify", broken_momentum)
+  (tmp_path / "net.py").write_text(NET)
+  model = ("--model", f"{tmp_path / 'net.py'}:make", "--steps", "1", "--size", "16")
+  code, out, err = jaxbn_cli("check", *model, "--train-steps", "1", "--json", tmp_path / "r.json")
+  assert code == 1, out + err
+  assert "OK: worst relative difference" in out  # the forward comparison cannot see it
+  assert "FAILED: jaxbn.verify: first divergence: bn, step 0, statistics" in out
+  document = json.loads((tmp_path / "r.json").read_text())
+  assert document["passed"] is False and document["verify"]["divergence"]["layer"] == "bn"

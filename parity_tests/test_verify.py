@@ -40,6 +40,17 @@ class Small(torch.nn.Module):
     return self.fc(x.mean((2, 3)))
 
 
+class WithHardswish(Small):
+
+  def __init__(self):
+    super().__init__()
+    self.act = torch.nn.Hardswish()
+
+  def forward(self, x):
+    x = F.relu(self.bn1(self.conv1(x)))
+    return self.fc(self.act(self.bn2(self.conv2(x))).mean((2, 3)))
+
+
 def small(frozen_conv1=False):
   torch.manual_seed(0)
   model = Small()
@@ -70,6 +81,16 @@ def test_optimizers_with_weight_decay_pass():
   for optimizer in (SGD(lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True), Adam(lr=1e-2), AdamW()):
     result = jaxbn.verify(small(), X, optimizer=optimizer, steps=2, loss="cross_entropy")
     assert result.passed, (optimizer, result.summary())
+
+
+def test_hard_activations_get_torchs_own_float64_bound_with_a_note():
+  """torch's float64 Hardswish backward uses float32's 1/6: 1e-9 would fail an exact port."""
+  model = WithHardswish()
+  result = jaxbn.verify(model, X, steps=1)
+  assert result.passed, result.summary()
+  assert {c.bound for c in result.checks if c.arbiter == "tolerance" and c.dtype == "float64"} == {1e-7}
+  assert "Hardswish backward uses float32's 1/6" in result.notes[0]
+  assert "note:" in result.summary()
 
 
 def test_the_torch_model_is_left_as_found():
@@ -161,6 +182,7 @@ def test_json_has_the_documented_schema():
       "divergence",
       "layers",
       "seconds",
+      "notes",
   }
   assert document["passed"] is False and document["steps"] == 1
   for check in document["checks"]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -62,10 +62,57 @@ def linen_outputs(intermediates) -> dict[str, Any]:
 
 
 def nnx_outputs(captured) -> dict[str, Any]:
-  """``nnx.capture``'s method outputs as ``{module path: its output}``."""
+  """Sown NNX intermediates as ``{module path: its output}``."""
+  # walked by hand: nnx.to_flat_state sorts the paths, and nnx.List's int keys beside names do not sort
+  flat = {}
+
+  def walk(mapping, path):
+    for key, value in mapping.items():
+      if isinstance(value, Mapping):
+        walk(value, (*path, str(key)))
+      else:
+        flat["/".join(path)] = (value.get_value() if hasattr(value, "get_value") else value)[-1]
+
+  walk(captured, ())
+  return flat
+
+
+@contextlib.contextmanager
+def _sowing_outputs(classes):
+  """Every call of these NNX classes sows its output, as ``nnx.capture(method_outputs=...)`` wraps
+  the methods of every module class; capture then sorts all modules' paths, and a container's own
+  ``__call__`` output beside its children's int keys does not sort."""
   from flax import nnx
 
-  return {"/".join(map(str, path[:-1])): value.get_value()[-1] for path, value in nnx.to_flat_state(captured)}
+  def sowing(call):
+    @functools.wraps(call)
+    def sown(self, *args, **kwargs):
+      output = call(self, *args, **kwargs)
+      self.sow(nnx.Intermediate, "batchnorm_output", output)
+      return output
+
+    return sown
+
+  originals = {cls: cls.__call__ for cls in classes}
+  for cls, call in originals.items():
+    cls.__call__ = sowing(call)
+  try:
+    yield
+  finally:
+    for cls, call in originals.items():
+      cls.__call__ = call
+
+
+def nnx_batchnorm_outputs(model, *inputs, **kwargs) -> tuple[Any, dict[str, Any]]:
+  """``model(*inputs, **kwargs)`` and each jaxbn BatchNorm layer's output by module path."""
+  from flax import nnx
+
+  from jaxbn._src.nnx.batch_norm import BatchNorm as NnxBatchNorm
+  from jaxbn._src.nnx.frozen import FrozenBatchNorm as NnxFrozenBatchNorm
+
+  with _sowing_outputs((NnxBatchNorm, NnxFrozenBatchNorm)):
+    output = model(*inputs, **kwargs)
+  return output, nnx_outputs(nnx.pop(model, nnx.Intermediate))
 
 
 @contextlib.contextmanager
@@ -136,10 +183,8 @@ def _nnx_runner(flax_model, state, train_kwargs, eval_kwargs):
   def run(state, x, train):
     model = nnx.merge(graphdef, state)
     model.train() if train else model.eval()
-    _, outputs = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(
-        x, **(train_kwargs if train else eval_kwargs)
-    )
-    return nnx_outputs(outputs), nnx.state(model)
+    _, outputs = nnx_batchnorm_outputs(model, x, **(train_kwargs if train else eval_kwargs))
+    return outputs, nnx.state(model)
 
   def step(x, train):
     nonlocal state

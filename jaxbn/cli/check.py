@@ -1,16 +1,20 @@
-"""``jaxbn check``: a torch model and its jaxbn twin side by side, per BatchNorm layer.
+"""``jaxbn check``: a torch model and its jaxbn twin side by side, per BatchNorm layer, and with
+``--train-steps`` trained side by side (``jaxbn.verify``).
 
 The torch model (random init, or ``--weights``) trains its BatchNorm statistics for a few steps,
 is saved as ``.safetensors`` with its BatchNorm configuration, loaded, converted (ported with
-``jaxbn.port`` unless it is one of jaxbn.models' ResNets) and run next to torch in training and
-eval. Exit status 1 when the worst relative difference exceeds ``--tolerance`` (for a ported model:
-and the same comparison in float64 exceeds 1e-9, so that float32 rounding on an ill-conditioned
-layer is not reported as a wrong port) or a running statistic is not finite.
+``jaxbn.port``, Linen or NNX, or written as source by ``jaxbn.emit`` and loaded, unless it is one
+of jaxbn.models' ResNets) and run next to torch in training and eval. Exit status 1 when the worst
+relative difference exceeds ``--tolerance`` (for a ported model: and the same comparison in
+float64 exceeds 1e-9, so that float32 rounding on an ill-conditioned layer is not reported as a
+wrong port), a running statistic is not finite, or ``jaxbn.verify`` fails.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import pathlib
 import tempfile
 import time
@@ -25,6 +29,7 @@ from jaxbn._src.checkpoints.files import state_dict_to_numpy
 from jaxbn._src.checkpoints.inspection import inspect_state_dict
 from jaxbn._src.checkpoints.recipe import read as read_recipe
 from jaxbn._src.checkpoints.recipe import torch_mode
+from jaxbn._src.port.nnx import PortedNNX
 from jaxbn.cli.errors import UsageError
 from jaxbn.cli.flax_linen import flax_linen_port_errors
 from jaxbn.cli.models import model_with_weights, read_weights
@@ -34,10 +39,18 @@ from jaxbn.models import MODELS
 
 def validate(args) -> dict | None:
   """Everything that can be known before a model runs; returns the ``--weights`` state_dict."""
-  if args.api == "nnx" and args.model not in MODELS:
-    raise UsageError("--api nnx checks the jaxbn.models.nnx ResNets; a model from jaxbn.port is a Linen module.")
+  if args.model in MODELS and (args.emit or args.train_steps):
+    option = "--emit" if args.emit else "--train-steps"
+    raise UsageError(
+        f"{option} checks what jaxbn.port / jaxbn.emit make of a torch model; {args.model} is jaxbn.models'"
+        f" hand-written ResNet: use --model torchvision:{args.model}."
+    )
   if args.plot:
     check_plot_target(args.plot)
+  if args.json:
+    target = pathlib.Path(args.json)
+    if not target.parent.is_dir():
+      raise UsageError(f"--json {args.json}: no folder {target.parent}; create it or choose another path.")
   return read_weights(args.weights)
 
 
@@ -88,10 +101,10 @@ def check(args) -> int:
   naive = None
   if ported:
     start = time.perf_counter()
-    model, variables = jaxbn.port(torch_model, x)
-    timings["jaxbn.port (trace, build, convert)"] = time.perf_counter() - start
-    variables = jaxbn.convert.from_torch(state_dict, variables).variables  # the weights from the file
-    naive = flax_linen_port_errors(copy.deepcopy(torch_model), model, variables, args)
+    model, variables = flax_twin(torch_model, x, state_dict, args)
+    timings[f"{described(args)} (trace, build, convert)"] = time.perf_counter() - start
+    if not (args.emit or args.api == "nnx"):  # the trap is shown on the Linen port's layers
+      naive = flax_linen_port_errors(copy.deepcopy(torch_model), model, variables, args)
   elif args.api == "nnx":
     from flax import nnx
 
@@ -133,8 +146,16 @@ def check(args) -> int:
   print(jaxbn.parity.format_table(report))
   if naive is not None:
     print(naive)
+  verification = None
+  if args.train_steps:
+    start = time.perf_counter()
+    verification = jaxbn.verify(
+        before, x, via="emit" if args.emit else "port", api=args.api, steps=args.train_steps, seed=args.seed
+    )
+    timings["jaxbn.verify (both frameworks, float32 and float64)"] = time.perf_counter() - start
+    print(f"\nTrained side by side ({args.train_steps} optimiser steps; jaxbn.verify):\n{verification.summary()}")
   if args.plot:
-    plot_report(report, args.plot, args.model)
+    plot_report(report, args.plot, args.model, verification)
     print(f"\nPlot of the per-layer differences: {args.plot}")
   # Only jaxbn's own steps: a torch-vs-JAX speed ratio needs each measured alone (benchmarks/).
   print("\nTimings (this machine):")
@@ -143,7 +164,7 @@ def check(args) -> int:
   worst = max(row.max_rel for row in report)
   worst64 = None
   if ported and worst > args.tolerance:
-    worst64 = float64_worst(before, batches, args.steps)
+    worst64 = float64_worst(copy.deepcopy(before), batches, args.steps, args)
     print(
         f"\nIn float64 (both models in double, the same batches) the worst relative difference is {worst64:.2e}"
         f" (bound {min(args.tolerance, FLOAT64_BOUND):.0e}): "
@@ -154,7 +175,61 @@ def check(args) -> int:
             else "the difference is not float32 rounding."
         )
     )
-  return verdict(report, state_dict, torch_model, args.tolerance, worst64)
+  status = verdict(report, state_dict, torch_model, args.tolerance, worst64)
+  if verification is not None and not verification.passed:
+    print(f"\nFAILED: jaxbn.verify: {verification.divergence.describe() if verification.divergence else 'see above'}")
+    status = 1
+  if args.json:
+    write_json(args, status, report, worst64, verification)
+  return status
+
+
+def described(args) -> str:
+  return f"jaxbn.emit (api={args.api!r}, loaded)" if args.emit else f"jaxbn.port (api={args.api!r})"
+
+
+def flax_twin(torch_model, x, state_dict, args):
+  """``(module, variables)`` of what is checked, with the weights from the file: jaxbn.port's
+  module, or jaxbn.emit's model.py loaded (emit writes ``torch_model``'s state_dict, the file's);
+  an NNX module's variables are its own (None)."""
+  if args.emit:
+    import importlib.util
+
+    with tempfile.TemporaryDirectory() as directory:
+      path = jaxbn.emit(torch_model, x, pathlib.Path(directory) / "emitted", api=args.api)
+      spec = importlib.util.spec_from_file_location("jaxbn_checked_model", path)
+      source = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(source)
+      loaded = source.load()
+    return (loaded, None) if args.api == "nnx" else loaded
+  module, variables = jaxbn.port(torch_model, x, api=args.api)
+  if isinstance(module, PortedNNX):  # the Linen port inside nnx.bridge: its layers are Linen's
+    print(
+        "(the NNX port of this model is jaxbn.port's Linen module inside nnx.bridge, not native NNX"
+        " classes: its layers are compared as the Linen port's)"
+    )
+    module, variables = jaxbn.port(torch_model, x)
+  elif args.api == "nnx":
+    jaxbn.convert.from_torch(state_dict, module)  # in place
+    return module, None
+  return module, jaxbn.convert.from_torch(state_dict, variables).variables
+
+
+def write_json(args, status: int, report, worst64, verification) -> None:
+  """``--json``: one object (README: "jaxbn check --json")."""
+  document = {
+      "schema": 1,
+      "model": args.model,
+      "checked": described(args) if args.model not in MODELS else f"jaxbn.models ({args.api})",
+      "status": status,
+      "passed": status == 0,
+      "tolerance": args.tolerance,
+      "worst": max(row.max_rel for row in report),
+      "worst_float64": worst64,
+      "layers": [dataclasses.asdict(row) for row in report],
+      "verify": None if verification is None else verification.to_json(),
+  }
+  pathlib.Path(args.json).write_text(json.dumps(document, indent=1) + "\n")
 
 
 # float64 resolves what float32 cannot (2 ** -29 finer): a float32 difference that float64 brings
@@ -162,12 +237,16 @@ def check(args) -> int:
 FLOAT64_BOUND = 1e-9
 
 
-def float64_worst(torch_model, batches, steps: int) -> float:
+def float64_worst(torch_model, batches, steps: int, args) -> float:
   """The same per-layer comparison with the torch model and its port in float64."""
   with jax.enable_x64(True):
     model64 = torch_model.double()
     batches64 = [b.astype(np.float64) for b in batches]
-    module, variables = jaxbn.port(model64, batches64[0], dtype=np.float64)
+    module, variables = jaxbn.port(model64, batches64[0], dtype=np.float64, api=args.api)
+    if isinstance(module, PortedNNX):  # as in flax_twin
+      module, variables = jaxbn.port(model64, batches64[0], dtype=np.float64)
+    elif args.api == "nnx":
+      variables = None  # the module's own state
     report = jaxbn.parity.compare(model64, module, variables, batches64, train_steps=steps, channels_last=False)
   return max(row.max_rel for row in report)
 

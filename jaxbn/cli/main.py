@@ -51,18 +51,29 @@ def parser() -> argparse.ArgumentParser:
       "--api",
       choices=["linen", "nnx"],
       default="linen",
-      help="check the Flax Linen model (jaxbn.models) or the NNX one (jaxbn.models.nnx)",
+      help="check the Flax Linen model or the NNX one (jaxbn.port(api=...), or jaxbn.models / jaxbn.models.nnx)",
+  )
+  check.add_argument(
+      "--emit", action="store_true", help="check jaxbn.emit's source (model.py, loaded) instead of jaxbn.port's module"
   )
   check.add_argument("--weights", help="a .pth/.safetensors state_dict for the model (default: random init)")
   check.add_argument(
       "--num-classes", type=_at_least(1), help="classes of --model (default: read from --weights, else 1000)"
   )
   check.add_argument("--steps", type=_at_least(1), default=3, help="training steps (BN statistics) before the check")
+  check.add_argument(
+      "--train-steps",
+      type=_at_least(0),
+      default=0,
+      metavar="N",
+      help="also jaxbn.verify: N optimiser steps in lock-step with torch (gradients, updates, statistics; default 0)",
+  )
   check.add_argument("--size", type=_at_least(1), default=64, help="input height and width")
   check.add_argument("--batch", type=_at_least(1), default=4)
   check.add_argument("--seed", type=int, default=0)
   check.add_argument("--tolerance", type=_positive_float, default=1e-3, help="worst relative difference allowed")
   check.add_argument("--plot", metavar="PNG", help="draw the per-layer differences and drift (matplotlib)")
+  check.add_argument("--json", metavar="FILE", help="write the result as one JSON object (the schema: README)")
   convert = commands.add_parser("convert", help="torch checkpoint <-> Flax variables")
   convert.add_argument("input")
   convert.add_argument("output")

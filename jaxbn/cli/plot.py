@@ -33,9 +33,10 @@ def check_plot_target(path: str) -> None:
     )
 
 
-def plot_report(report, path: str, title: str) -> None:
+def plot_report(report, path: str, title: str, verification=None) -> None:
   """Per BatchNorm layer (in model order): worst train and eval output differences and running
-  statistic drift, on a log scale."""
+  statistic drift, on a log scale; with a ``jaxbn.verify`` result, also each layer's worst float64
+  gradient and update (parameters after the step) differences."""
   plt = _pyplot()
   layers = list(dict.fromkeys(row.layer for row in report))
   index = {name: i for i, name in enumerate(layers)}
@@ -45,6 +46,10 @@ def plot_report(report, path: str, title: str) -> None:
       "running mean drift": [0.0] * len(layers),
       "running var drift": [0.0] * len(layers),
   }
+  if verification is not None:
+    figures = {f.layer: f for f in verification.layers}
+    for name, field in (("gradient (float64)", "gradient"), ("update (float64)", "update")):
+      series[name] = [getattr(figures.get(layer), field, None) or 0.0 for layer in layers]
   for row in report:
     i = index[row.layer]
     key = "train output" if row.mode == "train" else "eval output"

@@ -23,7 +23,8 @@ the port first diverged from torch, and per-layer figures for a plot.
       {"layer": str, "output": float | null, "gradient": float | null,
        "update": float | null, "statistics": float | null}
     ],
-    "seconds": {str: float}        # "build", "torch", "jax", "total"
+    "seconds": {str: float},       # "build", "torch", "jax", "total"
+    "notes": [str]                 # how a bound was chosen, where it is not the default
   }
 
 Arbiters: ``"exact"`` (bit for bit; the round trip and counters), ``"tolerance"`` (within the
@@ -111,6 +112,7 @@ class Verification:
   divergence: Divergence | None
   layers: tuple[LayerFigures, ...]
   seconds: dict[str, float]
+  notes: tuple[str, ...] = ()  # how a bound was chosen, where it is not the default
 
   @property
   def passed(self) -> bool:
@@ -146,6 +148,7 @@ class Verification:
       lines.append(f"  closest to its bound: {_describe(worst)}")
     if self.divergence is not None:
       lines.append(f"  {self.divergence.describe()}")
+    lines += [f"  note: {note}" for note in self.notes]
     return "\n".join(lines)
 
   def to_json(self) -> dict:
@@ -160,6 +163,7 @@ class Verification:
         "divergence": None if self.divergence is None else _finite(dataclasses.asdict(self.divergence)),
         "layers": [_finite(dataclasses.asdict(layer)) for layer in self.layers],
         "seconds": dict(self.seconds),
+        "notes": list(self.notes),
     }
 
 

@@ -15,7 +15,7 @@ import optax
 from jaxbn._src.checkpoints.recipe import read as read_recipe
 from jaxbn._src.checkpoints.recipe import torch_mode
 from jaxbn._src.checkpoints.rules import to_state_dict
-from jaxbn._src.parity import is_batchnorm_call, linen_outputs, nnx_outputs, recording
+from jaxbn._src.parity import is_batchnorm_call, linen_outputs, nnx_batchnorm_outputs, recording
 from jaxbn._src.variables.state import to_variables
 
 RUNNING = ("running_mean", "running_var", "num_batches_tracked")
@@ -188,7 +188,7 @@ class NnxRun:
     self.model, self.optimizer = model, nnx.Optimizer(model, tx, wrt=trainable)
 
     def forward(model, inputs):
-      return nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(*inputs)
+      return nnx_batchnorm_outputs(model, *inputs)
 
     @nnx.jit
     def step(model, optimizer, inputs, labels):
@@ -207,10 +207,10 @@ class NnxRun:
     output, gradients, captured = self._step(self.model, self.optimizer, inputs, labels)
     parameters, statistics = split_state(to_state_dict(to_variables(self.model)))
     gradients = {k: _numpy(v) for k, v in to_state_dict(to_variables(gradients)).items()}
-    return Step(output_leaves(output), _torch_names(nnx_outputs(captured)), gradients, parameters, statistics)
+    return Step(output_leaves(output), _torch_names(captured), gradients, parameters, statistics)
 
   def evaluate(self, inputs) -> Step:
     self.model.eval()
     output, captured = self._evaluate(self.model, inputs)
     self.model.train()
-    return Step(output_leaves(output), _torch_names(nnx_outputs(captured)))
+    return Step(output_leaves(output), _torch_names(captured))
