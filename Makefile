@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints-dev.txt
 # The main job: torchvision's mobilenet_v3_large (eps 1e-3, momentum 0.01) -> checkpoint ->
 # jaxbn.port, checked layer by layer, and what flax.linen.BatchNorm would get wrong.
 demo: $(STAMP)
-	$(VENV)/bin/jaxbn check --model torchvision:mobilenet_v3_large --plot drift.png
+	$(VENV)/bin/jaxbn check --model torchvision:mobilenet_v3_large --train-steps 1 --plot drift.png
 
 # Form and architecture: pyink, ruff, and the import-linter contracts in pyproject.toml (the layers).
 lint: $(STAMP)

@@ -1,9 +1,9 @@
 """The port's coverage of the zoos: the smallest BatchNorm model of every timm architecture
 module (chosen here from ``timm.list_modules()`` / ``timm.list_models()``, not from a list) and
 every torchvision classification, segmentation, video and detection-backbone model that uses
-BatchNorm, each through the parity harness (port, conversion round trip, eval, train steps
-against torch float32 with torch float64 as the arbiter, running statistics, float64 gradients)
-in its own process with a timeout.
+BatchNorm, each through ``jaxbn.verify`` (the public check: conversion round trip, eval, a float32
+step from identical parameters, float64 lock-step with torch: gradients, updates, statistics) in
+its own process with a timeout.
 
   python benchmarks/zoo_sweep.py [--out zoo-cpu.md] [--zoo timm|torchvision|all] [--only timm:NAME ...]
                                  [--timeout 600]
@@ -170,90 +170,86 @@ def computes_in_float32(model, shape) -> bool:
 
 
 def run_one(spec: str, emit_only: bool = False) -> dict:
-  """One model through the harness (or only jaxbn.emit's check), in this process; the result as a
-  JSON-able dict."""
+  """One model through ``jaxbn.verify`` (the port for 2 steps, then jaxbn.emit's source, Linen and
+  NNX, for 1), in this process; the result as a JSON-able dict."""
+  import numpy as np
+  import torch
+
   import jaxbn
-  from parity_tests import port_harness
-  from parity_tests.test_port_models import HARDSIGMOID_GRAD64
 
   start = time.perf_counter()
   try:
+    torch.manual_seed(0)
     model = build(spec)
     shape = input_shape(spec, model)
+    example = np.zeros(shape, np.float32)
+    jaxbn.verification.warm_up(model, example)  # non-trivial statistics
+    rtol = FLOAT32_INSIDE_GRAD64 if computes_in_float32(model, shape) else None
     if emit_only:
-      emitted = emit_check(spec, shape, port_harness.Case(None, shape).floor)
-      status = "pass" if all(cell.split()[1][0].isdigit() for cell in emitted.split("; ")) else "emit"
+      emitted = emit_check(model, example, rtol)
+      status = "pass" if all(" pass" in cell for cell in emitted.split("; ")) else "emit"
       return {"status": status, "seconds": time.perf_counter() - start, "emit": emitted}
-    # torch's Hardsigmoid / Hardswish backward use float32's 1/6 in float64 too (test_port_models)
-    hard = any(type(m).__name__.lower().startswith("hard") for m in model.modules())
-    rtol = HARDSIGMOID_GRAD64 if hard else port_harness.FLOAT64_RTOL
-    if computes_in_float32(model, shape):
-      rtol = FLOAT32_INSIDE_GRAD64
-    case = port_harness.Case(lambda: build(spec), shape, loss="l2", grad64_rtol=rtol, per_layer=True)
-    measured = port_harness.run(case)
-    notes = []
+    result = jaxbn.verify(model, example, steps=2, rtol=rtol)
+    figures = measured(result)
+    notes = list(result.notes)
     if rtol == FLOAT32_INSIDE_GRAD64:
       notes.append(f"float64 checks at {rtol:g}: it computes in float32 inside")
-    if measured.layers64_rel is not None:
-      notes.append(f"per layer in float64 {measured.layers64_rel:.1e} (float32 cannot resolve 1e-3 here)")
-    if measured.by_spread:
+    spread = [c for c in result.checks if "spread" in c.arbiter]
+    if spread:
+      worst = max(c.error / c.bound for c in spread)
       notes.append(
-          f"{' and '.join(measured.by_spread)} within {measured.spread_ratio:.1f}x torch's own spread one ulp"
-          f" away (bound {port_harness.SPREAD_FACTOR}x)"
+          f"{len(spread)} checks decided by torch's own spread one ulp away (worst {10 * worst:.1f}x, bound 10x)"
       )
-    emitted = emit_check(spec, shape, case.floor)
+    if not result.passed:
+      failed = result.failed[0]
+      reason = f"{failed.name} ({failed.dtype}): {failed.error:.2g} > {failed.bound:.2g}; " + (
+          result.divergence.describe() if result.divergence else ""
+      )
+      return {"status": "mismatch", "seconds": time.perf_counter() - start, **figures, "reason": reason[:300]}
     return {
         "status": "pass",
         "seconds": time.perf_counter() - start,
-        **vars(measured),
-        "emit": emitted,
+        **figures,
+        "emit": emit_check(model, example, rtol),
         "reason": "; ".join(notes),
     }
   except jaxbn.PortError as error:
     reason = next((line.strip(" -") for line in str(error).splitlines()[1:] if line.strip()), str(error))
     return {"status": "refused", "reason": reason[:200]}
-  except AssertionError as error:
-    if pathlib.Path(traceback.extract_tb(error.__traceback__)[-1].filename).parent.name == "parity_tests":
-      return {"status": "mismatch", "reason": str(error).splitlines()[0][:200]}  # a tolerance failed
-    return failure(error)  # an assert of the model's or the port's own
   except Exception as error:  # noqa: BLE001 - reported in the table
     return failure(error)
 
 
-def emit_check(spec: str, shape: tuple, floor: float) -> str:
-  """jaxbn.emit's source, Linen then NNX, loaded: eval output, a train-mode forward and its
-  running statistics against torch float32, within the harness's floor (statistics 1e-5) or, where
-  float32 cannot resolve that (few values per BatchNorm channel), within 10x of jaxbn.port's own
-  distance in the same check (the harness decides the port's parity); or why not."""
-  import tempfile
+def measured(result) -> dict:
+  """The table's figures from a ``jaxbn.verify`` result."""
 
-  import numpy as np
-  import torch
+  def error(name, dtype):
+    return max((c.error for c in result.checks if c.name == name and c.dtype == dtype), default=None)
 
+  float32 = next(c.dtype for c in result.checks)
+  return {
+      "port_seconds": result.seconds["build"] / 2,  # the float32 and the float64 port
+      "eval_rel": error("eval outputs", float32),
+      "train_rel": error("training outputs", float32),
+      "stats_rel": error("running statistics", float32),
+      "grad64_rel": error("gradients", "float64"),
+  }
+
+
+def emit_check(model, example, rtol) -> str:
+  """jaxbn.emit's source, Linen then NNX, through ``jaxbn.verify(via="emit", steps=1)``; or why not."""
   import jaxbn
-  from parity_tests.port_harness import SPREAD_FACTOR
-  from parity_tests.test_emit import PORTS, eval_and_training_forward
 
-  def measure(port):
-    torch.manual_seed(0)
-    model = build(spec)
-    jaxbn.parity.without_dropout(model)
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    return eval_and_training_forward(model, x, port)
-
-  ported = None
   cells = []
-  for api, port in PORTS.items():
+  for api in ("linen", "nnx"):
     try:
-      with tempfile.TemporaryDirectory() as directory:
-        eval_rel, train_rel, stats_rel = measure(port(pathlib.Path(directory)))
-      worst, note = max(eval_rel, train_rel), ""
-      ok = worst <= floor and stats_rel <= 1e-5
-      if not ok:
-        ported = ported or measure(jaxbn.port)
-        ok = worst <= SPREAD_FACTOR * max(ported[:2]) and stats_rel <= max(1e-5, SPREAD_FACTOR * ported[2])
-        note = f" (port {max(ported[:2]):.1e})"
-      cells.append(f"{api} {'' if ok else 'MISMATCH '}{worst:.1e}{note}")
+      result = jaxbn.verify(model, example, via="emit", api=api, steps=1, rtol=rtol)
+      if result.passed:
+        cells.append(f"{api} pass {measured(result)['train_rel']:.1e}")
+      else:
+        cells.append(
+            f"{api} MISMATCH: {result.divergence.describe()[:80] if result.divergence else result.failed[0].name}"
+        )
     except jaxbn.PortError as error:
       cells.append(f"{api} refused: {str(error).splitlines()[0][:80]}")
     except Exception as error:  # noqa: BLE001 - reported in the table
@@ -279,7 +275,7 @@ def main() -> int:
       "--families", action="store_true", help="torchvision: the smallest model of each builder module only"
   )
   parser.add_argument(
-      "--emit-only", action="store_true", help="only jaxbn.emit's source (eval and a train-mode forward), no harness"
+      "--emit-only", action="store_true", help="only jaxbn.emit's source (jaxbn.verify(via='emit')), not the port"
   )
   parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one model, JSON out
   args = parser.parse_args()
@@ -324,10 +320,10 @@ def report(rows: list, planned: int) -> str:
       return f"{result['status']} | - | - | - | - | - | {result['emit'].replace('|', '/')} | "
     if result["status"] != "pass":
       return f"{result['status']} | - | - | - | - | - | - | {result.get('reason', '').replace('|', '/')}"
-    layers = f"{result['layers_rel']:.1e}" if result.get("layers_rel") is not None else "-"
     return (
         f"pass | {result['port_seconds']:.2f} | {result['eval_rel']:.1e} | {result['train_rel']:.1e} |"
-        f" {result['stats_rel']:.1e} | {layers} | {result.get('emit', '-').replace('|', '/')} | {result.get('reason', '')}"
+        f" {result['stats_rel']:.1e} | {result['grad64_rel']:.1e} | {result.get('emit', '-').replace('|', '/')} |"
+        f" {result.get('reason', '')}"
     )
 
   counts = {}
@@ -342,28 +338,24 @@ def report(rows: list, planned: int) -> str:
   )
   table = "\n".join(
       [
-          "| model | status | port (s) | eval | train, step 1 | running stats | per layer | emitted source | reason / note |",
+          "| model | status | port (s) | eval | train, step 1 | running stats | float64 grads | emitted source | reason / note |",
           "|---|---|---|---|---|---|---|---|---|",
           *(f"| {spec} | {cells(result)} |" for spec, result in rows),
       ]
   )
   if rows and all("port_seconds" not in result and "emit" in result for _, result in rows):
     return (
-        "Measured by benchmarks/zoo_sweep.py --emit-only: jaxbn.emit's model.py (Linen, then NNX) loaded; its eval"
-        " output and a train-mode forward against torch float32 (worst of the two, relative to the largest output)"
-        " within the harness's floor, statistics within 1e-5; where float32 cannot resolve that, within 10x of"
-        " jaxbn.port's own distance in the same check, shown as (port ...). A model passes when both APIs do.\n\n"
-        + summary
-        + "\n\n"
-        + table
-        + "\n"
+        "Measured by benchmarks/zoo_sweep.py --emit-only: jaxbn.emit's model.py (Linen, then NNX) loaded and"
+        " checked by jaxbn.verify(via='emit', steps=1) (round trip, eval, a float32 step, a float64 step in"
+        " lock-step with torch); the figure is the float32 training outputs' relative difference. A model passes"
+        " when both APIs do.\n\n" + summary + "\n\n" + table + "\n"
     )
   return (
-      "Measured by benchmarks/zoo_sweep.py (`make zoo`): each model through parity_tests/port_harness.py;"
-      " relative differences against torch float32 from identical parameters (after updates, float64"
-      " lock-step against torch float64); per layer: jaxbn.parity.compare's worst BatchNorm layer (what"
-      " `jaxbn check` reports), within 1e-3; emitted source: jaxbn.emit's model.py (Linen, NNX) loaded, its eval"
-      " output and a train-mode forward against torch float32 (worst of the two; statistics within 1e-5).\n\n"
+      "Measured by benchmarks/zoo_sweep.py (`make zoo`): each model (statistics warmed up by"
+      " jaxbn.verification.warm_up) through jaxbn.verify, 2 SGD steps: relative differences against torch"
+      " float32 from identical parameters (eval, the first step's training outputs and running statistics),"
+      " float64 gradients against torch float64 (worst tensor; every step, with outputs, statistics and updated"
+      " parameters, in lock-step); emitted source: jaxbn.verify(via='emit', steps=1), Linen and NNX.\n\n"
       + summary
       + "\n\n"
       + table

@@ -123,3 +123,14 @@ def test_every_jaxbn_call_the_docs_name_exists():
   assert len(calls) > 50, "the pattern finds the calls the docs make"
   unknown = sorted(f"{source}: jaxbn.{call}()" for source, call in calls if not _resolves(call))
   assert not unknown, unknown
+
+
+def test_readme_verify_example_runs():
+  code = [block for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "jaxbn.verify(" in block]
+  assert len(code) == 1, "README has no jaxbn.verify example"
+  namespace = {}
+  exec(compile(code[0], "README.md", "exec"), namespace)
+  result = namespace["result"]
+  assert result.passed and result.steps == 1
+  # layer1 is frozen: its parameters are compared after the update (and must not have moved)
+  assert any(c.name == "parameters after the update" and c.passed for c in result.checks)
