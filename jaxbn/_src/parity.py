@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -61,58 +61,44 @@ def linen_outputs(intermediates) -> dict[str, Any]:
   return {"/".join(path[:-1]): value[-1] for path, value in traverse_util.flatten_dict(intermediates).items()}
 
 
-def nnx_outputs(captured) -> dict[str, Any]:
-  """Sown NNX intermediates as ``{module path: its output}``."""
-  # walked by hand: nnx.to_flat_state sorts the paths, and nnx.List's int keys beside names do not sort
-  flat = {}
-
-  def walk(mapping, path):
-    for key, value in mapping.items():
-      if isinstance(value, Mapping):
-        walk(value, (*path, str(key)))
-      else:
-        flat["/".join(path)] = (value.get_value() if hasattr(value, "get_value") else value)[-1]
-
-  walk(captured, ())
-  return flat
-
-
 @contextlib.contextmanager
-def _sowing_outputs(classes):
-  """Every call of these NNX classes sows its output, as ``nnx.capture(method_outputs=...)`` wraps
-  the methods of every module class; capture then sorts all modules' paths, and a container's own
-  ``__call__`` output beside its children's int keys does not sort."""
-  from flax import nnx
+def _calls_recorded(classes, calls: list):
+  """Every call of these NNX classes appends ``(module, output)`` to ``calls`` (the class's
+  ``__call__`` wrapped while the context lasts, as ``nnx.capture`` wraps every module class's;
+  capture itself sorts all modules' paths, and a container's own output beside its children's int
+  keys does not sort)."""
 
-  def sowing(call):
+  def recorded(call):
     @functools.wraps(call)
-    def sown(self, *args, **kwargs):
+    def record(self, *args, **kwargs):
       output = call(self, *args, **kwargs)
-      self.sow(nnx.Intermediate, "batchnorm_output", output)
+      calls.append((self, output))
       return output
 
-    return sown
+    return record
 
   originals = {cls: cls.__call__ for cls in classes}
   for cls, call in originals.items():
-    cls.__call__ = sowing(call)
+    cls.__call__ = recorded(call)
   try:
-    yield
+    yield calls
   finally:
     for cls, call in originals.items():
       cls.__call__ = call
 
 
 def nnx_batchnorm_outputs(model, *inputs, **kwargs) -> tuple[Any, dict[str, Any]]:
-  """``model(*inputs, **kwargs)`` and each jaxbn BatchNorm layer's output by module path."""
+  """``model(*inputs, **kwargs)`` and each jaxbn BatchNorm layer's output by module path (a layer
+  called twice: its last call, as torch's hook keeps)."""
   from flax import nnx
 
   from jaxbn._src.nnx.batch_norm import BatchNorm as NnxBatchNorm
   from jaxbn._src.nnx.frozen import FrozenBatchNorm as NnxFrozenBatchNorm
 
-  with _sowing_outputs((NnxBatchNorm, NnxFrozenBatchNorm)):
+  with _calls_recorded((NnxBatchNorm, NnxFrozenBatchNorm), []) as calls:
     output = model(*inputs, **kwargs)
-  return output, nnx_outputs(nnx.pop(model, nnx.Intermediate))
+  paths = {id(module): "/".join(map(str, path)) for path, module in nnx.iter_modules(model)}
+  return output, {paths[id(module)]: value for module, value in calls if id(module) in paths}
 
 
 @contextlib.contextmanager
