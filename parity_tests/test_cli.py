@@ -14,6 +14,7 @@ import torchvision
 from safetensors.numpy import save_file
 
 import jaxbn
+from jaxbn._src.checkpoints.flax_files import write_flax
 
 
 def test_the_installed_entry_point_runs_check():
@@ -94,7 +95,9 @@ def files(tmp_path_factory):
   torch.manual_seed(0)
   torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), root / "r18.pth")
   (root / "taken").mkdir()
-  (root / "flax-dir").mkdir()
+  (root / "empty-dir").mkdir()
+  write_flax({"params": {"conv": {"kernel": np.ones((3, 3, 2, 4), np.float32)}}}, root / "flax-dir", None)
+  (root / "truncated.pth").write_bytes((root / "r18.pth").read_bytes()[:4000])
   save_file({"params/conv/kernel": np.ones((3, 3, 2, 4), np.float32)}, str(root / "whole.safetensors"))
   (root / "truncated.safetensors").write_bytes((root / "whole.safetensors").read_bytes()[:60])
   (root / "text.pth").write_text("hello world\n")
@@ -141,6 +144,23 @@ USER_ERRORS = [
         "--model 'mobilenet_v3_small': give a jaxbn.models ResNet name (resnet18, ...), torchvision:NAME",
     ),
     (("convert", "{f}/missing.pth", "{f}/x.msgpack"), "missing.pth: no such file or directory"),
+    (
+        ("convert", "{f}/r18.pth", "{f}/x.msgpack", "--model", "resnet50"),
+        "(64, 64, 3, 3) != (64, 64, 1, 1) in the model",
+    ),
+    (("inspect", "{f}/empty-dir"), "empty-dir: a directory, but not an orbax checkpoint (no _METADATA in it"),
+    (("convert", "{f}/empty-dir", "{f}/x.msgpack"), "empty-dir: a directory, but not an orbax checkpoint"),
+    (("check", "--weights", "{f}/empty-dir"), "empty-dir: a directory, but not an orbax checkpoint"),
+    (
+        ("inspect", "{f}/truncated.pth"),
+        "truncated.pth: not a readable torch checkpoint (truncated or corrupt?): torch said",
+    ),
+    (
+        ("emit", "--model", "torchvision:resnet18", "--out", "{f}/text.pth"),
+        "text.pth: a file; --out names the directory",
+    ),
+    (("check", "--model", "torchvison:resnet18"), "no source 'torchvison'; did you mean torchvision:resnet18?"),
+    (("check", "--model", "tim:resnet18"), "did you mean timm:resnet18?"),
 ]
 
 
@@ -150,6 +170,17 @@ def test_user_errors_are_one_line_and_exit_2(jaxbn_cli, files, args, expected):
   code, out, err = jaxbn_cli(*(arg.format(f=files) for arg in args))
   assert code == 2 and expected.format(f=files) in err, err
   assert len(err.strip().splitlines()) == 1 and out == "", (out, err)
+  assert "\x1b" not in err  # torch's messages are styled for a terminal; ours are plain text
+
+
+def test_a_missing_weights_file_is_reported_before_torch_is_imported():
+  script = (
+      "import sys; from jaxbn.cli.main import main; code = main(['check', '--weights', 'no/such.pth']);"
+      " assert code == 2, code; assert 'torch' not in sys.modules, 'imported torch first'"
+  )
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert "--weights no/such.pth: no such file or directory." in result.stderr
 
 
 def test_inspect_stops_quietly_when_the_reader_leaves(tmp_path):

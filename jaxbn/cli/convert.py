@@ -85,7 +85,12 @@ def convert(args) -> int:
     template = jaxbn.convert.template_from_state_dict(state_dict)
   converted = jaxbn.convert.from_torch(state_dict, template, strict=False, progress=_progress(size, "converting"))
   if converted.missing or converted.unexpected or converted.mismatched:
-    mismatched = [f"{key} {shape}" for key, shape, *_ in converted.mismatched]
+    # both sides in torch's terms where the model is known (the Flax side's kernels are transposed)
+    torch_shapes = {k: tuple(v.shape) for k, v in torch_model.state_dict().items()} if args.model else {}
+    mismatched = [
+        f"{key} {shape} != {torch_shapes.get(key, expected)} in the model"
+        for key, shape, _, expected in converted.mismatched
+    ]
     raise does_not_fit(
         source,
         args.model or "the layout inferred from its names",

@@ -13,6 +13,8 @@ from jaxbn.cli.models import model_with_weights, read_weights
 
 def emit(args) -> int:
   out = pathlib.Path(args.out)
+  if out.exists() and not out.is_dir():
+    raise UsageError(f"--out {out}: a file; --out names the directory for model.py and model.safetensors.")
   if (out / "model.py").exists() and not args.overwrite:
     raise UsageError(f"{out / 'model.py'} exists; pass --overwrite to replace it.")
   weights = read_weights(args.weights)
@@ -22,7 +24,8 @@ def emit(args) -> int:
   path = jaxbn.emit(torch_model, example, out, api=args.api)
   classes = sum(line.startswith("class ") for line in path.read_text().splitlines())
   print(
-      f"{path}: {type(torch_model).__name__} as Flax {'NNX' if args.api == 'nnx' else 'Linen'} source, {classes} classes"
+      f"{path}: {type(torch_model).__name__} as Flax {'NNX' if args.api == 'nnx' else 'Linen'} source"
+      f" ({classes} Python classes)"
   )
   print(f"{out / 'model.safetensors'}: its weights ({'from ' + args.weights if args.weights else 'random init'})")
   load = "model = load()" if args.api == "nnx" else "module, variables = load()"

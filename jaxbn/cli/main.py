@@ -100,9 +100,19 @@ def parser() -> argparse.ArgumentParser:
   return root
 
 
+def _check_inputs_exist(args) -> None:
+  """The files a command reads exist."""
+  for option in ("weights", "input", "file"):
+    given = getattr(args, option, None)
+    if given and not os.path.exists(given):
+      prefix = f"--{option} " if option == "weights" else ""
+      raise UsageError(f"{prefix}{given}: no such file or directory.")
+
+
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
   try:
+    _check_inputs_exist(args)  # before the command's imports (torch, jax: seconds)
     command = importlib.import_module(f"jaxbn.cli.{args.command}")  # torch is imported only where needed
     status = getattr(command, args.command)(args)
     sys.stdout.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import pathlib
 from collections.abc import Mapping
 
@@ -12,6 +13,7 @@ from jaxbn.models import MODELS
 
 MODEL_FORMS = "a jaxbn.models ResNet name (resnet18, ...), torchvision:NAME, timm:NAME or path/to/file.py:factory"
 DEFAULT_CLASSES = 1000  # torchvision's and timm's
+SOURCES = ("torchvision", "timm")
 
 
 def torch_model_from_spec(spec: str, num_classes: int = DEFAULT_CLASSES):
@@ -24,6 +26,9 @@ def torch_model_from_spec(spec: str, num_classes: int = DEFAULT_CLASSES):
   source, _, name = spec.partition(":")
   if not name:
     raise UsageError(f"--model {spec!r}: give {MODEL_FORMS}.")
+  close = difflib.get_close_matches(source, SOURCES, n=1, cutoff=0.7)
+  if source not in SOURCES and not source.endswith(".py") and close:
+    raise UsageError(f"--model {spec!r}: no source {source!r}; did you mean {close[0]}:{name}?")
   if source == "torchvision":
     builder = getattr(torchvision.models, name, None) or getattr(torchvision.models.detection, name, None)
     if builder is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import pickle
+import re
 from collections.abc import Mapping
 
 import ml_dtypes
@@ -94,11 +95,22 @@ def _load_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
         f"{path}: refused to unpickle: the file holds objects beyond tensors, and unpickling them"
         " could run code. If you trust the file, load it yourself with"
         " torch.load(path, weights_only=False), take its state_dict, and pass that on; better,"
-        f" re-save it as .safetensors. torch said: {str(error).splitlines()[0]}"
+        f" re-save it as .safetensors. torch said: {_first_line(error)}"
     ) from None
   except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError) as error:  # what a damaged file raises
-    raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {error}") from None
+    raise CheckpointError(
+        f"{path}: not a readable torch checkpoint (truncated or corrupt?): torch said {_first_line(error)!r}"
+    ) from None
   return state_dict_to_numpy(_unwrap(loaded, path))
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch's weights_only messages are styled for a terminal
+
+
+def _first_line(error: BaseException) -> str:
+  """The first non-empty line of torch's message, without terminal styling."""
+  lines = [line.strip() for line in _ANSI.sub("", str(error)).splitlines() if line.strip()]
+  return lines[0] if lines else type(error).__name__
 
 
 def _unwrap(loaded, path) -> Mapping:

@@ -21,7 +21,16 @@ FLAX_SUFFIXES = ("", ".msgpack", ".safetensors")
 def is_flax_file(path: pathlib.Path) -> bool:
   """Flax variables (an orbax directory, ``.msgpack``, or ``.safetensors`` with '/'-separated
   keys) rather than a torch state_dict (dotted keys)."""
-  if path.suffix == ".msgpack" or path.is_dir():
+  if path.is_dir():
+    if not (path / "_METADATA").exists():  # what orbax's StandardCheckpointer writes first
+      contents = sorted(p.name for p in path.iterdir())[:5]
+      raise CheckpointError(
+          f"{path}: a directory, but not an orbax checkpoint (no _METADATA in it; it holds"
+          f" {', '.join(contents) if contents else 'nothing'}). Give a .pth / .safetensors / .msgpack"
+          " file, or a directory `jaxbn convert` (orbax) wrote."
+      )
+    return True
+  if path.suffix == ".msgpack":
     return True
   if path.suffix == ".safetensors":
     return any("/" in key for key in safetensors_header(path)[0])
