@@ -17,6 +17,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+import torchvision
 from torchvision.ops import FrozenBatchNorm2d
 
 import jaxbn
@@ -296,3 +297,13 @@ def test_converted_variables_do_not_alias_torch_buffers():
   variables = jaxbn.convert.from_torch({k: t.numpy() for k, t in bn.state_dict().items()}, template).variables
   bn(torch.randn(8, 4, 3, 3) + 5)  # updates running_mean in place
   np.testing.assert_array_equal(variables["batch_stats"]["mean"], 0.0)
+
+
+@pytest.mark.parametrize("build", [torchvision.models.resnet18, torchvision.models.mobilenet_v3_small])
+def test_to_state_dict_writes_keys_in_torchs_order(build):
+  """Without ``like=``, each module's parameters then its buffers, in module order: the order of
+  ``model.state_dict()`` (Flax keeps parameters and statistics in separate collections)."""
+  model = build(num_classes=10)
+  variables = jaxbn.port(model, np.zeros((1, 3, 32, 32), np.float32)).variables
+  assert list(jaxbn.convert.to_state_dict(variables)) == list(model.state_dict())
+  assert list(jaxbn.convert.to_torch(variables)) == list(model.state_dict())

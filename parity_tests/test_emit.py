@@ -385,6 +385,10 @@ def test_edited_source_loads_what_still_fits(api, tmp_path):
       np.testing.assert_array_equal(ours[key], value, err_msg=key)
   report = jaxbn.convert.from_torch(state_dict, variables, strict=False)
   assert [m[0] for m in report.mismatched] == ["fc.bias", "fc.weight"]
+  if api == "linen":  # the fresh head is the model's own init (key 0), made alone
+    module = loaded[0]
+    initial = module.init(jax.random.key(0), jnp.zeros((1, 3, 8, 8)))["params"]["fc"]
+    np.testing.assert_array_equal(variables["params"]["fc"]["kernel"], initial["kernel"])
 
 
 class CallsMembers(torch.nn.Module):

@@ -276,7 +276,16 @@ def to_state_dict(
         f"no torch name for {len(unknown)} Flax variable(s): {', '.join(unknown)}. jaxbn maps"
         f" {sorted('/'.join(k) for k in TO_TORCH)}."
     )
-  return state_dict
+  return _in_torch_order(state_dict)
+
+
+def _in_torch_order(state_dict: dict) -> dict:
+  """Each module's tensors together, its parameters then its buffers, modules in the order they
+  first appear: torch's ``state_dict()`` order (Flax keeps parameters and statistics apart)."""
+  modules: dict[str, list[str]] = {}
+  for key in state_dict:
+    modules.setdefault(key.rpartition(".")[0], []).append(key)
+  return {key: state_dict[key] for keys in modules.values() for key in keys}
 
 
 def torch_key(collection: str, path: Sequence[str], rename: Rename = None) -> str | None:

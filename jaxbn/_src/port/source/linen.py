@@ -707,11 +707,16 @@ def load(path=None, *, module=None, strict=True):
 
   {init}
 
-  converted = jaxbn.convert.from_torch(jaxbn.load_state_dict(path), jax.eval_shape(init), strict=strict)
+  shapes = jax.eval_shape(init)
+  converted = jaxbn.convert.from_torch(jaxbn.load_state_dict(path), shapes, strict=strict)
   if not (converted.missing or converted.mismatched):
     return module, converted.variables
-  fresh = traverse_util.flatten_dict(jax.jit(init)())  # strict=False: an edited model's new layers
-  return module, traverse_util.unflatten_dict({{**fresh, **traverse_util.flatten_dict(converted.variables)}})
+  # strict=False: fresh values for what the file lacks (an edited model's new layers), and only
+  # those: jit keeps just their initialisers, not the whole model's init
+  given = traverse_util.flatten_dict(converted.variables)
+  lacking = [key for key in traverse_util.flatten_dict(shapes) if key not in given]
+  fresh = jax.jit(lambda: [traverse_util.flatten_dict(init())[key] for key in lacking])()
+  return module, traverse_util.unflatten_dict({{**given, **dict(zip(lacking, fresh))}})
 '''
   imports = import_lines(source, ["import flax.linen as nn", "from flax import traverse_util"])
   frozen = [FROZEN_MASK] if recipe is not None and recipe.frozen else []
