@@ -109,14 +109,15 @@ class Ported(nn.Module):
   def _dropout_rng(self):
     if not self.has_rng("dropout"):
       raise ValueError(
-          f"{self.name_of_torch_class or 'the ported model'}: train=True runs dropout or stochastic"
-          " depth, which needs randomness: apply(..., rngs={'dropout': key})."
+          f"{self.name_of_torch_class or 'the ported model'}: this forward draws random numbers"
+          " (dropout, stochastic depth, torch.rand / randn / bernoulli), which needs randomness:"
+          " apply(..., rngs={'dropout': key})."
       )
     return self.make_rng("dropout")
 
   @staticmethod
   def _no_rng():
-    raise AssertionError("no randomness during init")
+    return jax.random.key(0)  # init: only shapes count (dropout draws nothing in init's eval mode)
 
   @nn.nowrap
   def batchnorm_layers(self) -> dict[str, nn.Module]:

@@ -72,6 +72,11 @@ class Guard:
     return actual
 
 
+# torch's random factories take sizes, not tensors, so fx's proxies never reach them through
+# __torch_function__: the tracer records them itself (rand_like, bernoulli take a tensor and need not)
+SIZED_RANDOM = ("rand", "randn")
+
+
 class Tracer(fx.Tracer):
   """fx's symbolic tracer with leaf modules, autograd functions as nodes, and concrete decisions.
 
@@ -115,11 +120,25 @@ class Tracer(fx.Tracer):
         return tracer.create_proxy("call_function", autograd_call(cls), args, kwargs)
       return original.__func__(cls, *args, **kwargs)
 
+    def drawing(factory):
+      # every call is a node: one with constant sizes would otherwise run once, here, and its
+      # random values would become a literal of the program
+      @functools.wraps(factory)
+      def draw(*args, **kwargs):
+        return tracer.create_proxy("call_function", factory, args, kwargs)
+
+      return draw
+
+    factories = {name: getattr(torch, name) for name in SIZED_RANDOM}
     torch.autograd.Function.apply = classmethod(apply)
+    for name, factory in factories.items():
+      setattr(torch, name, drawing(factory))
     try:
       return super().trace(root, concrete_args)
     finally:
       torch.autograd.Function.apply = original
+      for name, factory in factories.items():
+        setattr(torch, name, factory)
       if self._state is not None:  # running the model updated its BatchNorm buffers: undo
         with torch.no_grad():
           for tensor, saved in self._state:

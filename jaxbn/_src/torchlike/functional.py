@@ -143,6 +143,8 @@ def getitem(x, index):
 
 
 register("torch.exp", "Tensor.exp")(jnp.exp)
+register("torch.floor", "Tensor.floor", "Tensor.floor_")(jnp.floor)
+register("torch.ceil", "Tensor.ceil", "Tensor.ceil_")(jnp.ceil)
 register("torch.sqrt", "Tensor.sqrt")(jnp.sqrt)
 register("torch.rsqrt", "Tensor.rsqrt")(jax.lax.rsqrt)
 register("torch.abs", "Tensor.abs")(jnp.abs)
@@ -434,6 +436,59 @@ def _channel_dropout(spatial: int):
 dropout1d = register("F.dropout1d", context=True)(_channel_dropout(1))
 dropout2d = register("F.dropout2d", context=True)(_channel_dropout(2))
 dropout3d = register("F.dropout3d", context=True)(_channel_dropout(3))
+
+
+# --- random numbers ----------------------------------------------------------------------------
+# Drawn from the port's randomness (the Context's: Flax's "dropout" rng stream, NNX's rngs) with
+# torch's shapes, dtypes and distributions; torch's own values cannot be reproduced. A
+# ``generator=`` (torch's own stream) has no JAX counterpart and is refused.
+
+
+def _size(size) -> tuple[int, ...]:
+  """torch accepts ``rand(2, 3)``, ``rand((2, 3))`` and ``rand(x.shape)``."""
+  return tuple(int(n) for n in (size[0] if len(size) == 1 and isinstance(size[0], (tuple, list)) else size))
+
+
+def _no_generator(generator) -> None:
+  if generator is not None:
+    raise ValueError(
+        "a torch.Generator cannot drive JAX's random numbers: draw without generator= (the port draws"
+        " from its own rng stream, rngs={'dropout': key})"
+    )
+
+
+def _factory(sample: Callable, name: str, like: bool):
+  def draw(ctx: Context, *args, generator=None, dtype=None, **torch_only):
+    del torch_only  # device, layout, requires_grad, pin_memory, memory_format, out
+    _no_generator(generator)
+    if like:
+      (x,) = args
+      shape, dtype = x.shape, dtype or x.dtype
+    else:
+      shape, dtype = _size(args), dtype or jnp.float32
+    return sample(ctx.make_rng(), shape, dtype)
+
+  return _named(name, draw)
+
+
+rand = register("torch.rand", context=True)(_factory(jax.random.uniform, "rand", like=False))
+randn = register("torch.randn", context=True)(_factory(jax.random.normal, "randn", like=False))
+rand_like = register("torch.rand_like", context=True)(_factory(jax.random.uniform, "rand_like", like=True))
+randn_like = register("torch.randn_like", context=True)(_factory(jax.random.normal, "randn_like", like=True))
+
+
+@register("torch.bernoulli", "Tensor.bernoulli", context=True)
+def bernoulli(ctx: Context, x, p=None, *, generator=None, out=None):
+  """1 with probability ``x`` (elementwise), or with probability ``p`` where given; x's dtype."""
+  _no_generator(generator)
+  return jax.random.bernoulli(ctx.make_rng(), x if p is None else p, x.shape).astype(x.dtype)
+
+
+@register("Tensor.bernoulli_", context=True)
+def bernoulli_(ctx: Context, x, p=0.5, *, generator=None):
+  """x refilled with draws of 1 with probability ``p`` (a number or a tensor), in x's dtype."""
+  _no_generator(generator)
+  return jax.random.bernoulli(ctx.make_rng(), p, x.shape).astype(x.dtype)
 
 
 def drop_samples(ctx: Context, x, p: float, mode: str = "row", scale: bool = True):
