@@ -100,6 +100,7 @@ def port(
     rngs: Any = None,
     recipe: str = "as_configured",
     static_inputs: dict[str, Any] | None = None,
+    through_forward: tuple[type, ...] = (),
 ) -> Port:
   """A torch model as a Flax Linen module with the same module paths, and its variables.
 
@@ -149,6 +150,11 @@ def port(
       optional keywords keep their defaults, and ``*args`` / ``**kwargs`` the example does not fill
       are empty; a keyword the trace never read (its default decided a branch) is refused at apply
       time rather than ignored.
+    through_forward: ``torch.autograd.Function`` subclasses whose backward is the derivative of
+      their forward (a memory-efficient swish): traced through their forward, so JAX
+      differentiates it, once the claim holds on the example in float64 (torch's backward against
+      autograd of the forward, within 1e-8 of the largest gradient); else a PortError naming the
+      Function. Without it every Function is refused by name.
 
   Returns ``Port(module, variables, recipe)``, which unpacks as ``module, variables``:
   ``module.apply(variables, x)`` is torch's eval forward; ``module.apply(variables, x, train=True,
@@ -180,6 +186,7 @@ def port(
       rngs=rngs,
       recipe=recipe,
       static_inputs=static_inputs,
+      through_forward=through_forward,
   )[0]
 
 
@@ -199,6 +206,7 @@ def traced_port(
     rngs=None,
     recipe="as_configured",
     static_inputs=None,
+    through_forward=(),
 ) -> tuple[Port, Traced]:
   """``port``, and the traced programs it runs (for ``jaxbn.emit``)."""
   if not isinstance(torch_model, torch.nn.Module):
@@ -239,6 +247,7 @@ def traced_port(
       leaf_modules,
       torch_recipe,
       static_inputs,
+      tuple(through_forward),
   )
   if traced.problems:
     lines = "\n".join(f"  - {p}" for p in traced.problems)

@@ -213,12 +213,14 @@ def trace(
     leaf_modules: tuple,
     recipe: TorchRecipe | None = None,
     static_inputs: dict | None = None,
+    through_forward: tuple[type, ...] = (),
 ) -> Traced:
   """Both of the model's forwards (train and eval differ: aux heads, dropout) as programs.
   ``examples``: the forward's inputs, for the Python decisions fx cannot take symbolically.
   ``recipe``: the modules torch keeps in eval while it trains stay in eval in the train trace
   (dropout there drops nothing; code reading ``self.training`` takes its eval branch).
-  ``static_inputs``: keyword inputs traced at a fixed value (``return_dict=False``)."""
+  ``static_inputs``: keyword inputs traced at a fixed value (``return_dict=False``).
+  ``through_forward``: autograd Functions traced through their forward (``port``'s option)."""
   static_inputs = dict(static_inputs or {})
 
   def is_leaf(module):
@@ -232,7 +234,7 @@ def trace(
   try:
     for train in (True, False):
       with torch_mode(model, train, recipe):  # the rules read module.training too (dropout's)
-        tracer = Tracer(is_leaf, examples, static_inputs)
+        tracer = Tracer(is_leaf, examples, static_inputs, through_forward)
         try:
           graph = tracer.trace(model, concrete_args=static_inputs or None)
         except PortError:
@@ -342,7 +344,8 @@ def _node(node: fx.Node, model, options, modules, custom_ops, leaves, stateless,
     return problem(
         f"torch.autograd.Function {class_name(function)}: fx would trace its forward and lose its"
         f" backward; give custom_ops={{{short}: jax_function}} (apply's arguments; jax.custom_vjp for"
-        " its gradient)"
+        f" its gradient), or, if its backward is its forward's derivative, through_forward=({short},)"
+        " (checked on the example)"
     )
   op = custom_ops.get(key) or ops.OPS.get(key)
   if op is None:

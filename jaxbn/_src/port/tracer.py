@@ -27,6 +27,7 @@ import torch.fx as fx
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 
 from jaxbn._src.errors import PortError
+from jaxbn._src.port import autograd
 from jaxbn._src.port.leaves import TRACED_THROUGH
 
 CONVERSIONS: dict[str, Callable[[Any], Any]] = {"bool": bool, "len": len, "int": int, "float": float, "index": int}
@@ -84,9 +85,14 @@ class Tracer(fx.Tracer):
   cannot take; ``static``: keyword inputs held at a value (traced as fx's ``concrete_args``)."""
 
   def __init__(
-      self, is_leaf: Callable[[torch.nn.Module], bool], examples: Sequence[torch.Tensor], static: dict | None = None
+      self,
+      is_leaf: Callable[[torch.nn.Module], bool],
+      examples: Sequence[torch.Tensor],
+      static: dict | None = None,
+      through_forward: tuple[type, ...] = (),
   ):
     super().__init__()
+    self._through_forward = tuple(through_forward)  # autograd Functions traced through their forward
     self._static = dict(static or {})  # keyword inputs held fixed (fx's concrete_args)
     self.record_stack_traces = True
     self.proxy_buffer_attributes = True  # a buffer read in forward is a node (its torch name), not a literal
@@ -117,8 +123,13 @@ class Tracer(fx.Tracer):
 
     def apply(cls, *args, **kwargs):
       if any(isinstance(a, fx.Proxy) for a in torch.utils._pytree.tree_leaves((args, kwargs))):
+        if cls in tracer._through_forward:  # the user's claim, checked on the example's values
+          values = [autograd.concrete(a, tracer) for a in args]
+          with _maybe_revert_all_patches():
+            autograd.check_backward(cls, original.__get__(None, cls), tuple(values), kwargs)
+          return autograd.forward(cls, *args, **kwargs)
         return tracer.create_proxy("call_function", autograd_call(cls), args, kwargs)
-      return original.__func__(cls, *args, **kwargs)
+      return original.__get__(None, cls)(*args, **kwargs)  # torch's own (a C classmethod)
 
     def drawing(factory):
       # every call is a node: one with constant sizes would otherwise run once, here, and its
