@@ -255,6 +255,8 @@ def trace(
             )
         )
         scopes[train] = {node.name: scope(node) for node in graph.nodes}
+      # what this trace cached on modules (anchors, a shape: traced values) is the trace's own
+      _restore(saved)
   finally:
     _restore(saved)
   return Traced(programs, leaves, list(problems), stateless, scopes)

@@ -152,6 +152,14 @@ register("torch.sin", "Tensor.sin")(jnp.sin)
 register("torch.cos", "Tensor.cos")(jnp.cos)
 
 
+@register("torch.meshgrid")
+def meshgrid(*tensors, indexing=None):
+  """torch's default indexing is "ij" (NumPy's is "xy")."""
+  if len(tensors) == 1 and isinstance(tensors[0], (list, tuple)):
+    tensors = tuple(tensors[0])
+  return tuple(jnp.meshgrid(*tensors, indexing=indexing or "ij"))
+
+
 @register("torch.arange")
 def arange(start, end=None, step=1, *, dtype=None, device=None, requires_grad=False, layout=None, pin_memory=False):
   """torch's dtype rule: int64 (int32 without x64) for integer arguments, else float32."""
