@@ -83,6 +83,33 @@ def torchvision_models(families: bool = False) -> list[str]:
   return [f"torchvision:{name}" for _, name in chosen.values()]
 
 
+def transformers_models() -> list[str]:
+  """Every Hugging Face transformers vision model class (its forward takes ``pixel_values``) whose
+  modules hold BatchNorm at its config's defaults (built on the meta device)."""
+  import inspect
+
+  import torch
+  import transformers
+
+  chosen = []
+  for name in dir(transformers):
+    prefix = name.removesuffix("Config")
+    model_class = getattr(transformers, f"{prefix}Model", None)
+    if not name.endswith("Config") or prefix in ("Pretrained", "PreTrained") or model_class is None:
+      continue
+    parameters = list(inspect.signature(model_class.forward).parameters)[1:]
+    if parameters[:1] != ["pixel_values"]:
+      continue
+    try:
+      with torch.device("meta"):
+        model = model_class(getattr(transformers, name)())
+    except Exception:  # noqa: BLE001 - a model that cannot be built from its default config is skipped
+      continue
+    if uses_batchnorm(model):
+      chosen.append(f"transformers:{prefix}")
+  return chosen
+
+
 def on_meta(spec: str):
   """The model without its weights where it can be built so (fast), else built plainly."""
   import torch
@@ -101,6 +128,10 @@ def build(spec: str):
   source, _, name = spec.partition(":")
   if source == "timm":
     return timm.create_model(name, pretrained=False, num_classes=10)
+  if source == "transformers":  # random init from the default config
+    import transformers
+
+    return getattr(transformers, f"{name}Model")(getattr(transformers, f"{name}Config")())
   if name.endswith(".backbone"):  # a detection model's feature extractor (FPN included)
     model = torchvision.models.get_model(name.removesuffix(".backbone"), weights=None, weights_backbone=None)
     return model.backbone
@@ -269,7 +300,12 @@ def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", help="write the markdown table here")
   parser.add_argument("--only", nargs="*", help="models as timm:NAME / torchvision:NAME")
-  parser.add_argument("--zoo", choices=["timm", "torchvision", "all"], default="all", help="which zoo to sweep")
+  parser.add_argument(
+      "--zoo",
+      choices=["timm", "torchvision", "transformers", "all"],
+      default="all",
+      help="which zoo to sweep (transformers: pip install transformers, a sweep-only extra)",
+  )
   parser.add_argument("--timeout", type=float, default=600, help="seconds per model")
   parser.add_argument(
       "--families", action="store_true", help="torchvision: the smallest model of each builder module only"
@@ -282,8 +318,13 @@ def main() -> int:
   if args.one:
     print(json.dumps(run_one(args.one, args.emit_only)))
     return 0
-  zoos = {"timm": timm_models, "torchvision": lambda: torchvision_models(args.families)}
-  specs = args.only or [spec for zoo, models in zoos.items() if args.zoo in (zoo, "all") for spec in models()]
+  zoos = {
+      "timm": timm_models,
+      "torchvision": lambda: torchvision_models(args.families),
+      "transformers": transformers_models,
+  }
+  wanted = [zoo for zoo in zoos if args.zoo in (zoo, "all") and (zoo != "transformers" or args.zoo == zoo)]
+  specs = args.only or [spec for zoo in wanted for spec in zoos[zoo]()]
   print(f"{len(specs)} models: {' '.join(specs)}", flush=True)
   rows = []
   for spec in specs:
@@ -330,11 +371,19 @@ def report(rows: list, planned: int) -> str:
   for spec, result in rows:
     passed, total = counts.get(spec.partition(":")[0], (0, 0))
     counts[spec.partition(":")[0]] = (passed + (result["status"] == "pass"), total + 1)
-  (timm_pass, timm_total), (tv_pass, tv_total) = counts.get("timm", (0, 0)), counts.get("torchvision", (0, 0))
+  what = {
+      "timm": "timm architecture modules",
+      "torchvision": "torchvision models",
+      "transformers": "transformers models",
+  }
+  versions = [f"timm {timm.__version__}", f"torchvision {torchvision.__version__}", f"torch {torch.__version__}"]
+  if "transformers" in counts:
+    import transformers
+
+    versions.append(f"transformers {transformers.__version__}")
   summary = (
-      f"{timm_pass} of {timm_total} timm architecture modules, {tv_pass} of {tv_total} torchvision models"
-      f" ({datetime.date.today()}; timm {timm.__version__}, torchvision {torchvision.__version__},"
-      f" torch {torch.__version__}; {len(rows)} of {planned} planned models measured)"
+      ", ".join(f"{passed} of {total} {what[zoo]}" for zoo, (passed, total) in counts.items())
+      + f" ({datetime.date.today()}; {', '.join(versions)}; {len(rows)} of {planned} planned models measured)"
   )
   table = "\n".join(
       [

@@ -44,11 +44,26 @@ def _is_floating(leaf) -> bool:
   return jnp.issubdtype(leaf.dtype, jnp.floating)
 
 
+def _sorted_dicts(value):
+  """Plain dicts with sorted keys, as JAX flattens them (torch's pytree keeps insertion order)."""
+  if type(value) is dict:
+    return {key: _sorted_dicts(value[key]) for key in sorted(value)}
+  if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+    return type(value)(*map(_sorted_dicts, value))
+  if type(value) in (list, tuple):
+    return type(value)(map(_sorted_dicts, value))
+  return value
+
+
 def output_leaves(output) -> dict[str, np.ndarray]:
-  """The floating leaves of an output pytree (tuples, dicts, dataclasses; torch or JAX), by index."""
+  """The floating leaves of an output (tuples, dicts, dataclasses such as transformers'
+  ModelOutput), by index: a torch output through torch's pytree, a JAX one through JAX's."""
   import torch
 
-  leaves = jax.tree.leaves(output, is_leaf=lambda x: isinstance(x, torch.Tensor))
+  if any(isinstance(leaf, torch.Tensor) for leaf in torch.utils._pytree.tree_leaves(output)):
+    leaves = torch.utils._pytree.tree_leaves(_sorted_dicts(output))
+  else:
+    leaves = jax.tree.leaves(output)
   return {str(i): _numpy(leaf) for i, leaf in enumerate(leaf for leaf in leaves if _is_floating(leaf))}
 
 
@@ -67,7 +82,7 @@ def torch_loss(output, labels, kind: str):
   import torch
 
   total = 0
-  for leaf in jax.tree.leaves(output, is_leaf=lambda x: isinstance(x, torch.Tensor)):
+  for leaf in torch.utils._pytree.tree_leaves(output):
     if not _is_floating(leaf):
       continue
     if kind == "cross_entropy" and leaf.ndim == 2:
