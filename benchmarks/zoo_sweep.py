@@ -97,8 +97,8 @@ def transformers_models() -> list[str]:
     model_class = getattr(transformers, f"{prefix}Model", None)
     if not name.endswith("Config") or prefix in ("Pretrained", "PreTrained") or model_class is None:
       continue
-    parameters = list(inspect.signature(model_class.forward).parameters)[1:]
-    if parameters[:1] != ["pixel_values"]:
+    forward = getattr(model_class, "forward", None)  # AutoModel has none
+    if forward is None or list(inspect.signature(forward).parameters)[1:2] != ["pixel_values"]:
       continue
     try:
       with torch.device("meta"):
