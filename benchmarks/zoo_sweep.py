@@ -91,21 +91,24 @@ def transformers_models() -> list[str]:
   import torch
   import transformers
 
+  def vision_model(prefix: str, config_name: str):
+    model_class = getattr(transformers, f"{prefix}Model", None)
+    forward = getattr(model_class, "forward", None)  # AutoModel has none
+    if forward is None or list(inspect.signature(forward).parameters)[1:2] != ["pixel_values"]:
+      return None
+    with torch.device("meta"):
+      return model_class(getattr(transformers, config_name)())
+
   chosen = []
   for name in dir(transformers):
     prefix = name.removesuffix("Config")
-    model_class = getattr(transformers, f"{prefix}Model", None)
-    if not name.endswith("Config") or prefix in ("Pretrained", "PreTrained") or model_class is None:
-      continue
-    forward = getattr(model_class, "forward", None)  # AutoModel has none
-    if forward is None or list(inspect.signature(forward).parameters)[1:2] != ["pixel_values"]:
+    if not name.endswith("Config") or prefix in ("Pretrained", "PreTrained"):
       continue
     try:
-      with torch.device("meta"):
-        model = model_class(getattr(transformers, name)())
-    except Exception:  # noqa: BLE001 - a model that cannot be built from its default config is skipped
+      model = vision_model(prefix, name)
+    except Exception:  # noqa: BLE001 - a class needing another backend (torchaudio) or config is skipped
       continue
-    if uses_batchnorm(model):
+    if model is not None and uses_batchnorm(model):
       chosen.append(f"transformers:{prefix}")
   return chosen
 
