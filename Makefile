@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo lint format test test-models zoo bench clean
+.PHONY: setup demo lint format test test-models zoo zoo-transformers bench clean
 
 # One idempotent set-up for every target: a venv with jaxbn (editable) and its torch, test, plot and lint extras.
 setup: $(STAMP)
@@ -45,6 +45,11 @@ test-models: $(STAMP)
 # `--zoo timm` alone took 45 minutes; `--families` runs torchvision's smallest of each module).
 zoo: $(STAMP)
 	cd benchmarks && ../$(PY) zoo_sweep.py --out zoo-cpu.md
+
+# Every Hugging Face transformers vision model class with BatchNorm (the sweep extra, installed here).
+zoo-transformers: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[sweep]'
+	cd benchmarks && ../$(PY) zoo_sweep.py --zoo transformers --out zoo-transformers-cpu.md
 
 # The benchmark tables the README quotes (a few minutes on 2 cores; run on an idle machine).
 bench: $(STAMP)
