@@ -248,10 +248,15 @@ def run_one(spec: str, emit_only: bool = False) -> dict:
         "reason": "; ".join(notes),
     }
   except jaxbn.PortError as error:
-    reason = next((line.strip(" -") for line in str(error).splitlines()[1:] if line.strip()), str(error))
-    return {"status": "refused", "reason": reason[:200]}
+    return {"status": "refused", "reason": refusal(error)}
   except Exception as error:  # noqa: BLE001 - reported in the table
     return failure(error)
+
+
+def refusal(error) -> str:
+  """A PortError's reason: its first line, and the first listed node where it lists them."""
+  lines = [line.strip(" -") for line in str(error).splitlines() if line.strip()]
+  return " ".join(lines[:2] if lines[0].endswith(":") else lines[:1])[:300]
 
 
 def measured(result) -> dict:
