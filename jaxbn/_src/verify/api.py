@@ -384,14 +384,13 @@ class _Run:
     float64 = failed.dtype == "float64" or failed.arbiter == "float64"
     bound = self.rtol if float64 else self.floor
     if failed.name.startswith("eval"):
-      pair = (
-          (self.eval64["after"], self.eval64["torch after"])
-          if "after" in failed.name
-          else (self.eval64["before"], self.eval64["torch before"])
-          if float64
-          else (self.native["eval"], self.native["torch eval"])
-      )
-      errors = self._layer_errors(pair[0].layers, pair[1].layers)
+      if "after" in failed.name:
+        ours, theirs = self.eval64["after"], self.eval64["torch after"]
+      elif float64:
+        ours, theirs = self.eval64["before"], self.eval64["torch before"]
+      else:
+        ours, theirs = self.native["eval"], self.native["torch eval"]
+      errors = self._layer_errors(ours.layers, theirs.layers)
       layer = self._first_layer(errors, bound) or "the output (after every BatchNorm layer)"
       return Divergence("eval", None, failed.dtype, layer, None, errors.get(layer, failed.error), bound)
     ours, theirs = self.steps64[failed.step] if float64 else (self.native["step"], self.native["torch step"])
