@@ -1,8 +1,9 @@
-"""fx's tracer, taught three things the port needs.
+"""fx's tracer, taught four things the port needs.
 
 1. Modules the tables (or the user) port as one piece stay whole.
 2. A ``torch.autograd.Function`` stays one node: fx would otherwise inline its forward and lose
-   its backward, a port with silently wrong gradients.
+   its backward, a port with silently wrong gradients (unless the user names it in
+   ``through_forward`` and its backward checks out as its forward's derivative: ``autograd.py``).
 3. Python decisions on traced values (``if h % 2``, ``max(pad, 0)``, ``len(x)``, ``int(n)``,
    ``str(x.device)``) are taken on the example input's concrete values, where plain symbolic
    tracing fails. The torch model is run alongside the trace, lazily and in program order (as
@@ -10,6 +11,8 @@
    ``Guard`` node in the program that, when the ported model runs, checks the decision comes out
    the same at its input's shapes and refuses a decision on tensor values (which JAX cannot take
    under jit).
+4. ``torch.rand`` / ``torch.randn`` calls are nodes, whatever their arguments (sizes never reach
+   fx's ``__torch_function__``; a call run at trace time would freeze its draws into the program).
 """
 
 from __future__ import annotations
