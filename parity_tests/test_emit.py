@@ -30,6 +30,8 @@ import torchvision
 from flax import nnx
 
 import jaxbn
+from jaxbn._src.verify.measures import max_relative
+from jaxbn._src.verify.runs import output_leaves
 from parity_tests import port_harness
 from parity_tests.port_harness import Case
 from parity_tests.test_port_models import CI, FULL, HandWritten, image
@@ -81,16 +83,6 @@ def test_emitted_source_passes_the_port_harness_full(name, api):
   port_harness.run(EMIT_FULL[name], via="emit", api=api)
 
 
-def as_arrays(output) -> dict:
-  leaves = jax.tree.leaves(output, is_leaf=lambda leaf: isinstance(leaf, torch.Tensor))
-  return {str(i): np.asarray(leaf, np.float64) for i, leaf in enumerate(leaves)}
-
-
-def relative(actual: dict, expected: dict) -> float:
-  """The worst output's max |difference| over its max |torch value|."""
-  return max(float(np.max(np.abs(actual[k] - v)) / max(np.max(np.abs(v)), 1e-30)) for k, v in expected.items())
-
-
 def eval_and_training_forward(model, x, port) -> tuple[float, float, float]:
   """The emitted model against torch float32 from identical parameters: eval output, then a
   train-mode forward and its running statistics. Relative to the largest output, and to
@@ -99,13 +91,13 @@ def eval_and_training_forward(model, x, port) -> tuple[float, float, float]:
   apply = jax.jit(module.apply, static_argnames=("train", "mutable"))
   model.eval()
   with torch.no_grad():
-    expected = as_arrays(model(torch.from_numpy(x)))
-  eval_rel = relative(as_arrays(apply(variables, x)), expected)
+    expected = output_leaves(model(torch.from_numpy(x)))
+  eval_rel = max_relative(output_leaves(apply(variables, x)), expected)
   model.train()
   with torch.no_grad():
-    expected = as_arrays(model(torch.from_numpy(x)))
+    expected = output_leaves(model(torch.from_numpy(x)))
   output, updates = apply(variables, x, train=True, mutable=("batch_stats",))
-  train_rel = relative(as_arrays(output), expected)
+  train_rel = max_relative(output_leaves(output), expected)
   ours = jaxbn.convert.to_state_dict({**variables, **updates})
   stats_rel = 0.0
   for key, value in model.state_dict().items():

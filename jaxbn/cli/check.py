@@ -30,6 +30,7 @@ from jaxbn._src.checkpoints.inspection import inspect_state_dict
 from jaxbn._src.checkpoints.recipe import read as read_recipe
 from jaxbn._src.checkpoints.recipe import torch_mode
 from jaxbn._src.port.nnx import PortedNNX
+from jaxbn._src.verify.targets import load_source
 from jaxbn.cli.errors import UsageError
 from jaxbn.cli.flax_linen import flax_linen_port_errors
 from jaxbn.cli.models import model_with_weights, read_weights
@@ -193,26 +194,30 @@ def flax_twin(torch_model, x, state_dict, args):
   module, or jaxbn.emit's model.py loaded (emit writes ``torch_model``'s state_dict, the file's);
   an NNX module's variables are its own (None)."""
   if args.emit:
-    import importlib.util
-
     with tempfile.TemporaryDirectory() as directory:
       path = jaxbn.emit(torch_model, x, pathlib.Path(directory) / "emitted", api=args.api)
-      spec = importlib.util.spec_from_file_location("jaxbn_checked_model", path)
-      source = importlib.util.module_from_spec(spec)
-      spec.loader.exec_module(source)
-      loaded = source.load()
+      loaded = load_source(path).load()
     return (loaded, None) if args.api == "nnx" else loaded
-  module, variables = jaxbn.port(torch_model, x, api=args.api)
-  if isinstance(module, PortedNNX):  # the Linen port inside nnx.bridge: its layers are Linen's
-    print(
-        "(the NNX port of this model is jaxbn.port's Linen module inside nnx.bridge, not native NNX"
-        " classes: its layers are compared as the Linen port's)"
-    )
-    module, variables = jaxbn.port(torch_model, x)
-  elif args.api == "nnx":
+  module, variables = ported_for_layers(torch_model, x, args.api, announce=True)
+  if variables is None:
     jaxbn.convert.from_torch(state_dict, module)  # in place
     return module, None
   return module, jaxbn.convert.from_torch(state_dict, variables).variables
+
+
+def ported_for_layers(torch_model, x, api: str, dtype=None, announce: bool = False):
+  """jaxbn.port's ``(module, variables)`` for the per-layer comparison; an NNX module's variables
+  are its own (None). An NNX port that is the Linen port inside nnx.bridge is compared as the
+  Linen port: its layers are Linen's (``announce``: say so)."""
+  module, variables = jaxbn.port(torch_model, x, api=api, dtype=dtype)
+  if isinstance(module, PortedNNX):
+    if announce:
+      print(
+          "(the NNX port of this model is jaxbn.port's Linen module inside nnx.bridge, not native NNX"
+          " classes: its layers are compared as the Linen port's)"
+      )
+    return jaxbn.port(torch_model, x, dtype=dtype)
+  return (module, None) if api == "nnx" else (module, variables)
 
 
 def write_json(args, status: int, report, worst64, verification) -> None:
@@ -242,11 +247,7 @@ def float64_worst(torch_model, batches, steps: int, args) -> float:
   with jax.enable_x64(True):
     model64 = torch_model.double()
     batches64 = [b.astype(np.float64) for b in batches]
-    module, variables = jaxbn.port(model64, batches64[0], dtype=np.float64, api=args.api)
-    if isinstance(module, PortedNNX):  # as in flax_twin
-      module, variables = jaxbn.port(model64, batches64[0], dtype=np.float64)
-    elif args.api == "nnx":
-      variables = None  # the module's own state
+    module, variables = ported_for_layers(model64, batches64[0], args.api, np.float64)
     report = jaxbn.parity.compare(model64, module, variables, batches64, train_steps=steps, channels_last=False)
   return max(row.max_rel for row in report)
 

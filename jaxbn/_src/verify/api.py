@@ -152,6 +152,7 @@ class _Run:
   def __init__(self, model, chosen: Target, optimizer, loss, batches, floor, rtol):
     self.model, self.target, self.optimizer, self.loss = model, chosen, optimizer, loss
     self.batches, self.floor, self.rtol = batches, floor, rtol
+    self.batches64 = [(as64(inputs), labels) for inputs, labels in batches]
     self.initial = copy.deepcopy(model)
     self.dtype = next((str(p.dtype).removeprefix("torch.") for p in model.parameters()), "float32")
     self.seconds: dict[str, float] = {"build": 0.0, "torch": 0.0, "jax": 0.0}
@@ -181,16 +182,18 @@ class _Run:
     self.native["torch step"] = self._timed("torch", torch_run.step, inputs, labels)
     self.native["step"] = self._timed("jax", flax.step, inputs, labels)
     self.order = torch_run.order
-    torch64 = self._torch(copy.deepcopy(self.initial).double())
+    model64 = copy.deepcopy(self.initial).double()
+    torch64 = self._torch(model64)
     with jax.enable_x64(True):
-      built64 = self._timed("build", self.target.build, copy.deepcopy(self.initial).double(), as64(inputs), np.float64)
+      # built before torch64 trains: both start from the same float64 parameters
+      built64 = self._timed("build", self.target.build, model64, self.batches64[0][0], np.float64)
       flax64 = flax_run(built64, self.optimizer.optax(), self.loss)
-      self.eval64["torch before"] = self._timed("torch", torch64.evaluate, as64(inputs))
-      self.eval64["before"] = self._timed("jax", flax64.evaluate, as64(inputs))
-      for inputs, labels in self.batches[:-1]:
-        theirs = self._timed("torch", torch64.step, as64(inputs), labels)
-        self.steps64.append((self._timed("jax", flax64.step, as64(inputs), labels), theirs))
-      last = as64(self.batches[-1][0])
+      self.eval64["torch before"] = self._timed("torch", torch64.evaluate, self.batches64[0][0])
+      self.eval64["before"] = self._timed("jax", flax64.evaluate, self.batches64[0][0])
+      for inputs, labels in self.batches64[:-1]:
+        theirs = self._timed("torch", torch64.step, inputs, labels)
+        self.steps64.append((self._timed("jax", flax64.step, inputs, labels), theirs))
+      last = self.batches64[-1][0]
       self.eval64["torch after"] = self._timed("torch", torch64.evaluate, last)
       self.eval64["after"] = self._timed("jax", flax64.evaluate, last)
     checks += self._native_checks()
@@ -290,7 +293,7 @@ class _Run:
       ulp = 2.0**-52
       measures.nudge(model, generator, ulp)
       run = self._torch(model)
-      moved = [(tuple(measures.nudged(x, generator, ulp) for x in as64(b)), labels) for b, labels in self.batches]
+      moved = [(tuple(measures.nudged(x, generator, ulp) for x in b), labels) for b, labels in self.batches64]
       before = run.evaluate(moved[0][0])
       steps = [run.step(*batch) for batch in moved[:-1]]
       return before, steps, run.evaluate(moved[-1][0])
@@ -303,15 +306,12 @@ class _Run:
 
   def _float64_checks(self) -> list[Check]:
     twin = lambda: self._twin64  # noqa: E731  (run only when a bound fails)
-    checks = [
-        self._group64(
-            "eval outputs before training",
-            None,
-            self.eval64["before"].outputs,
-            self.eval64["torch before"].outputs,
-            lambda: twin()[0].outputs,
-        )
-    ]
+
+    def evaluation(when: str, twin_part: int) -> Check:
+      ours, theirs = self.eval64[when].outputs, self.eval64[f"torch {when}"].outputs
+      return self._group64(f"eval outputs {when} training", None, ours, theirs, lambda: twin()[twin_part].outputs)
+
+    checks = [evaluation("before", 0)]
     for step, (ours, theirs) in enumerate(self.steps64):
       twin_step = lambda step=step: twin()[1][step]  # noqa: E731
       statistics, counters = measures.split_counters(ours.statistics)
@@ -336,15 +336,7 @@ class _Run:
               lambda s=twin_step: s().parameters,
           ),
       ]
-    checks.append(
-        self._group64(
-            "eval outputs after training",
-            None,
-            self.eval64["after"].outputs,
-            self.eval64["torch after"].outputs,
-            lambda: twin()[2].outputs,
-        )
-    )
+    checks.append(evaluation("after", 2))
     return checks
 
   # -- where it went wrong ------------------------------------------------------------------------

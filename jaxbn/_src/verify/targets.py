@@ -13,9 +13,11 @@ from typing import Any
 
 import optax
 
+from jaxbn._src.nnx.freezing import trainable
 from jaxbn._src.port.api import Port, port
 from jaxbn._src.port.recipe import TrainingRecipeWarning
 from jaxbn._src.variables.freezing import frozen_mask, keep_frozen
+from jaxbn._src.variables.state import as_variables, is_nnx
 from jaxbn._src.verify.runs import LinenRun, NnxRun
 
 TARGETS = ("port", "emit")
@@ -47,7 +49,8 @@ def _from_port(api: str) -> Callable[..., Port]:
 _modules = itertools.count()
 
 
-def _load_source(path: pathlib.Path):
+def load_source(path: pathlib.Path):
+  """An emitted ``model.py`` imported as a module of its own (a new name each time)."""
   spec = importlib.util.spec_from_file_location(f"jaxbn_verified_model_{next(_modules)}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -64,11 +67,10 @@ def _from_source(api: str, directory: pathlib.Path) -> Callable[..., Port]:
   def build(model, inputs, dtype):
     example = inputs if len(inputs) > 1 else inputs[0]
     path = _quietly(emit, model, example, directory / f"model{next(count)}", api=api, dtype=dtype)
-    source = _load_source(path)
-    if api == "nnx":
+    source = load_source(path)
+    if api == "nnx":  # model.py has trainable() where torch froze something
       loaded = source.load()
-      trainable = getattr(source, "trainable", None)
-      return _Emitted(loaded, None, trainable(loaded) if trainable else None)
+      return _Emitted(loaded, None, getattr(source, "trainable", trainable)(loaded))
     module, variables = source.load()
     mask = getattr(source, "frozen_mask", frozen_mask)
     return _Emitted(module, variables, mask(variables))
@@ -82,7 +84,7 @@ class _Emitted:
 
   module: Any
   variables: Any
-  frozen: Any  # Linen: the frozen mask; NNX: the trainable filter (None: every nnx.Param)
+  frozen: Any  # Linen: the frozen mask; NNX: the trainable filter
 
 
 def target(via: str, api: str, directory: pathlib.Path | None = None) -> Target:
@@ -95,31 +97,16 @@ def target(via: str, api: str, directory: pathlib.Path | None = None) -> Target:
   return Target(f"jaxbn.emit source (api={api!r})", _from_source(api, directory))
 
 
-def is_nnx(built) -> bool:
-  from flax import nnx
-
-  return isinstance(built.module, nnx.Module)
-
-
 def flax_run(built, optimizer: optax.GradientTransformation, loss: str):
   """The Flax side of the lock-step from what ``Target.build`` gave (a ``Port`` or emitted source),
   with its optimiser as the user would build it."""
-  from flax import nnx
-
-  from jaxbn._src.nnx.freezing import trainable
-
-  if is_nnx(built):
-    if isinstance(built, Port):
-      wrt = built.trainable
-    else:
-      wrt = built.frozen if built.frozen is not None else trainable(built.module)
-    return NnxRun(built.module, optimizer, wrt if wrt is not None else nnx.Param, loss)
+  if is_nnx(built.module):
+    wrt = built.trainable if isinstance(built, Port) else built.frozen
+    return NnxRun(built.module, optimizer, wrt, loss)
   mask = built.frozen_mask if isinstance(built, Port) else built.frozen
   return LinenRun(built.module, built.variables, keep_frozen(optimizer, mask), loss)
 
 
 def variables_of(built) -> Any:
   """Linen variables (an NNX model's through ``to_variables``) for the round trip."""
-  from jaxbn._src.variables.state import to_variables
-
-  return to_variables(built.module) if is_nnx(built) else built.variables
+  return as_variables(built.module if is_nnx(built.module) else built.variables)

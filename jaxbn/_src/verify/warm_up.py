@@ -50,7 +50,7 @@ def warm_up(torch_model, example_input: Any, *, steps: int = 2, loss: str = "mea
     _randomise_identity_frozen_batchnorms(torch_model, generator)
   optimizer = SGD().torch([p for p in torch_model.parameters() if p.requires_grad])
   recipe = read_recipe(torch_model)
-  for inputs, labels in draw(inputs_of(example_input), None, steps - 1, seed + 1)[:steps]:
+  for inputs, labels in draw(inputs_of(example_input), None, steps - 1, seed + 1):  # steps batches
     with torch_mode(torch_model, True, recipe):
       optimizer.zero_grad()
       output = torch_model(*map(torch.from_numpy, inputs))
