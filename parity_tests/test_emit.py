@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import math
 import re
 import subprocess
 import sys
@@ -354,19 +355,22 @@ class Tiny(torch.nn.Module):
 
 @pytest.mark.parametrize("api", ["linen", "nnx"])
 def test_edited_source_loads_what_still_fits(api, tmp_path):
-  """The README's edit: a new head in the source, then ``load(strict=False)``: every weight that
-  fits is the file's, bit for bit; the new head has fresh values; ``from_torch(strict=False)``
-  names what did not fit."""
+  """The README's edit: a new head (the model's ``num_classes`` field, its last Linear's size),
+  then ``load(strict=False)``: every weight that fits is the file's, bit for bit; the new head has
+  fresh values; ``from_torch(strict=False)`` names what did not fit."""
   torch.manual_seed(0)
   path = jaxbn.emit(Tiny(), np.zeros((1, 3, 8, 8), np.float32), tmp_path / "net", api=api)
   linen_head, nnx_head = (
-      'layers.Linear(features=10, name="fc")',
-      "jaxbn.nnx.Linear(in_features=4, features=10, rngs=rngs)",
+      ("  num_classes: int = 10\n", 'layers.Linear(features=self.num_classes, name="fc")'),
+      (
+          "def __init__(self, num_classes: int = 10, *,",
+          "jaxbn.nnx.Linear(in_features=4, features=num_classes, rngs=rngs)",
+      ),
   )
-  head = linen_head if api == "linen" else nnx_head
+  field, head = linen_head if api == "linen" else nnx_head
   text = path.read_text()
-  assert head in text
-  path.write_text(text.replace(head, head.replace("features=10", "features=5")))
+  assert field in text and head in text
+  path.write_text(text.replace(field, field.replace("10", "5")))
   loaded = load_source(path, f"edited_{api}").load(strict=False)
   variables = loaded[1] if api == "linen" else loaded
   state_dict = jaxbn.load_state_dict(tmp_path / "net" / "model.safetensors")
@@ -384,7 +388,8 @@ def test_edited_source_loads_what_still_fits(api, tmp_path):
 
 
 class CallsMembers(torch.nn.Module):
-  """A ModuleList iterated and a ModuleDict indexed in forward: members called one by one."""
+  """A ModuleList iterated and a ModuleDict indexed in forward: members called one by one, in
+  forwards that differ between train and eval (ultralytics' detection models)."""
 
   def __init__(self):
     super().__init__()
@@ -399,7 +404,8 @@ class CallsMembers(torch.nn.Module):
     x = self.stem(x)
     for block in self.blocks:
       x = x + block(x)
-    return self.norms["b"](self.norms["a"](x)).mean((2, 3))
+    pooled = self.norms["b"](self.norms["a"](x)).mean((2, 3))
+    return {"pooled": pooled, "features": x} if self.training else pooled
 
 
 @pytest.mark.parametrize("api", list(PORTS))
@@ -413,6 +419,53 @@ def test_members_of_containers_called_one_by_one(api, tmp_path):
   assert eval_rel <= 1e-6 and train_rel <= 1e-6 and stats_rel <= 1e-6, (eval_rel, train_rel, stats_rel)
   text = (tmp_path / "emitted0" / "model.py").read_text()
   assert ("layers.ModuleList(" if api == "linen" else "nnx.Dict(") in text
+
+
+class Block(torch.nn.Module):
+  """MobileNetV2's InvertedResidual, trimmed: an expansion layer in some, a skip in others."""
+
+  def __init__(self, channels, out, stride, expand):
+    super().__init__()
+    expansion = [torch.nn.Sequential(torch.nn.Conv2d(channels, channels, 1), torch.nn.ReLU())] if expand else []
+    self.conv = torch.nn.Sequential(
+        *expansion,
+        torch.nn.Conv2d(channels, out, 3, stride, 1, groups=math.gcd(channels, out)),
+        torch.nn.BatchNorm2d(out),
+    )
+    self.skip = channels == out and stride == 1
+
+  def forward(self, x):
+    return x + self.conv(x) if self.skip else self.conv(x)
+
+
+class Variants(torch.nn.Module):
+
+  def __init__(self):
+    super().__init__()
+    self.blocks = torch.nn.Sequential(
+        Block(3, 3, 1, False), Block(3, 6, 2, True), Block(6, 6, 1, True), Block(6, 6, 1, True)
+    )
+    self.head = torch.nn.Linear(6, 7)
+
+  def forward(self, x):
+    return self.head(self.blocks(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("api", list(PORTS))
+def test_classes_are_named_for_what_differs_and_hold_their_sizes_as_fields(api, tmp_path):
+  """One torch class in three shapes: named for what differs (a skip; a Sequential of 2 where the
+  others have 3), not by a counter; every class's sizes are fields; the model's head is
+  ``num_classes``. Parity as in the test above (1e-6)."""
+  torch.manual_seed(0)
+  x = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
+  eval_rel, train_rel, stats_rel = eval_and_training_forward(Variants(), x, PORTS[api](tmp_path))
+  assert eval_rel <= 1e-6 and train_rel <= 1e-6 and stats_rel <= 1e-6, (eval_rel, train_rel, stats_rel)
+  text = (tmp_path / "emitted0" / "model.py").read_text()
+  classes = re.findall(r"^class (\w+)\(", text, re.M)
+  assert classes == ["BlockWithSkipWith2Conv", "Block", "BlockWithSkip", "Variants"], classes
+  once = text.split("class BlockWithSkipWith2Conv(")[1].split("\nclass ")[0]  # called once: sizes still fields
+  assert re.search(r"conv_0_(in_|out_)?features", once) and "groups=3" not in once
+  assert "num_classes: int = 7" in text
 
 
 class NormAct(torch.nn.Module):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import importlib.util
 
 import jax
@@ -156,3 +157,97 @@ def test_a_plain_dataclass_output_and_star_args():
   assert type(output) is Prediction and relative(output.logits, expected.logits) <= RTOL
   with pytest.raises(jaxbn.PortError, match="without its input \\*args .*give it to port\\(\\) as an example input"):
     module.apply(variables, X, X)
+
+
+def test_star_args_and_kwargs_passed_on_to_another_call_pass_nothing():
+  class Detector(nn.Module):  # ultralytics' BaseModel.forward(x, *args, **kwargs) -> self.predict(...)
+
+    def __init__(self):
+      super().__init__()
+      self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x, *args, **kwargs):
+      if isinstance(x, dict):
+        return self.loss(x, *args, **kwargs)
+      return self.predict(x, *args, **kwargs)
+
+    def predict(self, x, profile=False, augment=False):
+      return self.bn(self.conv(x))
+
+  torch.manual_seed(0)
+  net = Detector()
+  module, variables = jaxbn.port(net, X)
+  for train in (False, True):
+    net.train(train)
+    with torch.no_grad():
+      expected = net(torch.from_numpy(X))
+    output = module.apply(variables, X, train=train, mutable=["batch_stats"])[0]
+    assert relative(output, expected) <= RTOL, train
+  with pytest.raises(jaxbn.PortError, match="without its input augment .*static_inputs=\\{'augment': \\.\\.\\.\\}"):
+    module.apply(variables, X, augment=True)
+
+
+def test_modules_made_in_forward_from_the_models_own_are_traced_through():
+  class Stages(nn.Module):  # smp's DPN encoder: stages as slices of one Sequential; an inline nn.ReLU()
+
+    def __init__(self):
+      super().__init__()
+      self.features = nn.Sequential(
+          nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+      )
+
+    def forward(self, x):
+      return nn.ReLU()(self.features[2:](self.features[:2](x)))
+
+  torch.manual_seed(0)
+  net = Stages()
+  module, variables = jaxbn.port(net, X)
+  for train in (False, True):
+    net.train(train)
+    with torch.no_grad():
+      expected = net(torch.from_numpy(X))
+    output, state = module.apply(variables, X, train=train, mutable=["batch_stats"])
+    assert relative(output, expected) <= RTOL, train
+  assert relative(state["batch_stats"]["features"]["3"]["mean"], net.features[3].running_mean) <= RTOL
+
+  class MadeInForward(nn.Module):
+
+    def forward(self, x):
+      return nn.Conv2d(3, 4, 1)(x)
+
+  with pytest.raises(
+      jaxbn.PortError, match=r"Conv2d is made in forward and holds tensors .*\(weight, bias\).*submodule"
+  ):
+    jaxbn.port(MadeInForward(), X)
+
+
+def returns_tuple_if_asked(forward):
+  """transformers' ``@can_return_tuple``, trimmed: a ``wrapper(self, *args, **kwargs)``."""
+
+  @functools.wraps(forward)
+  def wrapper(self, *args, **kwargs):
+    output = forward(self, *args, **kwargs)
+    return output.to_tuple() if kwargs.get("return_dict") is False else output
+
+  return wrapper
+
+
+class DecoratedModel(VisionModel):
+
+  @returns_tuple_if_asked
+  def forward(self, pixel_values, output_hidden_states=None, return_dict=None, **kwargs):
+    return super().forward(pixel_values, output_hidden_states)
+
+
+def test_a_decorated_forward_is_traced_with_the_signature_it_wraps():
+  torch.manual_seed(0)
+  net = DecoratedModel()
+  module, variables = jaxbn.port(net, X)
+  assert DecoratedModel.__dict__["forward"].__wrapped__  # the class is left as found
+  for train in (False, True):
+    net.train(train)
+    with torch.no_grad():
+      expected = net(torch.from_numpy(X))
+    output = module.apply(variables, X, train=train, mutable=["batch_stats"])[0]
+    assert type(output) is BaseModelOutputWithPooling, train
+    assert relative(output.pooler_output, expected.pooler_output) <= RTOL, train

@@ -102,6 +102,21 @@ class Encodings(nn.Module):
     )
 
 
+class Anchors(nn.Module):
+  """ultralytics' make_anchors (its Detect head's anchor points and strides): arange in the input's
+  dtype, meshgrid, stack, Tensor.new_full / new_zeros / new_ones, cat."""
+
+  def forward(self, x):
+    points, strides = [], []
+    for stride in (8, 16):
+      _, _, h, w = x[..., :: stride // 8, :: stride // 8].shape
+      sx = torch.arange(w, dtype=x.dtype) + 0.5
+      sy, sx = torch.meshgrid(torch.arange(h, dtype=x.dtype) + 0.5, sx, indexing="ij")
+      points.append(torch.stack((sx, sy), -1).view(-1, 2))
+      strides.append(x.new_full((h * w, 1), stride, dtype=x.dtype))
+    return torch.cat(points), torch.cat(strides) * x.mean(), x.new_zeros(2, 3) + x.new_ones((3,)) + x.sum()
+
+
 class PReLUs(nn.Module):
   """nn.PReLU with a slope per channel and one shared slope (traced through: F.prelu on its
   weight), F.prelu on a 1-D input, and channel dropout in eval (the identity)."""
@@ -199,6 +214,7 @@ CASES = {
     "functional": (Functional, (2, 6, 4, 7)),
     "unfold": (lambda: nn.Unfold((2, 3), dilation=(1, 2), padding=1, stride=(2, 1)), (2, 3, 6, 7)),
     "encodings": (Encodings, (2, 6, 4, 5)),
+    "anchors": (Anchors, (2, 3, 4, 6)),
     "fold, overlapping": (lambda: nn.Fold((5, 6), (2, 3), dilation=(1, 2), padding=1, stride=(2, 1)), (2, 18, 12)),
     "attention": (lambda: Attention(), (2, 4, 6, 8)),
     "attention causal scaled gqa": (lambda: Attention(causal=True, scale=0.3, kv_heads=2), (2, 4, 6, 8)),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -117,6 +118,20 @@ class Tracer(fx.Tracer):
       return False
     return self._is_leaf(module) or super().is_leaf_module(module, qualified_name)
 
+  def call_module(self, m, forward, args, kwargs):
+    try:
+      self.path_of_module(m)
+    except NameError:  # made in forward, not a submodule: a slice of one (``self.features[1:3]``), ``nn.ReLU()``
+      installed = {id(t) for t in (*self.root.parameters(), *self.root.buffers())}
+      own = [name for name, t in (*m.named_parameters(), *m.named_buffers()) if id(t) not in installed]
+      if own:
+        raise PortError(
+            f"{type(m).__name__} is made in forward and holds tensors no torch path names ({', '.join(own)}):"
+            " a state_dict cannot fill them; make it a submodule in __init__"
+        ) from None
+      return forward(*args, **kwargs)  # traced through: its layers are the model's own
+    return super().call_module(m, forward, args, kwargs)
+
   def proxy(self, node: fx.Node) -> fx.Proxy:
     return ConcreteProxy(node, self)
 
@@ -144,12 +159,21 @@ class Tracer(fx.Tracer):
       return draw
 
     factories = {name: getattr(torch, name) for name in SIZED_RANDOM}
+    owner, own_forward = type(root), type(root).__dict__.get("forward")
+    plain = plain_forward(owner.forward) if isinstance(root, torch.nn.Module) else None
+    if plain is not None:
+      owner.forward = plain
     torch.autograd.Function.apply = classmethod(apply)
     for name, factory in factories.items():
       setattr(torch, name, drawing(factory))
     try:
       return super().trace(root, concrete_args)
     finally:
+      if plain is not None:
+        if own_forward is None:
+          del owner.forward
+        else:
+          owner.forward = own_forward
       torch.autograd.Function.apply = original
       for name, factory in factories.items():
         setattr(torch, name, factory)
@@ -240,6 +264,12 @@ class ConcreteProxy(fx.Proxy):
   def __float__(self):
     return self.tracer.decide(self, "float")
 
+  def keys(self):
+    # a dict's keys are Python values fixed by the program (``**kwargs`` passed on to another call,
+    # ``for key in outputs.keys()``): the traced ones, so that ``**d`` passes what the program reads
+    value = self.tracer.value(self.node)
+    return list(value) if isinstance(value, dict) else super().keys()
+
   def __getattr__(self, name):
     if name == "device":  # the port is device-agnostic: code keys caches on it (timm's levit)
       return self.tracer.value(self.node).device
@@ -248,6 +278,42 @@ class ConcreteProxy(fx.Proxy):
 
 class ConcreteAttribute(fx.proxy.Attribute, ConcreteProxy):
   """``x.shape`` and the like: fx's lazy attribute, with the same decisions."""
+
+
+def plain_forward(forward: Callable) -> Callable | None:
+  """A decorated forward (transformers' ``@can_return_tuple``, ``wrapper(self, *args, **kwargs)``)
+  as a plain function with the signature of the one it wraps, calling the decorated one; None if
+  ``forward`` is not decorated. fx reads the wrapped signature (``inspect.unwrap``) but rewrites
+  the wrapper's code to it where it takes ``*args`` / ``**kwargs``, which fails ("co_varnames is
+  too small", "takes 2 positional arguments but 3 were given")."""
+  inner = inspect.unwrap(forward)
+  if inner is forward:
+    return None
+  parameters, call, defaults = [], [], []
+  keyword_only = False
+  for parameter in inspect.signature(inner).parameters.values():
+    name, kind = parameter.name, parameter.kind
+    if kind is parameter.KEYWORD_ONLY and not keyword_only:
+      parameters.append("*")
+    keyword_only |= kind in (parameter.KEYWORD_ONLY, parameter.VAR_POSITIONAL)
+    if kind is parameter.VAR_POSITIONAL:
+      parameters.append(f"*{name}")
+      call.append(f"*{name}")
+    elif kind is parameter.VAR_KEYWORD:
+      parameters.append(f"**{name}")
+      call.append(f"**{name}")
+    else:
+      if parameter.default is parameter.empty:
+        parameters.append(name)
+      else:
+        parameters.append(f"{name}=_defaults[{len(defaults)}]")
+        defaults.append(parameter.default)
+      call.append(f"{name}={name}" if kind is parameter.KEYWORD_ONLY else name)
+  namespace = {"_decorated": forward, "_defaults": defaults}
+  exec(f"def forward({', '.join(parameters)}):\n  return _decorated({', '.join(call)})", namespace)  # noqa: S102
+  plain = namespace["forward"]
+  plain.__qualname__, plain.__module__ = forward.__qualname__, forward.__module__
+  return plain
 
 
 @functools.cache

@@ -170,6 +170,23 @@ def arange(start, end=None, step=1, *, dtype=None, device=None, requires_grad=Fa
   return jnp.asarray(values, jax.dtypes.canonicalize_dtype(dtype))
 
 
+def _new(fill):
+  def new(x, *size, fill_value=None, dtype=None, device=None, requires_grad=False, layout=None, pin_memory=False):
+    """``x.new_*(size, ...)``: x's dtype unless another is given (devices are torch's)."""
+    del device, requires_grad, layout, pin_memory
+    if fill is None:  # new_full(size, fill_value)
+      size, fill_value = (size[0], size[1]) if len(size) == 2 else (size[0], fill_value)
+    shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list)) else tuple(size)
+    return jnp.full(shape, fill if fill is not None else fill_value, x.dtype if dtype is None else dtype)
+
+  return new
+
+
+new_full = register("Tensor.new_full")(_named("new_full", _new(None)))
+new_zeros = register("Tensor.new_zeros")(_named("new_zeros", _new(0)))
+new_ones = register("Tensor.new_ones")(_named("new_ones", _new(1)))
+
+
 # Tensor attributes that JAX arrays share; any other is refused when the port traces (.device is
 # the example input's, taken when tracing: the port is device-agnostic).
 TENSOR_ATTRIBUTES = ("shape", "ndim", "dtype", "real", "imag", "T", "mT")

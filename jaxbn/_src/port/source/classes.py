@@ -45,22 +45,32 @@ class Class:
   calls: list[list[Any]] = dataclasses.field(default_factory=list)  # each call's constants
   keys: list[str] = dataclasses.field(default_factory=list)  # each call's key
   optional: dict[int, int] = dataclasses.field(default_factory=dict)
+  head: int | None = None  # the model's class: the constant of its last Linear's output size
 
-  def fields(self, label=str) -> dict[int, str]:
-    """Constant index -> field name, for the constants whose values differ between calls. Equal
-    columns share one field, named after the first; a constant of an optional call shares the
-    field of a column it equals wherever the call is made, and is a literal where it is constant there."""
+  def fields(self, label=str, sizes: bool = False) -> dict[int, str]:
+    """Constant index -> field name, for the constants whose values differ between calls, and
+    with ``sizes`` every size (``*features``, its layers' and its children's, and ``groups`` equal
+    to one: depthwise) even where all calls agree. Equal columns share one field, named after the
+    first; a constant of an optional call shares the field of a column it equals wherever the call
+    is made, and is a literal where it is constant there. ``head`` is the field ``num_classes``."""
     columns: dict[tuple, str] = {}
-    fields: dict[int, str] = {}
-    taken: set[str] = set()
+    fields: dict[int, str] = {} if self.head is None else {self.head: "num_classes"}
+    taken: set[str] = set(fields.values())
     flags = set(self.optional.values())
+    texts = [label(x) for x in self.labels] if sizes else []
+    size_columns = {self._column(i) for i, text in enumerate(texts) if text.endswith("features")}
     for index in range(len(self.labels)):
+      if index == self.head:
+        continue
+      size = sizes and (
+          texts[index].endswith("features") or texts[index].endswith("groups") and self._column(index) in size_columns
+      )
       present = (
           [i for i, call in enumerate(self.calls) if call[self.optional[index]]] if index in self.optional else None
       )
       rows = present if present is not None else range(len(self.calls))
       column = tuple(value_key(self.calls[i][index]) for i in rows)
-      if len(set(column)) <= 1 and index not in flags:
+      if len(set(column)) <= 1 and index not in flags and not size:
         continue
       if present is not None:
         shared = next(
@@ -79,8 +89,14 @@ class Class:
       fields[index] = columns[column]
     return fields
 
+  def _column(self, index: int) -> tuple:
+    return tuple(value_key(call[index]) for call in self.calls)
+
   def default(self, index: int):
-    """A field's default: False for an optional call's flag, None for its constants; else none."""
+    """A field's default: False for an optional call's flag, None for its constants, the model's
+    own value for ``num_classes``; else none."""
+    if index == self.head:
+      return self.calls[0][index]
     if index in set(self.optional.values()):
       return False
     return None if index in self.optional else REQUIRED
@@ -127,6 +143,7 @@ class Classes:
     self.codes: dict[str, Code] = {}  # call key -> its code
     self.sequences: set[str] = set()  # call keys of Sequentials written as layers.Sequential
     self._fields: dict[tuple, dict[int, str]] = {}
+    self.root: tuple | None = None  # the model's class key, once built
 
   def build(self, train_root: Block, eval_root: Block) -> tuple:
     """Every class; returns the model's class key."""
@@ -144,7 +161,9 @@ class Classes:
         self.classes[class_key] = cls
         for key, constants in zip(cls.keys, cls.calls, strict=True):
           self.built[key] = (class_key, constants)
-    return self.built[train_root.key][0]
+    self.root = self.built[train_root.key][0]
+    self.classes[self.root].head = _head(self.classes[self.root].skeleton)
+    return self.root
 
   # --- phase 1: each call's code -----------------------------------------------------------------
 
@@ -265,8 +284,25 @@ class Classes:
   def fields(self, key) -> dict[int, str]:
     """A class's fields (computed once the classes are built: the source asks for each call)."""
     if key not in self._fields:
-      self._fields[key] = self.classes[key].fields(self.label)
+      self._fields[key] = self.classes[key].fields(self.label, sizes=key != self.root)
     return self._fields[key]
+
+
+def _head(skeleton: tuple) -> int | None:
+  """The constant index of the output size of the last Linear the model's own code calls (its
+  classifier), if any: the model's ``num_classes``."""
+  found = []
+
+  def walk(e):
+    if isinstance(e, tuple) and e:
+      if e[0] == "layer" and getattr(e[1], "__name__", "") == "Linear":
+        found.extend(v[1] for name, v in e[2] if name in ("features", "out_features") and v[0] == "hole")
+      elif e[0] not in ("call", "element"):
+        for x in e:
+          walk(x)
+
+  walk(skeleton)
+  return found[-1] if found else None
 
 
 def linen_fields(path: str, leaf: Leaf) -> tuple[type, tuple]:

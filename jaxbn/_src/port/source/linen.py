@@ -23,6 +23,7 @@ from jaxbn._src.port.graph import Static
 from jaxbn._src.port.leaves import Constant, Metadata
 from jaxbn._src.port.recipe import TrainingRecipe
 from jaxbn._src.port.source.classes import ALWAYS_WRITTEN, REQUIRED, Class, Classes, numbered, value_key
+from jaxbn._src.port.source.naming import class_names, next_name
 from jaxbn._src.port.tracer import Guard
 from jaxbn._src.torchlike import functional, linen
 from jaxbn._src.torchlike import nnx as torchlike_nnx
@@ -66,13 +67,7 @@ class Source:
     self.namedtuples: dict[type, None] = {}
     self.uses_layers = False  # jaxbn.layers, which NNX source imports only where it is used
     self.constants: dict[str, np.ndarray] = {}  # tensors too large to write: constants.safetensors
-    taken: set[str] = set()
-    for key, cls in classes.classes.items():
-      name = cls.torch_class.__name__
-      while name in taken:
-        name = _next_name(name)
-      taken.add(name)
-      self.names[key] = name
+    self.names = class_names(classes.classes)
 
   # --- classes ---------------------------------------------------------------------------------
 
@@ -198,7 +193,7 @@ class Body:
   def _take(self, name: str, wanted: str) -> str:
     chosen = wanted
     while chosen in self.taken or chosen in RESERVED or chosen in self.source.names.values():
-      chosen = _next_name(chosen)
+      chosen = next_name(chosen)
     self.taken.add(chosen)
     self.names[name] = chosen
     return chosen
@@ -210,12 +205,14 @@ class Body:
       train = self.train()
       names = dict(self.names)
       train_lines = self._run([s for s in train_code if s[0] not in ("inputs", "input")])
-      self.names = names
+      # values are the branch's own; Linen's containers are built once above both branches
+      self.names = {**names, **{c: self.names[c] for c in self.containers if c in self.names}}
       eval_lines = self._run([s for s in eval_code if s[0] not in ("inputs", "input")])
       return [f"if {train}:", *("  " + x for x in train_lines), "else:", *("  " + x for x in eval_lines)]
     return self._run(statements)
 
   def _run(self, statements: list) -> list[str]:
+    statements = _without_identities(statements)
     last_use: dict[str, int] = {}
     for i, statement in enumerate(statements):
       for name in _reads(statement):
@@ -544,6 +541,35 @@ def _reads(statement) -> list[str]:
   return found
 
 
+def _without_identities(statements: list) -> list:
+  """The statements without identities (timm's ``nn.Identity()`` placeholders, ``.contiguous()``):
+  a later read of their value reads their input, so that the source has no line that does nothing."""
+  kept, renamed = [], {}
+  for statement in statements:
+    for old, new in renamed.items():
+      statement = _renamed(statement, old, new)
+    if statement[0] == "assign" and len(statement[1]) == 1 and statement[2][0] == "op":
+      _, rule, args, _ = statement[2]
+      if getattr(rule, "fn", None) is functional.identity and args and args[0][0] == "var":
+        renamed[statement[1][0]] = args[0][1]
+        continue
+    kept.append(statement)
+  return kept
+
+
+def _renamed(e, old: str, new: str):
+  """``e`` reading ``new`` where it read ``old`` (walked as ``_reads`` walks)."""
+  if isinstance(e, tuple) and e:
+    if e[0] == "var" and len(e) == 2:
+      return ("var", new) if e[1] == old else e
+    if e[0] == "call":
+      return (*e[:4], _renamed(e[4], old, new))
+    if e[0] in ("const", "element"):
+      return e
+    return tuple(_renamed(x, old, new) for x in e)
+  return e
+
+
 def _first_var(expression) -> str | None:
   reads = _reads(("return", expression))
   return reads[0] if reads else None
@@ -602,12 +628,6 @@ def _annotation(values: list) -> str:
     if other in (int, float, bool, str, tuple):
       return f"{other.__name__} | None"
   return "Any"
-
-
-def _next_name(name: str) -> str:
-  stem = name.rstrip("0123456789")
-  number = name[len(stem) :]
-  return f"{stem}{int(number) + 1 if number else 1}" if stem != name or number else f"{name}1"
 
 
 def _quoted(text: str) -> str:

@@ -1,0 +1,127 @@
+"""Class names for emitted source: a torch class emitted as several classes (its calls' code differs
+in shape) gets names that say what differs, as a person would name them: ``InvertedResidualWithSkip``
+(adds its input), ``BasicBlockWithDownsample`` (calls a child the others do not),
+``C2fWith2M`` (two members in ``m``, the others one), ``InvertedResidualWith2Conv`` (a Sequential
+of two); the one with none of these keeps torch's name. Where that does not tell two apart, the
+child classes they call do (``C2fWithBottleneck``), and a number only where nothing does.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterable
+
+from jaxbn._src.torchlike import functional
+
+
+def class_names(classes: dict[tuple, object], reserved: Iterable[str] = ()) -> dict[tuple, str]:
+  """Class key -> name, for ``Classes.classes`` (children before their callers)."""
+  names: dict[tuple, str] = {}
+  taken = set(reserved)
+  groups: dict[type, list[tuple]] = collections.defaultdict(list)
+  for key, cls in classes.items():
+    groups[cls.torch_class].append(key)
+  for torch_class, keys in groups.items():
+    base = torch_class.__name__
+    if len(keys) == 1:
+      chosen = {keys[0]: base}
+    else:
+      features = {key: _features(classes[key].skeleton) for key in keys}
+      chosen = {key: base + "".join(_described(features[key], [features[k] for k in keys])) for key in keys}
+      for name, clashing in _clashes(chosen).items():  # the child classes they call tell them apart
+        calls = {key: {names.get(child, child[0].__name__) for child in features[key]["children"]} for key in clashing}
+        for key in clashing:
+          others = set.intersection(*calls.values())
+          chosen[key] = name + "".join(f"With{child}" for child in sorted(calls[key] - others))
+    for key in keys:
+      name = chosen[key]
+      while name in taken:
+        name = next_name(name)
+      taken.add(name)
+      names[key] = name
+  return names
+
+
+def _described(own: dict, every: list[dict]) -> list[str]:
+  """What ``own`` has that not every variant has, as name parts."""
+  parts = []
+  if own["skip"] and not all(f["skip"] for f in every):
+    parts.append("WithSkip")
+  everywhere = set.intersection(*(f["attributes"] for f in every))
+  parts += [f"With{_camel(a)}" for a in sorted(own["attributes"] - everywhere)]
+  for attribute, count in sorted(own["counts"].items()):
+    counts = [f["counts"].get(attribute) for f in every]
+    usual = collections.Counter(counts).most_common(1)[0][0]
+    if count != usual and attribute in everywhere:
+      parts.append(f"With{count}{_camel(attribute)}")
+  return parts
+
+
+def _features(skeleton: tuple) -> dict:
+  """A class's code as what names can say: whether it adds its input to a value (a skip
+  connection), the attributes it calls (first part), how many members or Sequential elements
+  each has, and the child classes it calls."""
+  inputs = next((set(s[1]) for s in skeleton if s[0] == "inputs"), set())
+  found = {"skip": False, "attributes": set(), "counts": collections.Counter(), "children": set()}
+  members: dict[str, set] = collections.defaultdict(set)
+
+  def attribute(path: str, elements: int | None = None):
+    first, _, rest = path.partition(".")
+    found["attributes"].add(first)
+    if rest.split(".")[0].isdigit():
+      members[first].add(rest.split(".")[0])
+    elif elements is not None:
+      found["counts"][first] = elements
+
+  def elements(items):  # a Sequential's: its layers are named by index, its children are classes
+    for item in items:
+      if item[0] == "element":
+        found["children"].add(item[1])
+      elif item[0] == "sequence":
+        elements(item[1])
+
+  def walk(e):
+    if not (isinstance(e, tuple) and e):
+      return
+    kind = e[0]
+    if kind == "layer":
+      attribute(e[3])
+    elif kind == "call":
+      found["children"].add(e[1])
+      attribute(e[3])
+      walk(e[4])
+      return
+    elif kind == "element":
+      found["children"].add(e[1])
+      return
+    elif kind == "sequential":
+      attribute(e[2], len(e[1]))
+      elements(e[1])
+      return
+    elif kind == "op" and getattr(e[1], "fn", None) is functional.add:
+      found["skip"] |= any(a[:1] == ("var",) and a[1] in inputs for a in e[2])
+    for x in e:
+      walk(x)
+
+  walk(skeleton)
+  for first, keys in members.items():
+    found["counts"][first] = len(keys)
+  return found
+
+
+def _clashes(chosen: dict[tuple, str]) -> dict[str, list[tuple]]:
+  by_name = collections.defaultdict(list)
+  for key, name in chosen.items():
+    by_name[name].append(key)
+  return {name: keys for name, keys in by_name.items() if len(keys) > 1}
+
+
+def _camel(attribute: str) -> str:
+  return "".join(part[:1].upper() + part[1:] for part in attribute.split("_"))
+
+
+def next_name(name: str) -> str:
+  """``name1`` after ``name``, ``name2`` after ``name1``."""
+  stem = name.rstrip("0123456789")
+  number = name[len(stem) :]
+  return f"{stem}{int(number) + 1 if number else 1}"
