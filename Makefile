@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo lint format test test-models zoo zoo-transformers bench clean
+.PHONY: setup demo lint format test test-models zoo zoo-transformers zoo-smp zoo-ultralytics bench clean
 
 # One idempotent set-up for every target: a venv with jaxbn (editable) and its torch, test, plot and lint extras.
 setup: $(STAMP)
@@ -50,6 +50,18 @@ zoo: $(STAMP)
 zoo-transformers: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[sweep]'
 	cd benchmarks && ../$(PY) zoo_sweep.py --zoo transformers --out zoo-transformers-cpu.md
+
+# segmentation_models_pytorch: every decoder (resnet18 encoder) and each of its encoder families under Unet.
+zoo-smp: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[sweep]'
+	cd benchmarks && ../$(PY) zoo_sweep.py --zoo smp --out zoo-smp-cpu.md
+
+# ultralytics: every model yaml it ships at the n scale. Its requirements pull GPU and GUI packages
+# the sweep never uses: installed without them, with what it imports.
+zoo-ultralytics: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps ultralytics
+	$(PY) -m pip install --quiet opencv-python-headless pyyaml psutil polars ultralytics-thop requests scipy
+	cd benchmarks && ../$(PY) zoo_sweep.py --zoo ultralytics --out zoo-ultralytics-cpu.md
 
 # The benchmark tables the README quotes (a few minutes on 2 cores; run on an idle machine).
 bench: $(STAMP)

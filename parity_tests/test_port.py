@@ -318,18 +318,38 @@ def test_bad_input_is_refused_clearly():
   with pytest.raises(jaxbn.PortError, match=r"torch.nn.Sequential\(model\)"):
     jaxbn.port(nn.BatchNorm2d(3), X)
 
-  class Unused(nn.Module):
 
-    def __init__(self):
-      super().__init__()
-      self.used, self.spare = nn.Conv2d(3, 3, 1), nn.Linear(3, 3)
+class Shallow(nn.Module):
+  """smp's encoders at a smaller depth: stages and a head forward never calls keep their weights."""
 
-    def forward(self, x):
-      return self.used(x)
+  def __init__(self):
+    super().__init__()
+    self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+    self.deeper = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+    self.head = nn.Conv2d(4, 2, 1)
 
-  with pytest.raises(jaxbn.PortError, match="neither the train nor the eval forward calls them.*: spare"):
-    jaxbn.port(Unused(), X)
-  assert "spare" not in jaxbn.port(Unused(), X, strict=False).variables["params"]
+  def forward(self, x):
+    return self.head(self.stem(x))
+
+
+def test_modules_forward_never_calls_are_held_as_they_are_and_never_trained(tmp_path):
+  torch.manual_seed(0)
+  net = Shallow()
+  with pytest.warns(jaxbn.TrainingRecipeWarning, match=r"4 parameter\(s\) torch never trains .*deeper"):
+    port = jaxbn.port(net, X)
+  assert port.recipe.frozen == ("deeper",)
+  assert port.frozen_mask["deeper"]["1"]["weight"]["tensor"] and not port.frozen_mask["stem"]["1"]["scale"]
+  ours, theirs = jaxbn.convert.to_state_dict(port.variables), net.state_dict()
+  assert list(ours) == list(theirs)  # bit for bit, in torch's order
+  for key, value in theirs.items():
+    np.testing.assert_array_equal(ours[key], value.numpy(), err_msg=key)
+  # torch's AdamW skips them (no gradient); weight decay would move them if the port trained them
+  result = jaxbn.verify(net, X, steps=2, optimizer=jaxbn.verification.AdamW(weight_decay=0.1))
+  assert result.passed, result.summary()
+  assert "deeper" not in jaxbn.port(net, X, strict=False).variables["params"]
+  with pytest.raises(jaxbn.PortError, match=r"emit: deeper.0, deeper.1 hold .*strict=False"):
+    jaxbn.emit(net, X, tmp_path / "held")
+  assert "deeper" not in jaxbn.emit(net, X, tmp_path / "left_out", strict=False).read_text()
 
 
 def test_training_step_with_optax_matches_a_torch_step():

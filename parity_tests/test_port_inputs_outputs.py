@@ -251,3 +251,29 @@ def test_a_decorated_forward_is_traced_with_the_signature_it_wraps():
     output = module.apply(variables, X, train=train, mutable=["batch_stats"])[0]
     assert type(output) is BaseModelOutputWithPooling, train
     assert relative(output.pooler_output, expected.pooler_output) <= RTOL, train
+
+
+def test_an_optional_input_left_at_none_is_none_in_forward():
+  class Masked(nn.Module):  # transformers' RT-DETR: ``if inputs_embeds is None:`` / ``if pixel_mask is None:``
+
+    def __init__(self):
+      super().__init__()
+      self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, pixel_values, pixel_mask=None, inputs_embeds=None):
+      features = self.bn(self.conv(pixel_values)) if inputs_embeds is None else inputs_embeds
+      if pixel_mask is None:
+        pixel_mask = features.new_ones((features.shape[0], 1, *features.shape[2:]))
+      return features * pixel_mask
+
+  torch.manual_seed(0)
+  net = Masked()
+  module, variables = jaxbn.port(net, X)
+  for train in (False, True):
+    net.train(train)
+    with torch.no_grad():
+      expected = net(torch.from_numpy(X))
+    output = module.apply(variables, X, train=train, mutable=["batch_stats"])[0]
+    assert relative(output, expected) <= RTOL, train
+  with pytest.raises(jaxbn.PortError, match="without its input pixel_mask .*give it to port"):
+    module.apply(variables, X, pixel_mask=np.ones((2, 1, 8, 8), np.float32))

@@ -104,7 +104,8 @@ class Encodings(nn.Module):
 
 class Anchors(nn.Module):
   """ultralytics' make_anchors (its Detect head's anchor points and strides): arange in the input's
-  dtype, meshgrid, stack, Tensor.new_full / new_zeros / new_ones, cat."""
+  dtype, meshgrid, stack, Tensor.new_full / new_zeros / new_ones, cat; torch.zeros / ones / full /
+  empty with sizes from the input's shape."""
 
   def forward(self, x):
     points, strides = [], []
@@ -114,7 +115,28 @@ class Anchors(nn.Module):
       sy, sx = torch.meshgrid(torch.arange(h, dtype=x.dtype) + 0.5, sx, indexing="ij")
       points.append(torch.stack((sx, sy), -1).view(-1, 2))
       strides.append(x.new_full((h * w, 1), stride, dtype=x.dtype))
-    return torch.cat(points), torch.cat(strides) * x.mean(), x.new_zeros(2, 3) + x.new_ones((3,)) + x.sum()
+    n, c, h, w = x.shape
+    dummy = torch.empty([n, 0, h, w], dtype=x.dtype)  # smp's mix transformer: a placeholder feature
+    filled = torch.zeros(n, c, 1, 1, dtype=x.dtype) + torch.ones((1, c, h, 1), dtype=x.dtype) * torch.full((h, w), 0.5)
+    return (
+        torch.cat(points),
+        torch.cat(strides) * x.mean(),
+        x.new_zeros(2, 3) + x.new_ones((3,)) + x.sum(),
+        torch.cat([x, dummy], 1) * filled,
+        torch.full((n,), 3) + h,  # an int fill: int64
+    )
+
+
+class Keypoints(nn.Module):
+  """ultralytics' Pose head decoding keypoints in place: ``y[:, 2::3] = y[:, 2::3].sigmoid()``,
+  an augmented assignment through an index, a boolean mask."""
+
+  def forward(self, x):
+    y = x.flatten(2).clone()
+    y[:, 2::3] = y[:, 2::3].sigmoid()
+    y[:, 0::3] += 1.5
+    y[y > 1] = 0.25
+    return y
 
 
 class PReLUs(nn.Module):
@@ -215,6 +237,7 @@ CASES = {
     "unfold": (lambda: nn.Unfold((2, 3), dilation=(1, 2), padding=1, stride=(2, 1)), (2, 3, 6, 7)),
     "encodings": (Encodings, (2, 6, 4, 5)),
     "anchors": (Anchors, (2, 3, 4, 6)),
+    "keypoints (index assignment)": (Keypoints, (2, 6, 3, 4)),
     "fold, overlapping": (lambda: nn.Fold((5, 6), (2, 3), dilation=(1, 2), padding=1, stride=(2, 1)), (2, 18, 12)),
     "attention": (lambda: Attention(), (2, 4, 6, 8)),
     "attention causal scaled gqa": (lambda: Attention(causal=True, scale=0.3, kv_heads=2), (2, 4, 6, 8)),
@@ -243,3 +266,24 @@ def test_matches_torch(name):
   with jax.enable_x64(True):
     module, variables = jaxbn.port(model, x, dtype=np.float64)
     assert_close(jax.jit(module.apply)(variables, x.numpy()), expected)
+
+
+def test_an_index_assignment_torch_would_see_through_a_view_is_refused():
+  class Aliased(nn.Module):
+
+    def forward(self, x):
+      y = x * 2
+      first = y[:, 0]  # a view: torch's write below changes it too
+      y[:, 0] = 0.0
+      return y + first[:, None]
+
+  class OfAView(nn.Module):
+
+    def forward(self, x):
+      y = x * 2
+      y.view(-1)[0] = 0.0  # writes into y in torch
+      return y
+
+  for model in (Aliased, OfAView):
+    with pytest.raises(jaxbn.PortError, match=r"x\[index\] = value on a tensor (viewed by|a view).*clone"):
+      jaxbn.port(nn.Sequential(model()), np.zeros((2, 3, 4, 4), np.float32))

@@ -229,7 +229,7 @@ def test_notice_names_the_counts_and_the_attribute_to_use():
   assert len(record) == 1
   text = str(record[0].message)
   # bn1, layer1's two BatchNorms; layer1's 2 convs and 2 BatchNorms' weight and bias, and fc.bias
-  assert "3 BatchNorm layer(s) stay in eval" in text and "7 parameter(s) have requires_grad=False" in text
+  assert "3 BatchNorm layer(s) stay in eval" in text and "7 parameter(s) torch never trains" in text
   assert "jaxbn.keep_frozen(tx, port.frozen_mask)" in text and "recipe='plain'" in text
 
 

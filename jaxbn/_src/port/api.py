@@ -23,9 +23,9 @@ from jaxbn._src.nnx.freezing import trainable as nnx_trainable
 from jaxbn._src.port import leaves, ops
 from jaxbn._src.port import recipe as recipes
 from jaxbn._src.port.autocast import make as make_autocast
-from jaxbn._src.port.graph import Traced, trace
+from jaxbn._src.port.graph import Node, Program, Traced, trace
 from jaxbn._src.port.interpreter import Ported
-from jaxbn._src.port.leaves import MODULES, Options, find, user_rule
+from jaxbn._src.port.leaves import MODULES, Leaf, Options, Tensor, find, user_rule
 from jaxbn._src.port.nnx import PortedNNX
 from jaxbn._src.port.source.build import load_classes, model_source
 from jaxbn._src.torchlike.nnx import uninitialised
@@ -69,7 +69,8 @@ class Port:
   @property
   def frozen_mask(self) -> Any:
     """True for every parameter torch does not train (``requires_grad=False``, FrozenBatchNorm2d's
-    buffers): ``jaxbn.keep_frozen(tx, port.frozen_mask)`` is torch's optimiser step."""
+    buffers, those of modules forward never calls): ``jaxbn.keep_frozen(tx, port.frozen_mask)`` is
+    torch's optimiser step."""
     return frozen_mask(self.variables, parameters=self.recipe.frozen)
 
   @property
@@ -252,6 +253,10 @@ def traced_port(
   if traced.problems:
     lines = "\n".join(f"  - {p}" for p in traced.problems)
     raise PortError(f"{type(torch_model).__name__}: {len(traced.problems)} unsupported node(s):\n{lines}\n{EXTEND}")
+  held = _uncalled(state_dict, traced, strict)
+  if held:
+    parameters = {name for name, _ in torch_model.named_parameters()}
+    traced = _holding(traced, {key: state_dict[key] for key in held}, parameters, options)
   order = {name: i for i, (name, _) in enumerate(torch_model.named_modules())}  # the recipe in torch's order
   mode_leaves = sorted((path for path, leaf in traced.leaves.items() if leaf.mode is not None), key=order.get)
   in_eval = recipes.kept_in_eval(torch_recipe, mode_leaves)
@@ -264,7 +269,6 @@ def traced_port(
       keep_eval,
   )
   inputs = tuple(as_numpy(x) for x in (example_input if isinstance(example_input, (tuple, list)) else (example_input,)))
-  _check_all_called(state_dict, traced, strict)
   if axis_name is not None and not any(getattr(leaf.prototype, "axis_name", None) for leaf in traced.leaves.values()):
     warnings.warn(
         f"port(axis_name={axis_name!r}): {type(torch_model).__name__} has no SyncBatchNorm, so no layer"
@@ -300,6 +304,7 @@ def traced_port(
         key=lambda path: position.get(torch_key("params", path), len(position)),
     )
     frozen = recipes.frozen_parameters(torch_recipe, params)
+    frozen |= {path for path in params if torch_key("params", path) in held}  # never given a gradient
     frozen_layers = layers_holding_stats(set(params))  # FrozenBatchNorm2d's buffers: never trained anyway
     buffers = {path for path in params if path[:-1] in frozen_layers}
     recipe = recipes.TrainingRecipe(
@@ -324,9 +329,10 @@ def _torch_examples(example_input, torch_model) -> tuple[torch.Tensor, ...]:
   )
 
 
-def _check_all_called(state_dict, traced, strict):
-  """Weights of modules that neither forward calls as a Flax module would be dropped: name them,
-  and say which ones the port runs as stateless calls (a custom_modules factory's function)."""
+def _uncalled(state_dict, traced, strict) -> list[str]:
+  """The state_dict keys of modules that neither forward calls (smp's encoders keep the stages
+  and heads a shallower depth leaves out): held as they are (``_holding``). Weights of modules the
+  port runs as stateless calls (a custom_modules factory's function) would be dropped: refused."""
   holders = sorted(
       {  # a leaf holds the keys under its path, or is the key (a Tensor leaf)
           key.rpartition(".")[0] or "<top>"
@@ -335,7 +341,7 @@ def _check_all_called(state_dict, traced, strict):
       }
   )
   if not holders or not strict:
-    return
+    return []
 
   def caller(path):  # the module run as a stateless call that holds ``path``, if any
     return next((c for c in traced.stateless if path == c or path.startswith(c + ".")), None)
@@ -345,21 +351,34 @@ def _check_all_called(state_dict, traced, strict):
     return f"{path} ({'' if owner == path else f'in {owner}, '}a {traced.stateless[owner]})"
 
   as_calls = [path for path in holders if caller(path)]
-  uncalled = [path for path in holders if not caller(path)]
-  lines = []
   if as_calls:
-    lines.append(
+    raise PortError(
         f"{len(as_calls)} torch module(s) hold weights or buffers that the port runs as a stateless call, so"
         f" they have no place: {', '.join(map(described, as_calls))}. Give custom_modules a factory that returns a Flax module holding them (it gets them at"
         " the torch path), or pass strict=False to leave them out."
     )
-  if uncalled:
-    lines.append(
-        f"{len(uncalled)} torch module(s) hold weights or buffers but neither the train nor the eval"
-        f" forward calls them, so the port has no place for them: {', '.join(uncalled)}. Pass"
-        " strict=False to leave them out (or call them in forward)."
-    )
-  raise PortError("\n".join(lines))
+  return [
+      key
+      for key in state_dict
+      if (key.rpartition(".")[0] or "<top>") in holders
+      and not any(key == leaf or key.startswith(leaf + ".") for leaf in traced.leaves)
+  ]
+
+
+def _holding(traced, tensors: dict[str, np.ndarray], parameters: set[str], options: Options):
+  """``traced`` with ``tensors`` held at their torch paths as Tensor leaves the programs make and
+  never read: in the variables (a state_dict round trip keeps them), never changed by a training
+  step, and frozen in the recipe, as torch's optimiser skips a parameter with no gradient."""
+  leaves = dict(traced.leaves)
+  nodes = []
+  for index, (key, array) in enumerate(tensors.items()):
+    floating = np.issubdtype(array.dtype, np.floating)
+    dtype = np.dtype(options.param_dtype if floating else jax.dtypes.canonicalize_dtype(array.dtype))
+    collection = "params" if key in parameters else "buffers"
+    leaves[key] = Leaf(Tensor(tuple(array.shape), dtype.name, collection))
+    nodes.append(Node(f"held_{index}", "module", key))
+  programs = {mode: Program((*p.nodes[:-1], *nodes, p.nodes[-1])) for mode, p in traced.programs.items()}
+  return dataclasses.replace(traced, programs=programs, leaves=leaves, held=tuple(tensors))
 
 
 def supported() -> dict[str, list[str]]:

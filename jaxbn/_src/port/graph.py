@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 import re
 from typing import Any
 
@@ -185,6 +186,7 @@ class Traced:
   problems: list[Problem]
   stateless: dict[str, str]  # dotted torch path -> class, of modules run as op calls
   scopes: dict[bool, dict[str, tuple[Scope, ...]]]  # by train mode: node name -> the calls it is inside
+  held: tuple[str, ...] = ()  # torch paths of the tensors of modules neither forward calls, held as they are
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +250,8 @@ def trace(
               f" {type(error).__name__}: {error}\nPort it as one piece: leaf_modules=({owner},) and"
               f" custom_modules={{{owner}: factory}} with a Flax module for it."
           ) from error
+        for node, what in _unsafe_writes(graph, tracer.aliases).items():
+          problems[Problem(what, module_path(node), source_line(node))] = None
         programs[train] = Program(
             tuple(
                 _node(node, model, options, modules, custom_ops, leaves, stateless, problems, static_inputs)
@@ -301,7 +305,7 @@ def _node(node: fx.Node, model, options, modules, custom_ops, leaves, stateless,
     return Node(node.name, "output", None, args)
   if node.op == "get_attr":
     return _tensor(node, model, options, modules, leaves, problem)
-  inplace = node.kwargs.get("inplace") is True
+  inplace = node.kwargs.get("inplace") is True or node.target is operator.setitem
   if node.op == "call_module":
     module = model.get_submodule(node.target)
     made = rule(module, options, modules)
@@ -355,6 +359,22 @@ def _node(node: fx.Node, model, options, modules, custom_ops, leaves, stateless,
   if key not in custom_ops:
     op = autocast.op(op, key, options.autocast)
   return Node(node.name, "op", op, args, kwargs, _rebinds(node, inplace))
+
+
+def _unsafe_writes(graph: fx.Graph, aliases: dict) -> dict[fx.Node, str]:
+  """``x[i] = v`` where torch's write into x's memory would reach another value the port keeps
+  apart: x is a view of another tensor, or a value read later views x."""
+  position = {node: i for i, node in enumerate(graph.nodes)}
+  unsafe = {}
+  for node, (is_view, sharing) in aliases.items():
+    later = [other.name for other in sharing if any(position[user] > position[node] for user in other.users)]
+    if is_view or later:
+      whose = "a view of another tensor" if is_view else f"viewed by {', '.join(later)}, read later"
+      unsafe[node] = (
+          f"x[index] = value on a tensor {whose}: torch's write reaches the other through shared memory,"
+          " which the port cannot reproduce; write to a copy (x = x.clone()) or build the result with torch.cat / torch.where"
+      )
+  return unsafe
 
 
 def as_pytree(cls: type) -> type:

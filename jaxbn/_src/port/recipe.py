@@ -117,8 +117,9 @@ def notice(recipe: TrainingRecipe, torch_class: str, kept_layers: int, frozen_co
         else "jaxbn.keep_frozen(tx, port.frozen_mask) as the optimiser"
     )
     parts.append(
-        f"{frozen_count} parameter(s) have requires_grad=False ({_listed(recipe.frozen)}): train with {use}"
-        " so that they never move, as torch's optimiser leaves them"
+        f"{frozen_count} parameter(s) torch never trains (requires_grad=False, or in a module forward never"
+        f" calls: {_listed(recipe.frozen)}): train with {use} so that they never move, as torch's optimiser"
+        " leaves them"
     )
   warnings.warn(
       f"{torch_class}'s training recipe is not plain model.train(): " + "; ".join(parts) + ". The recipe is"

@@ -11,16 +11,20 @@
    ``Guard`` node in the program that, when the ported model runs, checks the decision comes out
    the same at its input's shapes and refuses a decision on tensor values (which JAX cannot take
    under jit).
-4. ``torch.rand`` / ``torch.randn`` calls are nodes, whatever their arguments (sizes never reach
-   fx's ``__torch_function__``; a call run at trace time would freeze its draws into the program).
+4. Calls of torch's factories that take sizes are nodes: ``torch.rand`` / ``randn`` whatever their
+   arguments (a call run at trace time would freeze its draws into the program), ``zeros`` /
+   ``ones`` / ``full`` / ``empty`` where a size is traced (sizes never reach fx's
+   ``__torch_function__``: ``torch.zeros(n, c)`` with a traced ``n`` fails in torch's parser).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
 import itertools
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -77,9 +81,10 @@ class Guard:
     return actual
 
 
-# torch's random factories take sizes, not tensors, so fx's proxies never reach them through
+# torch's factories take sizes, not tensors, so fx's proxies never reach them through
 # __torch_function__: the tracer records them itself (rand_like, bernoulli take a tensor and need not)
-SIZED_RANDOM = ("rand", "randn")
+SIZED_RANDOM = ("rand", "randn")  # every call a node (constant draws would freeze into the program)
+SIZED_FACTORIES = (*SIZED_RANDOM, "zeros", "ones", "full", "empty")  # the others: where a size is traced
 
 
 class Tracer(fx.Tracer):
@@ -104,6 +109,8 @@ class Tracer(fx.Tracer):
     self._examples = list(examples)
     self._values: dict[fx.Node, Any] = {}
     self._state: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # saved before torch first runs
+    self._factories: dict[str, Callable] = {}  # torch's own, while trace() records their calls
+    self.aliases: dict[fx.Node, tuple[bool, list[fx.Node]]] = {}  # x[i] = v: x a view?, what shares x's memory
 
   def create_arg(self, a):
     # A dataclass holding traced values (transformers' ModelOutput, which fx would flatten into a
@@ -133,6 +140,10 @@ class Tracer(fx.Tracer):
     return super().call_module(m, forward, args, kwargs)
 
   def proxy(self, node: fx.Node) -> fx.Proxy:
+    if node.op == "placeholder" and node.args == (None,) and self.value(node) is None:
+      # an optional input the example leaves at None is None in forward, so that Python's
+      # ``if pixel_mask is None:`` takes its branch (a proxy is never None); given later: refused
+      return None
     return ConcreteProxy(node, self)
 
   def trace(self, root, concrete_args=None):
@@ -150,15 +161,18 @@ class Tracer(fx.Tracer):
       return original.__get__(None, cls)(*args, **kwargs)  # torch's own (a C classmethod)
 
     def drawing(factory):
-      # every call is a node: one with constant sizes would otherwise run once, here, and its
-      # random values would become a literal of the program
+      # a random call with constant sizes would otherwise run once, here, and its values would
+      # become a literal of the program; a constant torch.zeros(6, 6) stays a constant
       @functools.wraps(factory)
       def draw(*args, **kwargs):
-        return tracer.create_proxy("call_function", factory, args, kwargs)
+        traced = any(isinstance(a, fx.Proxy) for a in torch.utils._pytree.tree_leaves((args, kwargs)))
+        if traced or factory.__name__ in SIZED_RANDOM:
+          return tracer.create_proxy("call_function", factory, args, kwargs)
+        return factory(*args, **kwargs)
 
       return draw
 
-    factories = {name: getattr(torch, name) for name in SIZED_RANDOM}
+    factories = self._factories = {name: getattr(torch, name) for name in SIZED_FACTORIES}
     owner, own_forward = type(root), type(root).__dict__.get("forward")
     plain = plain_forward(owner.forward) if isinstance(root, torch.nn.Module) else None
     if plain is not None:
@@ -197,13 +211,25 @@ class Tracer(fx.Tracer):
     self.create_proxy("call_function", guard, (obj, expected, conversion, on_values), {})
     return expected
 
+  @contextlib.contextmanager
+  def _factories_undone(self):
+    """torch's own factories while torch runs for real (a layer's forward may call torch.zeros)."""
+    recording = {name: getattr(torch, name) for name in self._factories}
+    for name, factory in self._factories.items():
+      setattr(torch, name, factory)
+    try:
+      yield
+    finally:
+      for name, factory in recording.items():
+        setattr(torch, name, factory)
+
   def value(self, node: fx.Node) -> Any:
     """``node``'s value on the examples: the program run up to it, in order, once."""
     if node not in self._values:
       if self._state is None:
         self._state = [(t, t.detach().clone()) for t in itertools.chain(self.root.parameters(), self.root.buffers())]
       # fx's patches (Module.__call__ records a node) undone while torch runs for real
-      with torch.no_grad(), _maybe_revert_all_patches():
+      with torch.no_grad(), _maybe_revert_all_patches(), self._factories_undone():
         for pending in self.graph.nodes:
           if pending not in self._values:
             try:
@@ -263,6 +289,24 @@ class ConcreteProxy(fx.Proxy):
 
   def __float__(self):
     return self.tracer.decide(self, "float")
+
+  def __setitem__(self, index, value):
+    # ``y[:, 2::3] = y[:, 2::3].sigmoid()``: a node whose result the port binds to ``y``. Torch
+    # writes into y's memory, which the port cannot do: a view of another tensor, or a tensor
+    # another live value views, would see the write in torch only, so those are named (graph.py)
+    node = self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {}).node
+    target = self.tracer.value(self.node)
+    self.tracer.value(node)  # torch writes, on the example, as it would
+    self.tracer.aliases[node] = (
+        target._is_view(),
+        [
+            other
+            for other, v in self.tracer._values.items()
+            if other is not self.node
+            and isinstance(v, torch.Tensor)
+            and v.untyped_storage().data_ptr() == target.untyped_storage().data_ptr()
+        ],
+    )
 
   def keys(self):
     # a dict's keys are Python values fixed by the program (``**kwargs`` passed on to another call,

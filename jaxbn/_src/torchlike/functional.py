@@ -142,6 +142,16 @@ def getitem(x, index):
   return x[index]
 
 
+@register("operator.setitem")
+def setitem(x, index, value):
+  """``x[index] = value`` as a new array (the port rebinds ``x`` to it): in x's dtype, as torch
+  casts; a boolean mask of x's shape selects with ``where`` (its count of True is not static)."""
+  value = jnp.asarray(value, x.dtype)
+  if isinstance(index, jax.Array | np.ndarray) and index.dtype == bool and index.shape == x.shape:
+    return jnp.where(index, value, x)
+  return x.at[index].set(value)
+
+
 register("torch.exp", "Tensor.exp")(jnp.exp)
 register("torch.floor", "Tensor.floor", "Tensor.floor_")(jnp.floor)
 register("torch.ceil", "Tensor.ceil", "Tensor.ceil_")(jnp.ceil)
@@ -181,6 +191,33 @@ def _new(fill):
 
   return new
 
+
+def _factory(fill):
+  def make(*size, fill_value=None, dtype=None, device=None, requires_grad=False, layout=None, pin_memory=False):
+    """``torch.zeros(*size)`` and friends, in torch's default dtypes: float32, and for ``full``
+    the fill's (int64 for an int, bool for a bool). ``torch.empty``'s values are unspecified in
+    torch: zeros here."""
+    del device, requires_grad, layout, pin_memory
+    if fill is None:  # full(size, fill_value)
+      size, fill_value = (size[0],), (size[1] if len(size) > 1 else fill_value)
+    value = fill if fill is not None else fill_value
+    if dtype is None:
+      dtype = (
+          jnp.bool_
+          if isinstance(value, bool)
+          else jnp.int64
+          if isinstance(value, int) and fill is None
+          else jnp.float32
+      )
+    shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list)) else tuple(size)
+    return jnp.full(shape, value, jax.dtypes.canonicalize_dtype(dtype))
+
+  return make
+
+
+zeros = register("torch.zeros", "torch.empty")(_named("zeros", _factory(0)))
+ones = register("torch.ones")(_named("ones", _factory(1)))
+full = register("torch.full")(_named("full", _factory(None)))
 
 new_full = register("Tensor.new_full")(_named("new_full", _new(None)))
 new_zeros = register("Tensor.new_zeros")(_named("new_zeros", _new(0)))

@@ -27,6 +27,12 @@ def model_source(
   """``(text, name of the model's class, constants)``: the traced model as Flax ``api`` source,
   and the tensors too large to write into it (``constants.safetensors``, which the text loads).
   ``recipe``: torch's training recipe, written as editable lists the model uses."""
+  if traced.held:
+    modules = sorted({key.rpartition(".")[0] for key in traced.held})
+    raise PortError(
+        f"emit: {', '.join(modules)} hold weights or buffers that neither forward calls; jaxbn.port holds them"
+        " as they are, the source cannot say that yet: emit with strict=False to leave them out"
+    )
   roots = []
   for train in (True, False):
     root = tree(_signature_read(traced.programs[train]), traced.scopes[train])
