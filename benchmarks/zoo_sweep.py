@@ -1,12 +1,14 @@
 """The port's coverage of the zoos: the smallest BatchNorm model of every timm architecture
 module (chosen here from ``timm.list_modules()`` / ``timm.list_models()``, not from a list) and
 every torchvision classification, segmentation, video and detection-backbone model that uses
-BatchNorm, each through ``jaxbn.verify`` (the public check: conversion round trip, eval, a float32
-step from identical parameters, float64 lock-step with torch: gradients, updates, statistics) in
-its own process with a timeout.
+BatchNorm; with ``--zoo``, the BatchNorm models of Hugging Face transformers, ultralytics and
+segmentation_models_pytorch (the ``sweep`` extra), enumerated from each library. Each model goes
+through ``jaxbn.verify`` (the public check: conversion round trip, eval, a float32 step from
+identical parameters, float64 lock-step with torch: gradients, updates, statistics) in its own
+process with a timeout.
 
-  python benchmarks/zoo_sweep.py [--out zoo-cpu.md] [--zoo timm|torchvision|all] [--only timm:NAME ...]
-                                 [--timeout 600]
+  python benchmarks/zoo_sweep.py [--out zoo-cpu.md] [--zoo timm|torchvision|transformers|ultralytics|smp|all]
+                                 [--only timm:NAME smp:Unet/resnet18 ultralytics:yolov8n ...] [--timeout 600]
 
 Status per model: pass; mismatch (a tolerance failed: a wrong number, the worst outcome);
 refused (jaxbn.PortError, with its first reason); failed (any other error); timeout.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import importlib
 import json
 import pathlib
 import subprocess
@@ -113,6 +116,58 @@ def transformers_models() -> list[str]:
   return chosen
 
 
+def ultralytics_models() -> list[str]:
+  """Every model yaml ultralytics ships (detect, segment, pose, obb, classify, depth, semantic,
+  world, yoloe, rt-detr) at its ``n`` scale (or its smallest); files that differ only by scale
+  (yolov9t..e, yolov10n..x, rtdetr-l/x, the resnet50/101 backbones) as one family, its smallest."""
+  import re
+
+  import ultralytics
+  import yaml
+
+  chosen: dict[tuple[str, str], tuple[int, str]] = {}
+  for path in sorted((pathlib.Path(ultralytics.__file__).parent / "cfg" / "models").rglob("*.yaml")):
+    scales = list(yaml.safe_load(path.read_text()).get("scales") or {})
+    stem = path.stem
+    if len(scales) > 1:  # one file for every scale: name the scale as ultralytics reads it (yolov8n-seg)
+      scale = "n" if "n" in scales else scales[0]
+      stem = re.sub(r"^(yolo(?:e-)?v?\d+)", rf"\g<1>{scale}", stem)
+    family = re.sub(r"resnet\d+", "resnet", re.sub(r"^(yolov\d+)[a-z](?=-|$)|^(rtdetr)-[lx]$", r"\1\2", path.stem))
+    try:
+      size = sum(p.numel() for p in on_meta(f"ultralytics:{stem}").parameters())
+    except Exception:  # noqa: BLE001 - kept: the sweep reports why it does not build
+      size = 0
+    key = (path.parent.name, family)
+    chosen[key] = min(chosen.get(key, (size, stem)), (size, stem))
+  return [f"ultralytics:{stem}" for _, stem in chosen.values()]
+
+
+def smp_models() -> list[str]:
+  """segmentation_models_pytorch: every decoder with a resnet18 encoder (DPT, which takes only
+  timm's ViTs: vit_tiny), and the smallest encoder
+  of each of smp's own encoder modules (resnet, dpn, vgg, senet, ...; not its ``tu-`` timm
+  wrappers, swept as timm) under Unet."""
+  import segmentation_models_pytorch as smp
+  from segmentation_models_pytorch import encoders
+
+  chosen = []
+  for decoder in (name for name in smp.__all__ if name[0].isupper()):
+    try:
+      on_meta(f"smp:{decoder}/resnet18")
+      chosen.append(f"smp:{decoder}/resnet18")
+    except ValueError:  # DPT takes only timm's ViT-like encoders: its smallest
+      chosen.append(f"smp:{decoder}/tu-vit_tiny_patch16_224")
+  families: dict[str, tuple[int, str]] = {}
+  for name in encoders.get_encoder_names():
+    family = encoders.encoders[name]["encoder"].__module__
+    model = on_meta(f"smp:Unet/{name}")
+    if uses_batchnorm(model):
+      size = sum(p.numel() for p in model.parameters())
+      families[family] = min(families.get(family, (size, name)), (size, name))
+  chosen += [f"smp:Unet/{name}" for _, name in families.values() if name != "resnet18"]
+  return chosen
+
+
 def on_meta(spec: str):
   """The model without its weights where it can be built so (fast), else built plainly."""
   import torch
@@ -129,6 +184,20 @@ def build(spec: str):
   import torchvision
 
   source, _, name = spec.partition(":")
+  if source == "ultralytics":  # random init from the shipped yaml; the torch module, not the wrapper
+    import ultralytics
+
+    if name.startswith("rtdetr"):
+      return ultralytics.RTDETR(f"{name}.yaml").model
+    return ultralytics.YOLO(f"{name}.yaml", verbose=False).model
+  if source == "smp":
+    import segmentation_models_pytorch as smp
+
+    decoder, _, encoder = name.partition("/")
+    model = smp.create_model(decoder, encoder_name=encoder, encoder_weights=None, classes=3)
+    if hasattr(model.encoder, "_drop_connect_rate"):  # its drop connect draws with torch.rand: off, as verify's dropout
+      model.encoder._drop_connect_rate = 0.0
+    return model
   if source == "timm":
     return timm.create_model(name, pretrained=False, num_classes=10)
   if source == "transformers":  # random init from the default config
@@ -310,9 +379,9 @@ def main() -> int:
   parser.add_argument("--only", nargs="*", help="models as timm:NAME / torchvision:NAME")
   parser.add_argument(
       "--zoo",
-      choices=["timm", "torchvision", "transformers", "all"],
+      choices=["timm", "torchvision", "transformers", "ultralytics", "smp", "all"],
       default="all",
-      help="which zoo to sweep (transformers: pip install transformers, a sweep-only extra)",
+      help="which zoo to sweep (all: timm and torchvision; the others are the `sweep` extra's libraries)",
   )
   parser.add_argument("--timeout", type=float, default=600, help="seconds per model")
   parser.add_argument(
@@ -330,8 +399,10 @@ def main() -> int:
       "timm": timm_models,
       "torchvision": lambda: torchvision_models(args.families),
       "transformers": transformers_models,
+      "ultralytics": ultralytics_models,
+      "smp": smp_models,
   }
-  wanted = [zoo for zoo in zoos if args.zoo in (zoo, "all") and (zoo != "transformers" or args.zoo == zoo)]
+  wanted = [zoo for zoo in zoos if args.zoo == zoo or (args.zoo == "all" and zoo in ("timm", "torchvision"))]
   specs = args.only or [spec for zoo in wanted for spec in zoos[zoo]()]
   print(f"{len(specs)} models: {' '.join(specs)}", flush=True)
   rows = []
@@ -383,12 +454,17 @@ def report(rows: list, planned: int) -> str:
       "timm": "timm architecture modules",
       "torchvision": "torchvision models",
       "transformers": "transformers models",
+      "ultralytics": "ultralytics models",
+      "smp": "segmentation_models_pytorch models",
   }
   versions = [f"timm {timm.__version__}", f"torchvision {torchvision.__version__}", f"torch {torch.__version__}"]
-  if "transformers" in counts:
-    import transformers
-
-    versions.append(f"transformers {transformers.__version__}")
+  for library, module in (
+      ("transformers", "transformers"),
+      ("ultralytics", "ultralytics"),
+      ("smp", "segmentation_models_pytorch"),
+  ):
+    if library in counts:
+      versions.append(f"{module} {importlib.import_module(module).__version__}")
   summary = (
       ", ".join(f"{passed} of {total} {what[zoo]}" for zoo, (passed, total) in counts.items())
       + f" ({datetime.date.today()}; {', '.join(versions)}; {len(rows)} of {planned} planned models measured)"
