@@ -123,7 +123,7 @@ class Anchors(nn.Module):
         torch.cat(strides) * x.mean(),
         x.new_zeros(2, 3) + x.new_ones((3,)) + x.sum(),
         torch.cat([x, dummy], 1) * filled,
-        torch.full((n,), 3) + h,  # an int fill: int64
+        (torch.full((n,), 3) + h).to(x.dtype) / 7,  # an int fill: int64 (7 does not divide 3 + h)
     )
 
 
