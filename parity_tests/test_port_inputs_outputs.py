@@ -74,6 +74,17 @@ def relative(actual, expected) -> float:
   return float(np.max(np.abs(np.asarray(actual) - expected)) / np.max(np.abs(expected)))
 
 
+def assert_matches_torch_in_both_modes(net, module, variables):
+  """Eval, then a training forward, against torch's (RTOL); returns the training step's state."""
+  for train in (False, True):
+    net.train(train)
+    with torch.no_grad():
+      expected = net(torch.from_numpy(X))
+    output, state = module.apply(variables, X, train=train, mutable=["batch_stats"])
+    assert relative(output, expected) <= RTOL, train
+  return state
+
+
 def test_optional_keywords_and_kwargs_keep_their_defaults_and_the_output_its_class():
   torch_model = model()
   module, variables = jaxbn.port(torch_model, X)
@@ -177,12 +188,7 @@ def test_star_args_and_kwargs_passed_on_to_another_call_pass_nothing():
   torch.manual_seed(0)
   net = Detector()
   module, variables = jaxbn.port(net, X)
-  for train in (False, True):
-    net.train(train)
-    with torch.no_grad():
-      expected = net(torch.from_numpy(X))
-    output = module.apply(variables, X, train=train, mutable=["batch_stats"])[0]
-    assert relative(output, expected) <= RTOL, train
+  assert_matches_torch_in_both_modes(net, module, variables)
   with pytest.raises(jaxbn.PortError, match="without its input augment .*static_inputs=\\{'augment': \\.\\.\\.\\}"):
     module.apply(variables, X, augment=True)
 
@@ -202,12 +208,7 @@ def test_modules_made_in_forward_from_the_models_own_are_traced_through():
   torch.manual_seed(0)
   net = Stages()
   module, variables = jaxbn.port(net, X)
-  for train in (False, True):
-    net.train(train)
-    with torch.no_grad():
-      expected = net(torch.from_numpy(X))
-    output, state = module.apply(variables, X, train=train, mutable=["batch_stats"])
-    assert relative(output, expected) <= RTOL, train
+  state = assert_matches_torch_in_both_modes(net, module, variables)
   assert relative(state["batch_stats"]["features"]["3"]["mean"], net.features[3].running_mean) <= RTOL
 
   class MadeInForward(nn.Module):
@@ -269,11 +270,6 @@ def test_an_optional_input_left_at_none_is_none_in_forward():
   torch.manual_seed(0)
   net = Masked()
   module, variables = jaxbn.port(net, X)
-  for train in (False, True):
-    net.train(train)
-    with torch.no_grad():
-      expected = net(torch.from_numpy(X))
-    output = module.apply(variables, X, train=train, mutable=["batch_stats"])[0]
-    assert relative(output, expected) <= RTOL, train
+  assert_matches_torch_in_both_modes(net, module, variables)
   with pytest.raises(jaxbn.PortError, match="without its input pixel_mask .*give it to port"):
     module.apply(variables, X, pixel_mask=np.ones((2, 1, 8, 8), np.float32))

@@ -23,9 +23,9 @@ from jaxbn._src.nnx.freezing import trainable as nnx_trainable
 from jaxbn._src.port import leaves, ops
 from jaxbn._src.port import recipe as recipes
 from jaxbn._src.port.autocast import make as make_autocast
-from jaxbn._src.port.graph import Node, Program, Traced, trace
+from jaxbn._src.port.graph import Node, Program, Traced, tensor_leaf, trace
 from jaxbn._src.port.interpreter import Ported
-from jaxbn._src.port.leaves import MODULES, Leaf, Options, Tensor, find, user_rule
+from jaxbn._src.port.leaves import MODULES, Options, find, user_rule
 from jaxbn._src.port.nnx import PortedNNX
 from jaxbn._src.port.source.build import load_classes, model_source
 from jaxbn._src.torchlike.nnx import uninitialised
@@ -333,13 +333,9 @@ def _uncalled(state_dict, traced, strict) -> list[str]:
   """The state_dict keys of modules that neither forward calls (smp's encoders keep the stages
   and heads a shallower depth leaves out): held as they are (``_holding``). Weights of modules the
   port runs as stateless calls (a custom_modules factory's function) would be dropped: refused."""
-  holders = sorted(
-      {  # a leaf holds the keys under its path, or is the key (a Tensor leaf)
-          key.rpartition(".")[0] or "<top>"
-          for key in state_dict
-          if not any(key == leaf or key.startswith(leaf + ".") for leaf in traced.leaves)
-      }
-  )
+  # a leaf holds the keys under its path, or is the key (a Tensor leaf)
+  unheld = [key for key in state_dict if not any(key == leaf or key.startswith(leaf + ".") for leaf in traced.leaves)]
+  holders = sorted({key.rpartition(".")[0] or "<top>" for key in unheld})
   if not holders or not strict:
     return []
 
@@ -357,12 +353,7 @@ def _uncalled(state_dict, traced, strict) -> list[str]:
         f" they have no place: {', '.join(map(described, as_calls))}. Give custom_modules a factory that returns a Flax module holding them (it gets them at"
         " the torch path), or pass strict=False to leave them out."
     )
-  return [
-      key
-      for key in state_dict
-      if (key.rpartition(".")[0] or "<top>") in holders
-      and not any(key == leaf or key.startswith(leaf + ".") for leaf in traced.leaves)
-  ]
+  return unheld
 
 
 def _holding(traced, tensors: dict[str, np.ndarray], parameters: set[str], options: Options):
@@ -372,10 +363,7 @@ def _holding(traced, tensors: dict[str, np.ndarray], parameters: set[str], optio
   leaves = dict(traced.leaves)
   nodes = []
   for index, (key, array) in enumerate(tensors.items()):
-    floating = np.issubdtype(array.dtype, np.floating)
-    dtype = np.dtype(options.param_dtype if floating else jax.dtypes.canonicalize_dtype(array.dtype))
-    collection = "params" if key in parameters else "buffers"
-    leaves[key] = Leaf(Tensor(tuple(array.shape), dtype.name, collection))
+    leaves[key] = tensor_leaf(array, options, "params" if key in parameters else "buffers")
     nodes.append(Node(f"held_{index}", "module", key))
   programs = {mode: Program((*p.nodes[:-1], *nodes, p.nodes[-1])) for mode, p in traced.programs.items()}
   return dataclasses.replace(traced, programs=programs, leaves=leaves, held=tuple(tensors))

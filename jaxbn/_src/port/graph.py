@@ -396,8 +396,7 @@ def _tensor(node: fx.Node, model, options, modules, leaves, problem) -> Node:
   owner_path, _, attribute = node.target.rpartition(".")
   owner = model.get_submodule(owner_path)
   array = tensor_to_numpy(getattr(owner, attribute))
-  floating = np.issubdtype(array.dtype, np.floating)
-  dtype = np.dtype(options.param_dtype if floating else jax.dtypes.canonicalize_dtype(array.dtype))  # the port's
+  dtype = _port_dtype(array, options)
   if find(owner, modules) is not None:
     if all(user.target is getattr and user.args[1] in ("shape", "ndim", "dtype") for user in node.users):
       return Node(node.name, "op", ops.OpRule(Metadata(tuple(array.shape), dtype.name)))
@@ -410,9 +409,18 @@ def _tensor(node: fx.Node, model, options, modules, leaves, problem) -> Node:
   )
   if not in_state_dict:
     return Node(node.name, "op", ops.OpRule(Constant(array.tobytes(), array.shape, array.dtype.name)))
-  collection = "params" if attribute in owner._parameters else "buffers"
-  leaves[node.target] = Leaf(Tensor(tuple(array.shape), dtype.name, collection))
+  leaves[node.target] = tensor_leaf(array, options, "params" if attribute in owner._parameters else "buffers")
   return Node(node.name, "module", node.target)
+
+
+def _port_dtype(array: np.ndarray, options: Options) -> np.dtype:
+  floating = np.issubdtype(array.dtype, np.floating)
+  return np.dtype(options.param_dtype if floating else jax.dtypes.canonicalize_dtype(array.dtype))
+
+
+def tensor_leaf(array: np.ndarray, options: Options, collection: str) -> Leaf:
+  """A torch tensor held at its path (a parameter or buffer), in the port's dtype."""
+  return Leaf(Tensor(tuple(array.shape), _port_dtype(array, options).name, collection))
 
 
 def _rebinds(node: fx.Node, inplace: bool) -> str | None:

@@ -368,7 +368,7 @@ def _optional_form(code: tuple, other_skeleton: tuple) -> tuple | None:
     if len(args) != 1 or args[0][0] != "var":
       continue
     output, source = statement[1][0], args[0][1]
-    reduced = _substituted(code[:index] + code[index + 1 :], output, source)
+    reduced = substituted(code[:index] + code[index + 1 :], output, source)
     if _skeleton(reduced)[0] == other_skeleton:
       attribute = expression[3] if expression[0] == "call" else expression[2]
       flag = ("const", True, f"with_{attribute}")
@@ -376,13 +376,17 @@ def _optional_form(code: tuple, other_skeleton: tuple) -> tuple | None:
   return None
 
 
-def _substituted(e, old: str, new: str):
+def substituted(e, old: str, new: str):
+  """``e`` reading value ``new`` where it read ``old``; a child call's class key and constants are
+  not code of this class, only its arguments are (as linen's ``_reads`` walks)."""
   if isinstance(e, tuple) and e:
     if e[0] == "var" and len(e) == 2:
       return ("var", new) if e[1] == old else e
-    if e[0] == "const":
+    if e[0] == "call":
+      return (*e[:-1], substituted(e[-1], old, new))
+    if e[0] in ("const", "element"):
       return e
-    return tuple(_substituted(x, old, new) for x in e)
+    return tuple(substituted(x, old, new) for x in e)
   return e
 
 

@@ -22,7 +22,7 @@ from jaxbn._src.nnx.frozen import FrozenBatchNorm as NnxFrozenBatchNorm
 from jaxbn._src.port.graph import Static
 from jaxbn._src.port.leaves import Constant, Metadata
 from jaxbn._src.port.recipe import TrainingRecipe
-from jaxbn._src.port.source.classes import ALWAYS_WRITTEN, REQUIRED, Class, Classes, numbered, value_key
+from jaxbn._src.port.source.classes import ALWAYS_WRITTEN, REQUIRED, Class, Classes, numbered, substituted, value_key
 from jaxbn._src.port.source.naming import class_names, next_name
 from jaxbn._src.port.tracer import Guard
 from jaxbn._src.torchlike import functional, linen
@@ -547,7 +547,7 @@ def _without_identities(statements: list) -> list:
   kept, renamed = [], {}
   for statement in statements:
     for old, new in renamed.items():
-      statement = _renamed(statement, old, new)
+      statement = substituted(statement, old, new)
     if statement[0] == "assign" and len(statement[1]) == 1 and statement[2][0] == "op":
       _, rule, args, _ = statement[2]
       if getattr(rule, "fn", None) is functional.identity and args and args[0][0] == "var":
@@ -555,19 +555,6 @@ def _without_identities(statements: list) -> list:
         continue
     kept.append(statement)
   return kept
-
-
-def _renamed(e, old: str, new: str):
-  """``e`` reading ``new`` where it read ``old`` (walked as ``_reads`` walks)."""
-  if isinstance(e, tuple) and e:
-    if e[0] == "var" and len(e) == 2:
-      return ("var", new) if e[1] == old else e
-    if e[0] == "call":
-      return (*e[:4], _renamed(e[4], old, new))
-    if e[0] in ("const", "element"):
-      return e
-    return tuple(_renamed(x, old, new) for x in e)
-  return e
 
 
 def _first_var(expression) -> str | None:
