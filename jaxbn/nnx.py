@@ -24,6 +24,7 @@ from jaxbn._src.torchlike.nnx import (
     Sequential,
     Stochastic,
     Tensor,
+    initialise_missing,
     uninitialised,
 )
 from jaxbn._src.variables.state import Frozen, to_variables, update
@@ -43,6 +44,7 @@ __all__ = [
     "Tensor",
     "fold_batchnorm",
     "freeze",
+    "initialise_missing",
     "keep_eval",
     "to_variables",
     "trainable",

@@ -287,3 +287,29 @@ def test_an_index_assignment_torch_would_see_through_a_view_is_refused():
   for model in (Aliased, OfAView):
     with pytest.raises(jaxbn.PortError, match=r"x\[index\] = value on a tensor (viewed by|a view).*clone"):
       jaxbn.port(nn.Sequential(model()), np.zeros((2, 3, 4, 4), np.float32))
+
+
+class Detached(nn.Module):
+  """Values torch keeps out of the gradient: ``detach()`` (YOLO26's one-to-one head trains on
+  detached features), ``.data`` and a ``torch.no_grad()`` block in forward."""
+
+  def __init__(self):
+    super().__init__()
+    self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+    self.one2many, self.one2one = nn.Conv2d(4, 2, 1), nn.Conv2d(4, 2, 1)
+
+  def forward(self, x):
+    features = self.bn(self.conv(x))
+    with torch.no_grad():
+      scale = self.one2many(features).mean((2, 3), keepdim=True)
+    return self.one2many(features) * scale, self.one2one(features.detach()) + self.one2one(features.data)
+
+
+@pytest.mark.parametrize("via, api", [("port", "linen"), ("emit", "nnx")])
+def test_detached_values_get_no_gradient(via, api):
+  """Before detach was an identity here: conv's gradient included the one-to-one head's (and the
+  no_grad block's) and differed from torch's by their size; verify's float64 gradients are 1e-9."""
+  result = jaxbn.verify(Detached(), np.zeros((2, 3, 8, 8), np.float32), via=via, api=api, steps=1)
+  assert result.passed, result.summary()
+  gradients = next(c for c in result.checks if c.name == "gradients" and c.dtype == "float64")
+  assert gradients.arbiter == "tolerance" and gradients.error <= 1e-12, result.summary()

@@ -210,6 +210,33 @@ def test_bad_arguments_are_refused_by_name():
     jaxbn.verify(small(), X, via="source")
 
 
+class DropConnect(Small):
+  """A hand-written drop connect (lukemelas' EfficientNet, smp's efficientnet-* encoders) and a
+  functional dropout with its own rate: draws verify cannot turn off or reproduce."""
+
+  def __init__(self, rate):
+    super().__init__()
+    self.rate = rate
+
+  def forward(self, x):
+    y = super().forward(x)
+    if self.training and self.rate:
+      keep = torch.rand(y.shape[0], 1, dtype=y.dtype) >= self.rate
+      y = y * keep / (1 - self.rate)
+    return torch.nn.functional.dropout(y, self.rate, self.training)
+
+
+def test_random_draws_it_cannot_turn_off_are_refused_by_name():
+  """Compared, torch's draws against the port's would be a mismatch blamed on the port."""
+  with pytest.raises(
+      ValueError,
+      match=r"draws random numbers.*torch.rand in the model \(DropConnect\); "
+      r"F.dropout in the model.*set that rate to 0",
+  ):
+    jaxbn.verify(DropConnect(0.2), X, steps=1)
+  assert jaxbn.verify(DropConnect(0.0), X, steps=1).passed  # rate 0: nothing drawn, nothing refused
+
+
 def test_spread_arbiter_accepts_only_within_ten_times_torchs_own_spread():
   """Where a bound is below what the arithmetic resolves, torch's own spread one ulp away decides:
   jaxbn within SPREAD_FACTOR (10) of it passes, beyond it fails; the twin runs only when needed."""

@@ -21,6 +21,12 @@ from jaxbn._src.errors import PortError
 RTOL = 1e-8
 
 
+def no_grad_value(value):
+  """A value torch computed under ``torch.no_grad()`` in forward, as the tracer records it: its
+  tensors detached (the port: ``jaxbn.ops.detach``, no gradient through it)."""
+  return torch.utils._pytree.tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, value)
+
+
 class NoContext:
   """The ``ctx`` a forward gets when it is traced through: what it saves is not needed (JAX
   differentiates the forward itself)."""

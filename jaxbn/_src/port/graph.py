@@ -20,7 +20,7 @@ import torch.fx as fx
 from jaxbn._src.checkpoints.files import tensor_to_numpy
 from jaxbn._src.checkpoints.recipe import TorchRecipe, torch_mode
 from jaxbn._src.errors import PortError
-from jaxbn._src.port import autocast, ops
+from jaxbn._src.port import autocast, autograd, ops
 from jaxbn._src.port.leaves import Constant, Leaf, Metadata, Options, Tensor, class_name, find, rule
 from jaxbn._src.port.tracer import Guard, Tracer, guard, input_name
 
@@ -198,10 +198,12 @@ class Scope:
   torch_class: type
 
 
-def scope(node: fx.Node) -> tuple[Scope, ...]:
-  """The module calls (outermost first) that made a node; a call_module node is not inside itself."""
+def scope(node: fx.Node, leaves: set[str]) -> tuple[Scope, ...]:
+  """The module calls (outermost first) that made a node. A call_module node is not inside itself,
+  and nothing is inside a module called whole (``leaves``): what fx records while it makes that
+  call (an argument's lazy ``x.data``, the tracer's ``no_grad`` detach of its output) is its caller's."""
   stack = [Scope(key, path, cls) for key, (path, cls) in (node.meta.get("nn_module_stack") or {}).items()]
-  if node.op == "call_module" and stack and stack[-1].path == node.target:
+  while stack and stack[-1].path in leaves:
     stack.pop()
   return tuple(stack)
 
@@ -258,7 +260,8 @@ def trace(
                 for node in graph.nodes
             )
         )
-        scopes[train] = {node.name: scope(node) for node in graph.nodes}
+        called_whole = {node.target for node in graph.nodes if node.op == "call_module"}
+        scopes[train] = {node.name: scope(node, called_whole) for node in graph.nodes}
       # what this trace cached on modules (anchors, a shape: traced values) is the trace's own
       _restore(saved)
   finally:
@@ -327,6 +330,8 @@ def _node(node: fx.Node, model, options, modules, custom_ops, leaves, stateless,
     key = node.target
     if isinstance(key, type) and issubclass(key, tuple) and hasattr(key, "_fields"):
       return Node(node.name, "op", ops.OpRule(Static(key)), args, kwargs)  # a namedtuple (GoogLeNetOutputs)
+  if key is autograd.no_grad_value:  # computed under torch.no_grad() in forward
+    return Node(node.name, "op", ops.OPS[torch.Tensor.detach], args, kwargs)
   if getattr(key, "output_class", None) is not None:  # a dataclass output (ModelOutput)
     return Node(node.name, "op", ops.OpRule(Static(as_pytree(key.output_class))), args, kwargs)
   if key is getattr and len(node.args) > 1 and node.args[1] not in ops.TENSOR_ATTRIBUTES:

@@ -87,6 +87,9 @@ SIZED_RANDOM = ("rand", "randn")  # every call a node (constant draws would free
 SIZED_FACTORIES = (*SIZED_RANDOM, "zeros", "ones", "full", "empty")  # the others: where a size is traced
 
 
+COMPUTING = ("call_function", "call_method", "call_module")
+
+
 class Tracer(fx.Tracer):
   """fx's symbolic tracer with leaf modules, autograd functions as nodes, and concrete decisions.
 
@@ -139,6 +142,13 @@ class Tracer(fx.Tracer):
       return forward(*args, **kwargs)  # traced through: its layers are the model's own
     return super().call_module(m, forward, args, kwargs)
 
+  def create_proxy(self, kind, target, args, kwargs, *rest, **more):
+    proxy = super().create_proxy(kind, target, args, kwargs, *rest, **more)
+    if torch.is_grad_enabled() or kind not in COMPUTING or target in (autograd.no_grad_value, guard):
+      return proxy
+    # under torch.no_grad() in forward (trace() runs with grad on): torch's value has no gradient
+    return self.create_proxy("call_function", autograd.no_grad_value, (proxy,), {})
+
   def proxy(self, node: fx.Node) -> fx.Proxy:
     if node.op == "placeholder" and node.args == (None,) and self.value(node) is None:
       # an optional input the example leaves at None is None in forward, so that Python's
@@ -181,7 +191,8 @@ class Tracer(fx.Tracer):
     for name, factory in factories.items():
       setattr(torch, name, drawing(factory))
     try:
-      return super().trace(root, concrete_args)
+      with torch.enable_grad():  # so that a torch.no_grad() in forward is the forward's (create_proxy)
+        return super().trace(root, concrete_args)
     finally:
       if plain is not None:
         if own_forward is None:

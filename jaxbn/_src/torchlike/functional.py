@@ -226,11 +226,13 @@ new_ones = register("Tensor.new_ones")(_named("new_ones", _new(1)))
 
 # Tensor attributes that JAX arrays share; any other is refused when the port traces (.device is
 # the example input's, taken when tracing: the port is device-agnostic).
-TENSOR_ATTRIBUTES = ("shape", "ndim", "dtype", "real", "imag", "T", "mT")
+TENSOR_ATTRIBUTES = ("shape", "ndim", "dtype", "real", "imag", "T", "mT", "data")
 
 
 @register("builtins.getattr")
 def tensor_attribute(x, name):
+  if name == "data":  # torch's x.data: the values, outside autograd
+    return detach(x)
   return tuple(x.shape) if name == "shape" else getattr(x, name)
 
 
@@ -298,9 +300,17 @@ def transpose(x, dim0, dim1):
   return jnp.swapaxes(x, dim0, dim1)
 
 
-@register("Tensor.contiguous", "Tensor.clone", "Tensor.detach", "torch.clone")
+@register("Tensor.contiguous", "Tensor.clone", "torch.clone")
 def identity(x, *args, **kwargs):
   return x
+
+
+@register("Tensor.detach", "torch.detach")
+def detach(x):
+  """torch's ``detach()`` (and every value computed under ``torch.no_grad()``): the value, with no
+  gradient flowing back through it. Not an identity: YOLO26's one-to-one head trains on detached
+  features so that it stays out of the backbone's gradient."""
+  return jax.tree.map(lambda v: jax.lax.stop_gradient(v) if isinstance(v, jax.Array) else v, x)
 
 
 @register("torch.squeeze", "Tensor.squeeze")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype
@@ -245,4 +246,30 @@ def uninitialised(make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs | None 
         parent[path[-1]] = stream
       else:
         setattr(parent, path[-1], stream)
+  return model
+
+
+def initialise_missing(model: nnx.Module, make: Callable[[nnx.Rngs], nnx.Module]) -> nnx.Module:
+  """Fills, in place, every array of ``model`` that is still a shape only (``uninitialised``, then
+  a checkpoint that lacked it: an edited model's new head) with ``make(nnx.Rngs(0))``'s own initial
+  value. Under ``jax.jit`` only those initialisers run, not the whole model's op by op.
+
+  Example::
+
+    >>> model = jaxbn.nnx.uninitialised(lambda rngs: ResNet(rngs=rngs))                 # doctest: +SKIP
+    >>> jaxbn.convert.from_torch(state_dict, model, strict=False)                      # doctest: +SKIP
+    >>> jaxbn.nnx.initialise_missing(model, lambda rngs: ResNet(rngs=rngs))            # doctest: +SKIP
+  """
+  state = nnx.state(model)
+  lacking = [
+      path for path, variable in nnx.to_flat_state(state) if isinstance(variable.get_value(), jax.ShapeDtypeStruct)
+  ]
+  if not lacking:
+    return model
+
+  def fresh():
+    made = dict(nnx.to_flat_state(nnx.state(make(nnx.Rngs(0)))))
+    return [made[path].get_value() for path in lacking]
+
+  nnx.update(model, nnx.from_flat_state(list(zip(lacking, jax.jit(fresh)(), strict=True))))
   return model

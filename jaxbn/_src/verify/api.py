@@ -43,6 +43,7 @@ from jaxbn._src.parity import torch_batchnorms, without_dropout
 from jaxbn._src.verify import arbiters, measures
 from jaxbn._src.verify.batches import as64, draw, inputs_of
 from jaxbn._src.verify.optimizers import SGD, Optimizer
+from jaxbn._src.verify.randomness import refuse_random_draws
 from jaxbn._src.verify.result import Check, Divergence, LayerFigures, Verification
 from jaxbn._src.verify.runs import LOSSES, Step, TorchRun
 from jaxbn._src.verify.targets import Target, flax_run, target, variables_of
@@ -123,6 +124,7 @@ def verify(
   model = without_dropout(copy.deepcopy(torch_model))
   rtol, notes = _float64_bound(model, rtol)
   inputs = inputs_of(example_input)
+  refuse_random_draws(model, inputs)
   draws = draw(inputs, batches, steps, seed)
   with tempfile.TemporaryDirectory() as directory:
     chosen = Target("the given build()", build) if build is not None else target(via, api, pathlib.Path(directory))

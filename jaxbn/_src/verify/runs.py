@@ -41,7 +41,8 @@ def _numpy(value) -> np.ndarray:
 def _is_floating(leaf) -> bool:
   if hasattr(leaf, "is_floating_point"):  # a torch tensor
     return leaf.is_floating_point()
-  return jnp.issubdtype(leaf.dtype, jnp.floating)
+  dtype = getattr(leaf, "dtype", None)  # None in torch's output (RT-DETR's training dict) is a leaf of its pytree
+  return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
 
 
 def _sorted_dicts(value):

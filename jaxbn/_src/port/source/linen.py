@@ -448,6 +448,8 @@ class Body:
     if fn is functional.neg:
       return f"-{a[0]}"
     if fn is functional.tensor_attribute:
+      if args[1][1] == "data":  # torch's values outside autograd; a JAX array has no .data
+        return f"{self.source.function(functional.detach)}({a[0]})"
       return f"{a[0]}.{args[1][1]}"
     if fn is functional.size and not k:
       return f"{a[0]}.shape" if len(a) == 1 else f"{a[0]}.shape[{a[1]}]"

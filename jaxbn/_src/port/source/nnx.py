@@ -260,11 +260,12 @@ edited model and keeps the fresh values of what the file lacks.
   {base.WEIGHTS_NAME} beside this file). ``strict=False`` keeps fresh values for what the file
   lacks and leaves out what the model lacks."""
   state_dict = jaxbn.load_state_dict(pathlib.Path(__file__).with_name("{base.WEIGHTS_NAME}") if path is None else path)
-  if model is None:  # shapes only: every array comes from the file (with strict=False, maybe not)
+  given = model is not None
+  if not given:  # shapes only, filled from the file
     model = jaxbn.nnx.uninitialised(lambda rngs: {top}(rngs=rngs))
-    if not strict and any(jaxbn.convert.from_torch(state_dict, model, strict=False)[1:]):
-      model = {top}(rngs=nnx.Rngs(0))  # fresh values for what the file lacks or shapes otherwise
   jaxbn.convert.from_torch(state_dict, model, strict=strict)  # in place{keep_eval}
+  if not given:  # strict=False: fresh values for what the file lacks (an edited model's new layers), only those
+    jaxbn.nnx.initialise_missing(model, lambda rngs: {top}(rngs=rngs))
   return model
 '''
   trainable = [TRAINABLE] if recipe is not None and recipe.frozen else []
