@@ -160,6 +160,8 @@ def test_resnet50_source_is_one_bottleneck_class_within_250_lines(tmp_path):
   # what differs between the 16 blocks is fields; the first block of a stage has the downsample
   assert re.search(r"^  with_downsample: bool = False$", text, re.M)
   assert text.count("with_downsample=True") == 4
+  # the blocks after each stage's first are made the same way: a loop, as torchvision's
+  assert re.findall(r"for _ in range\((\d+)\)", text) == ["2", "3", "5", "2"]
   assert '"""torchvision.models.resnet.Bottleneck in torch."""' in text
 
 
@@ -468,6 +470,7 @@ def test_classes_are_named_for_what_differs_and_hold_their_sizes_as_fields(api, 
   once = text.split("class BlockWithSkipWith2Conv(")[1].split("\nclass ")[0]  # called once: sizes still fields
   assert re.search(r"conv_0_(in_|out_)?features", once) and "groups=3" not in once
   assert "num_classes: int = 7" in text
+  assert re.search(r"\*\(BlockWithSkip\(conv_0_0_(in_)?features=6(, rngs=rngs)?\) for _ in range\(2\)\)", text)
 
 
 class NormAct(torch.nn.Module):

@@ -277,8 +277,12 @@ class Body:
     return f"self.{name}"
 
   def sequence(self, elements: list[str]) -> str:
-    """A Sequential's constructor, from its elements' source."""
-    return f"layers.Sequential(({', '.join(elements)}{',' if len(elements) == 1 else ''}))"
+    """A Sequential's constructor, from its elements' source (repeated blocks as a loop)."""
+    runs = repeats(elements)
+    if len(runs) == 1 and runs[0][1] > 1:
+      return f"layers.Sequential(tuple({loop(*runs[0])}))"
+    parts = [element if count == 1 else f"*({loop(element, count)})" for element, count in runs]
+    return f"layers.Sequential(({', '.join(parts)}{',' if len(parts) == 1 else ''}))"
 
   def stochastic(self, function: str, kwargs: str) -> str:
     """A Sequential's element for an op that needs the mode and randomness."""
@@ -490,6 +494,22 @@ class Body:
     if e[0] == "const" and e[1] is Ellipsis:
       return "..."
     return self.expression(e)
+
+
+def repeats(elements: list[str]) -> list[tuple[str, int]]:
+  """A Sequential's elements as (source, count) runs: a block made the same way several times in a
+  row (resnet's blocks after a stage's first, as torchvision's ``for _ in range(1, blocks)``)."""
+  runs: list[tuple[str, int]] = []
+  for element in elements:
+    if runs and runs[-1][0] == element and "(" in element:  # a constructor call, not an op's name
+      runs[-1] = (element, runs[-1][1] + 1)
+    else:
+      runs.append((element, 1))
+  return runs
+
+
+def loop(element: str, count: int) -> str:
+  return f"{element} for _ in range({count})"
 
 
 def _check_attribute(key: str) -> None:

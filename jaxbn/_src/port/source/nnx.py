@@ -201,7 +201,11 @@ class Body(base.Body):
     return f"{self._build(attribute, make)}({', '.join(self.expression(a) for a in args)})"
 
   def sequence(self, elements: list[str]) -> str:
-    return f"jaxbn.nnx.Sequential([{', '.join(elements)}])"
+    runs = base.repeats(elements)
+    if len(runs) == 1 and runs[0][1] > 1:
+      return f"jaxbn.nnx.Sequential([{base.loop(*runs[0])}])"
+    parts = [element if count == 1 else f"*({base.loop(element, count)})" for element, count in runs]
+    return f"jaxbn.nnx.Sequential([{', '.join(parts)}])"
 
   def _sequential(self, e) -> str:
     _, elements, attribute, args = e
