@@ -1,6 +1,7 @@
 """Whole-model training speed: jaxbn ResNets vs the same Flax model with flax.linen.BatchNorm vs
 torchvision in torch (eager channels_last, and torch.compile where it works), images/s. With
-``--port``, also the torchvision model through ``jaxbn.port`` (NCHW input) against
+``--port``, also the torchvision model through ``jaxbn.port`` (NCHW input) and through
+``jaxbn.emit(layout="NHWC")``'s source (NHWC input) against
 ``jaxbn.models`` with ``input_layout="NCHW"``. With ``--autocast``, mixed precision: jaxbn.models with
 ``dtype=jnp.bfloat16`` (and the port with ``autocast=jnp.bfloat16`` under ``--port``) against
 torch eager inside ``torch.autocast("cpu", torch.bfloat16)``, beside the float32 rows.
@@ -54,6 +55,18 @@ def jax_step(model, x, labels):
     state[:] = jax.block_until_ready(step(*state, x, labels))
 
   return run
+
+
+def emitted_nhwc(name, x_nchw):
+  """torchvision's model as jaxbn.emit's channels-last Linen source (nn.Conv, NHWC), loaded."""
+  import importlib.util
+  import tempfile
+
+  path = jaxbn.emit(getattr(torchvision.models, name)(), x_nchw, tempfile.mkdtemp(), layout="NHWC")
+  spec = importlib.util.spec_from_file_location(f"emitted_{name}", path)
+  source = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(source)
+  return source.load()[0]
 
 
 def torch_step(name, x_nchw, labels, compiled, autocast=False):
@@ -116,6 +129,7 @@ def main() -> None:
       candidates["jaxbn.port of torchvision (NCHW)"] = lambda: jax_step(
           jaxbn.port(getattr(torchvision.models, name)(), x_nchw).module, nchw, labels
       )
+      candidates["jaxbn.emit of torchvision, layout=NHWC"] = lambda: jax_step(emitted_nhwc(name, x_nchw), x, labels)
     if args.autocast:
       candidates["jaxbn.models, dtype=bfloat16 (autocast)"] = lambda: jax_step(build(dtype=jnp.bfloat16), x, labels)
       candidates["torch eager channels_last, autocast bfloat16"] = lambda: torch_step(

@@ -247,6 +247,7 @@ def input_shape(spec: str, model) -> tuple[int, ...]:
 # .float(); xcit builds its position encoding in float32) has float32 rounding inside every
 # float64 check: each side rounds there, and their float32 ops (sin, matmul) differ by ulps.
 FLOAT32_INSIDE_GRAD64 = 1e-5
+LAYOUTS = ("NCHW", "NHWC")  # the emitted source's: torch's, and channels-last
 
 
 def computes_in_float32(model, shape) -> bool:
@@ -272,7 +273,7 @@ def computes_in_float32(model, shape) -> bool:
   return Dtypes.low
 
 
-def run_one(spec: str, emit_only: bool = False) -> dict:
+def run_one(spec: str, emit_only: bool = False, layouts=LAYOUTS) -> dict:
   """One model through ``jaxbn.verify`` (the port for 2 steps, then jaxbn.emit's source, Linen and
   NNX, for 1), in this process; the result as a JSON-able dict."""
   import numpy as np
@@ -289,7 +290,7 @@ def run_one(spec: str, emit_only: bool = False) -> dict:
     jaxbn.verification.warm_up(model, example)  # non-trivial statistics
     rtol = FLOAT32_INSIDE_GRAD64 if computes_in_float32(model, shape) else None
     if emit_only:
-      emitted = emit_check(model, example, rtol)
+      emitted = emit_check(model, example, rtol, layouts)
       status = "pass" if all(" pass" in cell for cell in emitted.split("; ")) else "emit"
       return {"status": status, "seconds": time.perf_counter() - start, "emit": emitted}
     result = jaxbn.verify(model, example, steps=2, rtol=rtol)
@@ -313,7 +314,7 @@ def run_one(spec: str, emit_only: bool = False) -> dict:
         "status": "pass",
         "seconds": time.perf_counter() - start,
         **figures,
-        "emit": emit_check(model, example, rtol),
+        "emit": emit_check(model, example, rtol, layouts),
         "reason": "; ".join(notes),
     }
   except jaxbn.PortError as error:
@@ -344,24 +345,27 @@ def measured(result) -> dict:
   }
 
 
-def emit_check(model, example, rtol) -> str:
-  """jaxbn.emit's source, Linen then NNX, through ``jaxbn.verify(via="emit", steps=1)``; or why not."""
+def emit_check(model, example, rtol, layouts=LAYOUTS) -> str:
+  """jaxbn.emit's source, Linen then NNX, in each layout, through ``jaxbn.verify(via="emit",
+  steps=1)``; or why not."""
   import jaxbn
 
   cells = []
-  for api in ("linen", "nnx"):
-    try:
-      result = jaxbn.verify(model, example, via="emit", api=api, steps=1, rtol=rtol)
-      if result.passed:
-        cells.append(f"{api} pass {measured(result)['train_rel']:.1e}")
-      else:
-        cells.append(
-            f"{api} MISMATCH: {result.divergence.describe()[:80] if result.divergence else result.failed[0].name}"
-        )
-    except jaxbn.PortError as error:
-      cells.append(f"{api} refused: {str(error).splitlines()[0][:80]}")
-    except Exception as error:  # noqa: BLE001 - reported in the table
-      cells.append(f"{api} failed: {failure(error)['reason'][:80]}")
+  for layout in layouts:
+    for api in ("linen", "nnx"):
+      what = api if layout == "NCHW" else f"{api} {layout}"
+      try:
+        result = jaxbn.verify(model, example, via="emit", api=api, layout=layout, steps=1, rtol=rtol)
+        if result.passed:
+          cells.append(f"{what} pass {measured(result)['train_rel']:.1e}")
+        else:
+          cells.append(
+              f"{what} MISMATCH: {result.divergence.describe()[:80] if result.divergence else result.failed[0].name}"
+          )
+      except jaxbn.PortError as error:
+        cells.append(f"{what} refused: {str(error).splitlines()[0][:80]}")
+      except Exception as error:  # noqa: BLE001 - reported in the table
+        cells.append(f"{what} failed: {failure(error)['reason'][:80]}")
   return "; ".join(cells)
 
 
@@ -390,10 +394,13 @@ def main() -> int:
   parser.add_argument(
       "--emit-only", action="store_true", help="only jaxbn.emit's source (jaxbn.verify(via='emit')), not the port"
   )
+  parser.add_argument(
+      "--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS), help="the emitted source's layouts to check"
+  )
   parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one model, JSON out
   args = parser.parse_args()
   if args.one:
-    print(json.dumps(run_one(args.one, args.emit_only)))
+    print(json.dumps(run_one(args.one, args.emit_only, tuple(args.layouts))))
     return 0
   zoos = {
       "timm": timm_models,
@@ -409,7 +416,15 @@ def main() -> int:
   for spec in specs:
     try:
       child = subprocess.run(
-          [sys.executable, __file__, "--one", spec, *(["--emit-only"] if args.emit_only else [])],
+          [
+              sys.executable,
+              __file__,
+              "--one",
+              spec,
+              "--layouts",
+              *args.layouts,
+              *(["--emit-only"] if args.emit_only else []),
+          ],
           capture_output=True,
           text=True,
           timeout=args.timeout,
@@ -478,21 +493,18 @@ def report(rows: list, planned: int) -> str:
   )
   if rows and all("port_seconds" not in result and "emit" in result for _, result in rows):
     return (
-        "Measured by benchmarks/zoo_sweep.py --emit-only: jaxbn.emit's model.py (Linen, then NNX) loaded and"
-        " checked by jaxbn.verify(via='emit', steps=1) (round trip, eval, a float32 step, a float64 step in"
-        " lock-step with torch); the figure is the float32 training outputs' relative difference. A model passes"
-        " when both APIs do.\n\n" + summary + "\n\n" + table + "\n"
+        "Measured by benchmarks/zoo_sweep.py --emit-only: jaxbn.emit's model.py (Linen, then NNX; in torch's"
+        " layout, then channels-last: NHWC) loaded and checked by jaxbn.verify(via='emit', steps=1) (round trip,"
+        " eval, a float32 step, a float64 step in lock-step with torch); the figure is the float32 training"
+        " outputs' relative difference. A model passes when every source does.\n\n" + summary + "\n\n" + table + "\n"
     )
   return (
       "Measured by benchmarks/zoo_sweep.py (`make zoo`): each model (statistics warmed up by"
       " jaxbn.verification.warm_up) through jaxbn.verify, 2 SGD steps: relative differences against torch"
       " float32 from identical parameters (eval, the first step's training outputs and running statistics),"
       " float64 gradients against torch float64 (worst tensor; every step, with outputs, statistics and updated"
-      " parameters, in lock-step); emitted source: jaxbn.verify(via='emit', steps=1), Linen and NNX.\n\n"
-      + summary
-      + "\n\n"
-      + table
-      + "\n"
+      " parameters, in lock-step); emitted source: jaxbn.verify(via='emit', steps=1), Linen and NNX, in"
+      " torch's layout and channels-last (NHWC) where the row says so.\n\n" + summary + "\n\n" + table + "\n"
   )
 
 

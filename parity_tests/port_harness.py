@@ -33,8 +33,11 @@ class Case:
   grad64_rtol: float | None = None  # jaxbn.verify's: 1e-9 (1e-7 with Hardsigmoid / Hardswish)
 
 
-def run(case: Case, seed: int = 0, via: str = "port", api: str = "linen") -> jaxbn.verification.Verification:
-  """``via``, ``api``: what ``jaxbn.verify`` checks (``jaxbn.port``, or ``jaxbn.emit``'s source)."""
+def run(
+    case: Case, seed: int = 0, via: str = "port", api: str = "linen", layout: str = "NCHW"
+) -> jaxbn.verification.Verification:
+  """``via``, ``api``, ``layout``: what ``jaxbn.verify`` checks (``jaxbn.port``, or ``jaxbn.emit``'s
+  source, channels-last with ``layout="NHWC"``)."""
   torch.manual_seed(seed)
   model = case.build()
   example = np.zeros(case.input_shape, np.float32)
@@ -44,6 +47,7 @@ def run(case: Case, seed: int = 0, via: str = "port", api: str = "linen") -> jax
       example,
       via=via,
       api=api,
+      layout=layout,
       steps=case.steps,
       loss=case.loss,
       floor=case.floor,

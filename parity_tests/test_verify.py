@@ -238,21 +238,25 @@ def test_random_draws_it_cannot_turn_off_are_refused_by_name():
 
 
 def test_spread_arbiter_accepts_only_within_ten_times_torchs_own_spread():
-  """Where a bound is below what the arithmetic resolves, torch's own spread one ulp away decides:
-  jaxbn within SPREAD_FACTOR (10) of it passes, beyond it fails; the twin runs only when needed."""
+  """Where a bound is below what the arithmetic resolves, torch's own spread decides: the larger
+  distance of torch's rounding twins (one ulp away; channels_last memory format) to torch; jaxbn
+  within SPREAD_FACTOR (10) of it passes, beyond it fails; the twins run only when needed."""
   from jaxbn._src.verify import arbiters
 
   expected = {"out": np.linspace(1, 2, 8)}
   moved = lambda relative: {"out": expected["out"] * (1 + relative)}  # noqa: E731
   never = lambda: 1 / 0  # noqa: E731
+  twins = lambda *spreads: lambda: [moved(s) for s in spreads]  # noqa: E731
   assert arbiters.group("g", 0, moved(5e-10), expected, never, 1e-9).arbiter == "tolerance"
-  check = arbiters.group("g", 0, moved(1e-8), expected, lambda: moved(2e-9), 1e-9)
+  check = arbiters.group("g", 0, moved(1e-8), expected, twins(2e-9), 1e-9)
   assert check.passed and check.arbiter == "torch float64 spread" and check.bound == pytest.approx(2e-8)
-  assert not arbiters.group("g", 0, moved(3e-8), expected, lambda: moved(2e-9), 1e-9).passed
-  assert not arbiters.tensors("t", 0, moved(3e-8), expected, lambda: moved(2e-9), 1e-9).passed
-  assert arbiters.tensors("t", 0, moved(1e-8), expected, lambda: moved(2e-9), 1e-9).passed
+  assert not arbiters.group("g", 0, moved(3e-8), expected, twins(2e-9), 1e-9).passed
+  assert arbiters.group("g", 0, moved(3e-8), expected, twins(2e-9, 4e-9), 1e-9).passed  # the larger twin
+  assert not arbiters.tensors("t", 0, moved(3e-8), expected, twins(2e-9), 1e-9).passed
+  assert arbiters.tensors("t", 0, moved(1e-8), expected, twins(2e-9), 1e-9).passed
+  assert arbiters.tensors("t", 0, moved(3e-8), expected, twins(1e-10, 4e-9), 1e-9).passed
   torch32, torch64 = moved(1e-7), expected  # torch float32 1e-7 from float64; floor 1e-6
   assert arbiters.tracks("o", "float32", moved(1e-6), torch32, torch64, never, 1e-6).passed
-  check = arbiters.tracks("o", "float32", moved(4e-6), torch32, torch64, lambda: moved(6e-7), 1e-6)
+  check = arbiters.tracks("o", "float32", moved(4e-6), torch32, torch64, twins(6e-7), 1e-6)
   assert check.passed and check.arbiter == "torch float32 spread"
-  assert not arbiters.tracks("o", "float32", moved(1e-4), torch32, torch64, lambda: moved(6e-7), 1e-6).passed
+  assert not arbiters.tracks("o", "float32", moved(1e-4), torch32, torch64, twins(6e-7), 1e-6).passed

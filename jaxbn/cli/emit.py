@@ -21,11 +21,12 @@ def emit(args) -> int:
   torch_model, _ = model_with_weights(args.model, weights, args.weights, args.num_classes)
   torch_model.eval()  # the model is saved as it is; its mode is the loader's to choose
   example = np.zeros((args.batch, 3, args.size, args.size), np.float32)
-  path = jaxbn.emit(torch_model, example, out, api=args.api)
+  path = jaxbn.emit(torch_model, example, out, api=args.api, layout=args.layout)
   classes = sum(line.startswith("class ") for line in path.read_text().splitlines())
+  layout = ", channels-last: inputs NHWC" if args.layout == "NHWC" else ""
   print(
       f"{path}: {type(torch_model).__name__} as Flax {'NNX' if args.api == 'nnx' else 'Linen'} source"
-      f" ({classes} Python classes)"
+      f" ({classes} Python classes{layout})"
   )
   print(f"{out / 'model.safetensors'}: its weights ({'from ' + args.weights if args.weights else 'random init'})")
   load = "model = load()" if args.api == "nnx" else "module, variables = load()"

@@ -88,6 +88,12 @@ def parser() -> argparse.ArgumentParser:
   emit.add_argument("--model", required=True, help=MODEL_FORMS)
   emit.add_argument("--out", required=True, metavar="DIR", help="where model.py and model.safetensors go")
   emit.add_argument("--api", choices=["linen", "nnx"], default="linen", help="Flax Linen (default) or NNX source")
+  emit.add_argument(
+      "--layout",
+      choices=["NCHW", "NHWC"],
+      default="NCHW",
+      help="torch's layout (default), or channels-last source with Flax's own Conv and Dense",
+  )
   emit.add_argument("--weights", help="a .pth/.safetensors state_dict for the model (default: random init)")
   emit.add_argument(
       "--num-classes", type=_at_least(1), help="classes of --model (default: read from --weights, else 1000)"

@@ -15,7 +15,13 @@ from jaxbn._src.port.source.linen import WEIGHTS_NAME
 
 
 def emit(
-    torch_model: torch.nn.Module, example_input: Any, out_dir, *, api: str = "linen", **port_options
+    torch_model: torch.nn.Module,
+    example_input: Any,
+    out_dir,
+    *,
+    api: str = "linen",
+    layout: str = "NCHW",
+    **port_options,
 ) -> pathlib.Path:
   """Writes ``out_dir/model.py``, Flax source of the torch model, and ``out_dir/model.safetensors``,
   its state_dict with the BatchNorm configuration recorded.
@@ -37,6 +43,13 @@ def emit(
   ``FROZEN``, which the model and ``frozen_mask(variables)`` (Linen) / ``trainable(model)`` (NNX)
   in ``model.py`` use: edit them to train otherwise.
 
+  ``layout="NHWC"``: channels-last source, as a Flax engineer writes it: Flax's own
+  ``nn.Conv`` / ``nn.Dense`` (NNX: ``nnx.Conv`` / ``nnx.Linear``), ``jaxbn.BatchNorm(axis=-1)``,
+  every op's axes in that layout (a transpose only where torch's order decides the result: a
+  flatten of channels and space before a Linear). The same variables, so the same
+  ``model.safetensors``; ``INPUT_AXES`` and ``OUTPUT_AXES`` in ``model.py`` say how inputs and
+  outputs relate to torch's (``jnp.transpose(x, axes)``).
+
   ``port_options`` are ``jaxbn.port``'s (``custom_ops``, ``leaf_modules``, ``dtype``, and for Linen
   ``custom_modules``): what they give is imported by reference, from the module that defines it.
 
@@ -57,7 +70,7 @@ def emit(
         " precision"
     )
   ported, traced = traced_port(torch_model, example_input, **port_options)
-  text, _, constants = model_source(traced, torch_model, example_input, api, ported.recipe)
+  text, _, constants = model_source(traced, torch_model, example_input, api, ported.recipe, layout)
   path = write(pathlib.Path(out_dir), text, constants)
   save_state_dict(torch_model, path.parent / WEIGHTS_NAME)
   return path

@@ -156,6 +156,34 @@ def references(value) -> list[str]:
   return []
 
 
+def single_assignment(program: Program) -> Program:
+  """The program with in-place ops as new values: a node that rebinds ``x`` makes later readers of
+  ``x`` read the node instead, as the interpreter's environment does."""
+  current: dict[str, str] = {}
+  nodes = []
+  for node in program.nodes:
+    nodes.append(
+        dataclasses.replace(
+            node, args=_renamed(node.args, current), kwargs=_renamed(node.kwargs, current), rebinds=None
+        )
+    )
+    if node.rebinds:
+      current[node.rebinds] = node.name
+  return Program(tuple(nodes))
+
+
+def _renamed(value, current: dict[str, str]):
+  if isinstance(value, Ref):
+    return Ref(current.get(value.name, value.name))
+  if isinstance(value, Slice):
+    return Slice(*(_renamed(v, current) for v in (value.start, value.stop, value.step)))
+  if isinstance(value, Aggregate):
+    return dataclasses.replace(value, items=_renamed(value.items, current))
+  if isinstance(value, tuple):
+    return tuple(_renamed(v, current) for v in value)
+  return value
+
+
 # Frames of the tracing machinery (torch's, and the tracer's hooks and decisions), not the user's.
 _INTERNAL = re.compile(
     r"[/\\]torch[/\\](fx|nn[/\\]modules[/\\]module\.py|_jit_internal|overrides\.py|nn[/\\]functional\.py)|jaxbn[/\\]_src[/\\]port[/\\]tracer\.py"

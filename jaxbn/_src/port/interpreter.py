@@ -8,6 +8,8 @@ of ``jax.jit`` and can be used with ``nn.jit`` and ``nn.remat``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any
 
 import flax.linen as nn
@@ -164,6 +166,25 @@ class Ported(nn.Module):
     return self.clone(leaves=leaves)
 
 
+_RECORDING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("jaxbn_port_recording", default=None)
+
+
+@contextlib.contextmanager
+def recording():
+  """``{node name: value}`` of every program run inside, arrays as ``jax.ShapeDtypeStruct``
+  (run it under ``jax.eval_shape``): what the channels-last pass reads the values' shapes from."""
+  values: dict[str, Any] = {}
+  token = _RECORDING.set(values)
+  try:
+    yield values
+  finally:
+    _RECORDING.reset(token)
+
+
+def _abstract(value):
+  return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype) if isinstance(v, jax.Array) else v, value)
+
+
 def run(program: Program, inputs: tuple, named_inputs: dict, call_module, context: Context, train: bool):
   """Walks the program once: each node's value from the values it refers to."""
   env: dict[str, Any] = {}
@@ -173,6 +194,9 @@ def run(program: Program, inputs: tuple, named_inputs: dict, call_module, contex
       env[node.name] = _input(node, positional, named, program.read)
   if named:
     raise TypeError(f"the ported model has no input {', '.join(map(repr, named))}")
+  recorded = _RECORDING.get()
+  if recorded is not None:
+    recorded.update({name: _abstract(value) for name, value in env.items()})
   for node in program.nodes:
     if node.kind == "input":
       continue
@@ -186,6 +210,8 @@ def run(program: Program, inputs: tuple, named_inputs: dict, call_module, contex
     else:
       value = node.target.fn(*args, **kwargs)
     env[node.name] = value
+    if recorded is not None:
+      recorded[node.name] = _abstract(value)
     if node.rebinds:
       env[node.rebinds] = value
   raise AssertionError("a traced program ends with its output")

@@ -246,6 +246,11 @@ def ndim(x):
   return x.ndim
 
 
+def reordered(values: tuple, order: tuple[int, ...]) -> tuple:
+  """``values`` (a shape) in another order: a channels-last array's ``x.shape`` in torch's order."""
+  return tuple(values[i] for i in order)
+
+
 # --- dtypes ------------------------------------------------------------------------------------
 
 
@@ -451,10 +456,13 @@ def elu(x, alpha=1.0, inplace=False):
 
 
 @register("F.prelu", "torch.prelu")
-def prelu(x, weight):
-  # one slope, or one per channel (axis 1; a 1-D input is its own channel axis)
-  slope = weight.reshape((-1,) + (1,) * (x.ndim - 2)) if x.ndim >= 2 else weight
-  return jnp.where(x >= 0, x, slope * x).astype(x.dtype)
+def prelu(x, weight, *, axis=1):
+  """One slope, or one per channel along ``axis`` (torch's: 1; a 1-D input is its own channel
+  axis; channels-last input: ``axis=-1``)."""
+  if x.ndim >= 2 and weight.size > 1:
+    axis %= x.ndim
+    weight = weight.reshape((-1,) + (1,) * (x.ndim - 1 - axis))
+  return jnp.where(x >= 0, x, weight * x).astype(x.dtype)
 
 
 @register("F.hardtanh")
@@ -492,13 +500,18 @@ def dropout(ctx: Context, x, p=0.5, training=True, inplace=False):
 
 
 def _channel_dropout(spatial: int):
-  def dropout_nd(ctx: Context, x, p=0.5, training=True, inplace=False):
-    # one draw per (sample, channel), over the last ``spatial`` axes; unbatched (C, ...) input too
+  def dropout_nd(ctx: Context, x, p=0.5, training=True, inplace=False, *, channels_last=False):
+    # one draw per (sample, channel), over the ``spatial`` axes (the last ones, or before the
+    # channels with ``channels_last``); unbatched (C, ...) input too
     if not (training and ctx.train) or p == 0:
       return x
     if p == 1:
       return jnp.zeros_like(x)
-    keep = jax.random.bernoulli(ctx.make_rng(), 1 - p, x.shape[: x.ndim - spatial] + (1,) * spatial)
+    if channels_last:
+      shape = x.shape[: x.ndim - spatial - 1] + (1,) * spatial + x.shape[-1:]
+    else:
+      shape = x.shape[: x.ndim - spatial] + (1,) * spatial
+    keep = jax.random.bernoulli(ctx.make_rng(), 1 - p, shape)
     return jnp.where(keep, x / (1 - p), 0).astype(x.dtype)
 
   dropout_nd.__name__ = dropout_nd.__qualname__ = f"dropout{spatial}d"
@@ -751,53 +764,83 @@ class Window(NamedTuple):
   pads: list[tuple[int, int]]
 
 
-def _window(x, n, kernel_size, stride, padding, dilation, ceil_mode) -> Window:
+def spatial_axes(x, n: int, channels_last: bool = False) -> tuple[int, ...]:
+  """The ``n`` spatial axes of ``x``: the last ones (torch's layout), or those before the channel
+  axis (channels-last: NHWC)."""
+  end = x.ndim - 1 if channels_last else x.ndim
+  return tuple(range(end - n, end))
+
+
+def _window(x, axes, kernel_size, stride, padding, dilation, ceil_mode) -> Window:
+  n = len(axes)
   kernel = _tuple(kernel_size, n)
   stride = _tuple(stride if stride not in (None, ()) else kernel_size, n)
   padding, dilation = _tuple(padding, n), _tuple(dilation, n)
   pads = [
-      (p, pool_geometry(length, k, s, p, d, ceil_mode)[1])
-      for length, k, s, p, d in zip(x.shape[-n:], kernel, stride, padding, dilation, strict=True)
+      (p, pool_geometry(x.shape[axis], k, s, p, d, ceil_mode)[1])
+      for axis, k, s, p, d in zip(axes, kernel, stride, padding, dilation, strict=True)
   ]
   return Window(kernel, stride, dilation, pads)
 
 
-def _pool(x, window: Window, init, op):
-  lead = (1,) * (x.ndim - len(window.kernel))
+def _pool(x, axes, window: Window, init, op):
+  def full(values, other):  # one entry per axis of x: ``values`` on the spatial axes
+    entries = [other] * x.ndim
+    for axis, value in zip(axes, values, strict=True):
+      entries[axis] = value
+    return entries
+
   return jax.lax.reduce_window(
       x,
       init,
       op,
-      lead + window.kernel,
-      lead + window.stride,
-      [(0, 0)] * len(lead) + window.pads,
-      window_dilation=lead + window.dilation,
+      tuple(full(window.kernel, 1)),
+      tuple(full(window.stride, 1)),
+      full(window.pads, (0, 0)),
+      window_dilation=tuple(full(window.dilation, 1)),
   )
 
 
 def _max_pool(n):
-  def max_pool(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+  def max_pool(
+      x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False, *, channels_last=False
+  ):
     if return_indices:
       raise NotImplementedError("max pooling with return_indices=True is not supported by the port")
-    return _pool(x, _window(x, n, kernel_size, stride, padding, dilation, ceil_mode), -jnp.inf, jax.lax.max)
+    axes = spatial_axes(x, n, channels_last)
+    return _pool(x, axes, _window(x, axes, kernel_size, stride, padding, dilation, ceil_mode), -jnp.inf, jax.lax.max)
 
   return max_pool
 
 
 def _avg_pool(n):
-  def avg_pool(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
-    window = _window(x, n, kernel_size, stride, padding, 1, ceil_mode)
-    total = _pool(_wide(x), window, 0.0, jax.lax.add)
+  def avg_pool(
+      x,
+      kernel_size,
+      stride=None,
+      padding=0,
+      ceil_mode=False,
+      count_include_pad=True,
+      divisor_override=None,
+      *,
+      channels_last=False,
+  ):
+    axes = spatial_axes(x, n, channels_last)
+    window = _window(x, axes, kernel_size, stride, padding, 1, ceil_mode)
+    total = _pool(_wide(x), axes, window, 0.0, jax.lax.add)
     if divisor_override:
       return (total / divisor_override).astype(x.dtype)
     # torch divides by the window's size clipped to the padded input (count_include_pad) or to
     # the input; a box, so the count is a product of per-axis counts.
     divisor = np.ones((), np.float64)
-    for length, (left, right), k, s in zip(x.shape[-n:], window.pads, window.kernel, window.stride, strict=True):
+    for axis, (left, right), k, s in zip(axes, window.pads, window.kernel, window.stride, strict=True):
+      length = x.shape[axis]
       inside = np.zeros(left + length + right)
       inside[0 if count_include_pad else left : left + length + (left if count_include_pad else 0)] = 1
       counts = np.array([inside[i : i + k].sum() for i in range(0, left + length + right - k + 1, s)])
       divisor = np.multiply.outer(divisor, counts)
+    if channels_last:
+      divisor = divisor[..., None]
     return (total / jnp.asarray(divisor, total.dtype)).astype(x.dtype)
 
   return avg_pool
@@ -818,11 +861,11 @@ def adaptive_bins(length: int, out: int) -> list[tuple[int, int]]:
 
 
 def _adaptive(n, reduce):
-  def adaptive_pool(x, output_size, return_indices=False):
+  def adaptive_pool(x, output_size, return_indices=False, *, channels_last=False):
     if return_indices:
       raise NotImplementedError("adaptive max pooling with return_indices=True is not supported by the port")
     sizes = _tuple(output_size, n)
-    for axis, out in zip(range(x.ndim - n, x.ndim), sizes, strict=True):
+    for axis, out in zip(spatial_axes(x, n, channels_last), sizes, strict=True):
       length = x.shape[axis]
       out = length if out is None else out
       if length % out == 0:  # equal bins: one reshape
@@ -875,19 +918,28 @@ def _source_scale(length_in, length_out, scale_factor, align_corners):
 
 @register("F.interpolate")
 def interpolate(
-    x, size=None, scale_factor=None, mode="nearest", align_corners=None, recompute_scale_factor=None, antialias=False
+    x,
+    size=None,
+    scale_factor=None,
+    mode="nearest",
+    align_corners=None,
+    recompute_scale_factor=None,
+    antialias=False,
+    *,
+    channels_last=False,
 ):
   if antialias or mode not in ("nearest", "linear", "bilinear", "trilinear"):
     raise NotImplementedError(f"interpolate(mode={mode!r}, antialias={antialias}) is not supported by the port")
-  n = x.ndim - 2
+  axes = spatial_axes(x, x.ndim - 2, channels_last)
+  n = len(axes)
   if size is not None:
     sizes, factors = _tuple(size, n), (None,) * n
   else:
     factors = _tuple(scale_factor, n)
-    sizes = tuple(int(math.floor(length * f)) for length, f in zip(x.shape[2:], factors, strict=True))
+    sizes = tuple(int(math.floor(x.shape[axis] * f)) for axis, f in zip(axes, factors, strict=True))
     if recompute_scale_factor:
       factors = (None,) * n
-  for axis, length_out, factor in zip(range(2, x.ndim), sizes, factors, strict=True):
+  for axis, length_out, factor in zip(axes, sizes, factors, strict=True):
     length_in = x.shape[axis]
     scale = _source_scale(length_in, length_out, factor, bool(align_corners))
     positions = np.arange(length_out, dtype=np.float64)
@@ -905,5 +957,5 @@ def interpolate(
 
 __all__ = sorted(  # the public names: every table function of this module, and what calls them need
     {rule.fn.__name__ for rule in TABLE.values() if getattr(rule.fn, "__module__", None) == __name__}
-    | {"Context", "drop_samples", "plus_bias", "pool_geometry", "adaptive_bins"}
+    | {"Context", "drop_samples", "plus_bias", "pool_geometry", "adaptive_bins", "reordered", "spatial_axes"}
 )

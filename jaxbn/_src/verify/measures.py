@@ -14,7 +14,8 @@ leaves by index) and returns a float:
 Where a bound is below what the arithmetic resolves on an ill-conditioned model (few values per
 BatchNorm channel; rounding amplified through a deep net and its updates), torch's own spread
 decides: torch run again with every parameter, buffer and input one ulp away (``nudge``,
-``nudged``), and jaxbn within ``SPREAD_FACTOR`` of that spread.
+``nudged``) and in channels_last memory format (other kernels), and jaxbn within
+``SPREAD_FACTOR`` of the larger of those spreads.
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ the port first diverged from torch, and per-layer figures for a plot.
 Arbiters: ``"exact"`` (bit for bit; the round trip and counters), ``"tolerance"`` (within the
 bound), ``"tracks torch float32"`` (float32: jaxbn's L2 distance to torch float64 within twice
 torch float32's plus the floor), ``"torch float32 spread"`` / ``"torch float64 spread"`` (within
-10x torch's own difference with every input, parameter and buffer one ulp away), ``"float64"``
+10x torch's own difference with every input, parameter and buffer one ulp away, or in
+channels_last memory format: the larger), ``"float64"``
 (a float32 figure beyond its floor, decided by the same comparison in float64).
 """
 

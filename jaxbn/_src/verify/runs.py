@@ -144,17 +144,45 @@ class TorchRun:
     return Step(output_leaves(output), dict(layers))
 
 
-def _torch_names(captured: dict) -> dict[str, np.ndarray]:
-  """Captured module outputs by torch module name (NNX captures every module: arrays only)."""
-  return {path.replace("/", "."): _numpy(value) for path, value in captured.items() if hasattr(value, "dtype")}
+def _torch_names(captured: dict, layout: Layout | None = None) -> dict[str, np.ndarray]:
+  """Captured module outputs by torch module name (NNX captures every module: arrays only), in
+  torch's layout."""
+  arrays = {path.replace("/", "."): _numpy(value) for path, value in captured.items() if hasattr(value, "dtype")}
+  return arrays if layout is None else {name: layout.torch_layer(value) for name, value in arrays.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """A channels-last model's inputs and outputs against torch's (emitted source's ``INPUT_AXES``,
+  ``OUTPUT_AXES``, ``TRAIN_OUTPUT_AXES``): each array is torch's transposed by its axes."""
+
+  inputs: tuple
+  outputs: tuple
+  train_outputs: tuple
+
+  def model_inputs(self, inputs: tuple) -> tuple:
+    return tuple(x if axes is None else np.transpose(x, axes) for x, axes in zip(inputs, self.inputs, strict=True))
+
+  def torch_output(self, output, train: bool):
+    """The output with each array in torch's layout."""
+    axes = iter(self.train_outputs if train else self.outputs)
+    leaves, tree = jax.tree.flatten(output)
+    moved = [jnp.transpose(leaf, np.argsort(next(axes))) if hasattr(leaf, "shape") else leaf for leaf in leaves]
+    return jax.tree.unflatten(tree, moved)
+
+  @staticmethod
+  def torch_layer(value: np.ndarray) -> np.ndarray:
+    """A BatchNorm layer's output: channels last, torch's channels second."""
+    return np.moveaxis(value, -1, 1) if value.ndim >= 3 else value
 
 
 class LinenRun:
   """A Linen module and its variables, stepped with ``optax`` as the user would: the optimiser
   ``jaxbn.keep_frozen(tx, frozen_mask)``, ``train=True`` and ``mutable=["batch_stats"]``."""
 
-  def __init__(self, module, variables, tx: optax.GradientTransformation, loss: str):
+  def __init__(self, module, variables, tx: optax.GradientTransformation, loss: str, layout: Layout | None = None):
     self.variables, self.opt_state = variables, tx.init(variables["params"])
+    self.layout = layout
 
     def forward(variables, inputs, train):
       return module.apply(
@@ -183,25 +211,36 @@ class LinenRun:
 
   def step(self, inputs, labels) -> Step:
     self.variables, self.opt_state, output, gradients, captured = self._step(
-        self.variables, self.opt_state, inputs, labels
+        self.variables, self.opt_state, _model_inputs(inputs, self.layout), labels
     )
     parameters, statistics = split_state(to_state_dict(self.variables))
     gradients = {k: _numpy(v) for k, v in to_state_dict({"params": gradients}).items()}
-    return Step(output_leaves(output), _torch_names(linen_outputs(captured)), gradients, parameters, statistics)
+    layers = _torch_names(linen_outputs(captured), self.layout)
+    return Step(_torch_leaves(output, self.layout, True), layers, gradients, parameters, statistics)
 
   def evaluate(self, inputs) -> Step:
-    output, state = self._evaluate(self.variables, inputs)
-    return Step(output_leaves(output), _torch_names(linen_outputs(state.get("intermediates", {}))))
+    output, state = self._evaluate(self.variables, _model_inputs(inputs, self.layout))
+    layers = _torch_names(linen_outputs(state.get("intermediates", {})), self.layout)
+    return Step(_torch_leaves(output, self.layout, False), layers)
+
+
+def _model_inputs(inputs: tuple, layout: Layout | None) -> tuple:
+  return inputs if layout is None else layout.model_inputs(inputs)
+
+
+def _torch_leaves(output, layout: Layout | None, train: bool) -> dict[str, np.ndarray]:
+  return output_leaves(output if layout is None else layout.torch_output(output, train))
 
 
 class NnxRun:
   """An NNX module stepped as the user would: ``nnx.Optimizer(model, tx, wrt=trainable)`` under
   ``nnx.jit``, ``model.train()`` (modules set to ``keep_eval`` stay in eval)."""
 
-  def __init__(self, model, tx: optax.GradientTransformation, trainable: Any, loss: str):
+  def __init__(self, model, tx: optax.GradientTransformation, trainable: Any, loss: str, layout: Layout | None = None):
     from flax import nnx
 
     self.model, self.optimizer = model, nnx.Optimizer(model, tx, wrt=trainable)
+    self.layout = layout
 
     def forward(model, inputs):
       return nnx_batchnorm_outputs(model, *inputs)
@@ -220,13 +259,14 @@ class NnxRun:
 
   def step(self, inputs, labels) -> Step:
     self.model.train()
-    output, gradients, captured = self._step(self.model, self.optimizer, inputs, labels)
+    output, gradients, captured = self._step(self.model, self.optimizer, _model_inputs(inputs, self.layout), labels)
     parameters, statistics = split_state(to_state_dict(to_variables(self.model)))
     gradients = {k: _numpy(v) for k, v in to_state_dict(to_variables(gradients)).items()}
-    return Step(output_leaves(output), _torch_names(captured), gradients, parameters, statistics)
+    layers = _torch_names(captured, self.layout)
+    return Step(_torch_leaves(output, self.layout, True), layers, gradients, parameters, statistics)
 
   def evaluate(self, inputs) -> Step:
     self.model.eval()
-    output, captured = self._evaluate(self.model, inputs)
+    output, captured = self._evaluate(self.model, _model_inputs(inputs, self.layout))
     self.model.train()
-    return Step(output_leaves(output), _torch_names(captured))
+    return Step(_torch_leaves(output, self.layout, False), _torch_names(captured, self.layout))

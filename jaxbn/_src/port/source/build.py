@@ -9,10 +9,12 @@ import pathlib
 import tempfile
 from typing import Any
 
+import numpy as np
 import torch
 
 from jaxbn._src.checkpoints.files import as_numpy, save_state_dict
 from jaxbn._src.errors import PortError
+from jaxbn._src.port import layout as layouts
 from jaxbn._src.port.graph import Program, Traced, references
 from jaxbn._src.port.recipe import TrainingRecipe
 from jaxbn._src.port.source import linen, nnx
@@ -20,19 +22,36 @@ from jaxbn._src.port.source.classes import Classes
 from jaxbn._src.port.source.tree import tree
 from jaxbn._src.port.tracer import Guard
 
+LAYOUTS = ("NCHW", "NHWC")
+
 
 def model_source(
-    traced: Traced, torch_model: torch.nn.Module, example_input: Any, api: str, recipe: TrainingRecipe | None = None
+    traced: Traced,
+    torch_model: torch.nn.Module,
+    example_input: Any,
+    api: str,
+    recipe: TrainingRecipe | None = None,
+    layout: str = "NCHW",
 ) -> tuple[str, str, dict]:
   """``(text, name of the model's class, constants)``: the traced model as Flax ``api`` source,
   and the tensors too large to write into it (``constants.safetensors``, which the text loads).
-  ``recipe``: torch's training recipe, written as editable lists the model uses."""
+  ``recipe``: torch's training recipe, written as editable lists the model uses. ``layout``:
+  ``"NCHW"`` (torch's, with jaxbn's torch-layout layers) or ``"NHWC"`` (channels-last, with
+  Flax's own layers: ``layout.py``)."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"emit: layout must be one of {LAYOUTS}, not {layout!r}")
   if traced.held:
     modules = sorted({key.rpartition(".")[0] for key in traced.held})
     raise PortError(
         f"emit: {', '.join(modules)} hold weights or buffers that neither forward calls; jaxbn.port holds them"
         " as they are, the source cannot say that yet: emit with strict=False to leave them out"
     )
+  inputs = tuple(as_numpy(x) for x in (example_input if isinstance(example_input, (tuple, list)) else (example_input,)))
+  axes = None
+  if layout == "NHWC":
+    channels_last = layouts.rewrite(traced, inputs)
+    traced, axes = channels_last.traced, channels_last
+    inputs = tuple(x if a is None else np.transpose(x, a) for x, a in zip(inputs, axes.input_axes, strict=True))
   roots = []
   for train in (True, False):
     root = tree(_signature_read(traced.programs[train]), traced.scopes[train])
@@ -41,13 +60,12 @@ def model_source(
   if api == "nnx":
     classes = Classes(dict(traced.leaves), nnx.layer_fields(torch_model))
     classes.build(*roots)
-    text, name, constants = nnx.module_source(classes, type(torch_model), versions(), recipe)
+    text, name, constants = nnx.module_source(classes, type(torch_model), versions(), recipe, axes)
   else:
     classes = Classes(dict(traced.leaves))
     classes.build(*roots)
-    inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
-    examples = [(tuple(as_numpy(x).shape), str(as_numpy(x).dtype)) for x in inputs]
-    text, name, constants = linen.module_source(classes, type(torch_model), examples, versions(), recipe)
+    examples = [(tuple(x.shape), str(x.dtype)) for x in inputs]
+    text, name, constants = linen.module_source(classes, type(torch_model), examples, versions(), recipe, axes)
   return formatted(text), name, constants
 
 

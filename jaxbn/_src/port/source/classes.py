@@ -63,7 +63,9 @@ class Class:
       if index == self.head:
         continue
       size = sizes and (
-          texts[index].endswith("features") or texts[index].endswith("groups") and self._column(index) in size_columns
+          texts[index].endswith("features")
+          or texts[index].endswith(("groups", "feature_group_count"))
+          and self._column(index) in size_columns
       )
       present = (
           [i for i, call in enumerate(self.calls) if call[self.optional[index]]] if index in self.optional else None
@@ -295,7 +297,7 @@ def _head(skeleton: tuple) -> int | None:
 
   def walk(e):
     if isinstance(e, tuple) and e:
-      if e[0] == "layer" and getattr(e[1], "__name__", "") == "Linear":
+      if e[0] == "layer" and getattr(e[1], "__name__", "") in ("Linear", "Dense"):
         found.extend(v[1] for name, v in e[2] if name in ("features", "out_features") and v[0] == "hole")
       elif e[0] not in ("call", "element"):
         for x in e:

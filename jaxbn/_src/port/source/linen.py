@@ -10,6 +10,7 @@ import math
 import operator
 from typing import Any
 
+import flax.linen
 import jax
 import numpy as np
 
@@ -59,6 +60,8 @@ JAXBN_LAYERS = {
 
 class Source:
   """Renders the classes; collects the imports and definitions the code needs."""
+
+  FLAX = ("nn", flax.linen)  # how the source names Flax's own layers and functions (nn.Conv, nn.max_pool)
 
   def __init__(self, classes: Classes):
     self.classes = classes
@@ -135,7 +138,7 @@ class Source:
     name = getattr(fn, "__name__", None)
     if getattr(functional, name or "", None) is fn and module == functional.__name__:
       return f"ops.{name}"
-    for prefix, namespace in (("jnp", jax.numpy), ("jax.nn", jax.nn), ("jax.lax", jax.lax), ("math", math)):
+    for prefix, namespace in (("jnp", jax.numpy), ("jax.nn", jax.nn), ("jax.lax", jax.lax), ("math", math), self.FLAX):
       if name and getattr(namespace, name, None) is fn:
         if prefix == "math":
           self.imports["import math"] = None
@@ -151,6 +154,8 @@ class Source:
         return JAXBN_LAYERS[base]
     if getattr(linen, cls.__name__, None) is cls:
       return f"layers.{cls.__name__}"
+    if getattr(self.FLAX[1], cls.__name__, None) is cls:  # Flax's own (channels-last source)
+      return f"{self.FLAX[0]}.{cls.__name__}"
     if getattr(torchlike_nnx, cls.__name__, None) is cls or cls in (NnxBatchNorm, NnxFrozenBatchNorm):
       return f"jaxbn.nnx.{cls.__name__}"
     return self.by_reference(cls)
@@ -689,11 +694,43 @@ FROZEN_MASK = '''def frozen_mask(variables):
 '''
 
 
+def layout_lines(axes) -> list[str]:
+  """Channels-last source (``axes``, the layout pass's ``ChannelsLast``): how its inputs and
+  outputs relate to torch's."""
+  if axes is None:
+    return []
+  lines = [
+      "# Channels-last (NHWC): each input is torch's with its axes in this order (jnp.transpose(x, axes);",
+      "# None: as torch's); each output array (in JAX's order) is torch's in the order given here.",
+      f"INPUT_AXES = {list(axes.input_axes)!r}",
+      f"OUTPUT_AXES = {list(axes.output_axes[False])!r}",
+  ]
+  if axes.output_axes[True] != axes.output_axes[False]:
+    lines.append(f"TRAIN_OUTPUT_AXES = {list(axes.output_axes[True])!r}  # train=True: torch's training outputs")
+  return ["\n".join(lines)]
+
+
+def layout_note(axes) -> str:
+  """The header's sentence on the layout."""
+  if axes is None:
+    return "Inputs and outputs are torch's (NCHW)."
+  return (
+      "Channels-last (NHWC): inputs and outputs are torch's with their axes as ``INPUT_AXES`` and\n"
+      "``OUTPUT_AXES`` say, Flax's own convolution and dense layers, ``jaxbn.BatchNorm(axis=-1)``."
+  )
+
+
 def module_source(
-    classes: Classes, torch_class: type, examples: list, versions: str, recipe: TrainingRecipe | None = None
+    classes: Classes,
+    torch_class: type,
+    examples: list,
+    versions: str,
+    recipe: TrainingRecipe | None = None,
+    axes=None,
 ) -> tuple[str, str, dict]:
   """``model.py``: a header, the classes (children before their callers), ``load()``; torch's
-  training recipe (``recipe``) as the lists the model class and ``frozen_mask`` use."""
+  training recipe (``recipe``) as the lists the model class and ``frozen_mask`` use; with
+  ``axes``, the channels-last layout's ``INPUT_AXES`` and ``OUTPUT_AXES``."""
   source = Source(classes)
   rendered = [source.render_class(key, cls) for key, cls in classes.classes.items()]
   top = source.names[next(reversed(classes.classes))]
@@ -704,7 +741,8 @@ def module_source(
 ({versions}).
 
 One class per torch module class; layers sit at torch's attribute names, so ``jaxbn.convert``
-maps torch's state_dict onto them. Load the model with its weights (``model.safetensors``)::
+maps torch's state_dict onto them. {layout_note(axes)} Load the model with its weights
+(``model.safetensors``)::
 
   module, variables = load()
   y = module.apply(variables, x)  # torch's eval()
@@ -749,8 +787,8 @@ def load(path=None, *, module=None, strict=True):
 '''
   imports = import_lines(source, ["import flax.linen as nn", "from flax import traverse_util"])
   frozen = [FROZEN_MASK] if recipe is not None and recipe.frozen else []
-  parts = [header, "\n".join(imports), *recipe_lines(recipe), *constants_lines(source), *namedtuples, *rendered]
-  return "\n\n\n".join([*parts, loader, *frozen]) + "\n", top, source.constants
+  parts = [header, "\n".join(imports), *layout_lines(axes), *recipe_lines(recipe), *constants_lines(source)]
+  return "\n\n\n".join([*parts, *namedtuples, *rendered, loader, *frozen]) + "\n", top, source.constants
 
 
 def constants_lines(source: Source) -> list[str]:

@@ -9,6 +9,7 @@ child classes they call do (``C2fWithBottleneck``), and a number only where noth
 from __future__ import annotations
 
 import collections
+import re
 from collections.abc import Iterable
 
 from jaxbn._src.torchlike import functional
@@ -117,7 +118,10 @@ def _clashes(chosen: dict[tuple, str]) -> dict[str, list[tuple]]:
 
 
 def _camel(attribute: str) -> str:
-  return "".join(part[:1].upper() + part[1:] for part in attribute.split("_"))
+  """``conv_dw`` as ``ConvDw``; torch's names that are no identifiers too (regnet's ``block1-0``:
+  ``Block1_0``)."""
+  parts = re.split(r"[^0-9A-Za-z_]+", attribute)
+  return "_".join(filter(None, ("".join(p[:1].upper() + p[1:] for p in part.split("_")) for part in parts)))
 
 
 def next_name(name: str) -> str:

@@ -8,7 +8,9 @@ import dataclasses
 import inspect
 from typing import Any
 
+import flax.linen as nn
 import torch
+from flax import nnx
 
 from jaxbn._src.errors import PortError
 from jaxbn._src.linen.batch_norm import BatchNorm
@@ -41,6 +43,11 @@ NNX_LAYERS: dict[type, tuple[type, Any]] = {
     linen.Tensor: (layers.Tensor, lambda m: {}),
     BatchNorm: (NnxBatchNorm, _num_features),
     FrozenBatchNorm: (NnxFrozenBatchNorm, _num_features),
+    # Flax's own layers (channels-last source)
+    nn.Conv: (nnx.Conv, lambda m: {"in_features": m.in_channels, "out_features": m.out_channels}),
+    nn.ConvTranspose: (nnx.ConvTranspose, lambda m: {"in_features": m.in_channels, "out_features": m.out_channels}),
+    nn.Dense: (nnx.Linear, lambda m: {"in_features": m.in_features, "out_features": m.out_features}),
+    nn.GroupNorm: (nnx.GroupNorm, lambda m: {"num_features": m.num_channels}),
 }
 
 
@@ -60,9 +67,11 @@ def layer_fields(model: torch.nn.Module):
     module = model.get_submodule(path) if linen_class is not linen.Tensor else None
     parameters = inspect.signature(nnx_class.__init__).parameters
     values = {**sizes(module)} if module is not None else {}
+    flax_own = type(prototype).__module__.startswith("flax.")  # its defaults (initialisers) are NNX's own
     for field in dataclasses.fields(prototype):
       if field.name in parameters and field.name not in values and field.name != "use_running_average":
-        values[field.name] = getattr(prototype, field.name)
+        if not (flax_own and getattr(prototype, field.name) is field.default):
+          values[field.name] = getattr(prototype, field.name)
     ordered = [(name, values[name]) for name in parameters if name in values]
     if getattr(prototype, "after", ()):
       ordered.append(("after", prototype.after))
@@ -72,6 +81,7 @@ def layer_fields(model: torch.nn.Module):
 
 
 class Source(base.Source):
+  FLAX = ("nnx", nnx)
 
   def render_class(self, key: tuple, cls: Class) -> str:
     fields = self.classes.fields(key)
@@ -229,10 +239,11 @@ class Body(base.Body):
 
 
 def module_source(
-    classes: Classes, torch_class: type, versions: str, recipe: TrainingRecipe | None = None
+    classes: Classes, torch_class: type, versions: str, recipe: TrainingRecipe | None = None, axes=None
 ) -> tuple[str, str, dict]:
   """``model.py`` for NNX: a header, the classes, ``load()``; torch's training recipe
-  (``recipe``) as the lists ``load()`` and ``trainable`` use."""
+  (``recipe``) as the lists ``load()`` and ``trainable`` use; with ``axes``, the channels-last
+  layout's ``INPUT_AXES`` and ``OUTPUT_AXES``."""
   source = Source(classes)
   rendered = [source.render_class(key, cls) for key, cls in classes.classes.items()]
   top = source.names[next(reversed(classes.classes))]
@@ -240,8 +251,8 @@ def module_source(
 ({versions}).
 
 One class per torch module class; layers sit at torch's attribute names (``model.layer1[0].bn1``),
-so ``jaxbn.convert`` maps torch's state_dict onto them. Load the model with its weights
-(``model.safetensors``)::
+so ``jaxbn.convert`` maps torch's state_dict onto them. {base.layout_note(axes)} Load the model
+with its weights (``model.safetensors``)::
 
   model = load()          # in training mode, as a new torch module
   model.eval()            # torch's eval(); model.train() is torch's train()
@@ -273,7 +284,8 @@ edited model and keeps the fresh values of what the file lacks.
   return model
 '''
   trainable = [TRAINABLE] if recipe is not None and recipe.frozen else []
-  parts = [header, "\n".join(imports), *base.recipe_lines(recipe), *base.constants_lines(source), *namedtuples]
+  parts = [header, "\n".join(imports), *base.layout_lines(axes), *base.recipe_lines(recipe)]
+  parts += [*base.constants_lines(source), *namedtuples]
   return "\n\n\n".join([*parts, *rendered, loader, *trainable]) + "\n", top, source.constants
 
 

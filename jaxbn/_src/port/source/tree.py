@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxbn._src.errors import PortError
-from jaxbn._src.port.graph import Aggregate, Program, Ref, Scope, Slice, references
+from jaxbn._src.port.graph import Program, Scope, references, single_assignment
 
 
 @dataclasses.dataclass
@@ -24,34 +24,6 @@ class Block:
     """Every node inside, children's included, in program order."""
     for item in self.items:
       yield from item.nodes() if isinstance(item, Block) else (item,)
-
-
-def single_assignment(program: Program) -> Program:
-  """The program with in-place ops as new values: a node that rebinds ``x`` makes later readers of
-  ``x`` read the node instead, as the interpreter's environment does."""
-  current: dict[str, str] = {}
-  nodes = []
-  for node in program.nodes:
-    nodes.append(
-        dataclasses.replace(
-            node, args=_renamed(node.args, current), kwargs=_renamed(node.kwargs, current), rebinds=None
-        )
-    )
-    if node.rebinds:
-      current[node.rebinds] = node.name
-  return Program(tuple(nodes))
-
-
-def _renamed(value, current: dict[str, str]):
-  if isinstance(value, Ref):
-    return Ref(current.get(value.name, value.name))
-  if isinstance(value, Slice):
-    return Slice(*(_renamed(v, current) for v in (value.start, value.stop, value.step)))
-  if isinstance(value, Aggregate):
-    return dataclasses.replace(value, items=_renamed(value.items, current))
-  if isinstance(value, tuple):
-    return tuple(_renamed(v, current) for v in value)
-  return value
 
 
 def tree(program: Program, scopes: dict[str, tuple[Scope, ...]]) -> Block:
