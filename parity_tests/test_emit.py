@@ -287,6 +287,29 @@ def test_cli_emits_a_checkpoint_as_source_that_matches_torch(tmp_path, capsys):
   assert "exists; pass --overwrite" in capsys.readouterr().err
 
 
+def test_cli_emits_channels_last_source(tmp_path, capsys):
+  """``jaxbn emit --layout NHWC``: source that takes NHWC input (its ``INPUT_AXES``) and gives
+  torch's eval output within 1e-6 of torch's largest (float32 rounding), Flax's own Conv."""
+  from jaxbn.cli import main
+
+  torch.manual_seed(0)
+  model = Tiny().eval()
+  jaxbn.save_state_dict(model, tmp_path / "weights.safetensors")
+  factory = tmp_path / "tiny_nhwc.py"
+  factory.write_text("from parity_tests.test_emit import Tiny\n\n\ndef build():\n  return Tiny()\n")
+  argv = ["emit", "--model", f"{factory}:build", "--weights", str(tmp_path / "weights.safetensors")]
+  assert main([*argv, "--out", str(tmp_path / "tiny"), "--size", "8", "--layout", "NHWC"]) == 0
+  assert "channels-last: inputs NHWC" in capsys.readouterr().out
+  source = load_source(tmp_path / "tiny" / "model.py", "cli_tiny_nhwc")
+  assert source.INPUT_AXES == [(0, 2, 3, 1)] and "nn.Conv(" in (tmp_path / "tiny" / "model.py").read_text()
+  module, variables = source.load()
+  x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+  with torch.no_grad():
+    expected = model(torch.from_numpy(x)).numpy()
+  actual = np.transpose(np.asarray(module.apply(variables, x.transpose(0, 2, 3, 1))), np.argsort(source.OUTPUT_AXES[0]))
+  assert np.max(np.abs(actual - expected)) <= 1e-6 * np.max(np.abs(expected))
+
+
 class Scale(torch.nn.Module):
 
   def __init__(self, channels):

@@ -20,7 +20,7 @@ from jaxbn._src.checkpoints.rules import from_torch, torch_key
 from jaxbn._src.errors import PortError
 from jaxbn._src.nnx.freezing import keep_eval as keep_eval_nnx
 from jaxbn._src.nnx.freezing import trainable as nnx_trainable
-from jaxbn._src.port import leaves, ops
+from jaxbn._src.port import layout, leaves, ops
 from jaxbn._src.port import recipe as recipes
 from jaxbn._src.port.autocast import make as make_autocast
 from jaxbn._src.port.graph import Node, Program, Traced, tensor_leaf, trace
@@ -375,9 +375,18 @@ def supported() -> dict[str, list[str]]:
 
 
 def supported_markdown() -> str:
-  """The README's list of what the port runs, generated from the two tables."""
+  """The README's list of what the port runs, generated from the two tables, and of what
+  channels-last source carries, from the layout pass's."""
   table = supported()
   lines = []
   for title, names in table.items():
     lines.append(f"**{title[0].upper() + title[1:]}** ({len(names)}): " + ", ".join(f"`{n}`" for n in names))
+  carried = layout.carried()
+  lines.append(
+      f'**Carried channels-last** by `jaxbn.emit(layout="NHWC")` ({len(carried)} of the'
+      f" {len(table['functions and methods'])}, and the modules that call them; convolutions, Linear,"
+      " BatchNorm, GroupNorm and LayerNorm as layers): "
+      + ", ".join(f"`{n}`" for n in carried)
+      + ". The others run in torch's layout, between transposes."
+  )
   return "\n\n".join(lines)

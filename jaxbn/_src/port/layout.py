@@ -18,7 +18,6 @@ layer's in ``LAYERS`` (keyed by the port's Linen layer class).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import math
 import operator
@@ -1086,10 +1085,9 @@ def fallback_layer(rw: Rewriter, node: Node, leaf: Leaf | None = None) -> Any:
   return _identity_layout(rw.values.get(node.name))
 
 
-@functools.cache
-def supported() -> dict[str, list[str]]:
-  """What the pass carries in channels-last layout: op functions and layer classes."""
-  return {
-      "ops": sorted(getattr(f, "__name__", str(f)) for f in RULES),
-      "layers": sorted(c.__name__ for c in LAYERS),
-  }
+def carried() -> list[str]:
+  """The torch functions and methods whose axes the pass rewrites (the rest run in torch's
+  layout between transposes), by torch's names."""
+  from jaxbn._src.port import ops as table
+
+  return sorted({table.name_of(key) for key, rule in table.OPS.items() if rule.fn in RULES})
