@@ -23,6 +23,7 @@ from torch import nn
 import jaxbn
 
 RTOL = 1e-6
+FINFO, IINFO = torch.finfo, torch.iinfo
 
 
 class ModelOutput(collections.OrderedDict):
@@ -273,3 +274,21 @@ def test_an_optional_input_left_at_none_is_none_in_forward():
   assert_matches_torch_in_both_modes(net, module, variables)
   with pytest.raises(jaxbn.PortError, match="without its input pixel_mask .*give it to port"):
     module.apply(variables, X, pixel_mask=np.ones((2, 1, 8, 8), np.float32))
+
+
+def test_finfo_of_a_traced_dtype_is_the_examples():
+  class Clamped(nn.Module):  # transformers' D-FINE, RT-DETR: ``torch.finfo(x.dtype).min`` fills a mask
+
+    def __init__(self):
+      super().__init__()
+      self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+      y = self.bn(self.conv(x))
+      return y.clamp(min=torch.finfo(y.dtype).min / 2, max=torch.finfo(x.dtype).max / 2) + torch.iinfo(torch.int8).max
+
+  torch.manual_seed(0)
+  net = Clamped()
+  module, variables = jaxbn.port(net, X)
+  assert_matches_torch_in_both_modes(net, module, variables)
+  assert torch.finfo is FINFO and torch.iinfo is IINFO  # torch's own again after the trace

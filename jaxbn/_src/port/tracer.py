@@ -182,26 +182,27 @@ class Tracer(fx.Tracer):
 
       return draw
 
-    factories = self._factories = {name: getattr(torch, name) for name in SIZED_FACTORIES}
-    owner, own_forward = type(root), type(root).__dict__.get("forward")
-    plain = plain_forward(owner.forward) if isinstance(root, torch.nn.Module) else None
-    if plain is not None:
-      owner.forward = plain
-    torch.autograd.Function.apply = classmethod(apply)
-    for name, factory in factories.items():
-      setattr(torch, name, drawing(factory))
+    def info(of):
+      # torch.finfo(x.dtype) (a mask's fill value): the example's dtype, as torch's run has it
+      @functools.wraps(of)
+      def concrete(*args, **kwargs):
+        return of(*(tracer.value(a.node) if isinstance(a, fx.Proxy) else a for a in args), **kwargs)
+
+      return concrete
+
+    self._factories = {name: getattr(torch, name) for name in SIZED_FACTORIES}
+    plain = plain_forward(type(root).forward) if isinstance(root, torch.nn.Module) else None
+    torch_patches = {name: drawing(factory) for name, factory in self._factories.items()}
+    torch_patches.update({name: info(getattr(torch, name)) for name in ("finfo", "iinfo")})
     try:
-      with torch.enable_grad():  # so that a torch.no_grad() in forward is the forward's (create_proxy)
+      with (
+          patched(type(root), {"forward": plain} if plain is not None else {}),
+          patched(torch.autograd.Function, {"apply": classmethod(apply)}),
+          patched(torch, torch_patches),
+          torch.enable_grad(),  # so that a torch.no_grad() in forward is the forward's (create_proxy)
+      ):
         return super().trace(root, concrete_args)
     finally:
-      if plain is not None:
-        if own_forward is None:
-          del owner.forward
-        else:
-          owner.forward = own_forward
-      torch.autograd.Function.apply = original
-      for name, factory in factories.items():
-        setattr(torch, name, factory)
       if self._state is not None:  # running the model updated its BatchNorm buffers: undo
         with torch.no_grad():
           for tensor, saved in self._state:
@@ -222,25 +223,14 @@ class Tracer(fx.Tracer):
     self.create_proxy("call_function", guard, (obj, expected, conversion, on_values), {})
     return expected
 
-  @contextlib.contextmanager
-  def _factories_undone(self):
-    """torch's own factories while torch runs for real (a layer's forward may call torch.zeros)."""
-    recording = {name: getattr(torch, name) for name in self._factories}
-    for name, factory in self._factories.items():
-      setattr(torch, name, factory)
-    try:
-      yield
-    finally:
-      for name, factory in recording.items():
-        setattr(torch, name, factory)
-
   def value(self, node: fx.Node) -> Any:
     """``node``'s value on the examples: the program run up to it, in order, once."""
     if node not in self._values:
       if self._state is None:
         self._state = [(t, t.detach().clone()) for t in itertools.chain(self.root.parameters(), self.root.buffers())]
       # fx's patches (Module.__call__ records a node) undone while torch runs for real
-      with torch.no_grad(), _maybe_revert_all_patches(), self._factories_undone():
+      # (and torch's own factories: a layer's forward may call torch.zeros)
+      with torch.no_grad(), _maybe_revert_all_patches(), patched(torch, self._factories):
         for pending in self.graph.nodes:
           if pending not in self._values:
             try:
@@ -284,6 +274,26 @@ class Tracer(fx.Tracer):
     if node.op == "call_function":
       return node.target(*args, **kwargs)
     return None  # the output
+
+
+@contextlib.contextmanager
+def patched(owner, attributes: dict):
+  """``owner``'s ``attributes`` set while inside, then as they were (an attribute the owner did
+  not define itself, a class's inherited ``forward``, deleted again)."""
+  missing = object()
+  saved = {
+      name: vars(owner).get(name, missing) if isinstance(owner, type) else getattr(owner, name) for name in attributes
+  }
+  for name, value in attributes.items():
+    setattr(owner, name, value)
+  try:
+    yield
+  finally:
+    for name, value in saved.items():
+      if value is missing:
+        delattr(owner, name)
+      else:
+        setattr(owner, name, value)
 
 
 class ConcreteProxy(fx.Proxy):
