@@ -32,6 +32,22 @@ sys.path.insert(0, str(ROOT))
 
 SIZE = {"video": (2, 3, 4, 64, 64), "inception": (2, 3, 96, 96)}  # input shape by need; default 2x3x64x64
 
+# transformers models whose default config does not fit this machine or does not run in torch,
+# with the config a checkpoint of them uses (or the small one of the family), and models whose
+# input is not an RGB image: each with why.
+TRANSFORMERS_CONFIGS = {
+    # the default is EfficientNet-B7 at 600 px (killed for memory at 24 GiB): B0's coefficients at 64 px
+    "EfficientNet": {"width_coefficient": 1.0, "depth_coefficient": 1.0, "image_size": 64, "hidden_dim": 1280},
+    "AlignVision": {"width_coefficient": 1.0, "depth_coefficient": 1.0, "image_size": 64, "hidden_dim": 1280},
+    # the config's own default backbone spells "archirecture" (transformers 5.25): timm's resnet50,
+    # whose channels the neck does not take; repvit_m1 as EdgeTAM's checkpoints
+    "EdgeTam": {"vision_config": {"backbone_config": "repvit_m1"}},
+    "EdgeTamVision": {"backbone_config": "repvit_m1"},
+    # __post_init__ falls back to pp_lcnet_v4, not the pp_lcnet_v3 (scale 0.75) its sub_configs_defaults name
+    "PPOCRV6SmallDet": {"backbone_config": "sub_configs_defaults"},
+}
+TRANSFORMERS_INPUTS = {"EfficientLoFTR": (2, 2, 1, 64, 64)}  # pairs of grayscale images to match
+
 
 def uses_batchnorm(model) -> bool:
   import torch
@@ -200,16 +216,42 @@ def build(spec: str):
     return model
   if source == "timm":
     return timm.create_model(name, pretrained=False, num_classes=10)
-  if source == "transformers":  # random init from the default config
+  if source == "transformers":  # random init from the default config (TRANSFORMERS_CONFIGS where it cannot be)
     import transformers
 
-    return getattr(transformers, f"{name}Model")(getattr(transformers, f"{name}Config")())
+    config_class = getattr(transformers, f"{name}Config")
+    return getattr(transformers, f"{name}Model")(config_class(**transformers_config(config_class, name)))
   if name.endswith(".backbone"):  # a detection model's feature extractor (FPN included)
     model = torchvision.models.get_model(name.removesuffix(".backbone"), weights=None, weights_backbone=None)
     return model.backbone
   segmentation = torchvision.models.list_models(module=torchvision.models.segmentation)
   kwargs = {"aux_loss": False, "weights_backbone": None} if name in segmentation else {}
   return torchvision.models.get_model(name, num_classes=10, **kwargs)
+
+
+def transformers_config(config_class, name: str) -> dict:
+  """TRANSFORMERS_CONFIGS[name] as config arguments."""
+  import transformers
+
+  def backbone(value, owner):
+    if value == "repvit_m1":
+      return transformers.TimmWrapperConfig(
+          architecture="repvit_m1", model_args={"in_chans": 3, "features_only": True, "out_indices": [0, 1, 2, 3]}
+      )
+    if value == "sub_configs_defaults":
+      spec = owner.sub_configs_defaults["backbone_config"]
+      return transformers.AutoConfig.for_model(spec.model_type, **spec.init_kwargs)
+    return value
+
+  arguments = dict(TRANSFORMERS_CONFIGS.get(name, {}))
+  if "backbone_config" in arguments:
+    arguments["backbone_config"] = backbone(arguments["backbone_config"], config_class)
+  if "vision_config" in arguments:
+    vision_class = getattr(transformers, f"{name}VisionConfig")
+    arguments["vision_config"] = vision_class(
+        **{k: backbone(v, vision_class) for k, v in arguments["vision_config"].items()}
+    )
+  return arguments
 
 
 def input_shape(spec: str, model) -> tuple[int, ...]:
@@ -228,6 +270,8 @@ def input_shape(spec: str, model) -> tuple[int, ...]:
       return False
 
   name = spec.partition(":")[2]
+  if spec.startswith("transformers:") and name in TRANSFORMERS_INPUTS:
+    return TRANSFORMERS_INPUTS[name]
   if name in torchvision.models.list_models(module=torchvision.models.video):
     # s3d pools time 8x and ends in a 7x7 average pool at 1/32: 16 frames of 224 px
     shapes = [SIZE["video"][:2] + (frames,) + SIZE["video"][3:] for frames in (4, 8, 16)] + [(2, 3, 16, 224, 224)]
