@@ -30,7 +30,7 @@ class Case:
   floor: float = 2e-4  # identical parameters (deep nets; a shallow one gets less)
   loss: str = "cross_entropy"  # or "mean_square" (outputs that are not logits)
   steps: int = 2
-  grad64_rtol: float | None = None  # jaxbn.verify's: 1e-9 (1e-7 with Hardsigmoid / Hardswish)
+  grad64_rtol: float | None = None  # jaxbn.verify's: 1e-9
 
 
 def run(

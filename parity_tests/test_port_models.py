@@ -6,7 +6,7 @@ counter and updated parameter in float64 lock-step with torch).
 CI runs the small subset (``CI``) at small resolution; ``make test-models`` runs all of them.
 Tolerances (see port_harness): from identical parameters 2e-4 relative for deep nets (measured
 worst per model in the README's table), 1e-5 for the hand-written one; float64 gradients 1e-9
-(1e-7 for models with Hardsigmoid: jaxbn.verify raises it there, noting why).
+(torch's float64 reference computes Hardsigmoid / Hardswish as its elementwise ops: jaxbn.verify's notes).
 """
 
 from __future__ import annotations

@@ -41,14 +41,16 @@ class Small(torch.nn.Module):
 
 
 class WithHardswish(Small):
+  """Hardswish, and a Hardsigmoid gate (MobileNetV3's squeeze-excitation)."""
 
   def __init__(self):
     super().__init__()
-    self.act = torch.nn.Hardswish()
+    self.act, self.gate = torch.nn.Hardswish(), torch.nn.Hardsigmoid()
 
   def forward(self, x):
-    x = F.relu(self.bn1(self.conv1(x)))
-    return self.fc(self.act(self.bn2(self.conv2(x))).mean((2, 3)))
+    x = self.act(self.bn1(self.conv1(x)))
+    x = self.bn2(self.conv2(x))
+    return self.fc((x * self.gate(x)).mean((2, 3)))
 
 
 def small(frozen_conv1=False):
@@ -83,13 +85,17 @@ def test_optimizers_with_weight_decay_pass():
     assert result.passed, (optimizer, result.summary())
 
 
-def test_hard_activations_get_torchs_own_float64_bound_with_a_note():
-  """torch's float64 Hardswish backward uses float32's 1/6: 1e-9 would fail an exact port."""
+def test_hard_activations_pass_at_1e_9_against_torchs_elementwise_float64_form():
+  """torch's fused float64 Hardswish backward rounds 1/6 to float32 (3e-8 off, 3.4e-7 after an SGD
+  step on PP-OCRv5): torch's float64 reference computes it as its own elementwise ops, and the
+  port is within 1e-9 of that; the float32 checks use torch's module as it is. The note says so."""
   model = WithHardswish()
-  result = jaxbn.verify(model, X, steps=1)
+  result = jaxbn.verify(model, X, steps=2)
   assert result.passed, result.summary()
-  assert {c.bound for c in result.checks if c.arbiter == "tolerance" and c.dtype == "float64"} == {1e-7}
-  assert "Hardswish backward uses float32's 1/6" in result.notes[0]
+  assert {c.bound for c in result.checks if c.arbiter == "tolerance" and c.dtype == "float64"} == {1e-9}
+  gradients = [c.error for c in result.checks if c.name == "gradients" and c.dtype == "float64"]
+  assert max(gradients) <= 1e-12, gradients  # against torch's fused backward: 1.4e-8
+  assert "Hardsigmoid/Hardswish computed as torch's elementwise ops" in result.notes[0]
   assert "note:" in result.summary()
 
 

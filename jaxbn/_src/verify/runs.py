@@ -4,6 +4,7 @@ frameworks' arrays are after it, under torch's state_dict keys, in float64 numpy
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -105,12 +106,35 @@ def jax_loss(output, labels, kind: str):
   return total
 
 
+def exact_hard_activations():
+  """A torch function mode in which ``F.hardswish`` and ``F.hardsigmoid`` (``nn.Hardswish``'s,
+  timm's) are compositions of torch's own elementwise ops: torch's fused float64 backward of these
+  rounds 1/6 to float32 (0.16666667163), 3.0e-8 off at the first step of transformers' PP-OCRv5
+  recogniser and 3.4e-7 after one SGD step, where the composition is exact (torch float64 with it
+  against jaxbn: the same 3.4e-7 from torch's own, and 4e-12 with only Hardswish replaced)."""
+  import torch.nn.functional as F
+  from torch.overrides import TorchFunctionMode
+
+  class ExactHardActivations(TorchFunctionMode):
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+      if func is F.hardsigmoid:
+        return F.relu6(args[0] + 3) / 6
+      if func is F.hardswish:
+        return args[0] * F.relu6(args[0] + 3) / 6
+      return func(*args, **(kwargs or {}))
+
+  return ExactHardActivations()
+
+
 class TorchRun:
   """The torch model, trained as configured (modules it keeps in eval stay in eval, parameters
-  with ``requires_grad=False`` are not stepped); its modes are restored after every call."""
+  with ``requires_grad=False`` are not stepped); its modes are restored after every call.
+  ``exact``: with ``exact_hard_activations`` (float64 references)."""
 
-  def __init__(self, model, optimizer, loss: str, batchnorms: dict):
+  def __init__(self, model, optimizer, loss: str, batchnorms: dict, exact: bool = False):
     self.model, self.loss, self.batchnorms = model, loss, batchnorms
+    self.exact = exact
     self.recipe = read_recipe(model)
     self.optimizer = optimizer.torch([p for p in model.parameters() if p.requires_grad])
     self.order: list[str] = []  # module names in the order the first forward calls them
@@ -125,7 +149,7 @@ class TorchRun:
     import torch
 
     hooks = [] if self.order else self._ordering()
-    with recording(self.batchnorms, {}) as layers, torch_mode(self.model, True, self.recipe):
+    with recording(self.batchnorms, {}) as layers, torch_mode(self.model, True, self.recipe), self._exact():
       output = self.model(*map(torch.from_numpy, inputs))
       for hook in hooks:
         hook.remove()
@@ -139,9 +163,12 @@ class TorchRun:
   def evaluate(self, inputs) -> Step:
     import torch
 
-    with recording(self.batchnorms, {}) as layers, torch_mode(self.model, False), torch.no_grad():
+    with recording(self.batchnorms, {}) as layers, torch_mode(self.model, False), torch.no_grad(), self._exact():
       output = self.model(*map(torch.from_numpy, inputs))
     return Step(output_leaves(output), dict(layers))
+
+  def _exact(self):
+    return exact_hard_activations() if self.exact else contextlib.nullcontext()
 
 
 def _torch_names(captured: dict, layout: Layout | None = None) -> dict[str, np.ndarray]:
