@@ -292,3 +292,24 @@ def test_finfo_of_a_traced_dtype_is_the_examples():
   module, variables = jaxbn.port(net, X)
   assert_matches_torch_in_both_modes(net, module, variables)
   assert torch.finfo is FINFO and torch.iinfo is IINFO  # torch's own again after the trace
+
+
+def test_torch_check_on_shapes_is_a_decision_guarded_where_the_port_runs():
+  class Checked(nn.Module):  # transformers' torch_compilable_check in RT-DETR's deformable attention
+
+    def __init__(self):
+      super().__init__()
+      self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+      y = self.bn(self.conv(x))
+      torch._check(y.shape[2] * y.shape[3] == 64)
+      torch._check_with(ValueError, y.shape[1] == 4, lambda: "four channels")
+      return y
+
+  torch.manual_seed(0)
+  net = Checked()
+  module, variables = jaxbn.port(net, X)
+  assert_matches_torch_in_both_modes(net, module, variables)
+  with pytest.raises(jaxbn.PortError, match="specialised this Python branch"):
+    module.apply(variables, np.zeros((2, 3, 4, 4), np.float32))

@@ -190,10 +190,23 @@ class Tracer(fx.Tracer):
 
       return concrete
 
+    def checked(check, position):
+      # torch._check(cond) / torch._check_with(error, cond, ...) (transformers' torch_compilable_check): a
+      # shape condition is a decision on the example, guarded where the port runs
+      @functools.wraps(check)
+      def concrete(*args, **kwargs):
+        args = list(args)
+        if len(args) > position and isinstance(args[position], fx.Proxy):
+          args[position] = tracer.decide(args[position], "bool")
+        return check(*args, **kwargs)
+
+      return concrete
+
     self._factories = {name: getattr(torch, name) for name in SIZED_FACTORIES}
     plain = plain_forward(type(root).forward) if isinstance(root, torch.nn.Module) else None
     torch_patches = {name: drawing(factory) for name, factory in self._factories.items()}
     torch_patches.update({name: info(getattr(torch, name)) for name in ("finfo", "iinfo")})
+    torch_patches.update({"_check": checked(torch._check, 0), "_check_with": checked(torch._check_with, 1)})
     try:
       with (
           patched(type(root), {"forward": plain} if plain is not None else {}),
