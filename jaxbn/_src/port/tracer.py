@@ -342,6 +342,13 @@ class ConcreteProxy(fx.Proxy):
         ],
     )
 
+  def __call__(self, *args, **kwargs):
+    # ``if callable(cond): cond = cond()`` (transformers' torch_compilable_check): every proxy is
+    # callable, the value it stands for need not be; eager torch calls only a callable one
+    if not args and not kwargs and not callable(self.tracer.value(self.node)):
+      return self
+    return super().__call__(*args, **kwargs)
+
   def keys(self):
     # a dict's keys are Python values fixed by the program (``**kwargs`` passed on to another call,
     # ``for key in outputs.keys()``): the traced ones, so that ``**d`` passes what the program reads
