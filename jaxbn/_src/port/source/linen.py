@@ -126,12 +126,7 @@ class Source:
   # --- names of things the code calls ------------------------------------------------------------
 
   def function(self, fn) -> str:
-    if isinstance(fn, Static):
-      if dataclasses.is_dataclass(fn.value):
-        raise PortError(
-            f"emit: the model returns a {fn.value.__qualname__} (a dataclass), which source cannot define yet;"
-            " jaxbn.port returns it"
-        )
+    if isinstance(fn, Static):  # a namedtuple or dataclass the model returns, defined in the file
       self.namedtuples[fn.value] = None
       return fn.value.__name__
     module = getattr(fn, "__module__", None) or ""
@@ -785,7 +780,7 @@ def load(path=None, *, module=None, strict=True):
   fresh = jax.jit(lambda: [traverse_util.flatten_dict(init())[key] for key in lacking])()
   return module, traverse_util.unflatten_dict({{**given, **dict(zip(lacking, fresh))}})
 '''
-  imports = import_lines(source, ["import flax.linen as nn", "from flax import traverse_util"])
+  imports = import_lines(source, flax_imports(source, ["import flax.linen as nn", "from flax import traverse_util"]))
   frozen = [FROZEN_MASK] if recipe is not None and recipe.frozen else []
   parts = [header, "\n".join(imports), *layout_lines(axes), *recipe_lines(recipe), *constants_lines(source)]
   return "\n\n\n".join([*parts, *namedtuples, *rendered, loader, *frozen]) + "\n", top, source.constants
@@ -802,12 +797,30 @@ def constants_lines(source: Source) -> list[str]:
 
 
 def namedtuple_lines(source: Source) -> list[str]:
-  """The namedtuples the model returns (torchvision's GoogLeNetOutputs), defined in the file."""
-  if source.namedtuples:
-    source.imports["import collections"] = None
-  return [
-      f"{cls.__name__} = collections.namedtuple({cls.__name__!r}, {list(cls._fields)!r})" for cls in source.namedtuples
-  ]
+  """The namedtuples (torchvision's GoogLeNetOutputs) and dataclasses (transformers' ModelOutput)
+  the model returns, defined in the file: a dataclass as a ``flax.struct.dataclass`` with its
+  fields in torch's order, a pytree whose leaves are those of torch's (None fields have none)."""
+  lines = []
+  for cls in source.namedtuples:
+    if dataclasses.is_dataclass(cls):
+      source.imports["from typing import Any"] = None
+      fields = [f"  {f.name}: Any = None" for f in dataclasses.fields(cls) if f.init]
+      lines.append(
+          "\n".join(
+              ["@struct.dataclass", f"class {cls.__name__}:", f'  """{_torch_name(cls)} in torch."""', "", *fields]
+          )
+      )
+    else:
+      source.imports["import collections"] = None
+      lines.append(f"{cls.__name__} = collections.namedtuple({cls.__name__!r}, {list(cls._fields)!r})")
+  return lines
+
+
+def flax_imports(source: Source, imports: list[str]) -> list[str]:
+  """``imports``, and flax's ``struct`` where the file defines a dataclass."""
+  if any(dataclasses.is_dataclass(cls) for cls in source.namedtuples):
+    return [*imports, "from flax import struct"]
+  return imports
 
 
 def import_lines(

@@ -264,7 +264,7 @@ edited model and keeps the fresh values of what the file lacks.
   namedtuples = base.namedtuple_lines(source)
   imports = base.import_lines(
       source,
-      ["from flax import nnx"],
+      base.flax_imports(source, ["from flax import nnx"]),
       "from jaxbn import layers, ops" if source.uses_layers else "from jaxbn import ops",
   )
   keep_eval = (
