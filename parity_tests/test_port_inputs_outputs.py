@@ -34,7 +34,7 @@ class ModelOutput(collections.OrderedDict):
     torch.utils._pytree.register_pytree_node(
         cls,
         lambda output: (list(output.values()), list(output.keys())),
-        lambda values, keys: cls(**dict(zip(keys, values))),
+        lambda values, keys: cls(**dict(zip(keys, values, strict=True))),
     )
 
   def __post_init__(self):
