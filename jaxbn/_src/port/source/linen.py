@@ -8,6 +8,7 @@ import hashlib
 import inspect
 import math
 import operator
+import re
 from typing import Any
 
 import flax.linen
@@ -49,7 +50,16 @@ CONSTANTS_FILE = "constants.safetensors"
 
 # Names the source uses for other things: a value or container may not take them.
 RESERVED = {"train", "self", "ctx", "rngs", "layers", "ops", "jaxbn", "jax", "jnp", "np", "nn", "nnx", "math"}
-RESERVED |= {"functools", "collections", "operator", "pathlib", "traverse_util", "Any", "CONSTANTS"}
+RESERVED |= {"functools", "collections", "operator", "pathlib", "traverse_util", "Any", "CONSTANTS", "stage", "struct"}
+MODULE_CONSTANTS = {
+    "CONSTANTS",
+    "KEEP_EVAL",
+    "FROZEN",
+    "EXAMPLE_INPUTS",
+    "INPUT_AXES",
+    "OUTPUT_AXES",
+    "TRAIN_OUTPUT_AXES",
+}
 MODE_KEYWORDS = {"use_running_average": "not train", "deterministic": "not train", "train": "train"}
 JAXBN_LAYERS = {
     BatchNorm: "jaxbn.BatchNorm",
@@ -70,6 +80,7 @@ class Source:
     self.namedtuples: dict[type, None] = {}
     self.uses_layers = False  # jaxbn.layers, which NNX source imports only where it is used
     self.constants: dict[str, np.ndarray] = {}  # tensors too large to write: constants.safetensors
+    self.tables: dict[str, str] = {}  # stage tables (name -> text), written before the model's class
     self.names = class_names(classes.classes)
 
   # --- classes ---------------------------------------------------------------------------------
@@ -116,6 +127,28 @@ class Source:
           continue  # the field's default: an optional child this call does not make
         arguments.append(f"{name}={render(value)}")
     return arguments
+
+  def stage_table(self, attribute: str, stages: list) -> str:
+    """A module-level table of a Sequential's stages, each its runs of blocks made the same way
+    ``(class, how many, fields)``, as timm's ``arch_def`` or torchvision's block settings; its name."""
+    name = re.sub(r"\W", "_", attribute).upper()
+    while name in self.tables or name in MODULE_CONSTANTS:
+      name += "_"
+    rows = []  # one run a line, as a table reads (pyink would give each field a line)
+    for runs in stages:
+      cells = [f"({cls}, {count}, dict({', '.join(arguments)}))" for cls, count, arguments in runs]
+      rows.append("    (" + ",\n     ".join(cells) + (",)," if len(cells) == 1 else "),"))
+    self.tables[name] = "\n".join(
+        [
+            f"# {attribute}: each stage as its runs of blocks made the same way: (class, how many, fields)",
+            "# fmt: off",
+            f"{name} = (",
+            *rows,
+            ")",
+            "# fmt: on",
+        ]
+    )
+    return name
 
   def annotation(self, values: list) -> str:
     annotation = _annotation(values)
@@ -335,8 +368,33 @@ class Body:
 
   def _sequential(self, e) -> str:
     _, elements, attribute, args = e
-    constructor = self.sequence([self._element(x) for x in elements])[:-1]
+    table = self._stages(elements, attribute)
+    if table is not None:
+      constructor = f"layers.Sequential(tuple(stage(runs) for runs in {table})"
+    else:
+      constructor = self.sequence([self._element(x) for x in elements])[:-1]
     return self._placed(attribute, constructor, [self.expression(args[0]), "train=train"])
+
+  def _stages(self, elements: tuple, attribute: str) -> str | None:
+    """A Sequential of stages, each a Sequential of blocks (timm's ``blocks``), as a table of each
+    stage's runs of blocks where every block's fields are literals: the table's name; else None."""
+    if "." in attribute or len(elements) < 2:
+      return None
+    stages = []
+    for element in elements:
+      if element[0] != "sequence" or not element[1] or any(item[0] != "element" for item in element[1]):
+        return None
+      runs: list[tuple[str, int, list[str]]] = []
+      for _, key, constants in element[1]:
+        if any(constant[3] in self.fields for constant in constants):
+          return None  # a block's size is a field of this class: no module-level table
+        cls, arguments = self.source.names[key], self.source.field_arguments(key, constants, self.expression)
+        if runs and runs[-1][0] == cls and runs[-1][2] == arguments:
+          runs[-1] = (cls, runs[-1][1] + 1, arguments)
+        else:
+          runs.append((cls, 1, arguments))
+      stages.append(runs)
+    return self.source.stage_table(attribute, stages)
 
   def _placed(self, attribute: str, constructor: str, call: list[str]) -> str:
     """A module built at ``attribute`` by ``constructor`` (without its closing parenthesis), called
@@ -783,6 +841,7 @@ def load(path=None, *, module=None, strict=True):
   imports = import_lines(source, flax_imports(source, ["import flax.linen as nn", "from flax import traverse_util"]))
   frozen = [FROZEN_MASK] if recipe is not None and recipe.frozen else []
   parts = [header, "\n".join(imports), *layout_lines(axes), *recipe_lines(recipe), *constants_lines(source)]
+  rendered[-1:-1] = stage_lines(source)  # before the model's class, after the blocks' classes
   return "\n\n\n".join([*parts, *namedtuples, *rendered, loader, *frozen]) + "\n", top, source.constants
 
 
@@ -794,6 +853,16 @@ def constants_lines(source: Source) -> list[str]:
       f'CONSTANTS = jaxbn.load_state_dict(pathlib.Path(__file__).with_name("{CONSTANTS_FILE}"))  # non-persistent'
       " buffers and index tables the torch model holds outside its state_dict"
   ]
+
+
+STAGE = '''def stage(runs):
+  """A stage of blocks from a stage table: each run ``(class, how many, fields)``, in order."""
+  return layers.Sequential(tuple(block(**fields) for block, count, fields in runs for _ in range(count)))'''
+
+
+def stage_lines(source: Source, helper: str = STAGE) -> list[str]:
+  """The stage tables the classes use, and the helper that builds a stage from one."""
+  return [*source.tables.values(), helper] if source.tables else []
 
 
 def namedtuple_lines(source: Source) -> list[str]:

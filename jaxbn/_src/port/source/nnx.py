@@ -221,6 +221,9 @@ class Body(base.Body):
     _, elements, attribute, args = e
 
     def make():
+      table = self._stages(elements, attribute)
+      if table is not None:
+        return f"jaxbn.nnx.Sequential([stage(runs, rngs) for runs in {table}])"
       return self.sequence([self._element(x) for x in elements])
 
     return f"{self._build(attribute, make)}({self.expression(args[0])})"
@@ -286,7 +289,13 @@ edited model and keeps the fresh values of what the file lacks.
   trainable = [TRAINABLE] if recipe is not None and recipe.frozen else []
   parts = [header, "\n".join(imports), *base.layout_lines(axes), *base.recipe_lines(recipe)]
   parts += [*base.constants_lines(source), *namedtuples]
+  rendered[-1:-1] = base.stage_lines(source, STAGE)  # before the model's class, after the blocks' classes
   return "\n\n\n".join([*parts, *rendered, loader, *trainable]) + "\n", top, source.constants
+
+
+STAGE = '''def stage(runs, rngs):
+  """A stage of blocks from a stage table: each run ``(class, how many, fields)``, in order."""
+  return jaxbn.nnx.Sequential([block(**fields, rngs=rngs) for block, count, fields in runs for _ in range(count)])'''
 
 
 TRAINABLE = '''def trainable(model):
