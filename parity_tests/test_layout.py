@@ -175,3 +175,22 @@ def test_global_pooling_and_flatten_need_no_transpose(tmp_path):
   assert not re.search(r"= jnp\.transpose\(", text)
   assert "x = jnp.mean(x, axis=(1, 2), keepdims=True)\n    x = ops.flatten(x, 1)" in text
   assert "x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))" in text
+
+
+class Tokens(torch.nn.Module):
+  """(N, L, features) into a Linear, then BatchNorm1d over features after a transpose (NCL)."""
+
+  def __init__(self):
+    super().__init__()
+    self.fc, self.bn = torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4)
+
+  def forward(self, x):
+    return self.bn(self.fc(x).transpose(1, 2))
+
+
+def test_a_sequence_read_by_a_linear_is_taken_as_torchs_and_its_transpose_moves_nothing(tmp_path):
+  torch.manual_seed(0)
+  verified(Tokens(), (4, 5, 6), "linen")
+  text = emitted(Tokens(), np.zeros((4, 5, 6), np.float32), tmp_path)
+  assert "INPUT_AXES = [(0, 1, 2)]" in text and "OUTPUT_AXES = [(0, 2, 1)]" in text  # BatchNorm's output NLC
+  assert not re.search(r"= jnp\.transpose\(", text)

@@ -143,8 +143,7 @@ class Rewriter:
     for node in program.nodes:
       self.scope = self.scopes.get(node.name, ())
       if node.kind == "input":
-        value = self.values.get(node.name)
-        layout = _input_layout(value)
+        layout = self._input_layout(node, program)
         input_axes.append(layout.perm if isinstance(layout, Axes) else None)
         self.layouts[node.name] = layout
         self.nodes.append(node)
@@ -248,6 +247,19 @@ class Rewriter:
     )
     return self.to(grown, perm)
 
+  def _input_layout(self, node: Node, program: Program) -> Any:
+    """Images and videos (floating, 4 or 5 axes) channels-last; a sequence (3 axes) where its first
+    reader is a convolution or norm over channels (NLC), else as torch's (N, L, features)."""
+    value = self.values.get(node.name)
+    if not (isinstance(value, jax.ShapeDtypeStruct) and jnp.issubdtype(value.dtype, jnp.floating)):
+      return _identity_layout(value)
+    if value.ndim == 3:
+      reader = next((n for n in program.nodes if Ref(node.name) in (*n.args, *(v for _, v in n.kwargs))), None)
+      prototype = self.original[reader.target].prototype if reader is not None and reader.kind == "module" else None
+      if not isinstance(prototype, CHANNEL_LAYERS):
+        return _identity_layout(value)
+    return Axes(channels_last(value.ndim)) if 3 <= value.ndim <= 5 else _identity_layout(value)
+
   def _module(self, node: Node) -> Any:
     leaf = self.original[node.target]
     rule = next((LAYERS[c] for c in type(leaf.prototype).__mro__ if c in LAYERS), None)
@@ -255,12 +267,6 @@ class Rewriter:
       self.nodes.append(dataclasses.replace(node, args=self.as_torch(node.args), kwargs=self.as_torch(node.kwargs)))
       return _identity_layout(self.values.get(node.name))
     return rule(self, node, leaf)
-
-
-def _input_layout(value) -> Any:
-  if isinstance(value, jax.ShapeDtypeStruct) and jnp.issubdtype(value.dtype, jnp.floating) and 3 <= value.ndim <= 5:
-    return Axes(channels_last(value.ndim))
-  return _identity_layout(value)
 
 
 def _identity_layout(value) -> Any:
@@ -455,19 +461,14 @@ def _removed(perm: Perm, axes: tuple[int, ...]) -> Perm:
 def _reduction(dim_name: str, keep_name: str | None, keeps: bool = False):
   def reduction(rw: Rewriter, node: Node) -> Any:
     call = Arguments(node)
-    x = node.args[0]
-    perm = rw.perm(x)
-    dims = _dims(call.get(dim_name), len(perm)) if perm is not None else None
-    if (
-        perm is None
-        or isinstance(call.get(dim_name), Ref)
-        or (dims is None and not keeps and call.get(dim_name) is not None)
-    ):
+    perm, given = rw.perm(node.args[0]), call.get(dim_name)
+    if perm is None or isinstance(given, Ref) or (keeps and given is None):  # softmax's implicit dim: torch's
       return fallback(rw, node)
+    dims = _dims(given, len(perm))
     keep = keeps or (keep_name is not None and call.get(keep_name) is True)
     if dims is None:  # every axis
       return rw.emit(node, Axes(perm) if keep else _identity_layout(rw.values[node.name]))
-    call.set(dim_name, _written(tuple(perm.index(d) for d in dims), call.get(dim_name)))
+    call.set(dim_name, _written(tuple(perm.index(d) for d in dims), given))
     out = Axes(perm) if keep else Axes(_removed(perm, dims))
     if isinstance(rw.values[node.name], tuple):  # (values, indices): torch.max along a dim
       out = (out, out)
@@ -949,6 +950,8 @@ def structure(rw: Rewriter, node: Node) -> Any:
 
 
 # --- layer rules -----------------------------------------------------------------------------------
+
+CHANNEL_LAYERS = (Conv, ConvTranspose, BatchNorm, FrozenBatchNorm, FoldedBatchNorm, GroupNorm)  # over axis 1
 
 LAYERS: dict[type, Callable[[Rewriter, Node, Leaf], Any]] = {}
 
