@@ -194,3 +194,35 @@ def test_a_sequence_read_by_a_linear_is_taken_as_torchs_and_its_transpose_moves_
   text = emitted(Tokens(), np.zeros((4, 5, 6), np.float32), tmp_path)
   assert "INPUT_AXES = [(0, 1, 2)]" in text and "OUTPUT_AXES = [(0, 2, 1)]" in text  # BatchNorm's output NLC
   assert not re.search(r"= jnp\.transpose\(", text)
+
+
+class ConvNeXtBlock(torch.nn.Module):
+  """torchvision's ConvNeXt block: permutes to NHWC and back as modules (torchvision.ops.Permute),
+  inside a Sequential and outside."""
+
+  def __init__(self):
+    super().__init__()
+    from torchvision.ops import Permute
+
+    self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+    self.block = torch.nn.Sequential(
+        torch.nn.Conv2d(8, 8, 7, padding=3, groups=8), Permute([0, 2, 3, 1]), torch.nn.LayerNorm(8),
+        torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8), Permute([0, 3, 1, 2]),
+    )  # fmt: skip
+    self.to_nhwc, self.bn = Permute([0, 2, 3, 1]), torch.nn.BatchNorm2d(8)
+
+  def forward(self, x):
+    x = self.stem(x)
+    x = x + self.block(x)
+    return self.to_nhwc(self.bn(x))
+
+
+def test_a_module_that_only_permutes_is_no_class_in_channels_last_source(tmp_path):
+  """Its calls write nothing; inside a Sequential it is ``ops.identity``, a placeholder at torch's
+  index, so that the layers after it keep their paths."""
+  torch.manual_seed(0)
+  verified(ConvNeXtBlock(), (2, 3, 8, 8), "linen")
+  text = emitted(ConvNeXtBlock(), np.zeros((2, 3, 8, 8), np.float32), tmp_path)
+  assert "class Permute" not in text and "Permute(" not in text
+  assert text.count("ops.identity") == 2  # the Sequential's two placeholders
+  assert "OUTPUT_AXES = [(0, 1, 2, 3)]" in text  # torch's output is NHWC already: as torch's

@@ -24,6 +24,7 @@ from jaxbn._src.port.graph import Aggregate, Node, Ref, Slice, Static, reference
 from jaxbn._src.port.leaves import Constant, Leaf, Metadata
 from jaxbn._src.port.source.tree import Block
 from jaxbn._src.port.tracer import Guard
+from jaxbn._src.torchlike import functional
 
 OPAQUE = (Guard, Constant, Metadata, Static)  # op targets that are not functions of the previous value
 
@@ -93,6 +94,24 @@ class Class:
 
   def _column(self, index: int) -> tuple:
     return tuple(value_key(call[index]) for call in self.calls)
+
+  @property
+  def identity(self) -> bool:
+    """Its code returns its one input (through identities only): channels-last source's
+    torchvision ``Permute``, whose permute moves nothing there."""
+    statements = [s for s in self.skeleton if s[0] not in ("inputs", "input")]
+    inputs = next((s[1] for s in self.skeleton if s[0] == "inputs"), ())
+    if len(inputs) != 1 or not statements or statements[-1][0] != "return":
+      return False
+    value = inputs[0]
+    for statement in statements[:-1]:
+      if not (statement[0] == "assign" and len(statement[1]) == 1 and statement[2][0] == "op"):
+        return False
+      _, rule, args, _ = statement[2]
+      if getattr(rule, "fn", None) is not functional.identity or not args or args[0] != ("var", value):
+        return False
+      value = statement[1][0]
+    return statements[-1][1] == ("var", value)
 
   def default(self, index: int):
     """A field's default: False for an optional call's flag, None for its constants, the model's

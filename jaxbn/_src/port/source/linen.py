@@ -82,6 +82,8 @@ class Source:
     self.constants: dict[str, np.ndarray] = {}  # tensors too large to write: constants.safetensors
     self.tables: dict[str, str] = {}  # stage tables (name -> text), written before the model's class
     self.names = class_names(classes.classes)
+    root = next(reversed(classes.classes), None)
+    self.identities = {key for key, cls in classes.classes.items() if cls.identity and key != root}
 
   # --- classes ---------------------------------------------------------------------------------
 
@@ -245,7 +247,7 @@ class Body:
     return self._run(statements)
 
   def _run(self, statements: list) -> list[str]:
-    statements = _without_identities(statements)
+    statements = _without_identities(statements, self.source.identities)
     last_use: dict[str, int] = {}
     for i, statement in enumerate(statements):
       for name in _reads(statement):
@@ -473,6 +475,8 @@ class Body:
       return constructor + ")"
     if e[0] == "element":
       _, key, constants = e
+      if key in self.source.identities:  # a placeholder: a Sequential's indices are torch's paths
+        return self.source.function(functional.identity)
       return f"{self.source.names[key]}({', '.join(self.source.field_arguments(key, constants, self.expression))})"
     if e[0] == "sequence":
       return self.sequence([self._element(x) for x in e[1]])
@@ -621,16 +625,23 @@ def _reads(statement) -> list[str]:
   return found
 
 
-def _without_identities(statements: list) -> list:
-  """The statements without identities (timm's ``nn.Identity()`` placeholders, ``.contiguous()``):
-  a later read of their value reads their input, so that the source has no line that does nothing."""
+def _without_identities(statements: list, identities: set = frozenset()) -> list:
+  """The statements without identities (timm's ``nn.Identity()`` placeholders, ``.contiguous()``,
+  calls of ``identities``, classes that return their input): a later read of their value reads
+  their input, so that the source has no line that does nothing."""
   kept, renamed = [], {}
   for statement in statements:
     for old, new in renamed.items():
       statement = substituted(statement, old, new)
-    if statement[0] == "assign" and len(statement[1]) == 1 and statement[2][0] == "op":
-      _, rule, args, _ = statement[2]
-      if getattr(rule, "fn", None) is functional.identity and args and args[0][0] == "var":
+    if statement[0] == "assign" and len(statement[1]) == 1 and statement[2][0] in ("op", "call"):
+      expression = statement[2]
+      args = expression[2] if expression[0] == "op" else expression[4]
+      identity = (
+          getattr(expression[1], "fn", None) is functional.identity
+          if expression[0] == "op"
+          else expression[1] in identities
+      )
+      if identity and args and args[0][0] == "var":
         renamed[statement[1][0]] = args[0][1]
         continue
     kept.append(statement)
@@ -785,7 +796,7 @@ def module_source(
   training recipe (``recipe``) as the lists the model class and ``frozen_mask`` use; with
   ``axes``, the channels-last layout's ``INPUT_AXES`` and ``OUTPUT_AXES``."""
   source = Source(classes)
-  rendered = [source.render_class(key, cls) for key, cls in classes.classes.items()]
+  rendered = [source.render_class(key, cls) for key, cls in classes.classes.items() if key not in source.identities]
   top = source.names[next(reversed(classes.classes))]
   if recipe is not None and recipe.keep_eval:
     rendered[-1] = _kept_in_eval(rendered[-1])

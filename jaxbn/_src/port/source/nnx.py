@@ -234,7 +234,7 @@ class Body(base.Body):
       if after:
         raise PortError("emit: a BatchNormAct layer inside a Sequential")
       return f"{constructor}{', ' if constructor[-1] != '(' else ''}rngs=rngs)"
-    if e[0] == "element":
+    if e[0] == "element" and e[1] not in self.source.identities:
       _, key, constants = e
       arguments = self.source.field_arguments(key, constants, self.expression)
       return f"{self.source.names[key]}({', '.join([*arguments, 'rngs=rngs'])})"
@@ -248,7 +248,7 @@ def module_source(
   (``recipe``) as the lists ``load()`` and ``trainable`` use; with ``axes``, the channels-last
   layout's ``INPUT_AXES`` and ``OUTPUT_AXES``."""
   source = Source(classes)
-  rendered = [source.render_class(key, cls) for key, cls in classes.classes.items()]
+  rendered = [source.render_class(key, cls) for key, cls in classes.classes.items() if key not in source.identities]
   top = source.names[next(reversed(classes.classes))]
   header = f'''"""{base._torch_name(torch_class)} as Flax NNX source, written by jaxbn.emit
 ({versions}).
