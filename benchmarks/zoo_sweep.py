@@ -46,7 +46,10 @@ TRANSFORMERS_CONFIGS = {
     # __post_init__ falls back to pp_lcnet_v4, not the pp_lcnet_v3 (scale 0.75) its sub_configs_defaults name
     "PPOCRV6SmallDet": {"backbone_config": "sub_configs_defaults"},
 }
-TRANSFORMERS_INPUTS = {"EfficientLoFTR": (2, 2, 1, 64, 64)}  # pairs of grayscale images to match
+TRANSFORMERS_INPUTS = {
+    "EfficientLoFTR": (2, 2, 1, 64, 64),  # pairs of grayscale images to match
+    "EdgeTam": (1, 3, 1024, 1024),  # its mask decoder's feature sizes are fixed: 1024 px only
+}
 
 
 def uses_batchnorm(model) -> bool:
