@@ -295,6 +295,7 @@ def input_shape(spec: str, model) -> tuple[int, ...]:
 # float64 check: each side rounds there, and their float32 ops (sin, matmul) differ by ulps.
 FLOAT32_INSIDE_GRAD64 = 1e-5
 LAYOUTS = ("NCHW", "NHWC")  # the emitted source's: torch's, and channels-last
+APIS = ("linen", "nnx")  # the emitted source's
 
 
 def computes_in_float32(model, shape) -> bool:
@@ -320,7 +321,7 @@ def computes_in_float32(model, shape) -> bool:
   return Dtypes.low
 
 
-def run_one(spec: str, emit_only: bool = False, layouts=LAYOUTS) -> dict:
+def run_one(spec: str, emit_only: bool = False, layouts=LAYOUTS, apis=APIS) -> dict:
   """One model through ``jaxbn.verify`` (the port for 2 steps, then jaxbn.emit's source, Linen and
   NNX, for 1), in this process; the result as a JSON-able dict."""
   import numpy as np
@@ -337,7 +338,7 @@ def run_one(spec: str, emit_only: bool = False, layouts=LAYOUTS) -> dict:
     jaxbn.verification.warm_up(model, example)  # non-trivial statistics
     rtol = FLOAT32_INSIDE_GRAD64 if computes_in_float32(model, shape) else None
     if emit_only:
-      emitted = emit_check(model, example, rtol, layouts)
+      emitted = emit_check(model, example, rtol, layouts, apis)
       status = "pass" if all(" pass" in cell for cell in emitted.split("; ")) else "emit"
       return {"status": status, "seconds": time.perf_counter() - start, "emit": emitted}
     result = jaxbn.verify(model, example, steps=2, rtol=rtol)
@@ -361,7 +362,7 @@ def run_one(spec: str, emit_only: bool = False, layouts=LAYOUTS) -> dict:
         "status": "pass",
         "seconds": time.perf_counter() - start,
         **figures,
-        "emit": emit_check(model, example, rtol, layouts),
+        "emit": emit_check(model, example, rtol, layouts, apis),
         "reason": "; ".join(notes),
     }
   except jaxbn.PortError as error:
@@ -392,14 +393,14 @@ def measured(result) -> dict:
   }
 
 
-def emit_check(model, example, rtol, layouts=LAYOUTS) -> str:
-  """jaxbn.emit's source, Linen then NNX, in each layout, through ``jaxbn.verify(via="emit",
+def emit_check(model, example, rtol, layouts=LAYOUTS, apis=APIS) -> str:
+  """jaxbn.emit's source, Linen then NNX (``apis``), in each layout, through ``jaxbn.verify(via="emit",
   steps=1)``; or why not."""
   import jaxbn
 
   cells = []
   for layout in layouts:
-    for api in ("linen", "nnx"):
+    for api in apis:
       what = api if layout == "NCHW" else f"{api} {layout}"
       try:
         result = jaxbn.verify(model, example, via="emit", api=api, layout=layout, steps=1, rtol=rtol)
@@ -444,10 +445,11 @@ def main() -> int:
   parser.add_argument(
       "--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS), help="the emitted source's layouts to check"
   )
+  parser.add_argument("--apis", nargs="+", choices=APIS, default=list(APIS), help="the emitted source's APIs to check")
   parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one model, JSON out
   args = parser.parse_args()
   if args.one:
-    print(json.dumps(run_one(args.one, args.emit_only, tuple(args.layouts))))
+    print(json.dumps(run_one(args.one, args.emit_only, tuple(args.layouts), tuple(args.apis))))
     return 0
   zoos = {
       "timm": timm_models,
@@ -470,6 +472,8 @@ def main() -> int:
               spec,
               "--layouts",
               *args.layouts,
+              "--apis",
+              *args.apis,
               *(["--emit-only"] if args.emit_only else []),
           ],
           capture_output=True,
@@ -487,12 +491,12 @@ def main() -> int:
     rows.append((spec, result))
     print(spec, json.dumps(result), flush=True)
     if args.out:  # rewritten after every model, so that a stopped sweep keeps what it measured
-      pathlib.Path(args.out).write_text(report(rows, len(specs)))
-  print(report(rows, len(specs)).split("\n\n")[1])
+      pathlib.Path(args.out).write_text(report(rows, len(specs), args.layouts, args.apis))
+  print(report(rows, len(specs), args.layouts, args.apis).split("\n\n")[1])
   return 0
 
 
-def report(rows: list, planned: int) -> str:
+def report(rows: list, planned: int, layouts=LAYOUTS, apis=APIS) -> str:
   import timm
   import torch
   import torchvision
@@ -538,10 +542,12 @@ def report(rows: list, planned: int) -> str:
           *(f"| {spec} | {cells(result)} |" for spec, result in rows),
       ]
   )
+  names = {"linen": "Linen", "nnx": "NNX", "NCHW": "torch's layout", "NHWC": "channels-last (NHWC)"}
+  sources = f"{' and '.join(names[a] for a in apis)}, in {' and '.join(names[x] for x in layouts)}"
   if rows and all("port_seconds" not in result and "emit" in result for _, result in rows):
     return (
-        "Measured by benchmarks/zoo_sweep.py --emit-only: jaxbn.emit's model.py (Linen, then NNX; in torch's"
-        " layout, then channels-last: NHWC) loaded and checked by jaxbn.verify(via='emit', steps=1) (round trip,"
+        f"Measured by benchmarks/zoo_sweep.py --emit-only: jaxbn.emit's model.py ({sources}) loaded and checked"
+        " by jaxbn.verify(via='emit', steps=1) (round trip,"
         " eval, a float32 step, a float64 step in lock-step with torch); the figure is the float32 training"
         " outputs' relative difference. A model passes when every source does.\n\n" + summary + "\n\n" + table + "\n"
     )
@@ -550,8 +556,11 @@ def report(rows: list, planned: int) -> str:
       " jaxbn.verification.warm_up) through jaxbn.verify, 2 SGD steps: relative differences against torch"
       " float32 from identical parameters (eval, the first step's training outputs and running statistics),"
       " float64 gradients against torch float64 (worst tensor; every step, with outputs, statistics and updated"
-      " parameters, in lock-step); emitted source: jaxbn.verify(via='emit', steps=1), Linen and NNX, in"
-      " torch's layout and channels-last (NHWC) where the row says so.\n\n" + summary + "\n\n" + table + "\n"
+      f" parameters, in lock-step); emitted source: jaxbn.verify(via='emit', steps=1), {sources}.\n\n"
+      + summary
+      + "\n\n"
+      + table
+      + "\n"
   )
 
 

@@ -226,3 +226,26 @@ def test_a_module_that_only_permutes_is_no_class_in_channels_last_source(tmp_pat
   assert "class Permute" not in text and "Permute(" not in text
   assert text.count("ops.identity") == 2  # the Sequential's two placeholders
   assert "OUTPUT_AXES = [(0, 1, 2, 3)]" in text  # torch's output is NHWC already: as torch's
+
+
+class SplitBlocks(torch.nn.Module):
+  """ultralytics' C2f: a list of a chunk's halves grown by blocks, concatenated over channels; a
+  forward with an optional keyword the example does not give (``augment=False``)."""
+
+  def __init__(self):
+    super().__init__()
+    self.cv1, self.bn = torch.nn.Conv2d(3, 8, 1), torch.nn.BatchNorm2d(8)
+    self.m = torch.nn.ModuleList(torch.nn.Conv2d(4, 4, 3, padding=1) for _ in range(2))
+    self.cv2 = torch.nn.Conv2d(16, 6, 1)
+
+  def forward(self, x, augment=False):
+    y = list(self.bn(self.cv1(x)).chunk(2, 1))
+    y.extend(m(y[-1]) for m in self.m)
+    return self.cv2(torch.cat(y, 1))
+
+
+def test_the_length_of_a_list_of_chunks_and_optional_inputs_past_the_example(tmp_path):
+  torch.manual_seed(0)
+  verified(SplitBlocks(), (2, 3, 8, 8), "linen")
+  text = emitted(SplitBlocks(), np.zeros((2, 3, 8, 8), np.float32), tmp_path)
+  assert "INPUT_AXES = [(0, 2, 3, 1)]" in text and not re.search(r"= jnp\.transpose\(", text)

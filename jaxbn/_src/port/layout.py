@@ -114,7 +114,7 @@ def rewrite(traced: Traced, inputs: tuple, outputs_as_torch: bool = False) -> Ch
         single_assignment(traced.programs[train]), outputs_as_torch
     )
     scopes[train] = rewriter.scopes
-    input_axes = input_axes or axes_in
+    input_axes = input_axes or axes_in[: len(inputs)]  # optional inputs past the example's keep their defaults
   rewritten = dataclasses.replace(traced, programs=programs, leaves=leaves, scopes=scopes)
   return ChannelsLast(rewritten, input_axes, output_axes)
 
@@ -929,9 +929,12 @@ def _groups(shape: tuple, target: tuple) -> list[tuple[list[int], list[int]]]:
 
 @rule(Guard)
 def guard(rw: Rewriter, node: Node) -> Any:
-  """A Python decision on shapes: ``len(x)`` is the batch size, JAX's first axis too."""
-  perm = rw.perm(node.args[0])
-  if perm is not None and node.target.fn.conversion == "len" and perm and perm[0] == 0:
+  """A Python decision on shapes: ``len(x)`` is the batch size, JAX's first axis too; the length of
+  a tuple of arrays (``list(x.chunk(2, 1))``) or of a shape does not depend on their layout."""
+  layout = rw.layout(node.args[0])
+  if node.target.fn.conversion == "len" and (
+      isinstance(layout, (tuple, list, ShapeAxes)) or (isinstance(layout, Axes) and layout.perm[:1] == (0,))
+  ):
     return rw.emit(node, None)
   return fallback(rw, node)
 
