@@ -184,6 +184,7 @@ class _Run:
     self.native["torch step"] = self._timed("torch", torch_run.step, inputs, labels)
     self.native["step"] = self._timed("jax", flax.step, inputs, labels)
     self.order = torch_run.order
+    del built, flax, torch_run  # float32's models freed before float64's are made (yolov3: 20 GB at once)
     model64 = copy.deepcopy(self.initial).double()
     torch64 = self._torch(model64, exact=True)
     with jax.enable_x64(True):
