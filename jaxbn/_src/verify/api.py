@@ -110,14 +110,12 @@ def verify(
   model = without_dropout(copy.deepcopy(torch_model))
   rtol = RTOL if rtol is None else rtol
   hard = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.lower() in HARD_ACTIVATIONS})
-  notes = (
-      (
-          f"torch float64's {'/'.join(hard)} computed as torch's elementwise ops (x * relu6(x + 3) / 6): its"
-          " fused float64 backward rounds 1/6 to float32",
-      )
-      if hard
-      else ()
-  )
+  notes = ()
+  if hard:
+    notes = (
+        f"torch float64's {'/'.join(hard)} computed as torch's elementwise ops (x * relu6(x + 3) / 6): its"
+        " fused float64 backward rounds 1/6 to float32",
+    )
   inputs = inputs_of(example_input)
   refuse_random_draws(model, inputs)
   draws = draw(inputs, batches, steps, seed)

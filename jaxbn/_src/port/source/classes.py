@@ -31,6 +31,20 @@ OPAQUE = (Guard, Constant, Metadata, Static)  # op targets that are not function
 SEQUENTIAL_FORWARD = torch.nn.Sequential.forward
 
 
+def identity_input(statement, identities=frozenset()) -> str | None:
+  """The variable an assignment of an identity reads: ``y = ops.identity(x)`` (timm's
+  ``nn.Identity()``, ``.contiguous()``) or a call of a class key in ``identities`` (a class that
+  returns its input) gives ``"x"``; any other statement None."""
+  if statement[0] != "assign" or len(statement[1]) != 1 or statement[2][0] not in ("op", "call"):
+    return None
+  expression = statement[2]
+  if expression[0] == "op":
+    identity, args = getattr(expression[1], "fn", None) is functional.identity, expression[2]
+  else:
+    identity, args = expression[1] in identities, expression[4]
+  return args[0][1] if identity and args and args[0][0] == "var" else None
+
+
 @dataclasses.dataclass
 class Class:
   """One emitted class: its torch class, its code's shape, and every call's constants.
@@ -105,10 +119,7 @@ class Class:
       return False
     value = inputs[0]
     for statement in statements[:-1]:
-      if not (statement[0] == "assign" and len(statement[1]) == 1 and statement[2][0] == "op"):
-        return False
-      _, rule, args, _ = statement[2]
-      if getattr(rule, "fn", None) is not functional.identity or not args or args[0] != ("var", value):
+      if identity_input(statement) != value:
         return False
       value = statement[1][0]
     return statements[-1][1] == ("var", value)

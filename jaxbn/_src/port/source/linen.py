@@ -24,7 +24,16 @@ from jaxbn._src.nnx.frozen import FrozenBatchNorm as NnxFrozenBatchNorm
 from jaxbn._src.port.graph import Static
 from jaxbn._src.port.leaves import Constant, Metadata
 from jaxbn._src.port.recipe import TrainingRecipe
-from jaxbn._src.port.source.classes import ALWAYS_WRITTEN, REQUIRED, Class, Classes, numbered, substituted, value_key
+from jaxbn._src.port.source.classes import (
+    ALWAYS_WRITTEN,
+    REQUIRED,
+    Class,
+    Classes,
+    identity_input,
+    numbered,
+    substituted,
+    value_key,
+)
 from jaxbn._src.port.source.naming import class_names, next_name
 from jaxbn._src.port.tracer import Guard
 from jaxbn._src.torchlike import functional, linen
@@ -633,17 +642,10 @@ def _without_identities(statements: list, identities: set = frozenset()) -> list
   for statement in statements:
     for old, new in renamed.items():
       statement = substituted(statement, old, new)
-    if statement[0] == "assign" and len(statement[1]) == 1 and statement[2][0] in ("op", "call"):
-      expression = statement[2]
-      args = expression[2] if expression[0] == "op" else expression[4]
-      identity = (
-          getattr(expression[1], "fn", None) is functional.identity
-          if expression[0] == "op"
-          else expression[1] in identities
-      )
-      if identity and args and args[0][0] == "var":
-        renamed[statement[1][0]] = args[0][1]
-        continue
+    read = identity_input(statement, identities)
+    if read is not None:
+      renamed[statement[1][0]] = read
+      continue
     kept.append(statement)
   return kept
 
