@@ -206,6 +206,7 @@ def test_model_spec_errors_are_one_line_and_exit_2(jaxbn_cli, tmp_path):
       (("check", "--model", str(tmp_path / "missing.py") + ":make"), "is not a .py file"),
       (("check", "--model", "resnet18", "--emit"), "--emit checks what jaxbn.port / jaxbn.emit make"),
       (("check", "--model", "resnet18", "--train-steps", "1"), "use --model torchvision:resnet18"),
+      (("check", "--layout", "NHWC"), "--layout NHWC is the emitted source's layout"),
       (("check", "--json", str(tmp_path / "no" / "dir" / "x.json")), "--json"),
   ]
   for args, expected in cases:  # each fails before any model runs
@@ -299,10 +300,13 @@ def make():
 """
 
 
-@pytest.mark.parametrize("options", [(), ("--api", "nnx"), ("--emit",), ("--emit", "--api", "nnx")])
+@pytest.mark.parametrize(
+    "options", [(), ("--api", "nnx"), ("--emit",), ("--emit", "--api", "nnx"), ("--emit", "--layout", "NHWC")]
+)
 def test_check_trains_side_by_side_and_writes_json(jaxbn_cli, tmp_path, options):
-  """``--train-steps``: jaxbn.verify on what is checked (the port or emitted source, Linen or NNX);
-  ``--json``: one object with the per-layer rows and verify's result."""
+  """``--train-steps``: jaxbn.verify on what is checked (the port or emitted source, Linen or NNX,
+  channels-last with ``--layout NHWC``: per-layer outputs compared as NHWC); ``--json``: one
+  object with the per-layer rows and verify's result."""
   import json
 
   (tmp_path / "net.py").write_text(NET)
@@ -317,6 +321,7 @@ def test_check_trains_side_by_side_and_writes_json(jaxbn_cli, tmp_path, options)
   assert {row["layer"] for row in document["layers"]} == {"bn", "bn_head"}
   assert document["verify"]["passed"] is True and document["verify"]["steps"] == 2
   assert document["verify"]["target"].startswith("jaxbn.emit" if "--emit" in options else "jaxbn.port")
+  assert ("layout='NHWC'" in document["checked"] + document["verify"]["target"]) == ("NHWC" in options)
 
 
 def test_check_fails_when_verify_fails(jaxbn_cli, tmp_path, monkeypatch):

@@ -643,19 +643,37 @@ class NumberedChild(torch.nn.Module):
     return self.bn(getattr(self, "0")(x))
 
 
-def test_nnx_source_refuses_a_child_it_cannot_name_and_the_port_falls_back_to_the_bridge(tmp_path):
-  """NNX source has no attribute for a child named ``0``: emit refuses by name; port(api="nnx")
-  returns the bridge (PortedNNX), which holds it, within float32 rounding of torch (1e-6)."""
+@pytest.mark.parametrize("api", list(PORTS))
+def test_a_child_whose_name_is_no_identifier_keeps_torchs_name(api, tmp_path):
+  """A child named ``0`` (regnet's ``block1-0``): NNX source builds it with ``setattr`` and calls
+  it with ``getattr`` at torch's name (was refused), Linen names it; eval and a training forward
+  within float32 rounding of torch (1e-6); port(api="nnx") is now the native NNX module."""
   torch.manual_seed(0)
-  model = NumberedChild().eval()
   x = np.random.default_rng(0).standard_normal((2, 3, 4, 4)).astype(np.float32)
-  with pytest.raises(
-      jaxbn.PortError, match=r"emit\(api='nnx'\): the model calls a module at '0', which is not an attribute"
-  ):
-    jaxbn.emit(model, x, tmp_path, api="nnx")
-  ported, _ = jaxbn.port(model, x, api="nnx")
-  assert type(ported).__name__ == "PortedNNX"
-  ported.eval()
-  with torch.no_grad():
-    expected = model(torch.from_numpy(x)).numpy()
-  assert np.max(np.abs(np.asarray(ported(x)) - expected)) <= 1e-6 * np.max(np.abs(expected))
+  eval_rel, train_rel, stats_rel = eval_and_training_forward(NumberedChild(), x, PORTS[api](tmp_path))
+  assert eval_rel <= 1e-6 and train_rel <= 1e-6 and stats_rel <= 1e-6, (eval_rel, train_rel, stats_rel)
+  text = (tmp_path / "emitted0" / "model.py").read_text()
+  if api == "nnx":
+    assert 'setattr(self, "0", jaxbn.nnx.Conv(' in text and 'x = getattr(self, "0")(x)' in text
+    ported, _ = jaxbn.port(NumberedChild(), x, api="nnx")
+    assert type(ported).__name__ == "NumberedChild"
+  else:
+    assert "name='0'" in text or 'name="0"' in text
+
+
+def test_variants_that_differ_in_their_inputs_are_named_for_them(tmp_path):
+  """Two calls of nn.MultiheadAttention, one with a mask: ``MultiheadAttention`` and
+  ``MultiheadAttentionWith3Inputs`` (was ``MultiheadAttention1``); DenseNet's layers by their
+  input count likewise. The module traced through, its forward one op on its torch-named tensors."""
+  from parity_tests.test_port_ops import DetectionQueries
+
+  torch.manual_seed(0)
+  x = np.random.default_rng(0).standard_normal((2, 3, 6, 7)).astype(np.float32)
+  text = jaxbn.emit(DetectionQueries(), x, tmp_path / "queries").read_text()
+  classes = re.findall(r"^class (\w+)\(", text, re.M)
+  assert classes == ["MultiheadAttention", "MultiheadAttentionWith3Inputs", "DetectionQueries"], classes
+  assert "ops.multi_head_attention_forward(" in text and "ops.grid_sample(" in text
+  densenet = torchvision.models.DenseNet(growth_rate=4, block_config=(3,), num_init_features=8, num_classes=5)
+  text = jaxbn.emit(densenet, np.zeros((1, 3, 32, 32), np.float32), tmp_path / "densenet").read_text()
+  layers = [name for name in re.findall(r"^class (\w+)\(", text, re.M) if name.startswith("_DenseLayer")]
+  assert layers == ["_DenseLayer", "_DenseLayerWith2Inputs", "_DenseLayerWith3Inputs"], layers

@@ -152,10 +152,10 @@ def test_extension_hooks_custom_ops_modules_and_leaves():
     def __call__(self, x):
       return x * self.param("scale", fnn.initializers.ones, (x.shape[1],))[:, None, None]
 
-  class Branchy(nn.Module):  # data-dependent control flow: untraceable, so a leaf
+  class Branchy(nn.Module):  # data-dependent control flow the port does not merge (a constant): a leaf
 
     def forward(self, x):
-      return x if x.sum() > 0 else -x
+      return x * (1 if x.sum() > 0 else -1)
 
   class Model(nn.Module):
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import jaxbn
+from parity_tests import port_harness
 
 RTOL = 1e-12
 
@@ -111,7 +112,7 @@ class Anchors(nn.Module):
     points, strides = [], []
     for stride in (8, 16):
       _, _, h, w = x[..., :: stride // 8, :: stride // 8].shape
-      sx = torch.arange(w, dtype=x.dtype) + 0.5
+      sx = torch.arange(end=w, dtype=x.dtype) + 0.5  # ultralytics: arange(end=w)
       sy, sx = torch.meshgrid(torch.arange(h, dtype=x.dtype) + 0.5, sx, indexing="ij")
       points.append(torch.stack((sx, sy), -1).view(-1, 2))
       strides.append(x.new_full((h * w, 1), stride, dtype=x.dtype))
@@ -156,7 +157,87 @@ class PReLUs(nn.Module):
     return y, self.drop1(flat), self.drop3(x[:, :, None]), F.prelu(flat[0, 0], self.shared.weight)
 
 
+class Selection(nn.Module):
+  """RT-DETR's query selection: max(dim).values, topk, gather, boolean &/~, all/any, log, where,
+  masked_fill, isfinite, full_like / ones_like / zeros_like, .long() indices, F.linear."""
+
+  def __init__(self, k=4):
+    super().__init__()
+    self.k = k
+    self.weight = nn.Parameter(torch.randn(5, 6))
+
+  def forward(self, x):
+    tokens = x.flatten(2).transpose(1, 2)  # (n, hw, c)
+    index = torch.topk(tokens.max(-1).values, self.k, dim=1).indices
+    smallest = tokens.topk(2, dim=-1, largest=False)
+    picked = tokens.gather(1, index.unsqueeze(-1).repeat(1, 1, tokens.shape[-1]))
+    valid = ((picked > -1) & ~(picked > 1)).all(-1, keepdim=True)
+    odds = torch.log(picked.sigmoid() / (1 - picked.sigmoid()))
+    filled = torch.where(valid, odds, torch.full_like(odds, 3.0)).masked_fill(picked.abs() < 0.2, -1.0)
+    flags = (torch.isfinite(odds) | (odds < 0)).any(1).float() + torch.ones_like(odds).sum() * torch.zeros_like(x).sum()
+    return filled, flags, index.long(), smallest.values, smallest.indices, F.linear(picked, self.weight)
+
+
+class GridSample(nn.Module):
+  """F.grid_sample at points inside and outside the input, torch's modes and paddings."""
+
+  def __init__(self, mode="bilinear", padding_mode="zeros", align_corners=False):
+    super().__init__()
+    self.options = dict(mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+
+  def forward(self, x):
+    grid = torch.tanh(x[:, :2].permute(0, 2, 3, 1)) * 1.2  # (n, h, w, 2): some points outside [-1, 1]
+    return F.grid_sample(x, grid, **self.options)
+
+
+class Attentions(nn.Module):
+  """nn.MultiheadAttention: batch first with a boolean key padding mask, sequence first with a
+  float attention mask and per-head weights, other key/value sizes (separate projections), an
+  unbatched input; need_weights=False."""
+
+  def __init__(self, e=6):
+    super().__init__()
+    self.batch_first = nn.MultiheadAttention(e, 2, batch_first=True)
+    self.sequence_first = nn.MultiheadAttention(e, 3, bias=False)
+    self.other_sizes = nn.MultiheadAttention(e, 2, kdim=4, vdim=5, batch_first=True)
+
+  def forward(self, x):
+    tokens = x.flatten(2).transpose(1, 2)  # (n, l, e)
+    n, length, _ = tokens.shape
+    padding = torch.arange(length) >= length - 2  # the last two positions left out
+    a, weights = self.batch_first(tokens, tokens, tokens, key_padding_mask=padding.expand(n, length))
+    mask = (torch.arange(length)[:, None] - torch.arange(length)[None]).to(x.dtype) * 0.1
+    b, heads = self.sequence_first(*(tokens.transpose(0, 1),) * 3, attn_mask=mask, average_attn_weights=False)
+    c, _ = self.other_sizes(tokens, tokens[..., :4], tokens[..., 1:], need_weights=False)
+    d, single = self.batch_first(tokens[0], tokens[0], tokens[0])
+    return a, weights, b, heads, c, d, single
+
+
+class SpatialShapes(nn.Module):
+  """transformers' RT-DETR: feature sizes written one by one into a tensor made in forward
+  (``torch.empty`` with constant sizes), then computed with."""
+
+  def forward(self, x):
+    features = [x, x[..., ::2, ::2]]
+    shapes = torch.empty((len(features), 2), dtype=torch.long)
+    for level, feature in enumerate(features):
+      height, width = feature.shape[-2:]
+      shapes[level, 0] = height
+      shapes[level, 1] = width
+    starts = torch.cat((shapes.new_zeros((1,)), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]))
+    return torch.cat([f.flatten(2) for f in features], 2) * (starts.sum() + 1).to(x.dtype), shapes
+
+
 CASES = {
+    "sizes written into a tensor made in forward": (SpatialShapes, (2, 3, 4, 6)),
+    "selection": (Selection, (2, 6, 3, 4)),
+    "grid sample bilinear zeros": (GridSample, (2, 3, 5, 6)),
+    "grid sample bilinear border align corners": (
+        lambda: GridSample(padding_mode="border", align_corners=True),
+        (2, 3, 5, 6),
+    ),
+    "grid sample nearest": (lambda: GridSample(mode="nearest"), (2, 3, 5, 6)),
+    "multihead attention": (Attentions, (2, 6, 3, 4)),
     "prelu and channel dropout (eval)": (PReLUs, (2, 4, 5, 5)),
     "conv1d stride padding": (lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1), (2, 4, 11)),
     "conv2d same dilated": (lambda: nn.Conv2d(4, 6, 4, padding="same", dilation=2), (2, 4, 9, 8)),
@@ -313,3 +394,38 @@ def test_detached_values_get_no_gradient(via, api):
   assert result.passed, result.summary()
   gradients = next(c for c in result.checks if c.name == "gradients" and c.dtype == "float64")
   assert gradients.arbiter == "tolerance" and gradients.error <= 1e-12, result.summary()
+
+
+class DetectionQueries(nn.Module):
+  """RT-DETR's decoder in small: BatchNorm'd features, the top-k tokens by score gathered as
+  queries, self-attention (batch first), cross-attention with a float mask (sequence first),
+  offsets sampled from the feature map with F.grid_sample."""
+
+  def __init__(self, channels=8, k=5):
+    super().__init__()
+    self.k = k
+    self.proj, self.bn = nn.Conv2d(3, channels, 1), nn.BatchNorm2d(channels)
+    self.self_attn = nn.MultiheadAttention(channels, 2, dropout=0.1, batch_first=True)  # verify sets it to 0
+    self.cross_attn = nn.MultiheadAttention(channels, 2)
+    self.offsets = nn.Linear(channels, 2)
+
+  def forward(self, x):
+    features = self.bn(self.proj(x))
+    n, c, h, w = features.shape
+    tokens = features.flatten(2).transpose(1, 2)
+    index = torch.topk(tokens.max(-1).values, self.k, dim=1).indices
+    queries = tokens.gather(1, index.unsqueeze(-1).repeat(1, 1, c))
+    queries, _ = self.self_attn(queries, tokens, tokens)
+    mask = torch.zeros(self.k, h * w, dtype=x.dtype).masked_fill(torch.arange(h * w) % 3 == 0, float("-inf"))
+    memory = tokens.transpose(0, 1)
+    attended, _ = self.cross_attn(queries.transpose(0, 1), memory, memory, attn_mask=mask)
+    grid = self.offsets(attended.transpose(0, 1)).tanh()[:, :, None] * 1.1  # some points outside
+    return F.grid_sample(features, grid, align_corners=False).flatten(1)
+
+
+@pytest.mark.parametrize("via, api, layout", [("port", "linen", "NCHW"), ("emit", "nnx", "NHWC")])
+def test_detection_ops_train_like_torch(via, api, layout):
+  """Gradients through topk's selection, gather, both attentions and grid_sample's weights and
+  points: jaxbn.verify's float64 lock-step with torch (1e-9), float32 from identical parameters."""
+  case = port_harness.Case(DetectionQueries, (2, 3, 6, 7), loss="mean_square")
+  port_harness.run(case, via=via, api=api, layout=layout)

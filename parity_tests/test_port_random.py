@@ -125,3 +125,32 @@ def test_native_nnx_port_draws_from_its_rngs():
   dropped = np.all(first == 0, axis=1)
   assert abs(dropped.mean() - 0.3) < 0.07  # 5 standard deviations
   assert not np.array_equal(dropped, np.all(second == 0, axis=1))  # the stream moves on
+
+
+class AttentionDropout(torch.nn.Module):
+  """nn.MultiheadAttention with attention dropout, returning its per-head weights."""
+
+  def __init__(self):
+    super().__init__()
+    self.attn = torch.nn.MultiheadAttention(4, 2, dropout=0.4, batch_first=True)
+
+  def forward(self, x):
+    return self.attn(x, x, x, average_attn_weights=False)[1]
+
+
+def test_attention_dropout_drops_weights_as_torch_in_training_only():
+  """In training each attention weight is 0 or its eval value / (1 - p), as torch's (dropout on
+  the softmax, before the values); the share dropped is p within 5 standard deviations; eval
+  draws nothing and is torch's to float32 rounding (1e-6)."""
+  torch.manual_seed(0)
+  model = AttentionDropout()
+  x = np.random.default_rng(0).standard_normal((50, 20, 4)).astype(np.float32)
+  module, variables = jaxbn.port(model, x)
+  kept = np.asarray(module.apply(variables, x, train=True, rngs={"dropout": jax.random.key(0)}))
+  plain = np.asarray(module.apply(variables, x, train=False))
+  with torch.no_grad():
+    expected = model.eval()(torch.from_numpy(x)).numpy()
+  assert np.max(np.abs(plain - expected)) <= 1e-6 * np.max(np.abs(expected))
+  dropped = kept == 0
+  assert np.allclose(kept[~dropped], plain[~dropped] / 0.6, rtol=1e-6, atol=0)
+  assert abs(dropped.mean() - 0.4) < 5 * np.sqrt(0.4 * 0.6 / dropped.size)

@@ -279,8 +279,8 @@ def torch_batchnorm_outputs(
 def without_dropout(torch_model) -> Any:
   """Sets dropout and stochastic depth to p=0 in place (torch's random masks cannot be
   reproduced, so a comparison in training mode needs them off): ``Dropout*`` and torchvision's
-  ``StochasticDepth`` (``p``), timm's ``DropPath`` and transformers' ``*DropPath`` (``drop_prob``)
-  and timm heads' ``drop_rate``.
+  ``StochasticDepth`` (``p``), timm's ``DropPath`` and transformers' ``*DropPath`` (``drop_prob``),
+  ``MultiheadAttention``'s attention dropout (``dropout``) and timm heads' ``drop_rate``.
   Port the model after this: tracing records the rates. Returns the model."""
   for module in torch_model.modules():
     name = type(module).__name__
@@ -288,6 +288,8 @@ def without_dropout(torch_model) -> Any:
       module.p = 0.0
     elif name.endswith("DropPath"):  # timm's DropPath; transformers' CvtDropPath, ...
       module.drop_prob = 0.0
+    elif name == "MultiheadAttention":  # torch.nn's: a rate, not a module
+      module.dropout = 0.0
     if isinstance(getattr(module, "drop_rate", None), float):
       module.drop_rate = 0.0
   return torch_model

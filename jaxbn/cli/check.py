@@ -46,6 +46,10 @@ def validate(args) -> dict | None:
         f"{option} checks what jaxbn.port / jaxbn.emit make of a torch model; {args.model} is jaxbn.models'"
         f" hand-written ResNet: use --model torchvision:{args.model}."
     )
+  if args.layout != "NCHW" and not args.emit:
+    raise UsageError(
+        f"--layout {args.layout} is the emitted source's layout (jaxbn.port computes in torch's): add --emit."
+    )
   if args.plot:
     check_plot_target(args.plot)
   if args.json:
@@ -98,7 +102,8 @@ def check(args) -> int:
     timings["load .safetensors"] = time.perf_counter() - start
     recorded = jaxbn.read_batchnorm_config(path)
   x = batch()
-  flax_input = x if ported else np.moveaxis(x, 1, -1)
+  channels_last = not ported or args.layout == "NHWC"  # jaxbn.models and channels-last source take NHWC
+  flax_input = np.moveaxis(x, 1, -1) if channels_last else x
   naive = None
   if ported:
     start = time.perf_counter()
@@ -137,7 +142,7 @@ def check(args) -> int:
   before = copy.deepcopy(torch_model) if ported else None  # compare moves torch's statistics
   start = time.perf_counter()
   report = jaxbn.parity.compare(
-      torch_model, model, variables, batches, train_steps=args.steps, channels_last=not ported
+      torch_model, model, variables, batches, train_steps=args.steps, channels_last=channels_last
   )
   timings["compare (both frameworks, incl. compilation)"] = time.perf_counter() - start
   print(
@@ -151,7 +156,13 @@ def check(args) -> int:
   if args.train_steps:
     start = time.perf_counter()
     verification = jaxbn.verify(
-        before, x, via="emit" if args.emit else "port", api=args.api, steps=args.train_steps, seed=args.seed
+        before,
+        x,
+        via="emit" if args.emit else "port",
+        api=args.api,
+        layout=args.layout,
+        steps=args.train_steps,
+        seed=args.seed,
     )
     timings["jaxbn.verify (both frameworks, float32 and float64)"] = time.perf_counter() - start
     print(f"\nTrained side by side ({args.train_steps} optimiser steps; jaxbn.verify):\n{verification.summary()}")
@@ -186,7 +197,9 @@ def check(args) -> int:
 
 
 def described(args) -> str:
-  return f"jaxbn.emit (api={args.api!r}, loaded)" if args.emit else f"jaxbn.port (api={args.api!r})"
+  if not args.emit:
+    return f"jaxbn.port (api={args.api!r})"
+  return f"jaxbn.emit (api={args.api!r}, layout={args.layout!r}, loaded)"
 
 
 def flax_twin(torch_model, x, state_dict, args):
@@ -195,7 +208,7 @@ def flax_twin(torch_model, x, state_dict, args):
   an NNX module's variables are its own (None)."""
   if args.emit:
     with tempfile.TemporaryDirectory() as directory:
-      path = jaxbn.emit(torch_model, x, pathlib.Path(directory) / "emitted", api=args.api)
+      path = jaxbn.emit(torch_model, x, pathlib.Path(directory) / "emitted", api=args.api, layout=args.layout)
       loaded = load_source(path).load()
     return (loaded, None) if args.api == "nnx" else loaded
   module, variables = ported_for_layers(torch_model, x, args.api, announce=True)

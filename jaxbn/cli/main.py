@@ -56,6 +56,12 @@ def parser() -> argparse.ArgumentParser:
   check.add_argument(
       "--emit", action="store_true", help="check jaxbn.emit's source (model.py, loaded) instead of jaxbn.port's module"
   )
+  check.add_argument(
+      "--layout",
+      choices=["NCHW", "NHWC"],
+      default="NCHW",
+      help="with --emit: the source's layout, torch's (default) or channels-last (jaxbn.emit(layout=...))",
+  )
   check.add_argument("--weights", help="a .pth/.safetensors state_dict for the model (default: random init)")
   check.add_argument(
       "--num-classes", type=_at_least(1), help="classes of --model (default: read from --weights, else 1000)"

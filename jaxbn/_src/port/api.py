@@ -137,8 +137,8 @@ def port(
       writes, built in memory, holding the converted variables (``model.layer1[0].bn1.mean``;
       ``model.train()`` / ``model.eval()``; every ``jaxbn.nnx`` tool); ``variables`` is then its
       ``nnx.state``. With ``custom_modules`` (Linen modules), ``custom_ops`` or ``autocast``, or
-      where NNX source cannot say the model yet (a child named ``0`` outside a Sequential), a
-      ``PortedNNX`` (flax's Linen-to-NNX bridge over the Linen port) instead.
+      where NNX source cannot say the model yet (a container in a container called member by
+      member), a ``PortedNNX`` (flax's Linen-to-NNX bridge over the Linen port) instead.
     rngs: for ``api="nnx"``: the ``nnx.Rngs`` the model is built with and dropout draws from
       (default ``nnx.Rngs(0)``).
     recipe: ``"as_configured"``: the training forward is the torch model's as configured when it
@@ -281,7 +281,7 @@ def traced_port(
     if not (custom_modules or custom_ops or options.autocast is not None):  # the user's parts, autocast: the bridge
       try:
         text, name, constants = model_source(traced, torch_model, example_input, "nnx")
-      except PortError:  # what NNX source cannot say yet (a child named "0"): the bridge holds it
+      except PortError:  # what NNX source cannot say yet (a ModuleList in a ModuleList): the bridge holds it
         text = None
       if text is not None:
         model_class = load_classes(text, name, constants)[name]

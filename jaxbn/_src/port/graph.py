@@ -20,7 +20,7 @@ import torch.fx as fx
 from jaxbn._src.checkpoints.files import tensor_to_numpy
 from jaxbn._src.checkpoints.recipe import TorchRecipe, torch_mode
 from jaxbn._src.errors import PortError
-from jaxbn._src.port import autocast, autograd, ops
+from jaxbn._src.port import autocast, autograd, branches, ops
 from jaxbn._src.port.leaves import Constant, Leaf, Metadata, Options, Tensor, class_name, find, rule
 from jaxbn._src.port.tracer import Guard, Tracer, guard, input_name
 
@@ -267,8 +267,27 @@ def trace(
     for train in (True, False):
       with torch_mode(model, train, recipe):  # the rules read module.training too (dropout's)
         tracer = Tracer(is_leaf, examples, static_inputs, through_forward)
+        untraced = _attributes(model)  # in this mode
+
+        def retrace(forced):  # the trace with decisions on values taken the other way (branches.py)
+          # from the model as this mode's trace found it (what a trace caches on modules is its
+          # own), keeping the tensor literals fx stored on the root (the next trace names its own)
+          constants = _literals(model)
+          _restore(untraced)
+          vars(model).update(constants)
+          try:
+            return Tracer(is_leaf, examples, static_inputs, through_forward, forced).trace(
+                model, concrete_args=static_inputs or None
+            )
+          finally:
+            constants = _literals(model)
+            _restore(untraced)
+            vars(model).update(constants)
+
         try:
           graph = tracer.trace(model, concrete_args=static_inputs or None)
+          if branches.value_decisions(graph):
+            branches.merged(graph, retrace, tracer.value, model)
         except PortError:
           raise
         except Exception as error:  # data-dependent control flow and the like
@@ -295,6 +314,11 @@ def trace(
   finally:
     _restore(saved)
   return Traced(programs, leaves, list(problems), stateless, scopes)
+
+
+def _literals(model: torch.nn.Module) -> dict:
+  """The tensor literals fx stored on the root while tracing (``_tensor_constant0``)."""
+  return {name: value for name, value in vars(model).items() if name.startswith("_tensor_constant")}
 
 
 def _attributes(model: torch.nn.Module) -> list:
@@ -362,8 +386,9 @@ def _node(node: fx.Node, model, options, modules, custom_ops, leaves, stateless,
     return Node(node.name, "op", ops.OPS[torch.Tensor.detach], args, kwargs)
   if getattr(key, "output_class", None) is not None:  # a dataclass output (ModelOutput)
     return Node(node.name, "op", ops.OpRule(Static(as_pytree(key.output_class))), args, kwargs)
-  if key is getattr and len(node.args) > 1 and node.args[1] not in ops.TENSOR_ATTRIBUTES:
-    return problem(f"reads .{node.args[1]} of a tensor (the port reads {', '.join(ops.TENSOR_ATTRIBUTES)})")
+  readable = (*ops.TENSOR_ATTRIBUTES, *ops.RESULT_FIELDS)
+  if key is getattr and len(node.args) > 1 and node.args[1] not in readable:
+    return problem(f"reads .{node.args[1]} of a tensor (the port reads {', '.join(readable)})")
   if key is guard:
     _, expected, conversion, on_values = node.args
     if on_values:
@@ -430,7 +455,10 @@ def _tensor(node: fx.Node, model, options, modules, leaves, problem) -> Node:
   owner = model.get_submodule(owner_path)
   array = tensor_to_numpy(getattr(owner, attribute))
   dtype = _port_dtype(array, options)
-  if find(owner, modules) is not None:
+  # a module the program calls whole holds its tensors in its Flax layer; one it only reads
+  # (MultiheadAttention's out_proj, read by the attention op) is its tensors
+  called = any(n.op == "call_module" and n.target == owner_path for n in node.graph.nodes)
+  if find(owner, modules) is not None and called:
     if all(user.target is getattr and user.args[1] in ("shape", "ndim", "dtype") for user in node.users):
       return Node(node.name, "op", ops.OpRule(Metadata(tuple(array.shape), dtype.name)))
     return problem(

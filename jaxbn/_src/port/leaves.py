@@ -265,9 +265,40 @@ for _n in (1, 2, 3):
       lambda m, o, n=_n: call(getattr(F, f"dropout{n}d"), p=m.p, training=m.training)
   )
 
+
+def _multihead_attention_forward(
+    self,
+    query,
+    key,
+    value,
+    key_padding_mask=None,
+    need_weights=True,
+    attn_mask=None,
+    average_attn_weights=True,
+    is_causal=False,
+):
+  """torch.nn.MultiheadAttention's forward as traced: its general path, F.multi_head_attention_forward
+  between batch-first transposes. Its fast path (eval without gradients; the same numbers to the
+  rounding) reads tensor properties (``is_nested``, devices) that a trace cannot."""
+  batch_first = self.batch_first and bool(query.dim() == 3)  # one decision (a shape's), guarded once
+  if batch_first:
+    query, key, value = (t.transpose(1, 0) for t in (query, key, value))
+  output, weights = F.multi_head_attention_forward(
+      query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias,
+      self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias,
+      training=self.training, key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+      use_separate_proj_weight=not self._qkv_same_embed_dim, q_proj_weight=self.q_proj_weight,
+      k_proj_weight=self.k_proj_weight, v_proj_weight=self.v_proj_weight,
+      average_attn_weights=average_attn_weights, is_causal=is_causal,
+  )  # fmt: skip
+  return (output.transpose(1, 0) if batch_first else output), weights
+
+
 # torch.nn modules fx would keep whole whose forward is one table op on their own parameters:
-# traced through, so the parameter is a variable at its torch name (``act.weight``).
-TRACED_THROUGH = (torch.nn.PReLU,)  # F.prelu(input, self.weight)
+# traced through, so each parameter is a variable at its torch name (``act.weight``,
+# ``attn.in_proj_weight``); TRACED_FORWARDS replaces a forward while tracing.
+TRACED_FORWARDS = {torch.nn.MultiheadAttention: _multihead_attention_forward}
+TRACED_THROUGH = (torch.nn.PReLU, *TRACED_FORWARDS)  # F.prelu(input, self.weight)
 register(torch.nn.Upsample)(
     lambda m, o: call(
         F.interpolate,

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from jaxbn._src.torchlike import functional
 from jaxbn._src.torchlike.functional import (  # noqa: F401 (the port's modules use them through here)
     PAD_MODES,
+    RESULT_FIELDS,
     TENSOR_ATTRIBUTES,
     Context,
     OpRule,

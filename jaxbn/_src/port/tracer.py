@@ -10,7 +10,8 @@
    eager torch would), only as far as the first decision needs; every decision leaves a
    ``Guard`` node in the program that, when the ported model runs, checks the decision comes out
    the same at its input's shapes and refuses a decision on tensor values (which JAX cannot take
-   under jit).
+   under jit), unless ``branches.py`` merges both ways of it (``forced``: the decisions a second
+   trace takes the other way).
 4. Calls of torch's factories that take sizes are nodes: ``torch.rand`` / ``randn`` whatever their
    arguments (a call run at trace time would freeze its draws into the program), ``zeros`` /
    ``ones`` / ``full`` / ``empty`` where a size is traced (sizes never reach fx's
@@ -36,7 +37,7 @@ from torch.fx._symbolic_trace import _maybe_revert_all_patches
 
 from jaxbn._src.errors import PortError
 from jaxbn._src.port import autograd
-from jaxbn._src.port.leaves import TRACED_THROUGH
+from jaxbn._src.port.leaves import TRACED_FORWARDS, TRACED_THROUGH
 
 CONVERSIONS: dict[str, Callable[[Any], Any]] = {"bool": bool, "len": len, "int": int, "float": float, "index": int}
 
@@ -102,8 +103,11 @@ class Tracer(fx.Tracer):
       examples: Sequence[torch.Tensor],
       static: dict | None = None,
       through_forward: tuple[type, ...] = (),
+      forced: dict[int, bool] | None = None,
   ):
     super().__init__()
+    self._forced = dict(forced or {})  # decisions on values taken the other way (branches.py), by order
+    self._value_decisions = 0
     self._through_forward = tuple(through_forward)  # autograd Functions traced through their forward
     self._static = dict(static or {})  # keyword inputs held fixed (fx's concrete_args)
     self.record_stack_traces = True
@@ -143,11 +147,32 @@ class Tracer(fx.Tracer):
     return super().call_module(m, forward, args, kwargs)
 
   def create_proxy(self, kind, target, args, kwargs, *rest, **more):
+    if kind == "call_method" and target == "__setitem__" and not isinstance(args[0], fx.Proxy):
+      written = self._write_sizes(*args)
+      if written:
+        return None  # torch's __setitem__ returns None
     proxy = super().create_proxy(kind, target, args, kwargs, *rest, **more)
     if torch.is_grad_enabled() or kind not in COMPUTING or target in (autograd.no_grad_value, guard):
       return proxy
     # under torch.no_grad() in forward (trace() runs with grad on): torch's value has no gradient
     return self.create_proxy("call_function", autograd.no_grad_value, (proxy,), {})
+
+  def _write_sizes(self, tensor: torch.Tensor, index, value) -> bool:
+    """``t[i] = n`` into a tensor forward made from constant sizes (transformers' RT-DETR:
+    ``spatial_shapes = torch.empty(...)``, then ``spatial_shapes[level, 0] = height``), where ``n``
+    is a traced shape: decided on the example (a Guard where the port runs) and written into t as
+    torch writes it, so that t stays a constant holding torch's values. A traced tensor written
+    into a constant, or a write into a tensor a module holds, is left to the graph, which names
+    it (False)."""
+    values = [value, *(index if isinstance(index, tuple) else (index,))]
+    traced = [v for v in values if isinstance(v, fx.Proxy)]
+    held = any(t is tensor for module in self.root.modules() for t in vars(module).values())
+    if held or any(isinstance(self.value(v.node), torch.Tensor) for v in traced):
+      return False  # a module's own tensor (a cache the trace must not change), or a traced tensor
+    decided = {id(v): self.decide(v, "int" if isinstance(self.value(v.node), int) else "float") for v in traced}
+    concrete = [decided.get(id(v), v) for v in values]
+    tensor[tuple(concrete[1:]) if isinstance(index, tuple) else concrete[1]] = concrete[0]
+    return True
 
   def proxy(self, node: fx.Node) -> fx.Proxy:
     if node.op == "placeholder" and node.args == (None,) and self.value(node) is None:
@@ -210,10 +235,13 @@ class Tracer(fx.Tracer):
     try:
       with (
           patched(type(root), {"forward": plain} if plain is not None else {}),
+          contextlib.ExitStack() as forwards,
           patched(torch.autograd.Function, {"apply": classmethod(apply)}),
           patched(torch, torch_patches),
           torch.enable_grad(),  # so that a torch.no_grad() in forward is the forward's (create_proxy)
       ):
+        for cls, forward in TRACED_FORWARDS.items():
+          forwards.enter_context(patched(cls, {"forward": forward}))
         return super().trace(root, concrete_args)
     finally:
       if self._state is not None:  # running the model updated its BatchNorm buffers: undo
@@ -233,6 +261,9 @@ class Tracer(fx.Tracer):
     value = self.value(obj.node)
     expected = CONVERSIONS[conversion](value)
     on_values = isinstance(value, torch.Tensor) and conversion != "len"
+    if on_values:
+      expected = self._forced.get(self._value_decisions, expected)
+      self._value_decisions += 1
     self.create_proxy("call_function", guard, (obj, expected, conversion, on_values), {})
     return expected
 

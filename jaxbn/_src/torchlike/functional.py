@@ -137,7 +137,7 @@ def pow_(x, y):
   return x**y
 
 
-@register("operator.getitem")
+@register("operator.getitem", "Tensor.__getitem__")
 def getitem(x, index):
   return x[index]
 
@@ -158,6 +158,35 @@ register("torch.ceil", "Tensor.ceil", "Tensor.ceil_")(jnp.ceil)
 register("torch.sqrt", "Tensor.sqrt")(jnp.sqrt)
 register("torch.rsqrt", "Tensor.rsqrt")(jax.lax.rsqrt)
 register("torch.abs", "Tensor.abs")(jnp.abs)
+register("torch.log", "Tensor.log")(jnp.log)
+register("torch.isfinite", "Tensor.isfinite")(jnp.isfinite)
+register("torch.isnan", "Tensor.isnan")(jnp.isnan)
+register("torch.isinf", "Tensor.isinf")(jnp.isinf)
+# torch's &, |, ^, ~ are bitwise (logical on bool tensors), as NumPy's
+for _name in ("and_", "or_", "xor", "invert"):
+  register(f"operator.{_name}")(getattr(operator, _name))
+register("torch.logical_not", "Tensor.logical_not")(jnp.logical_not)
+register("torch.logical_and", "Tensor.logical_and")(jnp.logical_and)
+register("torch.logical_or", "Tensor.logical_or")(jnp.logical_or)
+
+
+@register("torch.where")
+def where(condition, input=None, other=None):  # noqa: A002 (torch's names)
+  """``torch.where(condition, input, other)``; the one-argument form (the indices of True, a
+  count known only at run time) has no static shape."""
+  if input is None and other is None:
+    raise NotImplementedError(
+        "torch.where(condition) returns as many indices as the condition has True values, a shape"
+        " JAX cannot know under jit: use torch.where(condition, input, other)"
+    )
+  return jnp.where(condition, input, other)
+
+
+@register("Tensor.masked_fill", "Tensor.masked_fill_", "torch.masked_fill")
+def masked_fill(x, mask, value):
+  return jnp.where(mask, jnp.asarray(value, x.dtype), x)
+
+
 register("torch.sin", "Tensor.sin")(jnp.sin)
 register("torch.cos", "Tensor.cos")(jnp.cos)
 
@@ -171,8 +200,9 @@ def meshgrid(*tensors, indexing=None):
 
 
 @register("torch.arange")
-def arange(start, end=None, step=1, *, dtype=None, device=None, requires_grad=False, layout=None, pin_memory=False):
-  """torch's dtype rule: int64 (int32 without x64) for integer arguments, else float32."""
+def arange(start=0, end=None, step=1, *, dtype=None, device=None, requires_grad=False, layout=None, pin_memory=False):
+  """torch's dtype rule: int64 (int32 without x64) for integer arguments, else float32;
+  ``arange(n)`` and ``arange(end=n)`` count from 0."""
   del device, requires_grad, layout, pin_memory
   integers = all(isinstance(v, int) for v in (start, end, step) if v is not None)
   dtype = dtype if dtype is not None else (jnp.int64 if integers else jnp.float32)
@@ -224,6 +254,22 @@ new_zeros = register("Tensor.new_zeros")(_named("new_zeros", _new(0)))
 new_ones = register("Tensor.new_ones")(_named("new_ones", _new(1)))
 
 
+def _like(fill):
+  def like(x, *fill_value, dtype=None, **torch_only):
+    """``torch.zeros_like(x)`` and friends: x's shape, x's dtype unless another is given;
+    ``empty_like``'s values are unspecified in torch: zeros here."""
+    del torch_only  # device, layout, requires_grad, memory_format
+    value = fill if fill is not None else fill_value[0]
+    return jnp.full(x.shape, value, x.dtype if dtype is None else dtype)
+
+  return like
+
+
+zeros_like = register("torch.zeros_like", "torch.empty_like")(_named("zeros_like", _like(0)))
+ones_like = register("torch.ones_like")(_named("ones_like", _like(1)))
+full_like = register("torch.full_like")(_named("full_like", _like(None)))
+
+
 # Tensor attributes that JAX arrays share; any other is refused when the port traces (.device is
 # the example input's, taken when tracing: the port is device-agnostic).
 TENSOR_ATTRIBUTES = ("shape", "ndim", "dtype", "real", "imag", "T", "mT", "data")
@@ -270,13 +316,17 @@ def type_as(x, other):
 
 
 def _cast(dtype):
-  return lambda x, memory_format=None: x.astype(dtype)
+  # int64 is int32 where JAX runs without x64 (its default), as arange's
+  return lambda x, memory_format=None: x.astype(jax.dtypes.canonicalize_dtype(dtype))
 
 
 to_float = register("Tensor.float")(_named("to_float", _cast(jnp.float32)))
 to_double = register("Tensor.double")(_named("to_double", _cast(jnp.float64)))
 to_half = register("Tensor.half")(_named("to_half", _cast(jnp.float16)))
 to_bfloat16 = register("Tensor.bfloat16")(_named("to_bfloat16", _cast(jnp.bfloat16)))
+to_long = register("Tensor.long")(_named("to_long", _cast(jnp.int64)))
+to_int = register("Tensor.int")(_named("to_int", _cast(jnp.int32)))
+to_bool = register("Tensor.bool")(_named("to_bool", _cast(jnp.bool_)))
 
 
 # --- shapes ------------------------------------------------------------------------------------
@@ -400,6 +450,17 @@ def amax(x, dim=(), keepdim=False):
   return jnp.max(x, axis=dim if isinstance(dim, int) else (tuple(dim) or None), keepdims=keepdim)
 
 
+class ValuesIndices(NamedTuple):
+  """What torch's ``max(dim)``, ``min(dim)`` and ``topk`` return (``torch.return_types``): a pair
+  that also reads as ``.values`` and ``.indices``."""
+
+  values: jax.Array
+  indices: jax.Array
+
+
+RESULT_FIELDS = ValuesIndices._fields  # read as attributes of an op's result, beside TENSOR_ATTRIBUTES
+
+
 def _extreme(reduce, arg_reduce, elementwise):
   """``torch.max`` / ``min``: of everything; ``(values, indices)`` along ``dim``; or elementwise."""
 
@@ -408,13 +469,37 @@ def _extreme(reduce, arg_reduce, elementwise):
       return reduce(x)
     if hasattr(dim, "shape"):  # another tensor
       return elementwise(x, dim)
-    return reduce(x, axis=dim, keepdims=keepdim), arg_reduce(x, axis=dim, keepdims=keepdim)
+    return ValuesIndices(reduce(x, axis=dim, keepdims=keepdim), arg_reduce(x, axis=dim, keepdims=keepdim))
 
   return extreme
 
 
 max_ = register("torch.max", "Tensor.max")(_named("max_", _extreme(jnp.max, jnp.argmax, jnp.maximum)))
 min_ = register("torch.min", "Tensor.min")(_named("min_", _extreme(jnp.min, jnp.argmin, jnp.minimum)))
+all_ = register("torch.all", "Tensor.all")(_named("all_", _reduction(lambda x, dtype=None, **kw: jnp.all(x, **kw))))
+any_ = register("torch.any", "Tensor.any")(_named("any_", _reduction(lambda x, dtype=None, **kw: jnp.any(x, **kw))))
+
+
+@register("torch.topk", "Tensor.topk")
+def topk(x, k, dim=-1, largest=True, sorted=True):  # noqa: A002 (torch's name)
+  """The ``k`` largest (smallest) values along ``dim`` and their indices, largest (smallest)
+  first; torch's order for ``sorted=False`` is unspecified, this one is sorted too. Among equal
+  values the lower index comes first."""
+  del sorted
+  moved = jnp.moveaxis(x, dim, -1)
+  values, indices = jax.lax.top_k(moved if largest else -moved, k)
+  values = values if largest else -values
+  return ValuesIndices(jnp.moveaxis(values, -1, dim), jnp.moveaxis(indices, -1, dim))
+
+
+@register("torch.gather", "Tensor.gather")
+def gather(x, dim, index, *, sparse_grad=False):
+  """``out[i][j] = x[i][index[i][j]]`` along ``dim``: torch lets ``index`` be smaller than ``x`` in
+  the other axes, which read x's leading part."""
+  del sparse_grad
+  dim %= x.ndim
+  leading = tuple(slice(None) if d == dim else slice(0, n) for d, n in enumerate(index.shape))
+  return jnp.take_along_axis(x[leading], index, axis=dim)
 
 
 # --- activations -------------------------------------------------------------------------------
@@ -697,6 +782,92 @@ def scaled_dot_product_attention(
   return dropout(ctx, weights, dropout_p) @ value
 
 
+@register("F.linear")
+def linear(x, weight, bias=None):
+  y = x @ weight.T
+  return y if bias is None else y + bias
+
+
+def _additive_mask(mask, dtype):
+  """torch's ``_canonical_mask``: a boolean mask's True (a position left out) as -inf, a float
+  mask as it is."""
+  if mask is None or mask.dtype != jnp.bool_:
+    return mask
+  return jnp.where(mask, -jnp.inf, 0).astype(dtype)
+
+
+@register("F.multi_head_attention_forward", context=True)
+def multi_head_attention_forward(
+    ctx: Context,
+    query,
+    key,
+    value,
+    embed_dim_to_check,
+    num_heads,
+    in_proj_weight,
+    in_proj_bias,
+    bias_k,
+    bias_v,
+    add_zero_attn,
+    dropout_p,
+    out_proj_weight,
+    out_proj_bias,
+    training=True,
+    key_padding_mask=None,
+    need_weights=True,
+    attn_mask=None,
+    use_separate_proj_weight=False,
+    q_proj_weight=None,
+    k_proj_weight=None,
+    v_proj_weight=None,
+    static_k=None,
+    static_v=None,
+    average_attn_weights=True,
+    is_causal=False,
+):
+  """torch.nn.MultiheadAttention's computation (sequence first: ``(L, N, E)``, or ``(L, E)``):
+  the input projections, ``softmax(q k^T / sqrt(head_dim) + masks)``, dropout on those weights
+  in training, the output projection; the weights averaged over heads (or per head) when asked."""
+  if bias_k is not None or bias_v is not None or add_zero_attn or static_k is not None or static_v is not None:
+    raise NotImplementedError(
+        "multi_head_attention_forward with bias_k/bias_v, add_zero_attn or static_k/static_v is not supported"
+        " by the port: port that module with custom_modules"
+    )
+  if is_causal and attn_mask is None:
+    raise RuntimeError("Need attn_mask if specifying the is_causal hint.")  # torch's check
+  batched = query.ndim == 3
+  if not batched:
+    query, key, value = query[:, None], key[:, None], value[:, None]
+    key_padding_mask = None if key_padding_mask is None else key_padding_mask[None]
+  target_length, batch, embed_dim = query.shape
+  source_length = key.shape[0]
+  head_dim = embed_dim // num_heads
+  biases = (None,) * 3 if in_proj_bias is None else jnp.split(in_proj_bias, 3)
+  weights = (q_proj_weight, k_proj_weight, v_proj_weight) if use_separate_proj_weight else jnp.split(in_proj_weight, 3)
+  q, k, v = (linear(t, w, b) for t, w, b in zip((query, key, value), weights, biases, strict=True))
+
+  def heads(t, length):  # (L, N, E) -> (N, heads, L, head_dim)
+    return jnp.transpose(t.reshape(length, batch, num_heads, head_dim), (1, 2, 0, 3))
+
+  q, k, v = heads(q, target_length), heads(k, source_length), heads(v, source_length)
+  scores = (q * math.sqrt(1.0 / head_dim)) @ jnp.swapaxes(k, -2, -1)  # (N, heads, L, S)
+  mask = _additive_mask(attn_mask, query.dtype)
+  if mask is not None:
+    scores = scores + (mask if mask.ndim == 2 else mask.reshape(batch, num_heads, target_length, source_length))
+  padding = _additive_mask(key_padding_mask, query.dtype)
+  if padding is not None:
+    scores = scores + padding[:, None, None, :]
+  weights = dropout(ctx, jax.nn.softmax(scores, axis=-1), dropout_p, training)  # returned as dropped, as torch's
+  output = weights @ v  # (N, heads, L, head_dim)
+  output = jnp.transpose(output, (2, 0, 1, 3)).reshape(target_length, batch, embed_dim)
+  output = linear(output, out_proj_weight, out_proj_bias)
+  weights = (weights.mean(axis=1) if average_attn_weights else weights) if need_weights else None
+  if not batched:
+    output = output[:, 0]
+    weights = None if weights is None else weights[0]
+  return output, weights
+
+
 @register("Tensor.unfold")
 def tensor_unfold(x, dimension, size, step):
   """``Tensor.unfold``: windows of ``size`` every ``step`` along ``dimension``, as a new last axis."""
@@ -955,7 +1126,47 @@ def interpolate(
   return x
 
 
+@register("F.grid_sample")
+def grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=None):
+  """``x`` (N, C, H, W) read at ``grid``'s (N, H_out, W_out, 2) points, (x, y) in [-1, 1]:
+  torch's ``bilinear`` and ``nearest`` modes with ``zeros`` or ``border`` padding, its weights
+  written as torch's kernel writes them."""
+  if x.ndim != 4 or mode not in ("bilinear", "nearest") or padding_mode not in ("zeros", "border"):
+    raise NotImplementedError(
+        f"grid_sample of a {x.ndim}-D input with mode={mode!r}, padding_mode={padding_mode!r} is not supported by"
+        " the port (4-D input, bilinear or nearest, zeros or border padding are)"
+    )
+  height, width = x.shape[2:]
+
+  def source(coordinate, size):  # torch's grid_sampler_compute_source_index
+    if align_corners:
+      position = (coordinate + 1) / 2 * (size - 1)
+    else:
+      position = ((coordinate + 1) * size - 1) / 2
+    return jnp.clip(position, 0, size - 1) if padding_mode == "border" else position
+
+  column, row = source(grid[..., 0], width), source(grid[..., 1], height)
+
+  def read(rows, columns):  # x at integer points (N, H_out, W_out) -> (N, C, H_out, W_out), 0 outside
+    inside = (rows >= 0) & (rows < height) & (columns >= 0) & (columns < width)
+    rows, columns = jnp.clip(rows, 0, height - 1).astype(jnp.int32), jnp.clip(columns, 0, width - 1).astype(jnp.int32)
+    values = jax.vmap(lambda image, r, c: image[:, r, c])(x, rows, columns)
+    return jnp.where(inside[:, None], values, 0).astype(x.dtype)
+
+  if mode == "nearest":
+    return read(jnp.round(row), jnp.round(column))  # round half to even: torch's nearbyint
+  west, north = jnp.floor(column), jnp.floor(row)
+  east, south = west + 1, north + 1
+  return (
+      read(north, west) * ((east - column) * (south - row))[:, None]
+      + read(north, east) * ((column - west) * (south - row))[:, None]
+      + read(south, west) * ((east - column) * (row - north))[:, None]
+      + read(south, east) * ((column - west) * (row - north))[:, None]
+  )
+
+
 __all__ = sorted(  # the public names: every table function of this module, and what calls them need
     {rule.fn.__name__ for rule in TABLE.values() if getattr(rule.fn, "__module__", None) == __name__}
-    | {"Context", "drop_samples", "plus_bias", "pool_geometry", "adaptive_bins", "reordered", "spatial_axes"}
+    | {"Context", "ValuesIndices", "drop_samples", "plus_bias", "pool_geometry", "adaptive_bins", "reordered"}
+    | {"spatial_axes"}
 )

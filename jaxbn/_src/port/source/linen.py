@@ -53,6 +53,9 @@ INFIX = {
     operator.le: "<=",
     operator.gt: ">",
     operator.ge: ">=",
+    operator.and_: "&",
+    operator.or_: "|",
+    operator.xor: "^",
 }
 INLINE_CONSTANT = 4096  # values of a tensor written into the source; larger ones go to CONSTANTS_FILE
 CONSTANTS_FILE = "constants.safetensors"
@@ -522,6 +525,8 @@ class Body:
       return f"{a[0]}[{self._index(args[1])}]"
     if fn is functional.neg:
       return f"-{a[0]}"
+    if fn is operator.invert:
+      return f"~{a[0]}"
     if fn is functional.tensor_attribute:
       if args[1][1] == "data":  # torch's values outside autograd; a JAX array has no .data
         return f"{self.source.function(functional.detach)}({a[0]})"

@@ -2,7 +2,8 @@
 in shape) gets names that say what differs, as a person would name them: ``InvertedResidualWithSkip``
 (adds its input), ``BasicBlockWithDownsample`` (calls a child the others do not),
 ``C2fWith2M`` (two members in ``m``, the others one), ``InvertedResidualWith2Conv`` (a Sequential
-of two); the one with none of these keeps torch's name. Where that does not tell two apart, the
+of two), ``MultiheadAttentionWith3Inputs`` (called with a mask); the one with none of these keeps
+torch's name. Where that does not tell two apart, the
 child classes they call do (``C2fWithBottleneck``), and a number only where nothing does.
 """
 
@@ -48,6 +49,9 @@ def _described(own: dict, every: list[dict]) -> list[str]:
   parts = []
   if own["skip"] and not all(f["skip"] for f in every):
     parts.append("WithSkip")
+  inputs = collections.Counter(f["inputs"] for f in every).most_common(1)[0][0]
+  if own["inputs"] != inputs:
+    parts.append(f"With{own['inputs']}Inputs")
   everywhere = set.intersection(*(f["attributes"] for f in every))
   parts += [f"With{_camel(a)}" for a in sorted(own["attributes"] - everywhere)]
   for attribute, count in sorted(own["counts"].items()):
@@ -60,10 +64,16 @@ def _described(own: dict, every: list[dict]) -> list[str]:
 
 def _features(skeleton: tuple) -> dict:
   """A class's code as what names can say: whether it adds its input to a value (a skip
-  connection), the attributes it calls (first part), how many members or Sequential elements
+  connection), how many inputs it takes, the attributes it calls (first part), how many members or Sequential elements
   each has, and the child classes it calls."""
   inputs = next((set(s[1]) for s in skeleton if s[0] == "inputs"), set())
-  found = {"skip": False, "attributes": set(), "counts": collections.Counter(), "children": set()}
+  found = {
+      "skip": False,
+      "inputs": len(inputs),
+      "attributes": set(),
+      "counts": collections.Counter(),
+      "children": set(),
+  }
   members: dict[str, set] = collections.defaultdict(set)
 
   def attribute(path: str, elements: int | None = None):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import keyword
 from typing import Any
 
 import flax.linen as nn
@@ -116,6 +117,15 @@ class Source(base.Source):
     return "\n".join(lines)
 
 
+def _self_attribute(attribute: str) -> str:
+  """The layer at ``attribute`` of ``self``, also where torch's name is no identifier."""
+  return f"self.{attribute}" if _plain(attribute) else f"getattr(self, {attribute!r})"
+
+
+def _plain(attribute: str) -> bool:
+  return attribute.isidentifier() and not keyword.iskeyword(attribute)
+
+
 class Body(base.Body):
   """``__call__``'s statements; the layers they call are built in ``construction`` (``__init__``)."""
 
@@ -147,7 +157,7 @@ class Body(base.Body):
 
   def present(self, flag, expression) -> str:
     attribute = expression[3] if expression[0] == "call" else expression[2]
-    return f"self.{attribute} is not None"
+    return f"{_self_attribute(attribute)} is not None"
 
   def _optional(self, statement: tuple, index: int, last_use: dict) -> list[str]:
     self.in_init = True
@@ -176,8 +186,6 @@ class Body(base.Body):
         finally:
           self.in_init = False
       return f"self.{container}[{key!r}]"
-    if not attribute.isidentifier():
-      raise PortError(f"emit(api='nnx'): the model calls a module at {attribute!r}, which is not an attribute name")
     if attribute not in self.built:
       self.built.add(attribute)
       self.in_init = True
@@ -187,8 +195,11 @@ class Body(base.Body):
         self.in_init = False
       if self.condition is not None:
         value = f"{value} if {self.condition} else None"
-      self.construction.append(f"self.{attribute} = {value}")
-    return f"self.{attribute}"
+      if _plain(attribute):
+        self.construction.append(f"self.{attribute} = {value}")
+      else:  # torch's name (regnet's ``block1-0``), so that the state's paths stay torch's keys
+        self.construction.append(f"setattr(self, {attribute!r}, {value})")
+    return _self_attribute(attribute)
 
   def _layer(self, e) -> str:
     _, cls, fields, attribute, mode, args, kwargs = e
