@@ -175,7 +175,8 @@ class Selection(nn.Module):
     odds = torch.log(picked.sigmoid() / (1 - picked.sigmoid()))
     filled = torch.where(valid, odds, torch.full_like(odds, 3.0)).masked_fill(picked.abs() < 0.2, -1.0)
     flags = (torch.isfinite(odds) | (odds < 0)).any(1).float() + torch.ones_like(odds).sum() * torch.zeros_like(x).sum()
-    return filled, flags, index.long(), smallest.values, smallest.indices, F.linear(picked, self.weight)
+    indices = (index.long() * 10 + smallest.indices[:, :4, 0]).to(x.dtype)  # int64 in torch, int32 in JAX
+    return filled, flags, indices, smallest.values, F.linear(picked, self.weight)
 
 
 class GridSample(nn.Module):
@@ -186,7 +187,9 @@ class GridSample(nn.Module):
     self.options = dict(mode=mode, padding_mode=padding_mode, align_corners=align_corners)
 
   def forward(self, x):
-    grid = torch.tanh(x[:, :2].permute(0, 2, 3, 1)) * 1.2  # (n, h, w, 2): some points outside [-1, 1]
+    # (n, h, w, 2), some points outside [-1, 1]; exact in any dtype (a grid rounded differently
+    # moves every sample: bfloat16 under autocast)
+    grid = x[:, :2].permute(0, 2, 3, 1) * 0.5
     return F.grid_sample(x, grid, **self.options)
 
 
@@ -225,7 +228,7 @@ class SpatialShapes(nn.Module):
       shapes[level, 0] = height
       shapes[level, 1] = width
     starts = torch.cat((shapes.new_zeros((1,)), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]))
-    return torch.cat([f.flatten(2) for f in features], 2) * (starts.sum() + 1).to(x.dtype), shapes
+    return torch.cat([f.flatten(2) for f in features], 2) * (starts.sum() + 1).to(x.dtype), shapes.to(x.dtype)
 
 
 CASES = {

@@ -79,7 +79,8 @@ def _einsum(equation, *operands):
 ATEN: dict[Any, str | Callable[..., str | None]] = {
     **{key: name for name, keys in _CONVS.items() for key in keys},
     **{getattr(torch.nn, f"ConvTranspose{n}d"): f"conv_transpose{n}d{'.input' if n > 1 else ''}" for n in (1, 2, 3)},
-    torch.nn.Linear: "linear",
+    **{key: "linear" for key in (torch.nn.Linear, F.linear)},
+    F.grid_sample: "grid_sampler",
     **{key: "matmul" for key in (torch.matmul, ops.method("matmul"), operator.matmul)},
     F.scaled_dot_product_attention: "scaled_dot_product_attention",
     **{key: "prelu" for key in (F.prelu, torch.prelu)},
@@ -116,7 +117,7 @@ LISTS: dict[str, dict[str, str]] = {
         **dict.fromkeys(_LOWER_BOTH, LOWER),
         **dict.fromkeys(
             "avg_pool3d max_pool3d adaptive_avg_pool3d adaptive_max_pool3d reflection_pad1d reflection_pad2d"
-            " replication_pad1d replication_pad2d replication_pad3d".split(),
+            " replication_pad1d replication_pad2d replication_pad3d grid_sampler".split(),
             FLOAT32,
         ),
         "cat": PROMOTE,
@@ -129,11 +130,16 @@ LISTS: dict[str, dict[str, str]] = {
             " layer_norm group_norm norm.ScalarOpt_dim"  # norm is "fp32_append_dtype": computed in float32
             " upsample_nearest1d upsample_nearest2d upsample_nearest3d _upsample_nearest_exact1d"
             " _upsample_nearest_exact2d _upsample_nearest_exact3d upsample_linear1d upsample_bilinear2d"
-            " _upsample_bilinear2d_aa upsample_bicubic2d _upsample_bicubic2d_aa upsample_trilinear3d".split(),
+            " _upsample_bilinear2d_aa upsample_bicubic2d _upsample_bicubic2d_aa upsample_trilinear3d grid_sampler".split(),
             FLOAT32,
         ),
     },
 }
+
+
+# Ops torch computes as several ATen ops, each cast by its own list entry, which one table op cannot
+# reproduce: refused under autocast, by name.
+COMPOSITE = {F.multi_head_attention_forward: "nn.MultiheadAttention (F.multi_head_attention_forward)"}
 
 
 @dataclasses.dataclass(frozen=True)

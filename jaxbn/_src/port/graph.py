@@ -414,6 +414,11 @@ def _node(node: fx.Node, model, options, modules, custom_ops, leaves, stateless,
   op = custom_ops.get(key) or ops.OPS.get(key)
   if op is None:
     return problem(f"{'method' if node.op == 'call_method' else 'function'} {ops.name_of(key)}")
+  if options.autocast is not None and key in autocast.COMPOSITE and key not in custom_ops:
+    return problem(
+        f"{autocast.COMPOSITE[key]} under autocast: torch casts each of the ops it is made of by its own"
+        " list, which the port does not reproduce; port without autocast (float32, or the model in bfloat16)"
+    )
   if key not in custom_ops:
     op = autocast.op(op, key, options.autocast)
   return Node(node.name, "op", op, args, kwargs, _rebinds(node, inplace))
