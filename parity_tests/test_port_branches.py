@@ -106,3 +106,15 @@ def test_a_branch_that_calls_a_module_stays_refused_by_name():
   x = np.ones((2, 3, 4, 4), np.float32)
   with pytest.raises(jaxbn.PortError, match=r"bool\(\) of a tensor's values decides what runs .* ModuleInBranch"):
     jaxbn.port(ModuleInBranch(), x)
+
+
+class CheckedValues(torch.nn.Module):
+
+  def forward(self, x):
+    torch._check(x.sum() < 1e6, lambda: "too large")  # an assertion on values, not a branch
+    return x * 2
+
+
+def test_an_assertion_on_values_is_refused_by_name_not_taken_both_ways():
+  with pytest.raises(jaxbn.PortError, match=r"torch._check on a tensor's values \(an assertion\).*CheckedValues"):
+    jaxbn.port(CheckedValues(), np.ones((2, 3), np.float32))

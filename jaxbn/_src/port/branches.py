@@ -49,7 +49,10 @@ def merged(
     value = values(condition)
     if not (isinstance(value, torch.Tensor) and value.dtype == torch.bool and value.dim() == 0):
       return False  # where() needs one boolean
-    other = retrace({index: not decision.args[1]})
+    try:
+      other = retrace({index: not decision.args[1]})
+    except Exception:  # noqa: BLE001 - the other way fails in torch itself: the decision stays refused
+      return False
     plan = _plan(graph, other, decision, root)
     if plan is None:
       return False

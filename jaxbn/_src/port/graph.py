@@ -286,8 +286,6 @@ def trace(
 
         try:
           graph = tracer.trace(model, concrete_args=static_inputs or None)
-          if branches.value_decisions(graph):
-            branches.merged(graph, retrace, tracer.value, model)
         except PortError:
           raise
         except Exception as error:  # data-dependent control flow and the like
@@ -299,6 +297,8 @@ def trace(
               f" {type(error).__name__}: {error}\nPort it as one piece: leaf_modules=({owner},) and"
               f" custom_modules={{{owner}: factory}} with a Flax module for it."
           ) from error
+        if branches.value_decisions(graph):
+          branches.merged(graph, retrace, tracer.value, model)
         for node, what in _unsafe_writes(graph, tracer.aliases).items():
           problems[Problem(what, module_path(node), source_line(node))] = None
         programs[train] = Program(
@@ -394,6 +394,12 @@ def _node(node: fx.Node, model, options, modules, custom_ops, leaves, stateless,
     if on_values:
       path = module_path(node)
       owner = type(model.get_submodule(path) if path else model).__name__
+      if conversion == "check":
+        return problem(
+            f"torch._check on a tensor's values (an assertion), which JAX cannot evaluate under jit: check"
+            f" it outside the model, or port {owner} as one piece: leaf_modules=({owner},) and"
+            f" custom_modules={{{owner}: factory}}"
+        )
       return problem(
           f"Python {conversion}() of a tensor's values decides what runs (a data-dependent branch), which JAX"
           f" cannot trace: rewrite it with torch.where, or port {owner} as one piece: leaf_modules=({owner},)"

@@ -280,7 +280,8 @@ def _multihead_attention_forward(
   """torch.nn.MultiheadAttention's forward as traced: its general path, F.multi_head_attention_forward
   between batch-first transposes. Its fast path (eval without gradients; the same numbers to the
   rounding) reads tensor properties (``is_nested``, devices) that a trace cannot."""
-  batch_first = self.batch_first and bool(query.dim() == 3)  # one decision (a shape's), guarded once
+  # one decision on the input's rank (a guard where the port runs), not one per use
+  batch_first = self.batch_first and bool(query.dim() == 3)
   if batch_first:
     query, key, value = (t.transpose(1, 0) for t in (query, key, value))
   output, weights = F.multi_head_attention_forward(

@@ -39,7 +39,15 @@ from jaxbn._src.errors import PortError
 from jaxbn._src.port import autograd
 from jaxbn._src.port.leaves import TRACED_FORWARDS, TRACED_THROUGH
 
-CONVERSIONS: dict[str, Callable[[Any], Any]] = {"bool": bool, "len": len, "int": int, "float": float, "index": int}
+# "check": torch._check's condition, an assertion (bool) rather than a branch
+CONVERSIONS: dict[str, Callable[[Any], Any]] = {
+    "bool": bool,
+    "check": bool,
+    "len": len,
+    "int": int,
+    "float": float,
+    "index": int,
+}
 
 
 def guard(value, expected, conversion: str, on_values: bool):
@@ -222,7 +230,7 @@ class Tracer(fx.Tracer):
       def concrete(*args, **kwargs):
         args = list(args)
         if len(args) > position and isinstance(args[position], fx.Proxy):
-          args[position] = tracer.decide(args[position], "bool")
+          args[position] = tracer.decide(args[position], "check")
         return check(*args, **kwargs)
 
       return concrete
