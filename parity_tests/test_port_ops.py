@@ -106,7 +106,7 @@ class Encodings(nn.Module):
 class Anchors(nn.Module):
   """ultralytics' make_anchors (its Detect head's anchor points and strides): arange in the input's
   dtype, meshgrid, stack, Tensor.new_full / new_zeros / new_ones, cat; torch.zeros / ones / full /
-  empty with sizes from the input's shape."""
+  empty with sizes from the input's shape; torch.tensor of sizes, tril / triu, amin."""
 
   def forward(self, x):
     points, strides = [], []
@@ -125,6 +125,10 @@ class Anchors(nn.Module):
         x.new_zeros(2, 3) + x.new_ones((3,)) + x.sum(),
         torch.cat([x, dummy], 1) * filled,
         (torch.full((n,), 3) + h).to(x.dtype) / 7,  # an int fill: int64 (7 does not divide 3 + h)
+        # transformers' PP-DocLayout: sizes as a tensor, a causal mask of a traced size, amin
+        x[0, :, :, :4] / torch.tensor([w, h, w, h], dtype=x.dtype),
+        torch.tril(torch.ones(h, h, dtype=x.dtype)) + torch.triu(x[0, 0, :, :h], 1),
+        x.amin(-1, keepdim=True) - x.amax(-1, keepdim=True),
     )
 
 
@@ -159,7 +163,7 @@ class PReLUs(nn.Module):
 
 class Selection(nn.Module):
   """RT-DETR's query selection: max(dim).values, topk, gather, boolean &/~, all/any, log, where,
-  masked_fill, isfinite, full_like / ones_like / zeros_like, .long() indices, F.linear."""
+  masked_fill, isfinite, full_like / ones_like / zeros_like, .long() indices, F.linear, bmm."""
 
   def __init__(self, k=4):
     super().__init__()
@@ -176,7 +180,7 @@ class Selection(nn.Module):
     filled = torch.where(valid, odds, torch.full_like(odds, 3.0)).masked_fill(picked.abs() < 0.2, -1.0)
     flags = (torch.isfinite(odds) | (odds < 0)).any(1).float() + torch.ones_like(odds).sum() * torch.zeros_like(x).sum()
     indices = (index.long() * 10 + smallest.indices[:, :4, 0]).to(x.dtype)  # int64 in torch, int32 in JAX
-    return filled, flags, indices, smallest.values, F.linear(picked, self.weight)
+    return filled, flags, indices, smallest.values, F.linear(picked, self.weight), torch.bmm(picked, tokens.mT)
 
 
 class GridSample(nn.Module):

@@ -82,6 +82,7 @@ ATEN: dict[Any, str | Callable[..., str | None]] = {
     **{key: "linear" for key in (torch.nn.Linear, F.linear)},
     F.grid_sample: "grid_sampler",
     **{key: "matmul" for key in (torch.matmul, ops.method("matmul"), operator.matmul)},
+    **{key: "bmm" for key in (torch.bmm, ops.method("bmm"))},
     F.scaled_dot_product_attention: "scaled_dot_product_attention",
     **{key: "prelu" for key in (F.prelu, torch.prelu)},
     **{key: "cat" for key in (torch.cat, torch.concat, torch.concatenate)},

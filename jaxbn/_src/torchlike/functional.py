@@ -132,6 +132,14 @@ def einsum(equation, *operands):
 register("operator.matmul", "torch.matmul", "Tensor.matmul")(jnp.matmul)
 
 
+@register("torch.bmm", "Tensor.bmm")
+def bmm(x, y):
+  """Batched (b, n, m) @ (b, m, p); torch takes 3-D operands only."""
+  if x.ndim != 3 or y.ndim != 3:
+    raise ValueError(f"bmm takes 3-D tensors (torch's rule), got {x.ndim}-D and {y.ndim}-D")
+  return jnp.matmul(x, y)
+
+
 @register("operator.pow", "torch.pow", "Tensor.pow")
 def pow_(x, y):
   return x**y
@@ -248,6 +256,22 @@ def _factory(fill):
 zeros = register("torch.zeros", "torch.empty")(_named("zeros", _factory(0)))
 ones = register("torch.ones")(_named("ones", _factory(1)))
 full = register("torch.full")(_named("full", _factory(None)))
+
+
+@register("torch.tensor")
+def tensor(data, *, dtype=None, device=None, requires_grad=False, pin_memory=False):
+  """``torch.tensor(data)`` of numbers (sizes, when traced: static in the port), in torch's
+  default dtypes: float32 for floats, int64 (int32 without x64) for ints, bool for bools."""
+  del device, requires_grad, pin_memory
+  if dtype is None:
+    values = np.asarray(data)
+    dtype = jnp.float32 if values.dtype.kind == "f" else values.dtype
+  return jnp.asarray(data, jax.dtypes.canonicalize_dtype(dtype))
+
+
+tril = register("torch.tril", "Tensor.tril")(_named("tril", lambda x, diagonal=0: jnp.tril(x, diagonal)))
+triu = register("torch.triu", "Tensor.triu")(_named("triu", lambda x, diagonal=0: jnp.triu(x, diagonal)))
+
 
 new_full = register("Tensor.new_full")(_named("new_full", _new(None)))
 new_zeros = register("Tensor.new_zeros")(_named("new_zeros", _new(0)))
@@ -448,6 +472,11 @@ sum_ = register("torch.sum", "Tensor.sum")(_named("sum_", _reduction(jnp.sum)))
 @register("torch.amax", "Tensor.amax")
 def amax(x, dim=(), keepdim=False):
   return jnp.max(x, axis=dim if isinstance(dim, int) else (tuple(dim) or None), keepdims=keepdim)
+
+
+@register("torch.amin", "Tensor.amin")
+def amin(x, dim=(), keepdim=False):
+  return jnp.min(x, axis=dim if isinstance(dim, int) else (tuple(dim) or None), keepdims=keepdim)
 
 
 class ValuesIndices(NamedTuple):
