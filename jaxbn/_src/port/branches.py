@@ -8,8 +8,8 @@ to the decision and again after the branch; the merged program computes both bra
 and, where the common code reads a value the branches made differently, reads
 ``torch.where(decision, taken, other)``: torch's result for either outcome, at the cost of both
 branches. A branch that calls a module (its state would move on both paths), writes in place or
-draws random numbers is not merged, nor is a decision that is not one boolean: those stay refused
-by name (``graph.py``).
+draws random numbers is not merged, nor is a decision that is not one boolean (an ``int()`` of
+values, a ``torch._check`` assertion): those stay refused by name (``graph.py``).
 """
 
 from __future__ import annotations
@@ -38,13 +38,14 @@ def merged(
   """``graph`` with each value decision's other branch merged in, in place: ``retrace(forced)``
   traces the model again with decision ``i`` (counted in program order) taken as ``forced[i]``;
   ``values(node)``: a node's value on the example; ``root``: the traced model, which holds the
-  tensor literals of both traces. False, and ``graph`` unchanged, where a decision cannot be
-  merged."""
-  decisions = value_decisions(graph)
-  if not decisions or len(decisions) > MAX_DECISIONS or any(d.args[2] != "bool" for d in decisions):
-    return False  # none, too many, or an int() / float() of values (no two ways to take)
+  tensor literals of both traces. Only ``bool()`` decisions are merged, all or none: False, and
+  ``graph`` unchanged, where one cannot be."""
+  decisions = value_decisions(graph)  # numbered as the tracer counts them
+  branches = [(index, d) for index, d in enumerate(decisions) if d.args[2] == "bool"]
+  if not branches or len(branches) > MAX_DECISIONS:
+    return False  # int() / float() of values and torch._check assertions have no two ways: they stay refused
   plans = []
-  for index, decision in enumerate(decisions):
+  for index, decision in branches:
     condition = decision.args[0]
     value = values(condition)
     if not (isinstance(value, torch.Tensor) and value.dtype == torch.bool and value.dim() == 0):
