@@ -109,6 +109,7 @@ def test_a_branch_that_calls_a_module_stays_refused_by_name():
 
 
 class CheckedValues(torch.nn.Module):
+
   def forward(self, x):
     torch._check(x.sum() < 1e6, lambda: "too large")  # an assertion on values, not a branch
     if not torch.isfinite(x).all():  # a branch beside it: merged
@@ -118,5 +119,7 @@ class CheckedValues(torch.nn.Module):
 
 def test_an_assertion_on_values_is_refused_by_name_not_taken_both_ways():
   """The assertion alone is refused (the branch beside it is merged, so it is not listed)."""
-  with pytest.raises(jaxbn.PortError, match=r"(?s)1 unsupported node.*torch._check on a tensor's values \(an assertion\)"):
+  with pytest.raises(
+      jaxbn.PortError, match=r"(?s)1 unsupported node.*torch._check on a tensor's values \(an assertion\)"
+  ):
     jaxbn.port(CheckedValues(), np.ones((2, 3), np.float32))

@@ -179,6 +179,7 @@ class Selection(nn.Module):
     odds = torch.log(picked.sigmoid() / (1 - picked.sigmoid()))
     filled = torch.where(valid, odds, torch.full_like(odds, 3.0)).masked_fill(picked.abs() < 0.2, -1.0)
     flags = (torch.isfinite(odds) | (odds < 0)).any(1).float() + torch.ones_like(odds).sum() * torch.zeros_like(x).sum()
+    flags = flags + picked.eq(picked.clamp(-1, 1)).float().sum() + torch.ne(abs(picked), picked).float().sum()
     indices = (index.long() * 10 + smallest.indices[:, :4, 0]).to(x.dtype)  # int64 in torch, int32 in JAX
     return filled, flags, indices, smallest.values, F.linear(picked, self.weight), torch.bmm(picked, tokens.mT)
 

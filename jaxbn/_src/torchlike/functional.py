@@ -101,6 +101,8 @@ def _integer_array(x) -> bool:
 # torch's //, % and comparisons are Python's; on shapes (ints, static under jit) they run at trace time.
 for _name in ("floordiv", "mod", "eq", "ne", "lt", "le", "gt", "ge"):
   register(f"operator.{_name}")(getattr(operator, _name))
+for _name in ("eq", "ne", "lt", "le", "gt", "ge"):  # x.eq(y), torch.eq(x, y): elementwise, as the operators
+  register(f"torch.{_name}", f"Tensor.{_name}")(getattr(operator, _name))
 for _name in ("ceil", "floor", "sqrt"):
   register(f"math.{_name}")(getattr(math, _name))
 
@@ -165,7 +167,7 @@ register("torch.floor", "Tensor.floor", "Tensor.floor_")(jnp.floor)
 register("torch.ceil", "Tensor.ceil", "Tensor.ceil_")(jnp.ceil)
 register("torch.sqrt", "Tensor.sqrt")(jnp.sqrt)
 register("torch.rsqrt", "Tensor.rsqrt")(jax.lax.rsqrt)
-register("torch.abs", "Tensor.abs")(jnp.abs)
+register("torch.abs", "Tensor.abs", "operator.abs")(jnp.abs)  # operator.abs: Python's abs(x)
 register("torch.log", "Tensor.log")(jnp.log)
 register("torch.isfinite", "Tensor.isfinite")(jnp.isfinite)
 register("torch.isnan", "Tensor.isnan")(jnp.isnan)
