@@ -15,7 +15,6 @@ values, a ``torch._check`` assertion): those stay refused by name (``graph.py``)
 from __future__ import annotations
 
 import difflib
-import operator
 from collections.abc import Callable
 
 import torch
@@ -74,8 +73,13 @@ def _signature(node: fx.Node) -> tuple:
   return (node.op, target, len(node.args), tuple(sorted(node.kwargs)))
 
 
+def literal_name(name: str) -> bool:
+  """fx's name for a tensor literal it stores on the root (``_tensor_constant0``)."""
+  return name.startswith("_tensor_constant")
+
+
 def _literal(node: fx.Node) -> bool:
-  return node.op == "get_attr" and node.target.startswith("_tensor_constant")
+  return node.op == "get_attr" and literal_name(node.target)
 
 
 def _plan(graph: fx.Graph, other: fx.Graph, decision: fx.Node, root: torch.nn.Module):
@@ -152,13 +156,10 @@ def _pure(node: fx.Node) -> bool:
   place, no random draw."""
   if node.op in ("call_module", "placeholder", "output"):
     return False
-  if node.op == "call_method":
-    key = getattr(torch.Tensor, node.target, None)
-    in_place = node.target.endswith("_") and not node.target.endswith("__")
-  else:
-    key, in_place = node.target, node.target is operator.setitem
-  rule = ops.OPS.get(key)
-  return not in_place and not node.kwargs.get("inplace") and not (rule is not None and rule.context)
+  if node.op == "get_attr":
+    return True
+  rule = ops.OPS.get(ops.key_of(node))
+  return not ops.writes_in_place(node) and not (rule is not None and rule.context)
 
 
 def _apply(graph: fx.Graph, decision: fx.Node, branch: list, counterpart: dict, selects: dict) -> None:

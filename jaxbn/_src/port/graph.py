@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import operator
 import re
 from typing import Any
 
@@ -270,19 +269,14 @@ def trace(
         untraced = _attributes(model)  # in this mode
 
         def retrace(forced):  # the trace with decisions on values taken the other way (branches.py)
-          # from the model as this mode's trace found it (what a trace caches on modules is its
-          # own), keeping the tensor literals fx stored on the root (the next trace names its own)
-          constants = _literals(model)
-          _restore(untraced)
-          vars(model).update(constants)
+          # from the model as this mode's trace found it (what a trace caches on modules is its own)
+          _restore_keeping_literals(model, untraced)
           try:
             return Tracer(is_leaf, examples, static_inputs, through_forward, forced).trace(
                 model, concrete_args=static_inputs or None
             )
           finally:
-            constants = _literals(model)
-            _restore(untraced)
-            vars(model).update(constants)
+            _restore_keeping_literals(model, untraced)
 
         try:
           graph = tracer.trace(model, concrete_args=static_inputs or None)
@@ -297,8 +291,7 @@ def trace(
               f" {type(error).__name__}: {error}\nPort it as one piece: leaf_modules=({owner},) and"
               f" custom_modules={{{owner}: factory}} with a Flax module for it."
           ) from error
-        if branches.value_decisions(graph):
-          branches.merged(graph, retrace, tracer.value, model)
+        branches.merged(graph, retrace, tracer.value, model)
         for node, what in _unsafe_writes(graph, tracer.aliases).items():
           problems[Problem(what, module_path(node), source_line(node))] = None
         programs[train] = Program(
@@ -316,9 +309,12 @@ def trace(
   return Traced(programs, leaves, list(problems), stateless, scopes)
 
 
-def _literals(model: torch.nn.Module) -> dict:
-  """The tensor literals fx stored on the root while tracing (``_tensor_constant0``)."""
-  return {name: value for name, value in vars(model).items() if name.startswith("_tensor_constant")}
+def _restore_keeping_literals(model: torch.nn.Module, saved: list) -> None:
+  """``_restore(saved)``, keeping the tensor literals fx stored on the root while tracing
+  (``_tensor_constant0``): the programs traced so far read them, and the next trace names its own."""
+  literals = {name: value for name, value in vars(model).items() if branches.literal_name(name)}
+  _restore(saved)
+  vars(model).update(literals)
 
 
 def _attributes(model: torch.nn.Module) -> list:
@@ -360,7 +356,6 @@ def _node(node: fx.Node, model, options, modules, custom_ops, leaves, stateless,
     return Node(node.name, "output", None, args)
   if node.op == "get_attr":
     return _tensor(node, model, options, modules, leaves, problem)
-  inplace = node.kwargs.get("inplace") is True or node.target is operator.setitem
   if node.op == "call_module":
     module = model.get_submodule(node.target)
     made = rule(module, options, modules)
@@ -375,11 +370,8 @@ def _node(node: fx.Node, model, options, modules, custom_ops, leaves, stateless,
     # a table op (with torch.autocast's casts, if asked), or a custom_modules function
     op = autocast.op(ops.OPS[key], key, options.autocast) if key in ops.OPS else ops.OpRule(key)
     return Node(node.name, "op", op, args, kwargs, _rebinds(node, inplace))
-  elif node.op == "call_method":
-    key = getattr(torch.Tensor, node.target, node.target)
-    inplace = node.target.endswith("_") and not node.target.endswith("__")
-  else:
-    key = node.target
+  key, inplace = ops.key_of(node), ops.writes_in_place(node)
+  if node.op == "call_function":
     if isinstance(key, type) and issubclass(key, tuple) and hasattr(key, "_fields"):
       return Node(node.name, "op", ops.OpRule(Static(key)), args, kwargs)  # a namedtuple (GoogLeNetOutputs)
   if key is autograd.no_grad_value:  # computed under torch.no_grad() in forward
@@ -468,8 +460,9 @@ def _tensor(node: fx.Node, model, options, modules, leaves, problem) -> Node:
   dtype = _port_dtype(array, options)
   # a module the program calls whole holds its tensors in its Flax layer; one it only reads
   # (MultiheadAttention's out_proj, read by the attention op) is its tensors
-  called = any(n.op == "call_module" and n.target == owner_path for n in node.graph.nodes)
-  if find(owner, modules) is not None and called:
+  if find(owner, modules) is not None and any(
+      n.op == "call_module" and n.target == owner_path for n in node.graph.nodes
+  ):
     if all(user.target is getattr and user.args[1] in ("shape", "ndim", "dtype") for user in node.users):
       return Node(node.name, "op", ops.OpRule(Metadata(tuple(array.shape), dtype.name)))
     return problem(

@@ -57,6 +57,20 @@ def method(name: str):
   return getattr(torch.Tensor, name)
 
 
+def key_of(node):
+  """The table key of an fx ``call_function`` / ``call_method`` node: its function, or
+  ``Tensor.<method>`` (the method's name where Tensor has none)."""
+  return getattr(torch.Tensor, node.target, node.target) if node.op == "call_method" else node.target
+
+
+def writes_in_place(node) -> bool:
+  """Whether an fx ``call_function`` / ``call_method`` node writes into its first argument:
+  ``x.add_(y)``, ``x[i] = v``, ``F.relu(x, inplace=True)``."""
+  if node.op == "call_method":
+    return node.target.endswith("_") and not node.target.endswith("__")
+  return node.kwargs.get("inplace") is True or node.target is operator.setitem
+
+
 PUBLIC_NAMESPACES = (
     ("F", F),
     ("torch", torch),

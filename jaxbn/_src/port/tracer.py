@@ -156,8 +156,7 @@ class Tracer(fx.Tracer):
 
   def create_proxy(self, kind, target, args, kwargs, *rest, **more):
     if kind == "call_method" and target == "__setitem__" and not isinstance(args[0], fx.Proxy):
-      written = self._write_sizes(*args)
-      if written:
+      if self._write_sizes(*args):
         return None  # torch's __setitem__ returns None
     proxy = super().create_proxy(kind, target, args, kwargs, *rest, **more)
     if torch.is_grad_enabled() or kind not in COMPUTING or target in (autograd.no_grad_value, guard):

@@ -471,14 +471,17 @@ mean = register("torch.mean", "Tensor.mean")(_named("mean", _reduction(jnp.mean)
 sum_ = register("torch.sum", "Tensor.sum")(_named("sum_", _reduction(jnp.sum)))
 
 
-@register("torch.amax", "Tensor.amax")
-def amax(x, dim=(), keepdim=False):
-  return jnp.max(x, axis=dim if isinstance(dim, int) else (tuple(dim) or None), keepdims=keepdim)
+def _bound(reduce):
+  """``torch.amax`` / ``amin``: over ``dim`` (one axis or several; all by default)."""
+
+  def bound(x, dim=(), keepdim=False):
+    return reduce(x, axis=dim if isinstance(dim, int) else (tuple(dim) or None), keepdims=keepdim)
+
+  return bound
 
 
-@register("torch.amin", "Tensor.amin")
-def amin(x, dim=(), keepdim=False):
-  return jnp.min(x, axis=dim if isinstance(dim, int) else (tuple(dim) or None), keepdims=keepdim)
+amax = register("torch.amax", "Tensor.amax")(_named("amax", _bound(jnp.max)))
+amin = register("torch.amin", "Tensor.amin")(_named("amin", _bound(jnp.min)))
 
 
 class ValuesIndices(NamedTuple):
