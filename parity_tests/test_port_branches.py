@@ -1,7 +1,9 @@
 """A Python ``if`` on a tensor's values (``jaxbn/_src/port/branches.py``): the model is traced both
 ways and the branches merge into one program that reads ``torch.where(decision, ...)`` where they
 differ, so the port computes torch's result whichever way the decision goes, under jit. A branch
-that calls a module, writes in place or draws random numbers stays refused by name.
+that calls a module, writes in place or draws random numbers stays refused by name. An assertion
+(``torch._check``) computed from sizes alone is dropped, the sizes it read guarded; one on values
+is refused.
 """
 
 from __future__ import annotations
@@ -123,3 +125,42 @@ def test_an_assertion_on_values_is_refused_by_name_not_taken_both_ways():
       jaxbn.PortError, match=r"(?s)1 unsupported node.*torch._check on a tensor's values \(an assertion\)"
   ):
     jaxbn.port(CheckedValues(), np.ones((2, 3), np.float32))
+
+
+class SizesChecked(torch.nn.Module):
+  """transformers' deformable attention (RT-DETR v2, D-FINE): the levels' sizes written into a
+  tensor one by one, and an assertion that they cover the flattened sequence."""
+
+  def __init__(self):
+    super().__init__()
+    self.conv, self.bn = torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)
+
+  def forward(self, x):
+    h = self.bn(self.conv(x))
+    levels = [h, torch.nn.functional.avg_pool2d(h, 2)]
+    shapes = torch.empty((len(levels), 2), dtype=torch.long)
+    for i, level in enumerate(levels):
+      shapes[i, 0] = level.shape[2]
+      shapes[i, 1] = level.shape[3]
+    sequence = torch.cat([level.flatten(2) for level in levels], dim=2)
+    covered = (shapes[:, 0] * shapes[:, 1]).sum() == sequence.shape[2]
+    torch._check_tensor_all_with(ValueError, covered, lambda: "the sizes do not cover the sequence")
+    return sequence
+
+
+@pytest.mark.parametrize("via, api, layout", [("port", "linen", "NCHW"), ("emit", "nnx", "NHWC")])
+def test_an_assertion_on_sizes_is_dropped_and_the_model_trains_like_torch(via, api, layout):
+  """jaxbn.verify's float64 lock-step (1e-9): the assertion was refused as one on values."""
+  case = port_harness.Case(SizesChecked, (2, 3, 4, 4), loss="mean_square")
+  port_harness.run(case, via=via, api=api, layout=layout)
+
+
+def test_an_assertion_on_sizes_leaves_guards_on_the_sizes_not_its_arithmetic(tmp_path):
+  """The emitted source holds no line of the assertion's product and sum, and the port refuses
+  an input of other sizes by name (the sizes it read, and those written, were the example's)."""
+  x = np.ones((2, 3, 4, 4), np.float32)
+  source = jaxbn.emit(SizesChecked(), x, tmp_path / "emitted").read_text()
+  assert "sum" not in source and "mul" not in source and " * " not in source, source
+  module, variables = jaxbn.port(SizesChecked(), x)
+  with pytest.raises(jaxbn.PortError, match=r"specialised this Python branch to the example input's shapes"):
+    module.apply(variables, np.ones((2, 3, 6, 6), np.float32))

@@ -9,7 +9,7 @@ and, where the common code reads a value the branches made differently, reads
 ``torch.where(decision, taken, other)``: torch's result for either outcome, at the cost of both
 branches. A branch that calls a module (its state would move on both paths), writes in place or
 draws random numbers is not merged, nor is a decision that is not one boolean (an ``int()`` of
-values, a ``torch._check`` assertion): those stay refused by name (``graph.py``).
+values, a ``torch._check`` assertion on values): those stay refused by name (``graph.py``).
 """
 
 from __future__ import annotations

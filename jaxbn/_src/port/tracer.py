@@ -11,7 +11,8 @@
    ``Guard`` node in the program that, when the ported model runs, checks the decision comes out
    the same at its input's shapes and refuses a decision on tensor values (which JAX cannot take
    under jit), unless ``branches.py`` merges both ways of it (``forced``: the decisions a second
-   trace takes the other way).
+   trace takes the other way). An assertion (``torch._check``) computed from sizes and constants
+   alone is no decision on values: guards on the sizes it read stand in for it.
 4. Calls of torch's factories that take sizes are nodes: ``torch.rand`` / ``randn`` whatever their
    arguments (a call run at trace time would freeze its draws into the program), ``zeros`` /
    ``ones`` / ``full`` / ``empty`` where a size is traced (sizes never reach fx's
@@ -36,13 +37,15 @@ import torch.fx as fx
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 
 from jaxbn._src.errors import PortError
-from jaxbn._src.port import autograd
+from jaxbn._src.port import autograd, ops
 from jaxbn._src.port.leaves import TRACED_FORWARDS, TRACED_THROUGH
 
-# "check": torch._check's condition, an assertion (bool) rather than a branch
+# "check": torch._check's condition, an assertion (bool) rather than a branch; "size": a shape
+# (``x.shape``, ``x.size(1)``) an assertion computed from sizes alone was decided at
 CONVERSIONS: dict[str, Callable[[Any], Any]] = {
     "bool": bool,
     "check": bool,
+    "size": lambda size: tuple(size) if isinstance(size, tuple) else size,
     "len": len,
     "int": int,
     "float": float,
@@ -90,6 +93,13 @@ class Guard:
     return actual
 
 
+def _reads_size(node: fx.Node) -> bool:
+  """``x.shape``, ``x.ndim``, ``x.size(...)``, ``x.dim()``: a node whose value is a size."""
+  if node.op == "call_method":
+    return node.target in ("size", "dim")
+  return node.op == "call_function" and node.target is getattr and node.args[1:2] in (("shape",), ("ndim",))
+
+
 # torch's factories take sizes, not tensors, so fx's proxies never reach them through
 # __torch_function__: the tracer records them itself (rand_like, bernoulli take a tensor and need not)
 SIZED_RANDOM = ("rand", "randn")  # every call a node (constant draws would freeze into the program)
@@ -126,6 +136,7 @@ class Tracer(fx.Tracer):
     self._state: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # saved before torch first runs
     self._factories: dict[str, Callable] = {}  # torch's own, while trace() records their calls
     self.aliases: dict[fx.Node, tuple[bool, list[fx.Node]]] = {}  # x[i] = v: x a view?, what shares x's memory
+    self._dead: set[fx.Node] = set()  # an assertion's arithmetic, erased after tracing where nothing else reads it
 
   def create_arg(self, a):
     # A dataclass holding traced values (transformers' ModelOutput, which fx would flatten into a
@@ -223,13 +234,16 @@ class Tracer(fx.Tracer):
       return concrete
 
     def checked(check, position):
-      # torch._check(cond) / torch._check_with(error, cond, ...) (transformers' torch_compilable_check): a
-      # shape condition is a decision on the example, guarded where the port runs
+      # torch._check(cond) / torch._check_with(error, cond, ...) / torch._check_tensor_all[_with] (every
+      # element; transformers' torch_compilable_check): a decision on the example, guarded where the port runs
       @functools.wraps(check)
       def concrete(*args, **kwargs):
         args = list(args)
         if len(args) > position and isinstance(args[position], fx.Proxy):
-          args[position] = tracer.decide(args[position], "check")
+          condition = args[position].all() if check.__name__.startswith("_check_tensor_all") else args[position]
+          args[position] = tracer.decide(condition, "check")
+          if check.__name__.startswith("_check_tensor_all"):
+            args[position] = torch.tensor(args[position])
         return check(*args, **kwargs)
 
       return concrete
@@ -238,7 +252,17 @@ class Tracer(fx.Tracer):
     plain = plain_forward(type(root).forward) if isinstance(root, torch.nn.Module) else None
     torch_patches = {name: drawing(factory) for name, factory in self._factories.items()}
     torch_patches.update({name: info(getattr(torch, name)) for name in ("finfo", "iinfo")})
-    torch_patches.update({"_check": checked(torch._check, 0), "_check_with": checked(torch._check_with, 1)})
+    torch_patches.update(
+        {
+            name: checked(getattr(torch, name), position)
+            for name, position in (
+                ("_check", 0),
+                ("_check_with", 1),
+                ("_check_tensor_all", 0),
+                ("_check_tensor_all_with", 1),
+            )
+        }
+    )
     try:
       with (
           patched(type(root), {"forward": plain} if plain is not None else {}),
@@ -249,7 +273,11 @@ class Tracer(fx.Tracer):
       ):
         for cls, forward in TRACED_FORWARDS.items():
           forwards.enter_context(patched(cls, {"forward": forward}))
-        return super().trace(root, concrete_args)
+        graph = super().trace(root, concrete_args)
+      for node in reversed(graph.nodes):
+        if node in self._dead and not node.users:
+          graph.erase_node(node)
+      return graph
     finally:
       if self._state is not None:  # running the model updated its BatchNorm buffers: undo
         with torch.no_grad():
@@ -268,11 +296,52 @@ class Tracer(fx.Tracer):
     value = self.value(obj.node)
     expected = CONVERSIONS[conversion](value)
     on_values = isinstance(value, torch.Tensor) and conversion != "len"
+    sizes = self._sizes_read(obj.node) if on_values and conversion == "check" else None
+    if sizes is not None:
+      # an assertion computed from sizes and constants alone (transformers' deformable attention:
+      # ``(spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum() == sequence_length``) holds wherever
+      # the sizes it read are the example's: those are guarded, the assertion and its arithmetic dropped
+      for size in sizes:
+        self.create_proxy("call_function", guard, (self.proxy(size), self.value(size), "size", False), {})
+      self._dead.update(self._arithmetic(obj.node, sizes))
+      return expected
     if on_values:
       expected = self._forced.get(self._value_decisions, expected)
       self._value_decisions += 1
     self.create_proxy("call_function", guard, (obj, expected, conversion, on_values), {})
     return expected
+
+  def _sizes_read(self, node: fx.Node) -> list[fx.Node] | None:
+    """The shape reads (``x.shape``, ``x.size()``, ``x.dim()``) ``node`` is computed from, if nothing
+    else it reads depends on an input's or the model's values (only sizes, tensor literals and
+    ops without state or randomness on them); else None."""
+    sizes = []
+    for read in self._arithmetic(node, ()):
+      if _reads_size(read):
+        sizes.append(read)
+      elif read.op in ("placeholder", "call_module", "output"):
+        return None
+      elif read.op == "get_attr" and read.target in self._state_names():
+        return None  # a parameter or buffer: values that train
+      elif read.op in ("call_function", "call_method"):
+        rule = ops.OPS.get(ops.key_of(read))
+        if ops.writes_in_place(read) or (rule is not None and rule.context):
+          return None  # a write (what else reads it?) or a random draw
+    return sizes
+
+  def _arithmetic(self, node: fx.Node, sizes) -> list[fx.Node]:
+    """``node`` and what it is computed from, stopping at shape reads (kept: they are read)."""
+    found, pending = {}, [node]
+    while pending:
+      read = pending.pop()
+      if read not in found and read not in sizes:
+        found[read] = None
+        if not _reads_size(read):
+          pending.extend(read.all_input_nodes)
+    return list(found)
+
+  def _state_names(self) -> set[str]:
+    return {name for name, _ in itertools.chain(self.root.named_parameters(), self.root.named_buffers())}
 
   def value(self, node: fx.Node) -> Any:
     """``node``'s value on the examples: the program run up to it, in order, once."""
