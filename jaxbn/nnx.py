@@ -18,6 +18,7 @@ from jaxbn._src.nnx.frozen import FoldedBatchNorm, FrozenBatchNorm
 from jaxbn._src.torchlike.nnx import (
     Conv,
     ConvTranspose,
+    Embedding,
     GroupNorm,
     LayerNorm,
     Linear,
@@ -33,6 +34,7 @@ __all__ = [
     "BatchNorm",
     "Conv",
     "ConvTranspose",
+    "Embedding",
     "FoldedBatchNorm",
     "Frozen",
     "FrozenBatchNorm",

@@ -106,7 +106,9 @@ class Encodings(nn.Module):
 class Anchors(nn.Module):
   """ultralytics' make_anchors (its Detect head's anchor points and strides): arange in the input's
   dtype, meshgrid, stack, Tensor.new_full / new_zeros / new_ones, cat; torch.zeros / ones / full /
-  empty with sizes from the input's shape; torch.tensor of sizes, tril / triu, amin."""
+  empty with sizes from the input's shape; torch.tensor of sizes, tril / triu, amin; cumsum
+  (transformers' EfficientLoFTR: rotary positions as cumulative sums of ones, and of a mask),
+  repeat_interleave."""
 
   def forward(self, x):
     points, strides = [], []
@@ -129,6 +131,10 @@ class Anchors(nn.Module):
         x[0, :, :, :4] / torch.tensor([w, h, w, h], dtype=x.dtype),
         torch.tril(torch.ones(h, h, dtype=x.dtype)) + torch.triu(x[0, 0, :, :h], 1),
         x.amin(-1, keepdim=True) - x.amax(-1, keepdim=True),
+        torch.ones(h, w, dtype=x.dtype).cumsum(0) * x.cumsum(dim=-1),
+        (x > 0).cumsum(1).to(x.dtype) + torch.cumsum(x, 2, dtype=x.dtype),
+        x.sin().repeat_interleave(2, dim=-1) + torch.repeat_interleave(x, 2, -1),
+        x[0, 0].repeat_interleave(3),
     )
 
 

@@ -35,6 +35,7 @@ from jaxbn._src.torchlike.linen import (  # noqa: F401 (the table's modules, use
     BatchNormAct,
     Conv,
     ConvTranspose,
+    Embedding,
     GroupNorm,
     LayerNorm,
     Linear,
@@ -216,6 +217,13 @@ def conv_transpose(m, options):
 @register(torch.nn.Linear)
 def linear(m, options):
   return Leaf(Linear(m.out_features, m.bias is not None, options.param_dtype))
+
+
+@register(torch.nn.Embedding)
+def embedding(m, options):
+  if m.max_norm is not None or m.scale_grad_by_freq:  # a renorm written into the weight in forward; scaled gradients
+    return None
+  return Leaf(Embedding(m.num_embeddings, m.embedding_dim, m.padding_idx, options.param_dtype))
 
 
 @register(torch.nn.LayerNorm)

@@ -110,3 +110,29 @@ def linear(x, kernel, bias, *, dtype=None):
   dtype = jnp.result_type(x, kernel) if dtype is None else dtype
   y = jnp.matmul(x.astype(dtype), kernel.astype(dtype))
   return y if bias is None else ops.plus_bias(y, bias)
+
+
+def embedding_init(padding_idx: int | None):
+  """torch.nn.Embedding's initialisation: N(0, 1), the ``padding_idx`` row zero."""
+
+  def init(key, shape, dtype=jnp.float32):
+    table = jax.random.normal(key, shape, dtype)
+    return table if padding_idx is None else table.at[padding_idx].set(0)
+
+  return init
+
+
+def embedding(ids, table, padding_idx=None):
+  """torch.nn.functional.embedding: ``table``'s rows at ``ids``; the ``padding_idx`` row gets no
+  gradient, as in torch. torch raises on an id outside the table; so does this where the ids are
+  concrete, under jit (where it cannot) such a row is NaN, never another row."""
+  try:
+    low, high = (int(np.min(ids)), int(np.max(ids))) if np.size(ids) else (0, 0)
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    low = high = 0  # traced: unknown here
+  if not 0 <= low <= high < table.shape[0]:
+    raise IndexError(f"embedding: ids from {low} to {high}, outside a table of {table.shape[0]} rows")
+  if padding_idx is not None:
+    padding = jnp.arange(table.shape[0])[:, None] == padding_idx
+    table = jnp.where(padding, jax.lax.stop_gradient(table), table)
+  return jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan)

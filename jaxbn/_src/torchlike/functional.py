@@ -451,6 +451,13 @@ def split(x, split_size_or_sections, dim=0):
   return tuple(jnp.split(x, np.cumsum(sizes)[:-1].tolist(), axis=dim))
 
 
+@register("torch.repeat_interleave", "Tensor.repeat_interleave")
+def repeat_interleave(x, repeats, dim=None, *, output_size=None):
+  if not isinstance(repeats, int):  # a tensor of counts makes a size from values
+    raise TypeError(f"repeat_interleave with repeats of type {type(repeats).__name__}: the port takes an int")
+  return jnp.repeat(x.reshape(-1) if dim is None else x, repeats, axis=0 if dim is None else dim)
+
+
 @register("torch.unbind", "Tensor.unbind")
 def unbind(x, dim=0):
   return tuple(jnp.moveaxis(x, dim, 0))
@@ -469,6 +476,15 @@ def _reduction(jnp_fn):
 
 mean = register("torch.mean", "Tensor.mean")(_named("mean", _reduction(jnp.mean)))
 sum_ = register("torch.sum", "Tensor.sum")(_named("sum_", _reduction(jnp.sum)))
+
+
+@register("torch.cumsum", "Tensor.cumsum")
+def cumsum(x, dim, *, dtype=None):
+  if dtype is None:  # torch sums bools and integers in int64, floats in their own dtype
+    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.inexact) else jax.dtypes.canonicalize_dtype(np.int64)
+  x = x.astype(dtype)
+  # torch's kernel accumulates a low-precision float in float32, rounding each partial sum
+  return jnp.cumsum(_wide(x) if jnp.issubdtype(dtype, jnp.inexact) else x, axis=dim).astype(dtype)
 
 
 def _bound(reduce):
@@ -510,6 +526,22 @@ def _extreme(reduce, arg_reduce, elementwise):
 
 max_ = register("torch.max", "Tensor.max")(_named("max_", _extreme(jnp.max, jnp.argmax, jnp.maximum)))
 min_ = register("torch.min", "Tensor.min")(_named("min_", _extreme(jnp.min, jnp.argmin, jnp.minimum)))
+
+
+def _arg_extreme(arg_reduce):
+  """``torch.argmax`` / ``argmin``: the first index of the extreme (of everything, flattened, without ``dim``)."""
+
+  def arg_extreme(x, dim=None, keepdim=False):
+    if dim is None:
+      index = arg_reduce(x.reshape(-1))
+      return index.reshape((1,) * x.ndim) if keepdim else index
+    return arg_reduce(x, axis=dim, keepdims=keepdim)
+
+  return arg_extreme
+
+
+argmax = register("torch.argmax", "Tensor.argmax")(_named("argmax", _arg_extreme(jnp.argmax)))
+argmin = register("torch.argmin", "Tensor.argmin")(_named("argmin", _arg_extreme(jnp.argmin)))
 all_ = register("torch.all", "Tensor.all")(_named("all_", _reduction(lambda x, dtype=None, **kw: jnp.all(x, **kw))))
 any_ = register("torch.any", "Tensor.any")(_named("any_", _reduction(lambda x, dtype=None, **kw: jnp.any(x, **kw))))
 

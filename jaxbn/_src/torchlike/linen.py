@@ -18,7 +18,7 @@ from flax.typing import Dtype
 from jaxbn._src.linen.batch_norm import BatchNorm
 from jaxbn._src.torchlike import compute
 from jaxbn._src.torchlike import functional as ops
-from jaxbn._src.torchlike.compute import kernel_init, per_axis
+from jaxbn._src.torchlike.compute import embedding_init, kernel_init, per_axis
 
 
 class Conv(nn.Module):
@@ -130,6 +130,23 @@ class Linear(nn.Module):
       init = functools.partial(kernel_init, fan_in=x.shape[-1])
       bias = self.param("bias", init, (self.features,), self.param_dtype)
     return compute.linear(x, kernel, bias, dtype=self.dtype)
+
+
+class Embedding(nn.Module):
+  """torch.nn.Embedding: ``compute.embedding``, ``embedding`` as torch's ``(num_embeddings,
+  features)`` weight, drawn N(0, 1) as torch's (its ``padding_idx`` row zero)."""
+
+  num_embeddings: int
+  features: int
+  padding_idx: int | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, ids):
+    table = self.param(
+        "embedding", embedding_init(self.padding_idx), (self.num_embeddings, self.features), self.param_dtype
+    )
+    return compute.embedding(ids, table, self.padding_idx)
 
 
 class GroupNorm(nn.Module):

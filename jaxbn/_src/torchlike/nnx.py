@@ -16,7 +16,7 @@ from flax.typing import Dtype
 
 from jaxbn._src.torchlike import compute
 from jaxbn._src.torchlike import functional as ops
-from jaxbn._src.torchlike.compute import kernel_init
+from jaxbn._src.torchlike.compute import embedding_init, kernel_init
 from jaxbn._src.variables.state import Buffer
 
 
@@ -126,6 +126,27 @@ class Linear(nnx.Module):
 
   def __call__(self, x):
     return compute.linear(x, self.kernel[...], None if self.bias is None else self.bias[...], dtype=self.dtype)
+
+
+class Embedding(nnx.Module):
+  """torch.nn.Embedding: ``Embedding(num_embeddings, features, rngs=rngs)``, ``embedding`` as
+  torch's ``(num_embeddings, features)`` weight."""
+
+  def __init__(
+      self,
+      num_embeddings: int,
+      features: int,
+      padding_idx: int | None = None,
+      param_dtype: Dtype = jnp.float32,
+      *,
+      rngs: nnx.Rngs,
+  ):
+    init = embedding_init(padding_idx)
+    self.embedding = nnx.Param(init(rngs.params(), (num_embeddings, features), param_dtype))
+    self.padding_idx = padding_idx
+
+  def __call__(self, ids):
+    return compute.embedding(ids, self.embedding[...], self.padding_idx)
 
 
 def _affine(shape, use_scale: bool, use_bias: bool, dtype):

@@ -9,6 +9,7 @@ import pathlib
 import tempfile
 from typing import Any
 
+import jax
 import numpy as np
 import torch
 
@@ -64,7 +65,8 @@ def model_source(
   else:
     classes = Classes(dict(traced.leaves))
     classes.build(*roots)
-    examples = [(tuple(x.shape), str(x.dtype)) for x in inputs]
+    # the dtype JAX makes of it (int64 is int32 without jax_enable_x64)
+    examples = [(tuple(x.shape), str(jax.dtypes.canonicalize_dtype(x.dtype))) for x in inputs]
     text, name, constants = linen.module_source(classes, type(torch_model), examples, versions(), recipe, axes)
   return formatted(text), name, constants
 

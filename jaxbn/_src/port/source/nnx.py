@@ -39,6 +39,7 @@ NNX_LAYERS: dict[type, tuple[type, Any]] = {
         lambda m: {"in_features": m.in_channels, "kernel_size": tuple(m.kernel_size)},
     ),
     linen.Linear: (layers.Linear, lambda m: {"in_features": m.in_features}),
+    linen.Embedding: (layers.Embedding, lambda m: {}),
     linen.GroupNorm: (layers.GroupNorm, lambda m: {"num_channels": m.num_channels}),
     linen.LayerNorm: (layers.LayerNorm, lambda m: {}),
     linen.Tensor: (layers.Tensor, lambda m: {}),
