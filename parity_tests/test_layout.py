@@ -28,7 +28,8 @@ class LayoutOps(torch.nn.Module):
   parameter and a (C,) one viewed (1, C, 1, 1), permute to NHWC and back around LayerNorm and
   Linear (ConvNeXt), cat and chunk over channels, an SE-style mean, a channel shuffle (view,
   transpose, reshape with sizes read from x.shape), reflect padding, max pooling in ceil mode, a
-  transposed convolution, GroupNorm, PReLU, bilinear interpolation, slices over space, average
+  transposed convolution, GroupNorm, PReLU, bilinear interpolation, slices over space (width alone:
+  not JAX's last axis, so no ``x[..., s]``), average
   pooling without the padding's count, adaptive pooling, softmax and sum over channels, amax over
   space indexed back with None, a flatten of channels and space into a Linear, and an output
   indexed and unsqueezed."""
@@ -60,6 +61,7 @@ class LayoutOps(torch.nn.Module):
     x = self.act(self.gn(self.up(x)))
     x = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
     x = x[:, :, 1:, :-1] + x[:, :, :-1, 1:]
+    x = torch.cat([x[:, :, :, 0::2], x[:, :, :, 1::2]], dim=3)  # width's even then odd columns
     x = F.avg_pool2d(x, 2, stride=1, padding=1, count_include_pad=False)
     x = F.adaptive_avg_pool2d(x, (3, 3))
     x = torch.softmax(x, dim=1) * x.sum(1, keepdim=True) + x.amax(dim=(2, 3))[:, :, None, None]
@@ -139,16 +141,18 @@ def test_source_writes_each_op_for_channels_last_and_transposes_only_where_torch
       "ops.prelu(x, y, axis=-1)",
       "channels_last=True)",
       "y3[:, 1:, :-1]",
-      "nn.avg_pool(y9, (2, 2), padding=((1, 1), (1, 1)), count_include_pad=False)",
-      "ops.softmax(y9, dim=3)",
-      "ops.amax(y9, dim=(1, 2))",
-      "y9[:, None, None]",
+      "y9[:, :, 0::2]",  # torch's x[:, :, :, 0::2]: width, JAX's axis 2
+      "ops.cat([y10, y9], dim=2)",
+      "nn.avg_pool(y10, (2, 2), padding=((1, 1), (1, 1)), count_include_pad=False)",
+      "ops.softmax(y10, dim=3)",
+      "ops.amax(y10, dim=(1, 2))",
+      "y10[:, None, None]",
   ):
     assert written in text, written
   # two transposes: the channel shuffle's swap of its two channel axes, and NCHW before the
   # flatten whose order the head's weights are in
   transposes = re.findall(r"jnp\.transpose\([^)]*\)\)", text)
-  assert transposes == ["jnp.transpose(y3, (0, 1, 2, 4, 3))", "jnp.transpose(y10, (0, 3, 1, 2))"], transposes
+  assert transposes == ["jnp.transpose(y3, (0, 1, 2, 4, 3))", "jnp.transpose(y11, (0, 3, 1, 2))"], transposes
 
 
 def test_length_axis_is_channels_last_for_one_dimensional_models():

@@ -587,10 +587,10 @@ def _array_item(rw: Rewriter, node: Node, perm: Perm) -> Any:
       if a == torch_order[b][1]:
         break
   written += [of_axis[a] for a in inputs]
+  if len(written) > 2 and None not in written and all(e == full for e in written[:-1]):
+    written = [Ellipsis, written[-1]]  # x[..., :c]: the last axis only (before trailing fulls are dropped)
   while written and written[-1] == full:
     written.pop()
-  if len(written) > 2 and None not in written and all(e == full for e in written[:-1]):
-    written = [Ellipsis, written[-1]]  # x[..., :c]
   index = Ellipsis if not written else written[0] if len(written) == 1 else _tuple(tuple(written))
   return rw.emit(dataclasses.replace(node, args=(x, index)), Axes(tuple(out)))
 

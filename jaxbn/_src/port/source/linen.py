@@ -213,6 +213,17 @@ class Source:
     return f"{module}.{name}"
 
 
+def _called_attribute(statement: tuple) -> str | None:
+  """The attribute of the child a statement calls (a layer, a class, a Sequential), if it calls one."""
+  if statement[0] == "optional":
+    statement = statement[2]
+  if statement[0] != "assign":
+    return None
+  expression = statement[2]
+  position = {"call": 3, "layer": 3, "sequential": 2}.get(expression[0])
+  return expression[position] if position is not None else None
+
+
 class Body:
   """One class's ``__call__``: statements with value names chosen as a person would (a value takes
   over its input's name when that input is not read again)."""
@@ -223,6 +234,9 @@ class Body:
     self.names: dict[str, str] = {}
     self.taken: set[str] = set()
     self.containers: dict[str, dict[str, str]] = {}  # ModuleList / ModuleDict members the class calls
+    # children called more than once in a call (EdgeTAM's position encoding, once per level): built
+    # once above the calls (Linen names a submodule when it is built), by attribute: (name, constructor)
+    self.shared: dict[str, tuple[str, str] | None] = {}
 
   def parameters(self, code: tuple) -> list[str]:
     parameters = []
@@ -247,6 +261,10 @@ class Body:
 
   def statements(self, code: tuple) -> list[str]:
     statements = [s for s in code if s[0] not in ("inputs", "input")]
+    branches = statements[0][1:] if statements and statements[0][0] == "modes" else (statements,)
+    for branch in branches:
+      called = [_called_attribute(s) for s in branch]
+      self.shared.update({a: None for a in called if a is not None and "." not in a and called.count(a) > 1})
     if statements and statements[0][0] == "modes":
       _, train_code, eval_code = statements[0]
       train = self.train()
@@ -416,8 +434,12 @@ class Body:
     with ``call``. A member of a ModuleList or ModuleDict its owner calls one by one
     (``blocks.0``) is built in a ``layers.ModuleList`` at the top of ``__call__``."""
     container, _, key = attribute.partition(".")
+    separator = ", " if constructor[-1] != "(" else ""
+    if attribute in self.shared:
+      if self.shared[attribute] is None:
+        self.shared[attribute] = (self._take(attribute, attribute), f"{constructor}{separator}name={attribute!r})")
+      return f"{self.shared[attribute][0]}({', '.join(call)})"
     if not key:
-      separator = ", " if constructor[-1] != "(" else ""
       return f"{constructor}{separator}name={attribute!r})({', '.join(call)})"
     _check_attribute(key)
     members = self.containers.setdefault(container, {})
@@ -427,7 +449,7 @@ class Body:
     return f"{self.names[container]}({', '.join([repr(key), *call])})"
 
   def containers_lines(self) -> list[str]:
-    return [
+    return [f"{name} = {constructor}" for name, constructor in filter(None, self.shared.values())] + [
         f"{self.names[container]} = layers.ModuleList({{{', '.join(f'{k!r}: {v}' for k, v in members.items())}}},"
         f" name={container!r})"
         for container, members in self.containers.items()
