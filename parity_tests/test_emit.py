@@ -450,6 +450,33 @@ def test_members_of_containers_called_one_by_one(api, tmp_path):
   assert ("layers.ModuleList(" if api == "linen" else "nnx.Dict(") in text
 
 
+class CalledTwice(torch.nn.Module):
+  """A child called more than once in one forward: a convolution shared by two levels and a
+  stateless position encoding per level (EdgeTAM's neck), in train and eval."""
+
+  def __init__(self):
+    super().__init__()
+    self.shared, self.bn = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+    self.encoding = torch.nn.Hardswish()
+
+  def forward(self, x):
+    levels = [x, F.avg_pool2d(x, 2)]
+    return [self.bn(self.shared(level)) + self.encoding(level) for level in levels]
+
+
+@pytest.mark.parametrize("api", list(PORTS))
+def test_a_child_called_twice_is_built_once(api, tmp_path):
+  """Linen names a submodule where it is built: the source builds it once above its calls;
+  eval, a training forward and its statistics within float32 rounding of torch (1e-6)."""
+  torch.manual_seed(0)
+  x = np.random.default_rng(0).standard_normal((4, 4, 8, 8)).astype(np.float32)
+  eval_rel, train_rel, stats_rel = eval_and_training_forward(CalledTwice(), x, PORTS[api](tmp_path))
+  assert eval_rel <= 1e-6 and train_rel <= 1e-6 and stats_rel <= 1e-6, (eval_rel, train_rel, stats_rel)
+  if api == "linen":
+    text = (tmp_path / "emitted0" / "model.py").read_text()
+    assert text.count('name="shared"') == 1 and "shared(x" in text, text
+
+
 class Block(torch.nn.Module):
   """MobileNetV2's InvertedResidual, trimmed: an expansion layer in some, a skip in others."""
 
