@@ -450,6 +450,39 @@ def test_members_of_containers_called_one_by_one(api, tmp_path):
   assert ("layers.ModuleList(" if api == "linen" else "nnx.Dict(") in text
 
 
+class Fused(torch.nn.Module):
+  """timm's HRNet fuse layers: a ModuleList of ModuleLists, members called as ``fuse[i][j]``
+  (Sequentials and an Identity), never the inner lists themselves."""
+
+  def __init__(self):
+    super().__init__()
+    self.branches = torch.nn.ModuleList(torch.nn.Conv2d(4, 4, 3, padding=1) for _ in range(2))
+    self.fuse = torch.nn.ModuleList(
+        torch.nn.ModuleList(
+            torch.nn.Identity() if i == j else torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4))
+            for j in range(2)
+        )
+        for i in range(2)
+    )
+
+  def forward(self, x):
+    xs = [branch(x) for branch in self.branches]
+    return [sum(self.fuse[i][j](xs[j]) for j in range(2)) for i in range(2)]
+
+
+@pytest.mark.parametrize("api", list(PORTS))
+def test_members_of_containers_in_containers(api, tmp_path):
+  """``fuse[i][j]`` at torch's paths (``fuse.0.1.0``): nested ``layers.ModuleList`` / ``nnx.Dict``
+  (was refused); eval, a training forward and its statistics within float32 rounding (1e-6)."""
+  torch.manual_seed(0)
+  x = np.random.default_rng(0).standard_normal((4, 4, 6, 6)).astype(np.float32)
+  eval_rel, train_rel, stats_rel = eval_and_training_forward(Fused(), x, PORTS[api](tmp_path))
+  assert eval_rel <= 1e-6 and train_rel <= 1e-6 and stats_rel <= 1e-6, (eval_rel, train_rel, stats_rel)
+  text = (tmp_path / "emitted0" / "model.py").read_text()
+  nested = 'fuse("0.1", ' if api == "linen" else 'self.fuse["0"]["1"]('
+  assert nested in text, text
+
+
 class CalledTwice(torch.nn.Module):
   """A child called more than once in one forward: a convolution shared by two levels and a
   stateless position encoding per level (EdgeTAM's neck), in train and eval."""

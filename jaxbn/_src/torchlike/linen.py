@@ -274,8 +274,9 @@ class Stochastic(nn.Module):
 
 class ModuleList(nn.Module):
   """A torch ModuleList or ModuleDict whose owner calls its members one by one (``for block in
-  self.blocks: x = block(x)``): ``members`` by torch's key, each built at ``<name>/<key>`` when
-  first called: ``blocks("0", x, train=train)``.
+  self.blocks: x = block(x)``): ``members`` by torch's key, each bound at ``<name>/<key>`` (its
+  variables made when first called): ``blocks("0", x, train=train)``; a member that is a
+  ModuleList itself is called through it, ``fuse_layers("0.1", x)`` (timm's HRNet).
 
   Example::
 
@@ -285,9 +286,12 @@ class ModuleList(nn.Module):
 
   members: Mapping[str, nn.Module]
 
-  @nn.compact
+  def setup(self):  # bound once: a member may be called more than once
+    self.bound = {key: member.clone(parent=self, name=key) for key, member in self.members.items()}
+
   def __call__(self, key: str, *args, **kwargs):
-    return self.members[key].clone(parent=self, name=key)(*args, **kwargs)
+    head, _, rest = key.partition(".")
+    return self.bound[head](rest, *args, **kwargs) if rest else self.bound[head](*args, **kwargs)
 
 
 def chain(functions, x):

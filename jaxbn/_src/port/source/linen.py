@@ -441,17 +441,17 @@ class Body:
       return f"{self.shared[attribute][0]}({', '.join(call)})"
     if not key:
       return f"{constructor}{separator}name={attribute!r})({', '.join(call)})"
-    _check_attribute(key)
-    members = self.containers.setdefault(container, {})
-    members.setdefault(key, f"{constructor})")
+    slot = member_slot(self.containers.setdefault(container, {}), key)
+    if slot is None:
+      raise called_inside(key)
+    slot[0].setdefault(slot[1], f"{constructor})")
     if container not in self.names:
       self._take(container, container)
     return f"{self.names[container]}({', '.join([repr(key), *call])})"
 
   def containers_lines(self) -> list[str]:
     return [f"{name} = {constructor}" for name, constructor in filter(None, self.shared.values())] + [
-        f"{self.names[container]} = layers.ModuleList({{{', '.join(f'{k!r}: {v}' for k, v in members.items())}}},"
-        f" name={container!r})"
+        f"{self.names[container]} = layers.ModuleList({nested(members, 'layers.ModuleList')}, name={container!r})"
         for container, members in self.containers.items()
     ]
 
@@ -611,12 +611,34 @@ def loop(element: str, count: int) -> str:
   return f"{element} for _ in range({count})"
 
 
-def _check_attribute(key: str) -> None:
-  if "." in key:
-    raise PortError(
-        f"emit: the model calls a module at {key!r} inside a container it does not call (a ModuleList in a"
-        " ModuleList); emitting calls two containers deep is not supported yet"
-    )
+def member_slot(members: dict, key: str) -> tuple[dict, str] | None:
+  """Where a container's member ``key`` goes: a ModuleList in a ModuleList (timm's HRNet
+  ``fuse_layers[i][j]``, key ``"0.1"``) nests a dict per level; (the innermost dict, its key),
+  or None where a level is itself a member that the model calls."""
+  *outer, last = key.split(".")
+  for level in outer:
+    members = members.setdefault(level, {})
+    if not isinstance(members, dict):
+      return None
+  return (members, last) if not isinstance(members.get(last), dict) else None
+
+
+def nested(members: dict, container: str) -> str:
+  """``{key: constructor}`` with a nested dict as ``container(...)`` (no name: its owner names it)."""
+  return (
+      "{"
+      + ", ".join(
+          f"{k!r}: {f'{container}({nested(v, container)})' if isinstance(v, dict) else v}" for k, v in members.items()
+      )
+      + "}"
+  )
+
+
+def called_inside(key: str) -> PortError:
+  return PortError(
+      f"emit: the model calls a container's member at {key!r} and a module inside it too; emit calls"
+      " of one or the other"
+  )
 
 
 def _defaults(cls: type) -> dict:

@@ -106,7 +106,7 @@ class Source(base.Source):
     if body.uses_context:
       init.append('self.rngs = rngs["dropout"].fork()  # dropout draws from it')
     init += body.construction + [
-        f"self.{container} = nnx.Dict({{{', '.join(f'{k!r}: {v}' for k, v in members.items())}}})"
+        f"self.{container} = nnx.Dict({base.nested(members, 'nnx.Dict')})"
         for container, members in body.containers.items()
     ]
     init = init or ["del rngs  # no layers"]
@@ -174,19 +174,21 @@ class Body(base.Body):
     constructor's arguments)."""
     container, _, key = attribute.partition(".")
     if key:  # a member of a ModuleList or ModuleDict its owner calls one by one: in an nnx.Dict
-      base._check_attribute(key)
       if self.condition is not None:
         raise PortError(
             f"emit(api='nnx'): {attribute}, a container's member, is called by some calls of its class only"
         )
-      members = self.containers.setdefault(container, {})
-      if key not in members:
+      slot = base.member_slot(self.containers.setdefault(container, {}), key)
+      if slot is None:
+        raise base.called_inside(key)
+      members, last = slot
+      if last not in members:
         self.in_init = True
         try:
-          members[key] = make()
+          members[last] = make()
         finally:
           self.in_init = False
-      return f"self.{container}[{key!r}]"
+      return f"self.{container}" + "".join(f"[{level!r}]" for level in key.split("."))
     if attribute not in self.built:
       self.built.add(attribute)
       self.in_init = True
