@@ -134,7 +134,13 @@ class Linear(nn.Module):
 
 class Embedding(nn.Module):
   """torch.nn.Embedding: ``compute.embedding``, ``embedding`` as torch's ``(num_embeddings,
-  features)`` weight, drawn N(0, 1) as torch's (its ``padding_idx`` row zero)."""
+  features)`` weight, drawn N(0, 1) as torch's (its ``padding_idx`` row zero).
+
+  Example::
+
+    >>> embed = Embedding(num_embeddings=100, features=16, padding_idx=0)     # doctest: +SKIP
+    >>> vectors, _ = embed.init_with_output(jax.random.key(0), jnp.array([[5, 7, 0]]))  # doctest: +SKIP
+  """
 
   num_embeddings: int
   features: int

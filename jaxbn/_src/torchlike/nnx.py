@@ -130,7 +130,14 @@ class Linear(nnx.Module):
 
 class Embedding(nnx.Module):
   """torch.nn.Embedding: ``Embedding(num_embeddings, features, rngs=rngs)``, ``embedding`` as
-  torch's ``(num_embeddings, features)`` weight."""
+  torch's ``(num_embeddings, features)`` weight; the ``padding_idx`` row gets no gradient.
+
+  Example::
+
+    >>> embed = Embedding(100, 16, padding_idx=0, rngs=nnx.Rngs(0))
+    >>> embed(jnp.array([[5, 7, 0]])).shape
+    (1, 3, 16)
+  """
 
   def __init__(
       self,
