@@ -45,7 +45,12 @@ TRANSFORMERS_CONFIGS = {
     "AlignVision": {"width_coefficient": 1.0, "depth_coefficient": 1.0, "image_size": 64, "hidden_dim": 1280},
     # the config's own default backbone spells "archirecture" (transformers 5.25): timm's resnet50,
     # whose channels the neck does not take; repvit_m1 as EdgeTAM's checkpoints
-    "EdgeTam": {"vision_config": {"backbone_config": "repvit_m1"}},
+    # and at 256 px (its default, 1024, was killed for memory at 24 GiB): the feature sizes its mask
+    # decoder and prompt encoder expect, a quarter of the default's
+    "EdgeTam": {
+        "vision_config": {"backbone_config": "repvit_m1", "backbone_feature_sizes": [[64, 64], [32, 32], [16, 16]]},
+        "prompt_encoder_config": {"image_size": 256},
+    },
     "EdgeTamVision": {"backbone_config": "repvit_m1"},
     # __post_init__ falls back to pp_lcnet_v4 (a recogniser's backbone: strides in height only), not the
     # pp_lcnet_v3 (scale 0.75) its sub_configs_defaults name; the neck's default in-channels (12, 18, 42,
@@ -64,7 +69,7 @@ TRANSFORMERS_PARTS = {
 TRANSFORMERS_INPUTS = {
     "Sam3LiteText": (2, 16),  # token ids
     "EfficientLoFTR": (2, 2, 1, 64, 64),  # pairs of grayscale images to match
-    "EdgeTam": (1, 3, 1024, 1024),  # its mask decoder's feature sizes are fixed: 1024 px only
+    "EdgeTam": (2, 3, 256, 256),  # the size its config's feature sizes are for
 }
 
 
