@@ -332,6 +332,34 @@ class Shallow(nn.Module):
     return self.head(self.stem(x))
 
 
+class SharedTensors(nn.Module):
+  """One convolution at two paths, and a head whose weight is tied to another module's
+  (transformers ties PP-DocLayoutV3's decoder heads to its encoder's)."""
+
+  def __init__(self):
+    super().__init__()
+    self.conv = nn.Conv2d(3, 3, 1)
+    self.again = self.conv
+    self.bn = nn.BatchNorm2d(3)
+    self.head, self.tied = nn.Linear(3, 2), nn.Linear(3, 2)
+    self.tied.weight = self.head.weight
+
+  def forward(self, x):
+    h = self.bn(self.again(self.conv(x))).mean((2, 3))
+    return self.head(h) + self.tied(h)
+
+
+def test_a_tensor_at_two_state_dict_keys_is_refused_naming_every_pair():
+  """torch trains one tensor with both uses' gradients; a copy per key would train apart (verify
+  measured the port's again.weight stale after one step) and write a stale value back."""
+  with pytest.raises(jaxbn.PortError) as error:
+    jaxbn.port(SharedTensors(), X)
+  message = str(error.value)
+  assert "SharedTensors holds 3 tensor(s) at more than one state_dict key" in message, message
+  for pair in ("conv.weight is again.weight", "conv.bias is again.bias", "head.weight is tied.weight"):
+    assert pair in message, pair
+
+
 def test_modules_forward_never_calls_are_held_as_they_are_and_never_trained(tmp_path):
   torch.manual_seed(0)
   net = Shallow()

@@ -235,6 +235,7 @@ def traced_port(
       for key, fn in (custom_ops or {}).items()
   }
   leaf_modules = tuple(leaf_modules)
+  _refuse_shared_tensors(torch_model)
   recipes.refuse(
       recipes.refused_state(torch_model, lambda m: isinstance(m, leaf_modules) or find(m, modules) is not None),
       type(torch_model).__name__,
@@ -327,6 +328,26 @@ def _torch_examples(example_input, torch_model) -> tuple[torch.Tensor, ...]:
       else torch.from_numpy(a)
       for a in arrays
   )
+
+
+def _refuse_shared_tensors(model) -> None:
+  """Refuses a model that holds one tensor at more than one state_dict key: a module at two paths,
+  or weights tied across modules (transformers' PP-DocLayoutV3: ``decoder.class_embed.weight`` is
+  ``enc_score_head.weight``). torch trains the one tensor with the gradients of every use; the port
+  would hold a copy per key, train them apart and write a stale one back."""
+  keys: dict[int, list[str]] = {}
+  for key, tensor in model.state_dict(keep_vars=True).items():
+    keys.setdefault(id(tensor), []).append(key)
+  shared = [names for names in keys.values() if len(names) > 1]
+  if shared:
+    listed = "; ".join(" is ".join(names) for names in shared[:8]) + ("; ..." if len(shared) > 8 else "")
+    raise PortError(
+        f"{type(model).__name__} holds {len(shared)} tensor(s) at more than one state_dict key ({listed}): a"
+        " module at two paths, or weights tied across modules. torch trains each as one tensor with the"
+        " gradients of every use; the port would hold a copy per key and train them apart, so it refuses."
+        " Untie them before porting (each module its own copy, as torch then trains them too), or share"
+        " them in Flax yourself after porting."
+    )
 
 
 def _uncalled(state_dict, traced, strict) -> list[str]:
