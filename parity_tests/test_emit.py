@@ -483,6 +483,33 @@ def test_members_of_containers_in_containers(api, tmp_path):
   assert nested in text, text
 
 
+class Decoder(torch.nn.Module):
+
+  def forward(self, x, heads):
+    return [head(x) for head in heads]
+
+
+class HeadsAsArguments(torch.nn.Module):
+  """ultralytics' RT-DETR: the model passes its heads to its decoder, whose forward calls them."""
+
+  def __init__(self):
+    super().__init__()
+    self.bn, self.decoder = torch.nn.BatchNorm1d(4), Decoder()
+    self.heads = torch.nn.ModuleList(torch.nn.Linear(4, 2) for _ in range(2))
+
+  def forward(self, x):
+    return self.decoder(self.bn(x), self.heads)
+
+
+def test_a_module_called_inside_another_that_does_not_hold_it_is_refused_by_name(tmp_path):
+  """Its attribute in the caller's class would be a slice of another path ('ds.0' from 'heads.0'
+  inside 'decoder'), whose weights then fit nowhere; the port runs it."""
+  x = np.ones((4, 4), np.float32)
+  jaxbn.port(HeadsAsArguments(), x)
+  with pytest.raises(jaxbn.PortError, match=r"decoder's forward calls heads\.0, which is not one of its children"):
+    jaxbn.emit(HeadsAsArguments(), x, tmp_path / "emitted")
+
+
 class CalledTwice(torch.nn.Module):
   """A child called more than once in one forward: a convolution shared by two levels and a
   stateless position encoding per level (EdgeTAM's neck), in train and eval."""

@@ -532,6 +532,13 @@ def _reads_only(node: Node, previous: str | None) -> bool:
 
 
 def _relative(path: str, base: str) -> str:
+  """``path`` as an attribute path of the module at ``base``, which calls it."""
+  if base and not path.startswith(base + "."):
+    raise PortError(
+        f"emit: {base}'s forward calls {path}, which is not one of its children (ultralytics' RT-DETR"
+        " passes its heads to its decoder as arguments): the source cannot place it in that class yet;"
+        " jaxbn.port runs the model"
+    )
   return path[len(base) + 1 :] if base else path
 
 
