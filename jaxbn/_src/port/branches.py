@@ -105,7 +105,7 @@ def _plan(graph: fx.Graph, other: fx.Graph, decision: fx.Node, root: torch.nn.Mo
   # both branches lie after the decision; the decision is matched with its twin
   if decision not in counterpart.values() or any(position[n] < start for n in branch_mine):
     return None
-  if any(not _pure(n) for n in (*branch_mine, *branch_theirs)):
+  if any(not ops.pure(n) for n in (*branch_mine, *branch_theirs)):
     return None
   own = set(branch_theirs)
   for node in branch_theirs:  # their branch reads what came before the decision, or itself
@@ -149,17 +149,6 @@ def _same(a, b) -> bool:
     return bool(a == b) if type(a) is type(b) else False
   except Exception:  # noqa: BLE001 - values that do not compare
     return False
-
-
-def _pure(node: fx.Node) -> bool:
-  """A node a branch may run unconditionally: no module call (its state would move), no write in
-  place, no random draw."""
-  if node.op in ("call_module", "placeholder", "output"):
-    return False
-  if node.op == "get_attr":
-    return True
-  rule = ops.OPS.get(ops.key_of(node))
-  return not ops.writes_in_place(node) and not (rule is not None and rule.context)
 
 
 def _apply(graph: fx.Graph, decision: fx.Node, branch: list, counterpart: dict, selects: dict) -> None:

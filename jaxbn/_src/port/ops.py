@@ -71,6 +71,17 @@ def writes_in_place(node) -> bool:
   return node.kwargs.get("inplace") is True or node.target is operator.setitem
 
 
+def pure(node) -> bool:
+  """Whether an fx node may be run or dropped at will: no module call (its state would move), no
+  write in place, no random draw (a tensor read, ``get_attr``, is pure)."""
+  if node.op in ("call_module", "placeholder", "output"):
+    return False
+  if node.op == "get_attr":
+    return True
+  rule = OPS.get(key_of(node))
+  return not writes_in_place(node) and not (rule is not None and rule.context)
+
+
 PUBLIC_NAMESPACES = (
     ("F", F),
     ("torch", torch),

@@ -240,10 +240,9 @@ class Tracer(fx.Tracer):
       def concrete(*args, **kwargs):
         args = list(args)
         if len(args) > position and isinstance(args[position], fx.Proxy):
-          condition = args[position].all() if check.__name__.startswith("_check_tensor_all") else args[position]
-          args[position] = tracer.decide(condition, "check")
-          if check.__name__.startswith("_check_tensor_all"):
-            args[position] = torch.tensor(args[position])
+          every = check.__name__.startswith("_check_tensor_all")  # of a tensor's elements
+          decided = tracer.decide(args[position].all() if every else args[position], "check")
+          args[position] = torch.tensor(decided) if every else decided
         return check(*args, **kwargs)
 
       return concrete
@@ -296,14 +295,16 @@ class Tracer(fx.Tracer):
     value = self.value(obj.node)
     expected = CONVERSIONS[conversion](value)
     on_values = isinstance(value, torch.Tensor) and conversion != "len"
-    sizes = self._sizes_read(obj.node) if on_values and conversion == "check" else None
-    if sizes is not None:
+    arithmetic = self._arithmetic(obj.node) if on_values and conversion == "check" else []
+    if arithmetic and self._sizes_only(arithmetic):
       # an assertion computed from sizes and constants alone (transformers' deformable attention:
       # ``(spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum() == sequence_length``) holds wherever
       # the sizes it read are the example's: those are guarded, the assertion and its arithmetic dropped
-      for size in sizes:
-        self.create_proxy("call_function", guard, (self.proxy(size), self.value(size), "size", False), {})
-      self._dead.update(self._arithmetic(obj.node, sizes))
+      for read in arithmetic:
+        if _reads_size(read):
+          self.create_proxy("call_function", guard, (self.proxy(read), self.value(read), "size", False), {})
+        else:
+          self._dead.add(read)
       return expected
     if on_values:
       expected = self._forced.get(self._value_decisions, expected)
@@ -311,37 +312,26 @@ class Tracer(fx.Tracer):
     self.create_proxy("call_function", guard, (obj, expected, conversion, on_values), {})
     return expected
 
-  def _sizes_read(self, node: fx.Node) -> list[fx.Node] | None:
-    """The shape reads (``x.shape``, ``x.size()``, ``x.dim()``) ``node`` is computed from, if nothing
-    else it reads depends on an input's or the model's values (only sizes, tensor literals and
-    ops without state or randomness on them); else None."""
-    sizes = []
-    for read in self._arithmetic(node, ()):
-      if _reads_size(read):
-        sizes.append(read)
-      elif read.op in ("placeholder", "call_module", "output"):
-        return None
-      elif read.op == "get_attr" and read.target in self._state_names():
-        return None  # a parameter or buffer: values that train
-      elif read.op in ("call_function", "call_method"):
-        rule = ops.OPS.get(ops.key_of(read))
-        if ops.writes_in_place(read) or (rule is not None and rule.context):
-          return None  # a write (what else reads it?) or a random draw
-    return sizes
+  def _sizes_only(self, arithmetic: list[fx.Node]) -> bool:
+    """Whether a computation (``_arithmetic``) reads nothing of an input's or the model's values:
+    only sizes, tensor literals and pure ops on them."""
+    state = {name for name, _ in itertools.chain(self.root.named_parameters(), self.root.named_buffers())}
+    return all(
+        _reads_size(read) or (ops.pure(read) and not (read.op == "get_attr" and read.target in state))
+        for read in arithmetic
+    )
 
-  def _arithmetic(self, node: fx.Node, sizes) -> list[fx.Node]:
-    """``node`` and what it is computed from, stopping at shape reads (kept: they are read)."""
+  def _arithmetic(self, node: fx.Node) -> list[fx.Node]:
+    """``node`` and what it is computed from, stopping at shape reads (``x.shape``, ``x.size()``,
+    ``x.dim()``: included, not what they read)."""
     found, pending = {}, [node]
     while pending:
       read = pending.pop()
-      if read not in found and read not in sizes:
+      if read not in found:
         found[read] = None
         if not _reads_size(read):
           pending.extend(read.all_input_nodes)
     return list(found)
-
-  def _state_names(self) -> set[str]:
-    return {name for name, _ in itertools.chain(self.root.named_parameters(), self.root.named_buffers())}
 
   def value(self, node: fx.Node) -> Any:
     """``node``'s value on the examples: the program run up to it, in order, once."""

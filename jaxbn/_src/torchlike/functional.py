@@ -528,20 +528,13 @@ max_ = register("torch.max", "Tensor.max")(_named("max_", _extreme(jnp.max, jnp.
 min_ = register("torch.min", "Tensor.min")(_named("min_", _extreme(jnp.min, jnp.argmin, jnp.minimum)))
 
 
-def _arg_extreme(arg_reduce):
-  """``torch.argmax`` / ``argmin``: the first index of the extreme (of everything, flattened, without ``dim``)."""
-
-  def arg_extreme(x, dim=None, keepdim=False):
-    if dim is None:
-      index = arg_reduce(x.reshape(-1))
-      return index.reshape((1,) * x.ndim) if keepdim else index
-    return arg_reduce(x, axis=dim, keepdims=keepdim)
-
-  return arg_extreme
-
-
-argmax = register("torch.argmax", "Tensor.argmax")(_named("argmax", _arg_extreme(jnp.argmax)))
-argmin = register("torch.argmin", "Tensor.argmin")(_named("argmin", _arg_extreme(jnp.argmin)))
+# the first index of the extreme; of everything, flattened, without dim (jnp's axis=None, as torch's)
+argmax = register("torch.argmax", "Tensor.argmax")(
+    _named("argmax", lambda x, dim=None, keepdim=False: jnp.argmax(x, dim, keepdims=keepdim))
+)
+argmin = register("torch.argmin", "Tensor.argmin")(
+    _named("argmin", lambda x, dim=None, keepdim=False: jnp.argmin(x, dim, keepdims=keepdim))
+)
 all_ = register("torch.all", "Tensor.all")(_named("all_", _reduction(lambda x, dtype=None, **kw: jnp.all(x, **kw))))
 any_ = register("torch.any", "Tensor.any")(_named("any_", _reduction(lambda x, dtype=None, **kw: jnp.any(x, **kw))))
 

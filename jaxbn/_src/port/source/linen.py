@@ -441,10 +441,8 @@ class Body:
       return f"{self.shared[attribute][0]}({', '.join(call)})"
     if not key:
       return f"{constructor}{separator}name={attribute!r})({', '.join(call)})"
-    slot = member_slot(self.containers.setdefault(container, {}), key)
-    if slot is None:
-      raise called_inside(key)
-    slot[0].setdefault(slot[1], f"{constructor})")
+    members, last = member_slot(self.containers.setdefault(container, {}), key)
+    members.setdefault(last, f"{constructor})")
     if container not in self.names:
       self._take(container, container)
     return f"{self.names[container]}({', '.join([repr(key), *call])})"
@@ -611,16 +609,20 @@ def loop(element: str, count: int) -> str:
   return f"{element} for _ in range({count})"
 
 
-def member_slot(members: dict, key: str) -> tuple[dict, str] | None:
+def member_slot(members: dict, key: str) -> tuple[dict, str]:
   """Where a container's member ``key`` goes: a ModuleList in a ModuleList (timm's HRNet
-  ``fuse_layers[i][j]``, key ``"0.1"``) nests a dict per level; (the innermost dict, its key),
-  or None where a level is itself a member that the model calls."""
+  ``fuse_layers[i][j]``, key ``"0.1"``) nests a dict per level; (the innermost dict, its key)."""
   *outer, last = key.split(".")
   for level in outer:
     members = members.setdefault(level, {})
-    if not isinstance(members, dict):
-      return None
-  return (members, last) if not isinstance(members.get(last), dict) else None
+    if not isinstance(members, dict):  # a member the model calls, and a module inside it too
+      break
+  if isinstance(members, dict) and not isinstance(members.get(last), dict):
+    return members, last
+  raise PortError(
+      f"emit: the model calls a container's member at {key!r} and a module inside it too; emit calls"
+      " of one or the other"
+  )
 
 
 def nested(members: dict, container: str) -> str:
@@ -631,13 +633,6 @@ def nested(members: dict, container: str) -> str:
           f"{k!r}: {f'{container}({nested(v, container)})' if isinstance(v, dict) else v}" for k, v in members.items()
       )
       + "}"
-  )
-
-
-def called_inside(key: str) -> PortError:
-  return PortError(
-      f"emit: the model calls a container's member at {key!r} and a module inside it too; emit calls"
-      " of one or the other"
   )
 
 

@@ -178,10 +178,7 @@ class Body(base.Body):
         raise PortError(
             f"emit(api='nnx'): {attribute}, a container's member, is called by some calls of its class only"
         )
-      slot = base.member_slot(self.containers.setdefault(container, {}), key)
-      if slot is None:
-        raise base.called_inside(key)
-      members, last = slot
+      members, last = base.member_slot(self.containers.setdefault(container, {}), key)
       if last not in members:
         self.in_init = True
         try:
