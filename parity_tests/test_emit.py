@@ -585,6 +585,139 @@ def test_classes_are_named_for_what_differs_and_hold_their_sizes_as_fields(api, 
   assert re.search(r"\*\(BlockWithSkip\(conv_0_0_(in_)?features=6(, rngs=rngs)?\) for _ in range\(2\)\)", text)
 
 
+class LoopedStage(torch.nn.Module):
+  """transformers' ResNetStage: a first block, then ``depth - 1`` alike, iterated in forward."""
+
+  def __init__(self, channels: int, out: int, depth: int):
+    super().__init__()
+    self.layers = torch.nn.Sequential(
+        Block(channels, out, 2, True), *(Block(out, out, 1, True) for _ in range(depth - 1))
+    )
+
+  def forward(self, x):
+    for layer in self.layers:
+      x = layer(x)
+    return x
+
+
+class LoopedStages(torch.nn.Module):
+  """Stages of depth 2, 3 and 4 in a ModuleList, iterated too."""
+
+  def __init__(self):
+    super().__init__()
+    self.stages = torch.nn.ModuleList([LoopedStage(3, 4, 2), LoopedStage(4, 6, 3), LoopedStage(6, 6, 4)])
+
+  def forward(self, x):
+    for stage in self.stages:
+      x = stage(x)
+    return x.mean((2, 3))
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("api", list(PORTS))
+def test_a_container_iterated_in_forward_is_a_sequential_and_its_depth_a_field(api, layout, tmp_path):
+  """``for layer in self.layers: x = layer(x)`` is the container called as a Sequential; stages
+  that differ only in how many blocks repeat are one class with that count a field (transformers'
+  ResNet: was a class per depth, and NNX refused the deeper one's optional member). The port's
+  harness (float64 lock-step over 2 steps; outputs within 1e-5 of the largest, float32)."""
+  port_harness.run(
+      Case(LoopedStages, (4, 3, 16, 16), floor=1e-5, loss="mean_square"), via="emit", api=api, layout=layout
+  )
+  path = jaxbn.emit(LoopedStages(), torch.zeros(1, 3, 16, 16), tmp_path / "looped", api=api, layout=layout)
+  text = path.read_text()
+  classes = re.findall(r"^class (\w+)\(", text, re.M)
+  assert classes == ["Block", "BlockWithSkip", "LoopedStage", "LoopedStages"], classes
+  assert re.search(r"BlockWithSkip\([^()]*\)\s+for _ in range\((self\.)?layers_1_repeats\)", text), text
+  assert "ModuleList" not in text and "nnx.Dict" not in text
+
+
+class ResidualStage(torch.nn.Module):
+  """A ModuleList iterated, the first member's value read again at the end: no Sequential."""
+
+  def __init__(self, depth: int):
+    super().__init__()
+    self.blocks = torch.nn.ModuleList(
+        torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)) for _ in range(depth)
+    )
+
+  def forward(self, x):
+    first = x = self.blocks[0](x)
+    for block in self.blocks[1:]:
+      x = block(x)
+    return x + first
+
+
+class ResidualStages(torch.nn.Module):
+
+  def __init__(self):
+    super().__init__()
+    self.a, self.b = ResidualStage(2), ResidualStage(3)
+
+  def forward(self, x):
+    return self.b(self.a(x))
+
+
+@pytest.mark.parametrize("api", list(PORTS))
+def test_a_member_some_calls_of_a_class_have_is_behind_a_flag(api, tmp_path):
+  """Stages of 2 and 3 members: one class, the third member behind a flag (NNX refused it: an
+  ``nnx.Dict`` member that is None where the flag is off). Eval, a training forward and its
+  statistics within float32 rounding of torch (1e-6)."""
+  torch.manual_seed(0)
+  x = np.random.default_rng(0).standard_normal((4, 4, 8, 8)).astype(np.float32)
+  eval_rel, train_rel, stats_rel = eval_and_training_forward(ResidualStages(), x, PORTS[api](tmp_path))
+  assert eval_rel <= 1e-6 and train_rel <= 1e-6 and stats_rel <= 1e-6, (eval_rel, train_rel, stats_rel)
+  text = (tmp_path / "emitted0" / "model.py").read_text()
+  assert re.findall(r"^class (\w+)\(", text, re.M) == ["ResidualStage", "ResidualStages"], text
+  assert "with_blocks_2" in text
+
+
+class Uncalled(torch.nn.Module):
+  """A child whose forward leaves out a Linear and a Sequential (RT-DETR's denoising head, smp's
+  shallower encoders), and a BatchNorm the model's own forward never calls."""
+
+  def __init__(self):
+    super().__init__()
+    self.conv, self.bn = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+    self.unused = torch.nn.Linear(4, 5)
+    self.extra = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4))
+
+  def forward(self, x):
+    return self.bn(self.conv(x))
+
+
+class HoldsUncalled(torch.nn.Module):
+  """And a ModuleList whose forward runs the first two stages of three (smp's shallower encoders)."""
+
+  def __init__(self):
+    super().__init__()
+    self.inner, self.spare, self.head = Uncalled(), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 3)
+    self.stages = torch.nn.ModuleList(
+        torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)) for _ in range(3)
+    )
+
+  def forward(self, x):
+    x = self.inner(x)
+    for stage in self.stages[:2]:
+      x = stage(x)
+    return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("api", list(PORTS))
+def test_modules_forward_never_calls_are_held_at_their_paths(api, layout, tmp_path):
+  """Their tensors are a ``Held`` in the class of the nearest module forward calls, at torch's
+  paths below it (was refused): the harness's strict round trip keeps them bit for bit, and over 2
+  steps in float64 lock-step they never move (frozen, as torch's optimiser leaves them)."""
+  port_harness.run(Case(HoldsUncalled, (4, 3, 8, 8), floor=1e-5), via="emit", api=api, layout=layout)
+  with pytest.warns(jaxbn.TrainingRecipeWarning, match="never calls: inner/unused, inner/extra, spare"):
+    text = jaxbn.emit(HoldsUncalled(), torch.zeros(1, 3, 8, 8), tmp_path / "held", api=api, layout=layout).read_text()
+  inner = text.split("class Uncalled(")[1].split("\nclass ")[0]
+  held = "layers.Held(" if api == "linen" else "jaxbn.nnx.Held("
+  assert inner.count(held) == 2 and '"1.running_var": ((4,), "float32", "buffers")' in inner, inner
+  model = text.split("class HoldsUncalled(")[1]
+  assert "torch's forward never calls spare" in model and f'"2": {held}' in model, model
+
+
 class Staged(torch.nn.Module):
   """timm's efficientnet shape: ``blocks``, a Sequential of stages, each a Sequential of blocks."""
 

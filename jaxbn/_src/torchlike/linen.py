@@ -114,6 +114,42 @@ class Tensor(nn.Module):
     return self.variable(self.collection, "tensor", zeros).value
 
 
+class Held(nn.Module):
+  """The tensors of torch modules that forward never calls (a detection model's denoising head, a
+  shallower encoder's unused stages), each a ``Tensor`` at its torch path below this module's name:
+  zeros until the state_dict fills them, never read, and frozen in the training recipe, as torch's
+  optimiser leaves a parameter with no gradient. ``tensors``: path -> (shape, dtype) or (shape,
+  dtype, collection).
+
+  Example::
+
+    >>> layers.Held({"weight": ((5, 4), "float32"), "bias": ((5,), "float32")}, name="unused")()  # doctest: +SKIP
+  """
+
+  tensors: Mapping[str, tuple] | tuple
+
+  @nn.compact
+  def __call__(self):
+    for name, group in held_groups(self.tensors).items():
+      if isinstance(group, tuple):
+        Tensor(*group, name=name)()
+      else:
+        Held(group, name=name)()
+
+
+def held_groups(tensors) -> dict[str, tuple | dict]:
+  """``Held``'s tensors by the first part of their path: a tensor's (shape, dtype, ...) where the
+  path ends there, else the rest of the paths below it."""
+  groups: dict[str, tuple | dict] = {}
+  for path, spec in dict(tensors).items():
+    head, _, rest = path.partition(".")
+    if rest:
+      groups.setdefault(head, {})[rest] = spec
+    else:
+      groups[head] = tuple(spec)
+  return groups
+
+
 class Linear(nn.Module):
   """torch.nn.Linear: ``compute.linear``, ``kernel`` as ``(in, out)``."""
 

@@ -17,6 +17,7 @@ from flax.typing import Dtype
 from jaxbn._src.torchlike import compute
 from jaxbn._src.torchlike import functional as ops
 from jaxbn._src.torchlike.compute import embedding_init, kernel_init
+from jaxbn._src.torchlike.linen import held_groups
 from jaxbn._src.variables.state import Buffer
 
 
@@ -220,6 +221,22 @@ class Tensor(nnx.Module):
 
   def __call__(self):
     return self.tensor[...]
+
+
+class Held(nnx.Dict):
+  """The tensors of torch modules that forward never calls, each a ``Tensor`` at its torch path
+  below this attribute (the Linen ``layers.Held``'s twin): zeros until the state_dict fills them,
+  never read, never trained. ``tensors``: path -> (shape, dtype) or (shape, dtype, collection).
+
+  Example::
+
+    >>> self.unused = Held({"weight": ((5, 4), "float32"), "bias": ((5,), "float32")})  # doctest: +SKIP
+  """
+
+  def __init__(self, tensors, *, rngs: nnx.Rngs | None = None):
+    del rngs  # the values come from the state_dict
+    groups = held_groups(tensors)
+    super().__init__({k: Tensor(*g) if isinstance(g, tuple) else Held(g) for k, g in groups.items()})
 
 
 class Sequential(nnx.List):

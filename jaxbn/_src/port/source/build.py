@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import linecache
 import pathlib
@@ -41,12 +42,6 @@ def model_source(
   Flax's own layers: ``layout.py``)."""
   if layout not in LAYOUTS:
     raise ValueError(f"emit: layout must be one of {LAYOUTS}, not {layout!r}")
-  if traced.held:
-    modules = sorted({key.rpartition(".")[0] for key in traced.held})
-    raise PortError(
-        f"emit: {', '.join(modules)} hold weights or buffers that neither forward calls; jaxbn.port holds them"
-        " as they are, the source cannot say that yet: emit with strict=False to leave them out"
-    )
   inputs = tuple(as_numpy(x) for x in (example_input if isinstance(example_input, (tuple, list)) else (example_input,)))
   axes = None
   if layout == "NHWC":
@@ -55,20 +50,45 @@ def model_source(
     inputs = tuple(x if a is None else np.transpose(x, a) for x, a in zip(inputs, axes.input_axes, strict=True))
   roots = []
   for train in (True, False):
-    root = tree(_signature_read(traced.programs[train]), traced.scopes[train])
+    program, scopes = _held_inside(traced.programs[train], traced.scopes[train], set(traced.held))
+    root = tree(_signature_read(program), scopes)
     root.torch_class = type(torch_model)
     roots.append(root)
   if api == "nnx":
-    classes = Classes(dict(traced.leaves), nnx.layer_fields(torch_model))
+    classes = Classes(dict(traced.leaves), nnx.layer_fields(torch_model), frozenset(traced.held))
     classes.build(*roots)
     text, name, constants = nnx.module_source(classes, type(torch_model), versions(), recipe, axes)
   else:
-    classes = Classes(dict(traced.leaves))
+    classes = Classes(dict(traced.leaves), held=frozenset(traced.held))
     classes.build(*roots)
     # the dtype JAX makes of it (int64 is int32 without jax_enable_x64)
     examples = [(tuple(x.shape), str(jax.dtypes.canonicalize_dtype(x.dtype))) for x in inputs]
     text, name, constants = linen.module_source(classes, type(torch_model), examples, versions(), recipe, axes)
   return formatted(text), name, constants
+
+
+def _held_inside(program: Program, scopes: dict, held: set[str]) -> tuple[Program, dict]:
+  """The program with each tensor of a module forward never calls (the port holds it: a node at the
+  program's end) moved into the call of its nearest ancestor that forward calls, so that the
+  source declares it in that class, at torch's path below it (``denoising_class_embed.weight``)."""
+  if not held:
+    return program, scopes
+  nodes = [node for node in program.nodes if not (node.kind == "module" and node.target in held)]
+  scopes = dict(scopes)
+  for node in program.nodes:
+    if node.kind != "module" or node.target not in held:
+      continue
+    chain, after = (), -1
+    for index, other in enumerate(nodes):
+      inside = scopes.get(other.name, ())
+      for depth, scope in enumerate(inside):
+        if "@" not in scope.key and node.target.startswith(scope.path + ".") and depth + 1 >= len(chain):
+          if depth + 1 > len(chain) or inside[: depth + 1] == chain:
+            chain, after = inside[: depth + 1], index
+    scopes[node.name] = chain
+    # after its ancestor's last node, so that the call's nodes stay contiguous; the model's own: last
+    nodes.insert(after + 1 if chain else len(nodes) - 1, node)
+  return dataclasses.replace(program, nodes=tuple(nodes)), scopes
 
 
 def _signature_read(program: Program) -> Program:

@@ -11,6 +11,7 @@ stay literals.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import inspect
 import re
@@ -165,10 +166,17 @@ class Classes:
   from the leaves' callers up, classes: a child's class is settled (variants with and without an
   optional child merged) before its caller's code is compared."""
 
-  def __init__(self, leaves: dict[str, Leaf], layer_fields: Callable[[str, Leaf], tuple[type, tuple]] | None = None):
+  def __init__(
+      self,
+      leaves: dict[str, Leaf],
+      layer_fields: Callable[[str, Leaf], tuple[type, tuple]] | None = None,
+      held: frozenset[str] = frozenset(),
+  ):
     """``layer_fields(path, leaf) -> (class, ((field, value), ...))``: how the source builds the
-    layer at ``path``; default: the Linen prototype's class and dataclass fields."""
+    layer at ``path``; default: the Linen prototype's class and dataclass fields. ``held``: the
+    paths of tensors of modules forward never calls (``Traced.held``)."""
     self.leaves = leaves
+    self.held = held
     self.layer_fields = layer_fields or linen_fields
     self.classes: dict[tuple, Class] = {}  # class key -> Class, callers after their children
     self.built: dict[str, tuple] = {}  # call key -> (class key, constants)
@@ -222,11 +230,28 @@ class Classes:
   def _code(self, block: Block) -> tuple:
     """A block's statements, for one mode."""
     statements = []
-    for item in block.items:
+    chains, containers = self._chains(block), self._called_containers(block)
+    index = 0
+    while index < len(block.items):
+      item = block.items[index]
+      if index in chains:
+        end, container, elements = chains[index]
+        first, last = block.items[index], block.items[end - 1]
+        args = (("var", _inputs(first)[0]),)
+        statements.append(("assign", (_outputs(last)[0],), ("sequential", elements, container, args)))
+        index = end
+        continue
+      held = self._held(block, index, containers)
+      if held is not None:
+        end, statement = held
+        statements.append(statement)
+        index = end
+        continue
       if isinstance(item, Block):
         statements.append(self._child(block, item))
       else:
         statements.append(self._node(block, item))
+      index += 1
     if block.key:  # a module's forward returns what its caller reads; the model's has an output node
       outputs = tuple(("var", name) for name in block.outputs)
       statements.append(("return", outputs[0] if len(outputs) == 1 else ("tuple", outputs)))
@@ -268,6 +293,94 @@ class Classes:
       previous = item.name
     return tuple(elements) if block.outputs == [previous] else None
 
+  def _held(self, block: Block, index: int, containers: set[str]) -> tuple[int, tuple] | None:
+    """The held tensors from ``index`` on below one attribute of the block's module (a child forward
+    never calls; a member of one of ``containers``, those the block calls members of): (end index,
+    ``("held", attribute, tensors)``), tensors as ``(path below it, (shape, dtype[, collection]))``;
+    None where ``index`` is no such tensor."""
+
+    def below(item) -> tuple[str, str] | None:
+      if isinstance(item, Block) or item.kind != "module" or item.target not in self.held:
+        return None
+      head, _, rest = _relative(item.target, block.path).partition(".")
+      if head in containers:  # an uncalled member of a container whose other members are called
+        member, _, rest = rest.partition(".")
+        head = f"{head}.{member}"
+      return (head, rest) if rest else None  # a tensor of the module itself: a Tensor leaf as any other
+
+    first = below(block.items[index])
+    if first is None:
+      return None
+    tensors, end = [], index
+    while end < len(block.items) and (found := below(block.items[end])) is not None and found[0] == first[0]:
+      prototype = self.leaves[block.items[end].target].prototype
+      spec = (tuple(prototype.shape), prototype.dtype)
+      tensors.append((found[1], spec if prototype.collection == "params" else (*spec, prototype.collection)))
+      end += 1
+    return end, ("assign", (), ("held", first[0], ("const", tuple(tensors), f"{first[0]}_tensors")))
+
+  def _called_containers(self, block: Block) -> set[str]:
+    """The attributes of the block's containers whose members it calls one by one (``blocks`` for
+    ``blocks.0``)."""
+    attributes = (_item_attribute(item, block.path) for item in block.items if not self._is_held(item))
+    return {a.partition(".")[0] for a in attributes if a and "." in a}
+
+  def _is_held(self, item) -> bool:
+    return not isinstance(item, Block) and item.kind == "module" and item.target in self.held
+
+  def _chains(self, block: Block) -> dict[int, tuple[int, str, tuple]]:
+    """The runs of items that call a container's members in order, each on the previous one's value
+    (``for layer in self.layers: x = layer(x)``), as a Sequential's elements: start index -> (end
+    index, the container's attribute, elements). The container's members are called nowhere else in
+    the block and the values between them are read by nothing else, so that calling the container as
+    a Sequential is the same code."""
+    members = [None if self._is_held(item) else _member(_item_attribute(item, block.path)) for item in block.items]
+    called = collections.Counter(m[0] for m in members if m is not None)
+    # a container with members forward never calls stays a container (they are held in it)
+    holding = {_relative(item.target, block.path).partition(".")[0] for item in block.items if self._is_held(item)}
+    reads = collections.Counter(name for item in block.items for name in _inputs(item))
+    reads.update(block.outputs)
+    chains, index = {}, 0
+    while index < len(block.items):
+      member = members[index]
+      if member is None or member[1] != 0 or len(_inputs(block.items[index])) != 1:
+        index += 1
+        continue
+      container, end = member[0], index
+      while (
+          end < len(block.items)
+          and members[end] == (container, end - index)
+          and len(_outputs(block.items[end])) == 1
+          and (end == index or _inputs(block.items[end]) == _outputs(block.items[end - 1]))
+      ):
+        end += 1
+      inner = [_outputs(block.items[i])[0] for i in range(index, end - 1)]
+      elements = self._chain_elements(block, block.items[index:end], container)
+      complete = called[container] == end - index and container not in holding
+      if complete and all(reads[name] == 1 for name in inner) and elements is not None:
+        chains[index] = (end, container, elements)
+      index = max(end, index + 1)
+    return chains
+
+  def _chain_elements(self, block: Block, items: list, container: str) -> tuple | None:
+    """A chain's items as a Sequential's elements (see ``_sequence``), labelled under ``container``."""
+    elements = []
+    for position, item in enumerate(items):
+      if isinstance(item, Block):
+        if item.key in self.sequences:
+          elements.append(("sequence", _relabelled(self._sequence(item), f"{container}.{position}")))
+        elif item.key in self.codes:
+          elements.append(("element", ("ref", item.key), f"{container}.{position}"))
+        else:
+          return None
+        continue
+      first = item.args[0].name if item.args and isinstance(item.args[0], Ref) else None
+      if item.kind != "module" or not _reads_only(item, first):
+        return None
+      _, cls, fields, attribute, mode, args, kwargs = self._node(block, item)[2]
+      elements.append(("layer", cls, fields, str(position), mode, args, kwargs))
+    return tuple(elements)
+
   def _node(self, block: Block, node: Node) -> tuple:
     if node.kind == "input":
       default = _expression(node.args[0], node.target) if node.args else None
@@ -302,6 +415,9 @@ class Classes:
         return ("element", class_key, _labelled(constants, attribute, class_key))
       if e[0] == "const":
         return e
+      if e[0] == "sequential":
+        _, elements, attribute, args = e
+        return ("sequential", _runs(self._resolve(elements), attribute), attribute, self._resolve(args))
       return tuple(self._resolve(x) for x in e)
     return e
 
@@ -318,6 +434,30 @@ class Classes:
     if key not in self._fields:
       self._fields[key] = self.classes[key].fields(self.label, sizes=key != self.root)
     return self._fields[key]
+
+
+def _runs(elements: tuple, attribute: str) -> tuple:
+  """A Sequential's children made the same way several times in a row (a stage's blocks after its
+  first, torchvision's ``for _ in range(1, blocks)``) as ``("repeat", element, count)``: the count
+  is a constant, so that stages of different depths are one class with the count a field."""
+  runs: list = []
+  for index, element in enumerate(elements):
+    if element[0] != "element":
+      runs.append(element)
+    elif runs and runs[-1][0] == "repeat" and _same_element(runs[-1][1], element):
+      _, first, (_, count, label) = runs[-1]
+      runs[-1] = ("repeat", first, ("const", count + 1, label))
+    else:
+      runs.append(("repeat", element, ("const", 1, f"{attribute}_{index}_repeats")))
+  if len(runs) == 1 and runs[0][0] == "repeat":  # the whole Sequential: its depth
+    _, element, (_, count, _) = runs[0]
+    runs[0] = ("repeat", element, ("const", count, f"num_{attribute}"))
+  return tuple(runs)
+
+
+def _same_element(a: tuple, b: tuple) -> bool:
+  """Two resolved elements of one class made with the same values (their labels differ)."""
+  return a[1] == b[1] and [value_key(c[1]) for c in a[2]] == [value_key(c[1]) for c in b[2]]
 
 
 def _head(skeleton: tuple) -> int | None:
@@ -523,6 +663,27 @@ def _argument_labels(node: Node) -> tuple[str, list[str]]:
   if getattr(node.target, "context", False):
     parameters = parameters[1:]  # the Context, which the source passes first
   return op, [f"{op}_{parameters[i] if i < len(parameters) else i}" for i in range(len(node.args))]
+
+
+def _item_attribute(item, base: str) -> str | None:
+  """The attribute of the child or layer a block's item calls, if it calls one."""
+  if isinstance(item, Block):
+    return _relative(item.path, base)
+  return _relative(item.target, base) if item.kind == "module" else None
+
+
+def _member(attribute: str | None) -> tuple[str, int] | None:
+  """``("layers", 3)`` for ``"layers.3"``: a container's member and its index."""
+  container, _, index = (attribute or "").rpartition(".")
+  return (container, int(index)) if container and index.isdigit() else None
+
+
+def _inputs(item) -> list[str]:
+  return item.inputs if isinstance(item, Block) else references((item.args, item.kwargs))
+
+
+def _outputs(item) -> list[str]:
+  return item.outputs if isinstance(item, Block) else [item.name]
 
 
 def _reads_only(node: Node, previous: str | None) -> bool:

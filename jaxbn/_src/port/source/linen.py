@@ -305,8 +305,10 @@ class Body:
         )
         continue
       rendered = self.expression(expression)
+      if rendered is None:  # built where the class is built (NNX's held tensors)
+        continue
       if not targets:
-        lines.append(rendered)
+        lines += rendered.split("\n")  # a comment above it
         continue
       lines.append(f"{self._assign(targets, expression, i, last_use)} = {rendered}")
     return lines
@@ -345,9 +347,9 @@ class Body:
   def sequence(self, elements: list[str]) -> str:
     """A Sequential's constructor, from its elements' source (repeated blocks as a loop)."""
     runs = repeats(elements)
-    if len(runs) == 1 and runs[0][1] > 1:
+    if len(runs) == 1 and runs[0][1] != "1":
       return f"layers.Sequential(tuple({loop(*runs[0])}))"
-    parts = [element if count == 1 else f"*({loop(element, count)})" for element, count in runs]
+    parts = [element if count == "1" else f"*({loop(element, count)})" for element, count in runs]
     return f"layers.Sequential(({', '.join(parts)}{',' if len(parts) == 1 else ''}))"
 
   def stochastic(self, function: str, kwargs: str) -> str:
@@ -389,6 +391,8 @@ class Body:
       return self._child(e)
     if kind == "sequential":
       return self._sequential(e)
+    if kind == "held":
+      return self._held(e)
     if kind == "op":
       return self._op(e)
     raise AssertionError(f"unknown expression {kind}")
@@ -398,6 +402,18 @@ class Body:
     arguments = self.source.field_arguments(key, constants, self.expression)
     constructor = f"{self.source.names[key]}({', '.join(arguments)}"
     return self._placed(attribute, constructor, [*(self.expression(a) for a in args), "train=train"])
+
+  def tensors(self, constant: tuple) -> str:
+    """A ``Held``'s tensors: ``{path: (shape, dtype), ...}``, or the field that holds them."""
+    _, value, _label, index = constant
+    if index in self.fields:
+      return self.field(self.fields[index])
+    return "{" + ", ".join(f"{path!r}: {literal(spec, self.source)}" for path, spec in value) + "}"
+
+  def _held(self, e) -> str:
+    """Tensors of a child forward never calls, made at its torch paths (the state_dict fills them)."""
+    _, attribute, tensors = e
+    return f"{held_comment(attribute)}\n{self._placed(attribute, f'layers.Held({self.tensors(tensors)}', [])}"
 
   def _sequential(self, e) -> str:
     _, elements, attribute, args = e
@@ -500,7 +516,10 @@ class Body:
       value = f"{self.source.function(apply.fn)}({value}{extra})"
     return value
 
-  def _element(self, e) -> str:
+  def _element(self, e) -> str | tuple[str, str]:
+    """A Sequential's element as source; a run of one block as (source, count)."""
+    if e[0] == "repeat":
+      return self._element(e[1]), self.expression(e[2])
     if e[0] == "layer":
       constructor, after = self._constructor(e)
       if after:
@@ -593,19 +612,28 @@ class Body:
     return self.expression(e)
 
 
-def repeats(elements: list[str]) -> list[tuple[str, int]]:
+def held_comment(attribute: str) -> str:
+  return f"# torch's forward never calls {attribute}: its tensors, held for the state_dict, never trained"
+
+
+def repeats(elements: list) -> list[tuple[str, str]]:
   """A Sequential's elements as (source, count) runs: a block made the same way several times in a
-  row (resnet's blocks after a stage's first, as torchvision's ``for _ in range(1, blocks)``)."""
-  runs: list[tuple[str, int]] = []
+  row (resnet's blocks after a stage's first, as torchvision's ``for _ in range(1, blocks)``). An
+  element is its source, or (source, count) where the classes counted its run (the count may be a
+  field: a stage's depth)."""
+  runs: list[tuple[str, str]] = []
   for element in elements:
-    if runs and runs[-1][0] == element and "(" in element:  # a constructor call, not an op's name
-      runs[-1] = (element, runs[-1][1] + 1)
+    source, count = element if isinstance(element, tuple) else (element, "1")
+    if "(" not in source and count.isdigit():  # an op's name (a placeholder): one per index
+      runs += [(source, "1")] * int(count)
+    elif runs and runs[-1][0] == source and "(" in source and count.isdigit() and runs[-1][1].isdigit():
+      runs[-1] = (source, str(int(runs[-1][1]) + int(count)))  # a constructor call, not an op's name
     else:
-      runs.append((element, 1))
+      runs.append((source, count))
   return runs
 
 
-def loop(element: str, count: int) -> str:
+def loop(element: str, count: str) -> str:
   return f"{element} for _ in range({count})"
 
 

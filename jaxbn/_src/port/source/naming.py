@@ -28,7 +28,7 @@ def class_names(classes: dict[tuple, object], reserved: Iterable[str] = ()) -> d
     if len(keys) == 1:
       chosen = {keys[0]: base}
     else:
-      features = {key: _features(classes[key].skeleton) for key in keys}
+      features = {key: _features(classes[key].skeleton, classes[key].calls) for key in keys}
       chosen = {key: base + "".join(_described(features[key], [features[k] for k in keys])) for key in keys}
       for name, clashing in _clashes(chosen).items():  # the child classes they call tell them apart
         calls = {key: {names.get(child, child[0].__name__) for child in features[key]["children"]} for key in clashing}
@@ -62,7 +62,7 @@ def _described(own: dict, every: list[dict]) -> list[str]:
   return parts
 
 
-def _features(skeleton: tuple) -> dict:
+def _features(skeleton: tuple, calls: list | None = None) -> dict:
   """A class's code as what names can say: whether it adds its input to a value (a skip
   connection), how many inputs it takes, the attributes it calls (first part), how many members or Sequential elements
   each has, and the child classes it calls."""
@@ -90,6 +90,8 @@ def _features(skeleton: tuple) -> dict:
         found["children"].add(item[1])
       elif item[0] == "sequence":
         elements(item[1])
+      elif item[0] == "repeat":
+        elements(item[1:2])
 
   def walk(e):
     if not (isinstance(e, tuple) and e):
@@ -106,7 +108,7 @@ def _features(skeleton: tuple) -> dict:
       found["children"].add(e[1])
       return
     elif kind == "sequential":
-      attribute(e[2], len(e[1]))
+      attribute(e[2], _length(e[1], calls or [[]]))
       elements(e[1])
       return
     elif kind == "op" and getattr(e[1], "fn", None) is functional.add:
@@ -118,6 +120,22 @@ def _features(skeleton: tuple) -> dict:
   for first, keys in members.items():
     found["counts"][first] = len(keys)
   return found
+
+
+def _length(elements: tuple, calls: list) -> int | None:
+  """How many elements a Sequential has (a run counts its blocks), if every call of the class has
+  as many (a run's count may be a field: a stage's depth)."""
+  total = 0
+  for element in elements:
+    if element[0] == "repeat":
+      index = element[2][1]
+      counts = {call[index] for call in calls}
+      if len(counts) != 1:
+        return None
+      total += counts.pop()
+    else:
+      total += 1
+  return total
 
 
 def _clashes(chosen: dict[tuple, str]) -> dict[str, list[tuple]]:

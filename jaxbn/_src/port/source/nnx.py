@@ -72,8 +72,10 @@ def layer_fields(model: torch.nn.Module):
     flax_own = type(prototype).__module__.startswith("flax.")  # its defaults (initialisers) are NNX's own
     for field in dataclasses.fields(prototype):
       if field.name in parameters and field.name not in values and field.name != "use_running_average":
-        if not (flax_own and getattr(prototype, field.name) is field.default):
-          values[field.name] = getattr(prototype, field.name)
+        value = getattr(prototype, field.name)
+        # a number at its default stays a field, so that calls compare field by field (groups=1 and 2)
+        if not (flax_own and value is field.default and type(value) not in (int, float)):
+          values[field.name] = value
     ordered = [(name, values[name]) for name in parameters if name in values]
     if getattr(prototype, "after", ()):
       ordered.append(("after", prototype.after))
@@ -119,7 +121,11 @@ class Source(base.Source):
 
 
 def _self_attribute(attribute: str) -> str:
-  """The layer at ``attribute`` of ``self``, also where torch's name is no identifier."""
+  """The layer at ``attribute`` of ``self``, also where torch's name is no identifier; a container's
+  member (``blocks.2``) by its key."""
+  container, _, key = attribute.partition(".")
+  if key:
+    return f"self.{container}" + "".join(f"[{level!r}]" for level in key.split("."))
   return f"self.{attribute}" if _plain(attribute) else f"getattr(self, {attribute!r})"
 
 
@@ -174,10 +180,6 @@ class Body(base.Body):
     constructor's arguments)."""
     container, _, key = attribute.partition(".")
     if key:  # a member of a ModuleList or ModuleDict its owner calls one by one: in an nnx.Dict
-      if self.condition is not None:
-        raise PortError(
-            f"emit(api='nnx'): {attribute}, a container's member, is called by some calls of its class only"
-        )
       members, last = base.member_slot(self.containers.setdefault(container, {}), key)
       if last not in members:
         self.in_init = True
@@ -185,7 +187,9 @@ class Body(base.Body):
           members[last] = make()
         finally:
           self.in_init = False
-      return f"self.{container}" + "".join(f"[{level!r}]" for level in key.split("."))
+        if self.condition is not None:  # a member some calls of the class have: None in the others
+          members[last] = f"{members[last]} if {self.condition} else None"
+      return _self_attribute(attribute)
     if attribute not in self.built:
       self.built.add(attribute)
       self.in_init = True
@@ -212,6 +216,13 @@ class Body(base.Body):
     call_arguments = [self.expression(a) for a in args] + [f"{k}={self.expression(v)}" for k, v in kwargs]
     return self.activated(fields, f"{layer}({', '.join(call_arguments)})")
 
+  def _held(self, e) -> None:
+    """Tensors of a child forward never calls, built in ``__init__``; nothing to call."""
+    _, attribute, tensors = e
+    if attribute not in self.built and "." not in attribute:  # a container's member: Held says it
+      self.construction.append(base.held_comment(attribute))
+    self._build(attribute, lambda: f"jaxbn.nnx.Held({self.tensors(tensors)})")
+
   def _child(self, e) -> str:
     _, key, constants, attribute, args = e
 
@@ -223,9 +234,9 @@ class Body(base.Body):
 
   def sequence(self, elements: list[str]) -> str:
     runs = base.repeats(elements)
-    if len(runs) == 1 and runs[0][1] > 1:
+    if len(runs) == 1 and runs[0][1] != "1":
       return f"jaxbn.nnx.Sequential([{base.loop(*runs[0])}])"
-    parts = [element if count == 1 else f"*({base.loop(element, count)})" for element, count in runs]
+    parts = [element if count == "1" else f"*({base.loop(element, count)})" for element, count in runs]
     return f"jaxbn.nnx.Sequential([{', '.join(parts)}])"
 
   def _sequential(self, e) -> str:
