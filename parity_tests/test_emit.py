@@ -897,3 +897,34 @@ def test_variants_that_differ_in_their_inputs_are_named_for_them(tmp_path):
   text = jaxbn.emit(densenet, np.zeros((1, 3, 32, 32), np.float32), tmp_path / "densenet").read_text()
   layers = [name for name in re.findall(r"^class (\w+)\(", text, re.M) if name.startswith("_DenseLayer")]
   assert layers == ["_DenseLayer", "_DenseLayerWith2Inputs", "_DenseLayerWith3Inputs"], layers
+
+
+class Embedding(torch.nn.Module):
+  """A positional encoding whose buffer its owner reads too (EdgeTAM's shared image embedding)."""
+
+  def __init__(self):
+    super().__init__()
+    self.register_buffer("positional_embedding", torch.randn(2, 4))
+
+  def forward(self, coordinates):
+    return coordinates @ self.positional_embedding
+
+
+class ReadsInsideAChild(torch.nn.Module):
+
+  def __init__(self):
+    super().__init__()
+    self.embedding, self.bn = Embedding(), torch.nn.BatchNorm1d(4)
+
+  def forward(self, x):
+    grid = torch.ones(x.shape[0], 2, dtype=self.embedding.positional_embedding.dtype)
+    return self.bn(self.embedding(grid) + x)
+
+
+def test_a_tensor_read_inside_a_child_the_model_calls_is_refused_by_name(tmp_path):
+  """The source would build a container and the child at one name (flax's NameInUseError when it
+  loaded EdgeTAM's source); refused by name, the port runs it."""
+  x = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
+  with pytest.raises(jaxbn.PortError, match=r"calls embedding and reads embedding.positional_embedding inside it"):
+    jaxbn.emit(ReadsInsideAChild(), x, tmp_path / "emitted")
+  assert jaxbn.verify(ReadsInsideAChild(), x, steps=1, loss="mean_square").passed

@@ -164,3 +164,37 @@ def test_an_assertion_on_sizes_leaves_guards_on_the_sizes_not_its_arithmetic(tmp
   module, variables = jaxbn.port(SizesChecked(), x)
   with pytest.raises(jaxbn.PortError, match=r"specialised this Python branch to the example input's shapes"):
     module.apply(variables, np.ones((2, 3, 6, 6), np.float32))
+
+
+class LevelsAttention(torch.nn.Module):
+  """transformers' RT-DETR deformable attention: the levels' sizes come in as Python ints and
+  ``torch._check`` asserts that they cover the sequence, inside a child (a class of its own)."""
+
+  def __init__(self):
+    super().__init__()
+    self.proj = torch.nn.Linear(4, 4)
+
+  def forward(self, sequence, shapes):
+    torch._check(sum(h * w for h, w in shapes) == sequence.shape[1])
+    return self.proj(sequence)
+
+
+class SizesPassedDown(torch.nn.Module):
+
+  def __init__(self):
+    super().__init__()
+    self.conv, self.bn, self.attention = torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), LevelsAttention()
+
+  def forward(self, x):
+    h = self.bn(self.conv(x))
+    levels = [h, torch.nn.functional.avg_pool2d(h, 2)]
+    shapes = [(level.shape[2], level.shape[3]) for level in levels]
+    sequence = torch.cat([level.flatten(2) for level in levels], dim=2).transpose(1, 2)
+    return self.attention(sequence, shapes)
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_an_assertion_on_sizes_a_child_gets_is_a_bool_checked_in_source(api):
+  """The source checks the assertion as ``bool(...)`` (was a call of an undefined ``check``: RT-DETR's
+  source did not load); jaxbn.verify's float64 lock-step (1e-9) through it."""
+  port_harness.run(port_harness.Case(SizesPassedDown, (2, 3, 4, 4), loss="mean_square"), via="emit", api=api)

@@ -229,6 +229,7 @@ class Classes:
 
   def _code(self, block: Block) -> tuple:
     """A block's statements, for one mode."""
+    _refuse_reads_inside_children(block)
     statements = []
     chains, containers = self._chains(block), self._called_containers(block)
     index = 0
@@ -663,6 +664,21 @@ def _argument_labels(node: Node) -> tuple[str, list[str]]:
   if getattr(node.target, "context", False):
     parameters = parameters[1:]  # the Context, which the source passes first
   return op, [f"{op}_{parameters[i] if i < len(parameters) else i}" for i in range(len(node.args))]
+
+
+def _refuse_reads_inside_children(block: Block) -> None:
+  """A block that calls a child and also reads a tensor or calls a module inside that child
+  (EdgeTAM reads ``shared_image_embedding.positional_embedding.dtype`` and calls
+  ``shared_image_embedding``): the source would build two modules at one name."""
+  attributes = [_item_attribute(item, block.path) for item in block.items]
+  called = {a for a in attributes if a and "." not in a}
+  inside = sorted({a for a in attributes if a and "." in a and a.partition(".")[0] in called})
+  if inside:
+    raise PortError(
+        f"emit: {block.path or 'the model'} calls {', '.join(sorted({a.partition('.')[0] for a in inside}))} and"
+        f" reads {', '.join(inside)} inside it too; the source cannot build both at one name yet (jaxbn.port runs"
+        " the model)"
+    )
 
 
 def _item_attribute(item, base: str) -> str | None:

@@ -298,7 +298,7 @@ class Body:
         value = self.expression(expression[2][0])
         target = self._assign(targets, expression, i, last_use)
         sized = "tuple" if isinstance(guard.expected, tuple) else "int"
-        conversion = {"index": "int", "size": sized}.get(guard.conversion, guard.conversion)
+        conversion = {"index": "int", "size": sized, "check": "bool"}.get(guard.conversion, guard.conversion)
         lines.append(f"{target} = {conversion}({value})")
         lines.append(
             f"assert {target} == {guard.expected!r}, 'specialised to the example input (torch: {_quoted(guard.where)})'"
