@@ -73,21 +73,22 @@ def _held_inside(program: Program, scopes: dict, held: set[str]) -> tuple[Progra
   source declares it in that class, at torch's path below it (``denoising_class_embed.weight``)."""
   if not held:
     return program, scopes
-  nodes = [node for node in program.nodes if not (node.kind == "module" and node.target in held)]
+  kept = [node for node in program.nodes if not (node.kind == "module" and node.target in held)]
+  ends = {}  # a module forward calls (its first call) -> (the calls its nodes are inside, its last node)
+  for index, node in enumerate(kept):
+    inside = scopes.get(node.name, ())
+    for depth, scope in enumerate(inside):
+      if "@" not in scope.key:
+        ends[scope.path] = (inside[: depth + 1], index)
   scopes = dict(scopes)
+  after: dict[int, list] = {}
   for node in program.nodes:
-    if node.kind != "module" or node.target not in held:
-      continue
-    chain, after = (), -1
-    for index, other in enumerate(nodes):
-      inside = scopes.get(other.name, ())
-      for depth, scope in enumerate(inside):
-        if "@" not in scope.key and node.target.startswith(scope.path + ".") and depth + 1 >= len(chain):
-          if depth + 1 > len(chain) or inside[: depth + 1] == chain:
-            chain, after = inside[: depth + 1], index
-    scopes[node.name] = chain
-    # after its ancestor's last node, so that the call's nodes stay contiguous; the model's own: last
-    nodes.insert(after + 1 if chain else len(nodes) - 1, node)
+    if node.kind == "module" and node.target in held:
+      owner = max((path for path in ends if node.target.startswith(path + ".")), key=len, default=None)
+      # after its ancestor's last node, so that the call's nodes stay contiguous; the model's own: last
+      scopes[node.name], last = ends[owner] if owner is not None else ((), len(kept) - 2)
+      after.setdefault(last, []).append(node)
+  nodes = [x for index, node in enumerate(kept) for x in (node, *after.get(index, ()))]
   return dataclasses.replace(program, nodes=tuple(nodes)), scopes
 
 

@@ -275,12 +275,10 @@ class Classes:
         attribute = _relative(item.path, block.path)
         if item.inputs != [previous] or len(item.outputs) != 1 or attribute != str(index):
           return None
-        if item.key in self.sequences:  # a Sequential in a Sequential (torchvision's Conv2dNormActivation)
-          elements.append(("sequence", _relabelled(self._sequence(item), attribute)))
-        elif item.key in self.codes:
-          elements.append(("element", ("ref", item.key), attribute))
-        else:
+        element = self._child_element(item, attribute)
+        if element is None:
           return None
+        elements.append(element)
         previous = item.outputs[0]
         continue
       if item.kind not in ("module", "op") or not _reads_only(item, previous):
@@ -293,6 +291,15 @@ class Classes:
       elements.append(expression)
       previous = item.name
     return tuple(elements) if block.outputs == [previous] else None
+
+  def _child_element(self, item: Block, attribute: str) -> tuple | None:
+    """A child called as a Sequential's element at ``attribute``: a Sequential in a Sequential
+    (torchvision's Conv2dNormActivation), or a class's call; None for neither."""
+    if item.key in self.sequences:
+      return ("sequence", _relabelled(self._sequence(item), attribute))
+    if item.key in self.codes:
+      return ("element", ("ref", item.key), attribute)
+    return None
 
   def _held(self, block: Block, index: int, containers: set[str]) -> tuple[int, tuple] | None:
     """The held tensors from ``index`` on below one attribute of the block's module (a child forward
@@ -356,10 +363,11 @@ class Classes:
       ):
         end += 1
       inner = [_outputs(block.items[i])[0] for i in range(index, end - 1)]
-      elements = self._chain_elements(block, block.items[index:end], container)
       complete = called[container] == end - index and container not in holding
-      if complete and all(reads[name] == 1 for name in inner) and elements is not None:
-        chains[index] = (end, container, elements)
+      if complete and all(reads[name] == 1 for name in inner):
+        elements = self._chain_elements(block, block.items[index:end], container)
+        if elements is not None:
+          chains[index] = (end, container, elements)
       index = max(end, index + 1)
     return chains
 
@@ -368,12 +376,10 @@ class Classes:
     elements = []
     for position, item in enumerate(items):
       if isinstance(item, Block):
-        if item.key in self.sequences:
-          elements.append(("sequence", _relabelled(self._sequence(item), f"{container}.{position}")))
-        elif item.key in self.codes:
-          elements.append(("element", ("ref", item.key), f"{container}.{position}"))
-        else:
+        element = self._child_element(item, f"{container}.{position}")
+        if element is None:
           return None
+        elements.append(element)
         continue
       first = item.args[0].name if item.args and isinstance(item.args[0], Ref) else None
       if item.kind != "module" or not _reads_only(item, first):

@@ -626,8 +626,8 @@ def repeats(elements: list) -> list[tuple[str, str]]:
     source, count = element if isinstance(element, tuple) else (element, "1")
     if "(" not in source and count.isdigit():  # an op's name (a placeholder): one per index
       runs += [(source, "1")] * int(count)
-    elif runs and runs[-1][0] == source and "(" in source and count.isdigit() and runs[-1][1].isdigit():
-      runs[-1] = (source, str(int(runs[-1][1]) + int(count)))  # a constructor call, not an op's name
+    elif runs and runs[-1][0] == source and count.isdigit() and runs[-1][1].isdigit():
+      runs[-1] = (source, str(int(runs[-1][1]) + int(count)))
     else:
       runs.append((source, count))
   return runs

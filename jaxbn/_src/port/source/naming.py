@@ -62,7 +62,7 @@ def _described(own: dict, every: list[dict]) -> list[str]:
   return parts
 
 
-def _features(skeleton: tuple, calls: list | None = None) -> dict:
+def _features(skeleton: tuple, calls: list) -> dict:
   """A class's code as what names can say: whether it adds its input to a value (a skip
   connection), how many inputs it takes, the attributes it calls (first part), how many members or Sequential elements
   each has, and the child classes it calls."""
@@ -108,7 +108,7 @@ def _features(skeleton: tuple, calls: list | None = None) -> dict:
       found["children"].add(e[1])
       return
     elif kind == "sequential":
-      attribute(e[2], _length(e[1], calls or [[]]))
+      attribute(e[2], _length(e[1], calls))
       elements(e[1])
       return
     elif kind == "op" and getattr(e[1], "fn", None) is functional.add:
