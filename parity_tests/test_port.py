@@ -431,6 +431,31 @@ def test_nnx_port_switches_modes_and_trains_in_place_as_torch():
   assert not np.array_equal(np.asarray(nnx_model.head.kernel[...]), kernel)
 
 
+class _WithLargeConstant(nn.Module):
+  """A non-persistent buffer too large for the source: the port's NNX class reads it from a file."""
+
+  def __init__(self):
+    super().__init__()
+    self.body = small()
+    self.register_buffer("offset", torch.linspace(-1, 1, 5000), persistent=False)
+
+  def forward(self, x):
+    return self.body(x) + self.offset[:10].sum()
+
+
+def test_nnx_port_leaves_no_files_behind_and_its_source_stays_readable(tmp_path, monkeypatch):
+  import inspect
+  import tempfile
+
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+  model = _WithLargeConstant().eval()
+  nnx_model, _ = jaxbn.port(model, X, api="nnx")
+  assert list(tmp_path.iterdir()) == []  # was one directory per port, with the constants' file
+  nnx_model.eval()
+  assert relative(nnx_model(X), model(torch.from_numpy(X))) <= RTOL
+  assert inspect.getsource(type(nnx_model).__call__).startswith("  def __call__(self, x"), "tracebacks show it"
+
+
 def test_importing_jaxbn_does_not_import_torch():
   import subprocess
   import sys

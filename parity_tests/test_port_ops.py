@@ -34,7 +34,7 @@ class Functional(nn.Module):
     y = y.permute(0, 2, 3, 1).contiguous().view(n, -1, y.shape[1]).transpose(1, 2)
     z = torch.stack([y.sum(-1), y.amax(-1), y.mean(dim=2, keepdim=True).squeeze(2)], dim=1)
     z = F.pad(z, (1, 2), mode="reflect").clamp(-1.5, 1.5) / 3 + x.flatten(1)[:, :1, None].neg() ** 2
-    return z.reshape(n, -1), F.softmax(z, dim=-1)
+    return z.reshape(n, -1), F.softmax(z, dim=-1), torch.square(z) + z.abs().square()
 
 
 class Attention(nn.Module):

@@ -398,7 +398,7 @@ def _arrays(node: Node) -> list[Ref]:
 @rule(
     ops.add, ops.sub, ops.mul, ops.div, ops.pow_, ops.neg, operator.floordiv, operator.mod, operator.eq,
     operator.ne, operator.lt, operator.le, operator.gt, operator.ge, math.ceil, math.floor, math.sqrt,
-    jnp.exp, jnp.floor, jnp.ceil, jnp.sqrt, jax.lax.rsqrt, jnp.abs, jnp.sin, jnp.cos, ops.relu, ops.relu6,
+    jnp.exp, jnp.floor, jnp.ceil, jnp.sqrt, jnp.square, jax.lax.rsqrt, jnp.abs, jnp.sin, jnp.cos, ops.relu, ops.relu6,
     ops.hardswish, ops.hardsigmoid, ops.silu, ops.sigmoid, ops.tanh, ops.mish, ops.gelu, ops.leaky_relu,
     ops.elu, ops.hardtanh, ops.clamp, ops.dropout, ops.identity, ops.detach, ops.to, ops.to_float,
     ops.to_double, ops.to_half, ops.to_bfloat16, ops.rand_like, ops.randn_like, ops.bernoulli, ops.bernoulli_,

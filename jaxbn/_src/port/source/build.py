@@ -21,7 +21,7 @@ from jaxbn._src.port.graph import Program, Traced, references
 from jaxbn._src.port.recipe import TrainingRecipe
 from jaxbn._src.port.source import linen, nnx
 from jaxbn._src.port.source.classes import Classes
-from jaxbn._src.port.source.tree import tree
+from jaxbn._src.port.source.tree import inline_where_inputs_differ, tree
 from jaxbn._src.port.tracer import Guard
 
 LAYOUTS = ("NCHW", "NHWC")
@@ -54,6 +54,7 @@ def model_source(
     root = tree(_signature_read(program), scopes)
     root.torch_class = type(torch_model)
     roots.append(root)
+  inline_where_inputs_differ(*roots)
   if api == "nnx":
     classes = Classes(dict(traced.leaves), nnx.layer_fields(torch_model), frozenset(traced.held))
     classes.build(*roots)
@@ -118,13 +119,15 @@ def write(directory: pathlib.Path, text: str, constants: dict) -> pathlib.Path:
 
 
 def load_classes(text: str, name: str, constants: dict) -> dict:
-  """Runs generated source as a module of its own (its lines shown in tracebacks), its constants
-  in a directory of its own; its namespace."""
-  directory = pathlib.Path(tempfile.mkdtemp(prefix="jaxbn-port-"))
-  filename = str(write(directory, text, constants))
-  linecache.cache[filename] = (len(text), None, text.splitlines(keepends=True), filename)
-  namespace = {"__name__": f"jaxbn_port_{name}", "__file__": filename}
-  exec(compile(text, filename, "exec"), namespace)  # noqa: S102 (jaxbn's own generated source)
+  """Runs generated source as a module of its own, its namespace. Its constants are read from a
+  temporary directory while the module runs, which is then removed; its lines stay in linecache
+  (an entry without a modification time, which ``linecache.checkcache`` keeps), so tracebacks and
+  ``inspect.getsource`` of its methods show them."""
+  with tempfile.TemporaryDirectory(prefix="jaxbn-port-") as directory:
+    filename = str(write(pathlib.Path(directory), text, constants))
+    linecache.cache[filename] = (len(text), None, text.splitlines(keepends=True), filename)
+    namespace = {"__name__": f"jaxbn_port_{name}", "__file__": filename}
+    exec(compile(text, filename, "exec"), namespace)  # noqa: S102 (jaxbn's own generated source)
   return namespace
 
 

@@ -70,13 +70,13 @@ class Class:
     first; a constant of an optional call shares the field of a column it equals wherever the call
     is made, and is a literal where it is constant there. ``head`` is the field ``num_classes``."""
     columns: dict[tuple, str] = {}
-    fields: dict[int, str] = {} if self.head is None else {self.head: "num_classes"}
+    fields: dict[int, str] = dict.fromkeys(self._heads(), "num_classes")
     taken: set[str] = set(fields.values())
     flags = set(self.optional.values())
     texts = [label(x) for x in self.labels] if sizes else []
     size_columns = {self._column(i) for i, text in enumerate(texts) if text.endswith("features")}
     for index in range(len(self.labels)):
-      if index == self.head:
+      if index in fields:
         continue
       size = sizes and (
           texts[index].endswith("features")
@@ -107,6 +107,13 @@ class Class:
       fields[index] = columns[column]
     return fields
 
+  def _heads(self) -> list[int]:
+    """The constants of the classifier's output size: ``head``, and the same layer's in the other
+    mode's branch (where train and eval differ, each branch calls it)."""
+    if self.head is None:
+      return []
+    return [i for i, label in enumerate(self.labels) if label == self.labels[self.head]]
+
   def _column(self, index: int) -> tuple:
     return tuple(value_key(call[index]) for call in self.calls)
 
@@ -128,7 +135,7 @@ class Class:
   def default(self, index: int):
     """A field's default: False for an optional call's flag, None for its constants, the model's
     own value for ``num_classes``; else none."""
-    if index == self.head:
+    if index in self._heads():
       return self.calls[0][index]
     if index in set(self.optional.values()):
       return False
@@ -211,7 +218,13 @@ class Classes:
     """Records a call's code (after its children's); returns its height (0: calls only layers)."""
     some = train_block or eval_block
     heights = [self._collect_child(*pair) for pair in _child_pairs(train_block, eval_block)]
-    code = _merge_modes(*(self._code(b) if b is not None else None for b in (train_block, eval_block)))
+    blocks = [b for b in (train_block, eval_block) if b is not None]
+    chains = [self._chains(b) for b in blocks]
+    # a container is a Sequential in both modes or in neither: both branches build it at one name
+    both = set.intersection(*({container for _, container, _ in found.values()} for found in chains))
+    chains = [{i: chain for i, chain in found.items() if chain[1] in both} for found in chains]
+    codes = iter(self._code(b, found) for b, found in zip(blocks, chains, strict=True))
+    code = _merge_modes(*(next(codes) if b is not None else None for b in (train_block, eval_block)))
     height = 1 + max(heights, default=-1)
     self.codes[some.key] = Code(some.torch_class, code, height)
     return height
@@ -227,11 +240,10 @@ class Classes:
         return max(heights, default=-1)
     return self._collect(train_block, eval_block)
 
-  def _code(self, block: Block) -> tuple:
-    """A block's statements, for one mode."""
-    _refuse_reads_inside_children(block)
+  def _code(self, block: Block, chains: dict) -> tuple:
+    """A block's statements, for one mode, with its ``chains`` (``_chains``) as Sequentials."""
     statements = []
-    chains, containers = self._chains(block), self._called_containers(block)
+    containers = self._called_containers(block)
     index = 0
     while index < len(block.items):
       item = block.items[index]
@@ -672,21 +684,6 @@ def _argument_labels(node: Node) -> tuple[str, list[str]]:
   return op, [f"{op}_{parameters[i] if i < len(parameters) else i}" for i in range(len(node.args))]
 
 
-def _refuse_reads_inside_children(block: Block) -> None:
-  """A block that calls a child and also reads a tensor or calls a module inside that child
-  (EdgeTAM reads ``shared_image_embedding.positional_embedding.dtype`` and calls
-  ``shared_image_embedding``): the source would build two modules at one name."""
-  attributes = [_item_attribute(item, block.path) for item in block.items]
-  called = {a for a in attributes if a and "." not in a}
-  inside = sorted({a for a in attributes if a and "." in a and a.partition(".")[0] in called})
-  if inside:
-    raise PortError(
-        f"emit: {block.path or 'the model'} calls {', '.join(sorted({a.partition('.')[0] for a in inside}))} and"
-        f" reads {', '.join(inside)} inside it too; the source cannot build both at one name yet (jaxbn.port runs"
-        " the model)"
-    )
-
-
 def _item_attribute(item, base: str) -> str | None:
   """The attribute of the child or layer a block's item calls, if it calls one."""
   if isinstance(item, Block):
@@ -716,12 +713,8 @@ def _reads_only(node: Node, previous: str | None) -> bool:
 
 def _relative(path: str, base: str) -> str:
   """``path`` as an attribute path of the module at ``base``, which calls it."""
-  if base and not path.startswith(base + "."):
-    raise PortError(
-        f"emit: {base}'s forward calls {path}, which is not one of its children (ultralytics' RT-DETR"
-        " passes its heads to its decoder as arguments): the source cannot place it in that class yet;"
-        " jaxbn.port runs the model"
-    )
+  if base and not path.startswith(base + "."):  # tree.py writes such a caller inline in its own caller
+    raise PortError(f"emit: {base} calls {path}, which it does not hold (a bug of the emitter's: please report it)")
   return path[len(base) + 1 :] if base else path
 
 
@@ -741,18 +734,31 @@ def _expression(value, label: str) -> tuple:
 
 def _merge_modes(train_code: tuple | None, eval_code: tuple | None) -> tuple:
   """One body when both modes' code has the same shape, with a constant that is True in train and
-  False in eval (``training=self.training``) as the mode; else the signature and
-  ``("modes", train statements, eval statements)``."""
+  False in eval (``training=self.training``) as the mode; else the signature, the statements both
+  modes begin with (merged so), and ``("modes", the rest of train's, the rest of eval's)``: a
+  detection head that returns other values in eval is one branch at the end, not two bodies."""
   if train_code is None or eval_code is None:  # called in one mode only (an aux head): its code as it is
     return train_code if eval_code is None else eval_code
   merged = _merge(train_code, eval_code)
   if merged is not _FAIL:
     return merged
-  signatures = {_signature(c) for c in (train_code, eval_code) if c is not None}
-  if len(signatures) > 1:
-    raise PortError("emit: a module takes different inputs in train and eval mode")
-  (signature,) = signatures
-  return (*signature, ("modes", _body(train_code), _body(eval_code)))
+  signature, other = _signature(train_code), _signature(eval_code)
+  if signature != other:  # a module's calls are inlined where they differ (tree.py): the model's inputs
+    named = [{s[2] for s in code if s[0] == "input"} for code in (signature, other)]
+    raise PortError(
+        f"emit: the model's forward reads inputs in one mode only ({', '.join(sorted(named[0] ^ named[1]))});"
+        " the source has one signature: emit a wrapper whose forward takes the inputs both modes read"
+        " (jaxbn.port runs the model as it is)"
+    )
+  train_body, eval_body = _body(train_code), _body(eval_code)
+  common = []  # values are named in order of appearance in each mode, so a common start has one naming
+  for a, b in zip(train_body, eval_body, strict=False):  # the shorter ends in a return
+    statement = _merge(a, b)
+    if statement is _FAIL or statement[0] == "return":
+      break
+    common.append(statement)
+  rest = len(common)
+  return (*signature, *common, ("modes", train_body[rest:], eval_body[rest:]))
 
 
 def _signature(code: tuple) -> tuple:

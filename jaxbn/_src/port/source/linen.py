@@ -3,6 +3,7 @@ attribute names, with the mode as ``train``."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import inspect
@@ -237,6 +238,7 @@ class Body:
     # children called more than once in a call (EdgeTAM's position encoding, once per level): built
     # once above the calls (Linen names a submodule when it is built), by attribute: (name, constructor)
     self.shared: dict[str, tuple[str, str] | None] = {}
+    self.has_context = False  # the line that makes ``ctx`` is written
 
   def parameters(self, code: tuple) -> list[str]:
     parameters = []
@@ -261,30 +263,38 @@ class Body:
 
   def statements(self, code: tuple) -> list[str]:
     statements = [s for s in code if s[0] not in ("inputs", "input")]
-    branches = statements[0][1:] if statements and statements[0][0] == "modes" else (statements,)
+    modes = statements.pop() if statements and statements[-1][0] == "modes" else None
+    branches = (statements + list(modes[1]), statements + list(modes[2])) if modes else (statements,)
     for branch in branches:
       called = [_called_attribute(s) for s in branch]
       self.shared.update({a: None for a in called if a is not None and "." not in a and called.count(a) > 1})
-    if statements and statements[0][0] == "modes":
-      _, train_code, eval_code = statements[0]
-      train = self.train()
-      names = dict(self.names)
-      train_lines = self._run([s for s in train_code if s[0] not in ("inputs", "input")])
-      # values are the branch's own; Linen's containers are built once above both branches
-      self.names = {**names, **{c: self.names[c] for c in self.containers if c in self.names}}
-      eval_lines = self._run([s for s in eval_code if s[0] not in ("inputs", "input")])
-      return [f"if {train}:", *("  " + x for x in train_lines), "else:", *("  " + x for x in eval_lines)]
-    return self._run(statements)
+    if modes is None:
+      return self._run(statements)
+    # the statements both modes begin with, then a branch per mode; identities left out of all three
+    _, train_code, eval_code = modes
+    renamed: dict[str, str] = {}
+    statements = _without_identities(statements, self.source.identities, renamed)
+    train_code, eval_code = (_without_identities(c, self.source.identities, dict(renamed)) for c in modes[1:])
+    later = {name for s in (*train_code, *eval_code) for name in _reads(s)}
+    lines = self._run(statements, later)
+    names = dict(self.names)
+    train_lines = self._run(list(train_code))
+    # values are the branch's own; Linen's containers are built once above both branches
+    self.names = {**names, **{c: self.names[c] for c in self.containers if c in self.names}}
+    eval_lines = self._run(list(eval_code))
+    return [*lines, f"if {self.train()}:", *("  " + x for x in train_lines), "else:", *("  " + x for x in eval_lines)]
 
-  def _run(self, statements: list) -> list[str]:
-    statements = _without_identities(statements, self.source.identities)
-    last_use: dict[str, int] = {}
+  def _run(self, statements: list, later: set = frozenset()) -> list[str]:
+    """The statements' lines; ``later``: the values read after them (in the branches that follow)."""
+    statements = self._sums(_without_identities(statements, self.source.identities), later)
+    last_use: dict[str, int] = {name: len(statements) for name in later}
     for i, statement in enumerate(statements):
       for name in _reads(statement):
-        last_use[name] = i
+        last_use[name] = max(i, last_use.get(name, i))
     lines = []
-    if any(_uses_context(s) for s in statements):
+    if not self.has_context and any(_uses_context(s) for s in statements):
       lines.append(self.context())
+      self.has_context = bool(later)  # made above the branches: theirs too
     for i, statement in enumerate(statements):
       if statement[0] == "optional":
         lines += self._optional(statement, i, last_use)
@@ -312,6 +322,29 @@ class Body:
         continue
       lines.append(f"{self._assign(targets, expression, i, last_use)} = {rendered}")
     return lines
+
+  def _sums(self, statements: list, later: set) -> list:
+    """Python's ``sum()`` of values (HRNet's fuse layers, an FPN's levels), which torch's trace records
+    as ``0 + a``, then ``+ b``, ...: ``sum([a, b, ...])`` where the last addition was, the same
+    additions in the same order (the values are made before it, as they were), without the line
+    ``y = 0 + a``."""
+    reads = collections.Counter(name for statement in statements for name in _reads(statement))
+    reads.update(later)
+    readers = {}  # a value read once -> the index of the statement that reads it
+    for i, statement in enumerate(statements):
+      for name in _reads(statement):
+        readers[name] = i
+    kept, removed = list(statements), set()
+    for i, statement in enumerate(statements):
+      if _addition(statement, self.fields) != "start":
+        continue
+      total, values, end = statement[1][0], [statement[2][2][1]], i
+      while reads[total] == 1 and _addition(statements[readers[total]], self.fields) == ("var", total):
+        removed.add(end)
+        end = readers[total]
+        total, values = statements[end][1][0], [*values, statements[end][2][2][1]]
+      kept[end] = ("assign", (total,), ("sum", tuple(values)))
+    return [statement for i, statement in enumerate(kept) if i not in removed]
 
   def _optional(self, statement: tuple, index: int, last_use: dict) -> list[str]:
     """A child call some calls of the class make and others do not: its output is its input then."""
@@ -393,6 +426,8 @@ class Body:
       return self._sequential(e)
     if kind == "held":
       return self._held(e)
+    if kind == "sum":
+      return f"sum([{', '.join(self.expression(x) for x in e[1])}])"
     if kind == "op":
       return self._op(e)
     raise AssertionError(f"unknown expression {kind}")
@@ -654,7 +689,11 @@ def member_slot(members: dict, key: str) -> tuple[dict, str]:
 
 
 def nested(members: dict, container: str) -> str:
-  """``{key: constructor}`` with a nested dict as ``container(...)`` (no name: its owner names it)."""
+  """``{key: constructor}`` with a nested dict as ``container(...)`` (no name: its owner names it);
+  a list of members built alike (a decoder's six layers) as ``{str(i): constructor for i in range(6)}``."""
+  built = set(members.values()) if all(isinstance(v, str) for v in members.values()) else ()
+  if len(built) == 1 and len(members) > 1 and list(members) == [str(i) for i in range(len(members))]:
+    return f"{{str(i): {built.pop()} for i in range({len(members)})}}"
   return (
       "{"
       + ", ".join(
@@ -707,11 +746,12 @@ def _reads(statement) -> list[str]:
   return found
 
 
-def _without_identities(statements: list, identities: set = frozenset()) -> list:
+def _without_identities(statements: list, identities: set = frozenset(), renamed: dict | None = None) -> list:
   """The statements without identities (timm's ``nn.Identity()`` placeholders, ``.contiguous()``,
   calls of ``identities``, classes that return their input): a later read of their value reads
-  their input, so that the source has no line that does nothing."""
-  kept, renamed = [], {}
+  their input, so that the source has no line that does nothing. ``renamed`` (filled): what was
+  left out, and its input, for statements that follow these."""
+  kept, renamed = [], {} if renamed is None else renamed
   for statement in statements:
     for old, new in renamed.items():
       statement = substituted(statement, old, new)
@@ -721,6 +761,20 @@ def _without_identities(statements: list, identities: set = frozenset()) -> list
       continue
     kept.append(statement)
   return kept
+
+
+def _addition(statement: tuple, fields: dict):
+  """``"start"`` for ``y = 0 + x`` (a literal int 0: ``sum()``'s start), the first operand for
+  ``y = a + x`` (two values, torch's ``alpha`` left at 1); else None."""
+  if statement[0] != "assign" or len(statement[1]) != 1 or statement[2][0] != "op":
+    return None
+  _, rule, args, kwargs = statement[2]
+  if rule.fn is not functional.add or kwargs or len(args) != 2 or args[1][0] != "var":
+    return None
+  first = args[0]
+  if first[0] == "const" and type(first[1]) is int and first[1] == 0 and first[3] not in fields:
+    return "start"
+  return first if first[0] == "var" else None
 
 
 def _first_var(expression) -> str | None:

@@ -43,12 +43,78 @@ def tree(program: Program, scopes: dict[str, tuple[Scope, ...]]) -> Block:
         raise PortError(f"emit: the calls of {scope.path} are not contiguous in the traced program")
       parent = block
     parent.items.append(node)
+  _inline_callers_of_others(root)
+  _connect(root, _users(root))
+  return root
+
+
+def _inline_callers_of_others(block: Block) -> None:
+  """Writes inline in its caller each call of a module whose forward calls modules it does not hold
+  (ultralytics' RT-DETR decoder calls the heads its caller passes it as arguments), and each call
+  of a module inside which its caller calls or reads too (EdgeTAM calls ``mask_decoder`` and
+  ``mask_decoder.conv_s0``): a class of its own could not hold those at torch's paths. Its children
+  are then the caller's, at their paths below it (``decoder.layers.0``, a container); children
+  first, so that such calls move up until a caller holds every module they call."""
+  for item in block.items:
+    if isinstance(item, Block):
+      _inline_callers_of_others(item)
+  paths = [_called(item) for item in block.items]
+  entered = {path for item, path in zip(block.items, paths, strict=True) if isinstance(item, Block)}
+  entered = {path for path in entered if any(p and p.startswith(path + ".") for p in paths)}
+  items = []
+  for item in block.items:
+    if isinstance(item, Block) and (item.path in entered or any(not _holds(item, inner) for inner in item.items)):
+      items.extend(item.items)
+    else:
+      items.append(item)
+  block.items = items
+
+
+def _holds(block: Block, item) -> bool:
+  """The module ``block`` calls holds what ``item`` calls (a node that calls no module: True)."""
+  path = _called(item)
+  return path is None or path.startswith(block.path + ".")
+
+
+def _called(item) -> str | None:
+  """The path of the module (or tensor) an item calls (reads); None for other nodes."""
+  return item.path if isinstance(item, Block) else item.target if item.kind == "module" else None
+
+
+def inline_where_inputs_differ(train_root: Block, eval_root: Block) -> None:
+  """Writes inline in its caller, in both modes, each call of a module that reads more values in one
+  mode than in the other (ultralytics' SemanticSegment reads its auxiliary level only in train): one
+  class has one signature."""
+  if _inline_pairs(train_root, eval_root):
+    for root in (train_root, eval_root):
+      _connect(root, _users(root))
+
+
+def _inline_pairs(train_block: Block, eval_block: Block) -> bool:
+  changed = False
+  while True:
+    children = [{item.key: item for item in b.items if isinstance(item, Block)} for b in (train_block, eval_block)]
+    common = children[0].keys() & children[1].keys()
+    differ = {key for key in common if len(children[0][key].inputs) != len(children[1][key].inputs)}
+    if not differ:
+      break
+    for block in (train_block, eval_block):
+      block.items = [
+          x for item in block.items for x in (item.items if getattr(item, "key", None) in differ else (item,))
+      ]
+    changed = True
+  for key in common:
+    changed |= _inline_pairs(children[0][key], children[1][key])
+  return changed
+
+
+def _users(root: Block) -> dict[str, set[str]]:
+  """Value name -> the nodes that read it."""
   users: dict[str, set[str]] = {}
-  for node in program.nodes:
+  for node in root.nodes():
     for name in references((node.args, node.kwargs)):
       users.setdefault(name, set()).add(node.name)
-  _connect(root, users)
-  return root
+  return users
 
 
 def _connect(block: Block, users: dict[str, set[str]]) -> None:
