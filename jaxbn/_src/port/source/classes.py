@@ -23,7 +23,7 @@ import torch
 from jaxbn._src.errors import PortError
 from jaxbn._src.port.graph import Aggregate, Node, Ref, Slice, Static, references
 from jaxbn._src.port.leaves import Constant, Leaf, Metadata
-from jaxbn._src.port.source.tree import Block
+from jaxbn._src.port.source.tree import Block, called
 from jaxbn._src.port.tracer import Guard
 from jaxbn._src.torchlike import functional
 
@@ -218,13 +218,16 @@ class Classes:
     """Records a call's code (after its children's); returns its height (0: calls only layers)."""
     some = train_block or eval_block
     heights = [self._collect_child(*pair) for pair in _child_pairs(train_block, eval_block)]
-    blocks = [b for b in (train_block, eval_block) if b is not None]
-    chains = [self._chains(b) for b in blocks]
+    blocks = (train_block, eval_block)
+    chains = [None if b is None else self._chains(b) for b in blocks]
     # a container is a Sequential in both modes or in neither: both branches build it at one name
-    both = set.intersection(*({container for _, container, _ in found.values()} for found in chains))
-    chains = [{i: chain for i, chain in found.items() if chain[1] in both} for found in chains]
-    codes = iter(self._code(b, found) for b, found in zip(blocks, chains, strict=True))
-    code = _merge_modes(*(next(codes) if b is not None else None for b in (train_block, eval_block)))
+    both = set.intersection(*({c for _, c, _ in found.values()} for found in chains if found is not None))
+    code = _merge_modes(
+        *(
+            None if b is None else self._code(b, {i: chain for i, chain in found.items() if chain[1] in both})
+            for b, found in zip(blocks, chains, strict=True)
+        )
+    )
     height = 1 + max(heights, default=-1)
     self.codes[some.key] = Code(some.torch_class, code, height)
     return height
@@ -686,9 +689,8 @@ def _argument_labels(node: Node) -> tuple[str, list[str]]:
 
 def _item_attribute(item, base: str) -> str | None:
   """The attribute of the child or layer a block's item calls, if it calls one."""
-  if isinstance(item, Block):
-    return _relative(item.path, base)
-  return _relative(item.target, base) if item.kind == "module" else None
+  path = called(item)
+  return None if path is None else _relative(path, base)
 
 
 def _member(attribute: str | None) -> tuple[str, int] | None:

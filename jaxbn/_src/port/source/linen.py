@@ -238,7 +238,6 @@ class Body:
     # children called more than once in a call (EdgeTAM's position encoding, once per level): built
     # once above the calls (Linen names a submodule when it is built), by attribute: (name, constructor)
     self.shared: dict[str, tuple[str, str] | None] = {}
-    self.has_context = False  # the line that makes ``ctx`` is written
 
   def parameters(self, code: tuple) -> list[str]:
     parameters = []
@@ -268,33 +267,33 @@ class Body:
     for branch in branches:
       called = [_called_attribute(s) for s in branch]
       self.shared.update({a: None for a in called if a is not None and "." not in a and called.count(a) > 1})
-    if modes is None:
-      return self._run(statements)
-    # the statements both modes begin with, then a branch per mode; identities left out of all three
-    _, train_code, eval_code = modes
+    # identities left out of the statements both modes begin with and of each branch
     renamed: dict[str, str] = {}
     statements = _without_identities(statements, self.source.identities, renamed)
+    if modes is None:
+      return self._run(statements)
     train_code, eval_code = (_without_identities(c, self.source.identities, dict(renamed)) for c in modes[1:])
     later = {name for s in (*train_code, *eval_code) for name in _reads(s)}
     lines = self._run(statements, later)
+    above = any(_uses_context(s) for s in statements)  # ctx is made above the branches: theirs too
     names = dict(self.names)
-    train_lines = self._run(list(train_code))
+    train_lines = self._run(train_code, context_made=above)
     # values are the branch's own; Linen's containers are built once above both branches
     self.names = {**names, **{c: self.names[c] for c in self.containers if c in self.names}}
-    eval_lines = self._run(list(eval_code))
+    eval_lines = self._run(eval_code, context_made=above)
     return [*lines, f"if {self.train()}:", *("  " + x for x in train_lines), "else:", *("  " + x for x in eval_lines)]
 
-  def _run(self, statements: list, later: set = frozenset()) -> list[str]:
-    """The statements' lines; ``later``: the values read after them (in the branches that follow)."""
-    statements = self._sums(_without_identities(statements, self.source.identities), later)
+  def _run(self, statements: list, later: set = frozenset(), context_made: bool = False) -> list[str]:
+    """The statements' lines (identities already left out); ``later``: the values read after them
+    (in the branches that follow); ``context_made``: ``ctx`` is made above them."""
+    statements = self._sums(statements, later)
     last_use: dict[str, int] = {name: len(statements) for name in later}
     for i, statement in enumerate(statements):
       for name in _reads(statement):
         last_use[name] = max(i, last_use.get(name, i))
     lines = []
-    if not self.has_context and any(_uses_context(s) for s in statements):
+    if not context_made and any(_uses_context(s) for s in statements):
       lines.append(self.context())
-      self.has_context = bool(later)  # made above the branches: theirs too
     for i, statement in enumerate(statements):
       if statement[0] == "optional":
         lines += self._optional(statement, i, last_use)
@@ -328,11 +327,11 @@ class Body:
     as ``0 + a``, then ``+ b``, ...: ``sum([a, b, ...])`` where the last addition was, the same
     additions in the same order (the values are made before it, as they were), without the line
     ``y = 0 + a``."""
-    reads = collections.Counter(name for statement in statements for name in _reads(statement))
-    reads.update(later)
+    reads = collections.Counter(later)
     readers = {}  # a value read once -> the index of the statement that reads it
     for i, statement in enumerate(statements):
       for name in _reads(statement):
+        reads[name] += 1
         readers[name] = i
     kept, removed = list(statements), set()
     for i, statement in enumerate(statements):

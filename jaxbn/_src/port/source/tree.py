@@ -58,25 +58,26 @@ def _inline_callers_of_others(block: Block) -> None:
   for item in block.items:
     if isinstance(item, Block):
       _inline_callers_of_others(item)
-  paths = [_called(item) for item in block.items]
-  entered = {path for item, path in zip(block.items, paths, strict=True) if isinstance(item, Block)}
+  paths = [called(item) for item in block.items]
+  entered = {item.path for item in block.items if isinstance(item, Block)}
   entered = {path for path in entered if any(p and p.startswith(path + ".") for p in paths)}
-  items = []
-  for item in block.items:
-    if isinstance(item, Block) and (item.path in entered or any(not _holds(item, inner) for inner in item.items)):
-      items.extend(item.items)
-    else:
-      items.append(item)
-  block.items = items
+  _splice(block, lambda child: child.path in entered or any(not _holds(child, inner) for inner in child.items))
+
+
+def _splice(block: Block, inline) -> None:
+  """Each child call ``inline(child)`` chooses replaced by the child's own items."""
+  block.items = [
+      x for item in block.items for x in (item.items if isinstance(item, Block) and inline(item) else (item,))
+  ]
 
 
 def _holds(block: Block, item) -> bool:
   """The module ``block`` calls holds what ``item`` calls (a node that calls no module: True)."""
-  path = _called(item)
+  path = called(item)
   return path is None or path.startswith(block.path + ".")
 
 
-def _called(item) -> str | None:
+def called(item) -> str | None:
   """The path of the module (or tensor) an item calls (reads); None for other nodes."""
   return item.path if isinstance(item, Block) else item.target if item.kind == "module" else None
 
@@ -99,9 +100,7 @@ def _inline_pairs(train_block: Block, eval_block: Block) -> bool:
     if not differ:
       break
     for block in (train_block, eval_block):
-      block.items = [
-          x for item in block.items for x in (item.items if getattr(item, "key", None) in differ else (item,))
-      ]
+      _splice(block, lambda child: child.key in differ)
     changed = True
   for key in common:
     changed |= _inline_pairs(children[0][key], children[1][key])
