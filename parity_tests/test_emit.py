@@ -31,6 +31,7 @@ import torchvision
 from flax import nnx
 
 import jaxbn
+from jaxbn._src.port.source import naming
 from jaxbn._src.verify.measures import max_relative
 from jaxbn._src.verify.runs import output_leaves
 from parity_tests import port_harness
@@ -907,6 +908,154 @@ def test_a_class_named_for_a_child_that_is_no_identifier_is_one(tmp_path):
   assert classes == ["Stage", "StageWithBlock1_0", "Stages"], classes
 
 
+class NumberedStage(torch.nn.Module):
+  """DenseNet's ``denselayer1`` .. and regnet's ``block3-0`` ..: children numbered by
+  ``add_module``, as many as the stage is deep."""
+
+  def __init__(self, name: str, depth: int):
+    super().__init__()
+    for i in range(depth):
+      self.add_module(name.format(i + 1), torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4)))
+
+  def forward(self, x):
+    for module in self.children():
+      x = module(x)
+    return x
+
+
+class Projected(torch.nn.Module):
+  """ResNet's block: a projection where the width changes."""
+
+  def __init__(self, channels, out):
+    super().__init__()
+    self.conv = torch.nn.Conv2d(channels, out, 1)
+    self.proj = (
+        torch.nn.Sequential(torch.nn.Conv2d(channels, out, 1), torch.nn.BatchNorm2d(out)) if channels != out else None
+    )
+
+  def forward(self, x):
+    out = self.conv(x)
+    return out + (x if self.proj is None else self.proj(x))
+
+
+class Head(torch.nn.Module):
+  """Its caller calls one block without ``proj``; its last layer has one output, its first no groups."""
+
+  def __init__(self):
+    super().__init__()
+    self.blocks = torch.nn.Sequential(Projected(4, 4), Projected(4, 6))
+    self.mix = torch.nn.Conv2d(6, 6, 1, groups=1)
+    self.out = torch.nn.Conv2d(6, 1, 1)
+
+  def forward(self, x):
+    return self.out(self.mix(self.blocks(x)))
+
+
+class NumberedStages(torch.nn.Module):
+
+  def __init__(self):
+    super().__init__()
+    self.dense = torch.nn.Sequential(*(NumberedStage("denselayer{}", depth) for depth in (2, 3, 2, 4)))
+    self.stages = torch.nn.Sequential(*(NumberedStage(f"block{i}-{{}}", depth) for i, depth in ((1, 2), (2, 2))))
+    self.head = Head()
+
+  def forward(self, x):
+    return self.head(self.stages(self.dense(x)))
+
+
+def test_numbered_children_name_their_class_by_how_many_or_which(tmp_path):
+  """A torch class whose calls differ in a numbered series of children is named by the series: how
+  many (``NumberedStageWith4Denselayer``; was every layer it has that another has not: 680
+  characters for DenseNet-201), or which (``NumberedStageWithBlock2``, was ``...WithBlock2_0``).
+  A class's fields are sizes it sets: not ``groups=1`` that equals a layer's one output (was a
+  ``mix_groups`` field that ``out`` read, ultralytics' Detect). Eval and a training forward as in
+  the tests above."""
+  torch.manual_seed(0)
+  x = np.random.default_rng(0).standard_normal((2, 4, 4, 4)).astype(np.float32)
+  eval_rel, train_rel, stats_rel = eval_and_training_forward(NumberedStages(), x, PORTS["linen"](tmp_path))
+  # train: 15 BatchNorms in a row, then one output channel summing six: 2e-6 of its largest value
+  assert eval_rel <= 1e-6 and train_rel <= 2e-6 and stats_rel <= 1e-6, (eval_rel, train_rel, stats_rel)
+  text = (tmp_path / "emitted0" / "model.py").read_text()
+  classes = re.findall(r"^class (\w+)\(", text, re.M)
+  assert sorted(classes) == [
+      "Head",
+      "NumberedStageWith3Denselayer",  # 2 or 3 deep: denselayer3 optional
+      "NumberedStageWith4Denselayer",
+      "NumberedStageWithBlock1",
+      "NumberedStageWithBlock2",
+      "NumberedStages",
+      "Projected",
+  ], classes
+  head = text.split("class Head(")[1].split("\nclass ")[0]
+  fields = re.findall(r"^  (\w+): ", head, re.M)
+  assert "groups" not in head and all(field.endswith("features") for field in fields), (fields, head)
+
+
+class Encoder(torch.nn.Module):
+  """smp's segmentation models: a torchvision ResNet below the model, its sizes fields."""
+
+  def __init__(self):
+    super().__init__()
+    self.encoder = torchvision.models.resnet18(num_classes=3)
+
+  def forward(self, x):
+    return self.encoder(x)
+
+
+def test_a_class_holds_no_field_of_value_none(tmp_path):
+  """BatchNorm's ``axis_index_groups=None`` was a field of every ResNet below the model (smp's
+  encoders, timm's tresnet: ``bn1_axis_index_groups: Any``, passed None), and so was the size of a
+  layer that no call of a class has; neither is a field."""
+  text = jaxbn.emit(Encoder().eval(), torch.zeros(1, 3, 32, 32), tmp_path / "e").read_text()
+  resnet = text.split("class ResNet(")[1].split("\nclass ")[0]
+  call = text.split("ResNet(")[-1].split(")(")[0]
+  assert "axis_index_groups" not in text and ": Any" not in resnet and "None" not in call, (resnet, call)
+
+
+def test_a_long_class_name_keeps_what_tells_it_apart():
+  """A name past ``LONGEST`` keeps the fewest parts that say, against every other variant, what
+  it has that the other has not (TextNet's four ``RepConvLayer`` variants ran to 112 characters);
+  a short one keeps all (``BlockWithSkipWith2Conv`` above)."""
+  assert naming.LONGEST == 64
+  base, parts = "Layer", {
+      "all": ["WithHorizontalBatchNorm", "WithHorizontalConv", "WithRbrIdentity", "WithVerticalBatchNorm"],
+      "no identity": ["WithHorizontalBatchNorm", "WithHorizontalConv", "WithVerticalBatchNorm"],
+      "vertical": ["WithRbrIdentity", "WithVerticalBatchNorm"],
+      "short": ["WithSkip"],
+  }
+  chosen = naming._shortest(base, parts)
+  assert chosen == {
+      "all": "LayerWithHorizontalBatchNormWithRbrIdentity",
+      "no identity": "LayerWithHorizontalBatchNorm",  # what "all" has more is not its to say
+      "vertical": "LayerWithRbrIdentityWithVerticalBatchNorm",
+      "short": "LayerWithSkip",
+  }, chosen
+
+
+class ChunkList(torch.nn.Module):
+  """ultralytics' C2f: ``list(x.chunk(2, 1))``, whose length the trace checks twice."""
+
+  def __init__(self):
+    super().__init__()
+    self.conv, self.bn = torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(6)
+
+  def forward(self, x):
+    y = list(self.conv(x).chunk(2, 1))
+    y.append(y[-1] * 2)
+    return self.bn(torch.cat(y, 1))
+
+
+def test_a_check_the_trace_took_twice_is_written_once(tmp_path):
+  """``list(x.chunk(2, 1))`` checks the chunk count twice (two ``assert y == 2`` lines, in every
+  ultralytics C2f and C3k2): once. Eval and a training forward within float32 rounding (1e-6)."""
+  torch.manual_seed(0)
+  x = np.random.default_rng(0).standard_normal((2, 4, 4, 4)).astype(np.float32)
+  eval_rel, train_rel, stats_rel = eval_and_training_forward(ChunkList(), x, PORTS["linen"](tmp_path))
+  assert eval_rel <= 1e-6 and train_rel <= 1e-6 and stats_rel <= 1e-6, (eval_rel, train_rel, stats_rel)
+  text = (tmp_path / "emitted0" / "model.py").read_text()
+  assert text.count("assert ") == 1 and "chunk(2, 1)" in text.split("assert ")[1], text
+
+
 class NormAct(torch.nn.Module):
 
   def __init__(self, act_layer):
@@ -1004,8 +1153,8 @@ def test_a_child_whose_name_is_no_identifier_keeps_torchs_name(api, tmp_path):
 
 def test_variants_that_differ_in_their_inputs_are_named_for_them(tmp_path):
   """Two calls of nn.MultiheadAttention, one with a mask: ``MultiheadAttention`` and
-  ``MultiheadAttentionWith3Inputs`` (was ``MultiheadAttention1``); DenseNet's layers by their
-  input count likewise. The module traced through, its forward one op on its torch-named tensors."""
+  ``MultiheadAttentionWith3Inputs`` (was ``MultiheadAttention1``). The module traced through, its
+  forward one op on its torch-named tensors."""
   from parity_tests.test_port_ops import DetectionQueries
 
   torch.manual_seed(0)
@@ -1014,10 +1163,23 @@ def test_variants_that_differ_in_their_inputs_are_named_for_them(tmp_path):
   classes = re.findall(r"^class (\w+)\(", text, re.M)
   assert classes == ["MultiheadAttention", "MultiheadAttentionWith3Inputs", "DetectionQueries"], classes
   assert "ops.multi_head_attention_forward(" in text and "ops.grid_sample(" in text
+
+
+@pytest.mark.parametrize("api", list(PORTS))
+def test_a_module_that_takes_a_list_is_one_class_taking_its_items(api, tmp_path):
+  """DenseNet's layer takes the list of every feature map before it: one class, ``__call__(self,
+  *xs)``, for every length (was one class per count, ``_DenseLayerWith2Inputs`` .. ``With48Inputs``
+  in DenseNet-201). Eval and a training forward within float32 rounding of torch (1e-6)."""
+  torch.manual_seed(0)
   densenet = torchvision.models.DenseNet(growth_rate=4, block_config=(3,), num_init_features=8, num_classes=5)
-  text = jaxbn.emit(densenet, np.zeros((1, 3, 32, 32), np.float32), tmp_path / "densenet").read_text()
+  x = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+  eval_rel, train_rel, stats_rel = eval_and_training_forward(densenet, x, PORTS[api](tmp_path))
+  assert eval_rel <= 1e-6 and train_rel <= 1e-6 and stats_rel <= 1e-6, (eval_rel, train_rel, stats_rel)
+  text = (tmp_path / "emitted0" / "model.py").read_text()
   layers = [name for name in re.findall(r"^class (\w+)\(", text, re.M) if name.startswith("_DenseLayer")]
-  assert layers == ["_DenseLayer", "_DenseLayerWith2Inputs", "_DenseLayerWith3Inputs"], layers
+  assert layers == ["_DenseLayer"], layers
+  layer = text.split("class _DenseLayer(")[1].split("\nclass ")[0]
+  assert "def __call__(self, *xs" in layer and "x = ops.cat(xs, 1)" in layer, layer
 
 
 class Embedding(torch.nn.Module):

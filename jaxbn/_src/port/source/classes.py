@@ -65,10 +65,11 @@ class Class:
 
   def fields(self, label=str, sizes: bool = False) -> dict[int, str]:
     """Constant index -> field name, for the constants whose values differ between calls, and
-    with ``sizes`` every size (``*features``, its layers' and its children's, and ``groups`` equal
-    to one: depthwise) even where all calls agree. Equal columns share one field, named after the
-    first; a constant of an optional call shares the field of a column it equals wherever the call
-    is made, and is a literal where it is constant there. ``head`` is the field ``num_classes``."""
+    with ``sizes`` every size (``*features``, its layers' and its children's, and a ``groups``
+    above one equal to a size: depthwise) even where all calls agree. Equal columns share one
+    field, named after the first; a constant of an optional call shares the field of a column it
+    equals wherever the call is made, and is a literal where it is constant there. ``head`` is the
+    field ``num_classes``."""
     columns: dict[tuple, str] = {}
     fields: dict[int, str] = dict.fromkeys(self._heads(), "num_classes")
     taken: set[str] = set(fields.values())
@@ -80,13 +81,14 @@ class Class:
         continue
       size = sizes and (
           texts[index].endswith("features")
-          or texts[index].endswith(("groups", "feature_group_count"))
+          or self._depthwise(index, texts[index])
           and self._column(index) in size_columns
       )
       present = (
           [i for i, call in enumerate(self.calls) if call[self.optional[index]]] if index in self.optional else None
       )
       rows = present if present is not None else range(len(self.calls))
+      size = size and any(self.calls[i][index] is not None for i in rows)  # None: a layer no call has
       column = tuple(value_key(self.calls[i][index]) for i in rows)
       if len(set(column)) <= 1 and index not in flags and not size:
         continue
@@ -106,6 +108,13 @@ class Class:
         columns[column] = name
       fields[index] = columns[column]
     return fields
+
+  def _depthwise(self, index: int, text: str) -> bool:
+    """A convolution's group count that some call sets to more than one: tied to a size where it
+    equals one (depthwise); ``groups=1`` (no grouping) or BatchNorm's ``axis_index_groups`` that
+    merely equal a size (a layer with one output) are not."""
+    grouping = re.search(r"(^|_)(groups|feature_group_count)$", text) and not text.endswith("axis_index_groups")
+    return bool(grouping) and any(isinstance(call[index], int) and call[index] > 1 for call in self.calls)
 
   def _heads(self) -> list[int]:
     """The constants of the classifier's output size: ``head``, and the same layer's in the other
@@ -228,6 +237,7 @@ class Classes:
             for b, found in zip(blocks, chains, strict=True)
         )
     )
+    code = _packed(code)
     height = 1 + max(heights, default=-1)
     self.codes[some.key] = Code(some.torch_class, code, height)
     return height
@@ -271,7 +281,7 @@ class Classes:
     if block.key:  # a module's forward returns what its caller reads; the model's has an output node
       outputs = tuple(("var", name) for name in block.outputs)
       statements.append(("return", outputs[0] if len(outputs) == 1 else ("tuple", outputs)))
-    return _canonical((("inputs", tuple(block.inputs)), *statements))
+    return _canonical((("inputs", tuple(block.inputs)), *_guarded_once(statements)))
 
   def _child(self, parent: Block, child: Block) -> tuple:
     attribute = _relative(child.path, parent.path)
@@ -658,6 +668,55 @@ def _canonical(code: tuple) -> tuple:
     return e
 
   return walk(code)
+
+
+def _guarded_once(statements: list) -> list:
+  """A guard the trace took twice on one value (``list(x.chunk(2, 1))`` checks the length twice:
+  ultralytics' C2f and C3k2) written once; what read the second reads the first."""
+  kept, seen, renamed = [], {}, {}
+  for statement in statements:
+    for old, new in renamed.items():
+      statement = substituted(statement, old, new)
+    if statement[0] == "assign" and statement[2][0] == "op" and isinstance(getattr(statement[2][1], "fn", None), Guard):
+      check = repr(statement[2][1:])
+      if check in seen:
+        renamed[statement[1][0]] = seen[check]
+        continue
+      seen[check] = statement[1][0]
+    kept.append(statement)
+  return kept
+
+
+def _packed(code: tuple) -> tuple:
+  """A forward that takes a list (DenseNet's layer, ultralytics' ``Concat``) reads its traced
+  inputs only as that list, in order (in each mode): such code takes them packed (``("inputs",
+  (name,), "*")``, ``def __call__(self, *xs)``) and reads the pack where it read the list, so that
+  one class serves every length (was one class per count: ``DenseLayerWith2Inputs`` ..
+  ``With48Inputs``)."""
+  if code[0][0] != "inputs":
+    return code
+  inputs = code[0][1]
+  listed = tuple(("var", name) for name in inputs)
+  found: list[tuple] = []
+  reads: collections.Counter = collections.Counter()
+
+  def walk(e, replace=False):
+    if not (isinstance(e, tuple) and e) or e[0] in ("const", "element"):
+      return e
+    if e[0] == "aggregate" and e[1].value in (list, tuple) and e[3] is None and e[2] == listed:
+      found.append(e)
+      return ("var", inputs[0]) if replace else e
+    if e[0] == "var" and len(e) == 2:
+      reads[e[1]] += 1
+      return e
+    if e[0] == "call":
+      return (*e[:-1], walk(e[-1], replace))
+    return tuple(walk(x, replace) for x in e)
+
+  walk(code[1:])
+  if not (inputs and found) or any(reads[name] for name in inputs):  # read only in the list
+    return code
+  return (("inputs", inputs[:1], "*"), *walk(code[1:], replace=True))
 
 
 def _child_pairs(train_block: Block | None, eval_block: Block | None):

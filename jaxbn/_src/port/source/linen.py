@@ -238,11 +238,15 @@ class Body:
     # children called more than once in a call (EdgeTAM's position encoding, once per level): built
     # once above the calls (Linen names a submodule when it is built), by attribute: (name, constructor)
     self.shared: dict[str, tuple[str, str] | None] = {}
+    self.packed: str | None = None  # the value of inputs taken as ``*xs``
 
   def parameters(self, code: tuple) -> list[str]:
     parameters = []
     for statement in code:
-      if statement[0] == "inputs":
+      if statement[0] == "inputs" and statement[2:] == ("*",):  # a list, packed: classes._packed
+        parameters.append("*" + self._take(statement[1][0], "xs"))
+        self.packed = statement[1][0]
+      elif statement[0] == "inputs":
         names = statement[1]
         for i, name in enumerate(names):
           parameters.append(self._take(name, "x" if len(names) == 1 else f"x{i}"))
@@ -391,6 +395,8 @@ class Body:
   def _assign(self, targets: tuple, expression: tuple, index: int, last_use: dict) -> str:
     if len(targets) == 1:
       first = _first_var(expression)
+      if first is not None and first == self.packed:  # the list's first value is a tensor: x, not xs
+        return self._take(targets[0], "x")
       if first is not None and last_use.get(first, -1) <= index and first in self.names:
         self.names[targets[0]] = self.names[first]  # the input is not read again: reuse its name
         return self.names[first]

@@ -2,10 +2,11 @@
 in shape) gets names that say what differs, as a person would name them: ``InvertedResidualWithSkip``
 (adds its input), ``BasicBlockWithDownsample`` (calls a child the others do not),
 ``C2fWith2M`` (two members in ``m``, the others one), ``InvertedResidualWith2Conv`` (a Sequential
-of two), ``MultiheadAttentionWith3Inputs`` (called with a mask); the one with none of these keeps
-torch's name. Where that does not tell two apart, the
-child classes they call do (``C2fWithBottleneck``), and a number only where nothing does.
-"""
+of two), ``MultiheadAttentionWith3Inputs`` (called with a mask), ``_DenseBlockWith12Denselayer``
+(a numbered series of children: ``denselayer1`` .. ``denselayer12``); the one with none of these
+keeps torch's name. Where that does not tell two apart, the child classes they call do
+(``C2fWithBottleneck``), and a number only where nothing does or the name would run past
+``LONGEST`` with a child's name in it; a name past ``LONGEST`` keeps only what tells it apart."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import re
 from collections.abc import Iterable
 
 from jaxbn._src.torchlike import functional
+
+LONGEST = 64  # characters: a longer name keeps only the parts that tell its class apart
 
 
 def class_names(classes: dict[tuple, object], reserved: Iterable[str] = ()) -> dict[tuple, str]:
@@ -29,12 +32,22 @@ def class_names(classes: dict[tuple, object], reserved: Iterable[str] = ()) -> d
       chosen = {keys[0]: base}
     else:
       features = {key: _features(classes[key].skeleton, classes[key].calls) for key in keys}
-      chosen = {key: base + "".join(_described(features[key], [features[k] for k in keys])) for key in keys}
-      for name, clashing in _clashes(chosen).items():  # the child classes they call tell them apart
+      parts = {key: _described(features[key], [features[k] for k in keys]) for key in keys}
+      described = dict(parts)
+      named_by_children = set()
+      for clashing in _clashes({key: "".join(parts[key]) for key in keys}).values():
+        # the child classes they call tell them apart, the shortest names first
         calls = {key: {names.get(child, child[0].__name__) for child in features[key]["children"]} for key in clashing}
+        others = set.intersection(*calls.values())
         for key in clashing:
-          others = set.intersection(*calls.values())
-          chosen[key] = name + "".join(f"With{child}" for child in sorted(calls[key] - others))
+          parts[key] = [
+              *parts[key],
+              *(f"With{child}" for child in sorted(calls[key] - others, key=lambda c: (len(c), c))),
+          ]
+        named_by_children.update(clashing)
+      chosen = _shortest(base, parts)
+      for key in named_by_children & {key for key, name in chosen.items() if len(name) > LONGEST}:
+        chosen[key] = base + "".join(described[key])  # a child's name in it, past LONGEST: numbered
     for key in keys:
       name = chosen[key]
       while name in taken:
@@ -44,22 +57,74 @@ def class_names(classes: dict[tuple, object], reserved: Iterable[str] = ()) -> d
   return names
 
 
+def _shortest(base: str, parts: dict[tuple, list[str]]) -> dict[tuple, str]:
+  """Each variant's name: all its parts, or where that is longer than LONGEST, as few of them as
+  say, for every other variant, something it has that the other has not (where it has any):
+  greedy, the part that tells it from most others first."""
+  chosen = {}
+  for key, own in parts.items():
+    if len(base + "".join(own)) <= LONGEST:
+      chosen[key] = base + "".join(own)
+      continue
+    apart = [set(own) - set(other) for k, other in parts.items() if k != key]
+    apart = [differ for differ in apart if differ]
+    picked: set[str] = set()
+    while apart:
+      best = max(own, key=lambda part: sum(part in differ for differ in apart))
+      picked.add(best)
+      apart = [differ for differ in apart if best not in differ]
+    chosen[key] = base + "".join(part for part in own if part in picked)
+  return chosen
+
+
 def _described(own: dict, every: list[dict]) -> list[str]:
-  """What ``own`` has that not every variant has, as name parts."""
+  """What ``own`` has that not every variant has, as name parts. A numbered series of attributes
+  (DenseNet's ``denselayer1`` .. ``denselayer24``, regnet's ``block3-0`` ..) is named by its stem:
+  how many it has where every variant has the series, else the stem (``AnyStageWithBlock3``)."""
   parts = []
   if own["skip"] and not all(f["skip"] for f in every):
     parts.append("WithSkip")
   inputs = collections.Counter(f["inputs"] for f in every).most_common(1)[0][0]
   if own["inputs"] != inputs:
     parts.append(f"With{own['inputs']}Inputs")
-  everywhere = set.intersection(*(f["attributes"] for f in every))
-  parts += [f"With{_camel(a)}" for a in sorted(own["attributes"] - everywhere)]
+  series = _series(every)
+  unnumbered = [{a for a in f["attributes"] if _stem(a) not in series} for f in every]
+  everywhere = set.intersection(*unnumbered)
+  parts += [f"With{_camel(a)}" for a in sorted(own["attributes"] - everywhere) if _stem(a) not in series]
+  stems = [collections.Counter(_stem(a) for a in f["attributes"] if _stem(a) in series) for f in every]
+  for stem, count in sorted(collections.Counter(_stem(a) for a in own["attributes"] if _stem(a) in series).items()):
+    counts = [s[stem] for s in stems if stem in s]
+    if len(counts) < len(stems):  # a series the others lack: which, and how many where that differs
+      parts.append(f"With{count if len(set(counts)) > 1 else ''}{_camel(stem)}")
+    elif count != collections.Counter(counts).most_common(1)[0][0]:
+      parts.append(f"With{count}{_camel(stem)}")
   for attribute, count in sorted(own["counts"].items()):
     counts = [f["counts"].get(attribute) for f in every]
     usual = collections.Counter(counts).most_common(1)[0][0]
     if count != usual and attribute in everywhere:
       parts.append(f"With{count}{_camel(attribute)}")
   return parts
+
+
+_NUMBERED = re.compile(r"(.*\D)\d+")
+
+
+def _stem(attribute: str) -> str | None:
+  """``denselayer`` for ``denselayer12``, ``block3-`` for ``block3-0``; None without a number."""
+  match = _NUMBERED.fullmatch(attribute)
+  return match[1] if match else None
+
+
+def _series(every: list[dict]) -> set[str]:
+  """The stems of numbered attributes that the variants number in more than three ways (the same
+  name with other numbers: ``denselayer1`` .. ``denselayer6``, ``block1-0`` .. ``block3-2``): a
+  series of blocks, not roles such as ``conv1`` .. ``conv3`` or ``ls1``, ``ls2``."""
+  shapes: dict[str, set[str]] = collections.defaultdict(set)
+  for f in every:
+    for attribute in f["attributes"]:
+      if _stem(attribute) is not None:
+        shapes[re.sub(r"\d+", "#", attribute)].add(attribute)
+  return {_stem(a) for attributes in shapes.values() if len(attributes) > 3 for a in attributes}
 
 
 def _features(skeleton: tuple, calls: list) -> dict:
