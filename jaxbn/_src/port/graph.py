@@ -73,7 +73,9 @@ class Slice:
 class Node:
   """One step: ``input`` (target: the argument's name, ``args``: its default if any), ``module``
   (target: the dotted torch path of a Flax leaf), ``op`` (target: an ``ops.OpRule``) or
-  ``output``. ``rebinds``: the value an in-place op overwrites."""
+  ``output``. ``rebinds``: the value an in-place op overwrites. ``module``: the dotted torch path of
+  the stateless module an op runs for (``stages.1.pool``, a MaxPool2d), which emitted class names
+  can say."""
 
   name: str
   kind: str
@@ -81,6 +83,7 @@ class Node:
   args: tuple = ()
   kwargs: tuple = ()
   rebinds: str | None = None
+  module: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,7 +372,7 @@ def _node(node: fx.Node, model, options, modules, custom_ops, leaves, stateless,
     key, kwargs = made.op, made.kwargs + kwargs
     # a table op (with torch.autocast's casts, if asked), or a custom_modules function
     op = autocast.op(ops.OPS[key], key, options.autocast) if key in ops.OPS else ops.OpRule(key)
-    return Node(node.name, "op", op, args, kwargs, _rebinds(node, inplace))
+    return Node(node.name, "op", op, args, kwargs, _rebinds(node, inplace), node.target)
   key, inplace = ops.key_of(node), ops.writes_in_place(node)
   if node.op == "call_function":
     if isinstance(key, type) and issubclass(key, tuple) and hasattr(key, "_fields"):

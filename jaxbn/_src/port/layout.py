@@ -610,7 +610,8 @@ def permute(rw: Rewriter, node: Node) -> Any:
     given = node.args[1:]
     dims = [_dim(d, rank) for d in (_constant(given[0]) if len(given) == 1 else given)]
   return rw.emit(
-      Node(node.name, "op", ops.OpRule(ops.identity), (node.args[0],)), Axes(tuple(dims.index(a) for a in perm))
+      Node(node.name, "op", ops.OpRule(ops.identity), (node.args[0],), module=node.module),
+      Axes(tuple(dims.index(a) for a in perm)),
   )
 
 
@@ -795,7 +796,9 @@ def _pooling(flax_pool: Callable):
       kwargs.append(("padding", _tuple(tuple(_tuple(p) for p in padding))))
     if flax_pool is nn.avg_pool and call.get("count_include_pad", True) is not True:
       kwargs.append(("count_include_pad", False))
-    made = Node(node.name, "op", ops.OpRule(flax_pool), (rw.to(x, cl), _tuple(kernel)), tuple(kwargs))
+    made = Node(
+        node.name, "op", ops.OpRule(flax_pool), (rw.to(x, cl), _tuple(kernel)), tuple(kwargs), module=node.module
+    )
     return rw.emit(made, Axes(cl))
 
   return pooling
@@ -814,7 +817,14 @@ def adaptive_average(rw: Rewriter, node: Node) -> Any:
     return _spatial(rw, node)
   cl = channels_last(len(perm))
   axes = _tuple(tuple(range(1, len(perm) - 1)))
-  made = Node(node.name, "op", ops.OpRule(jnp.mean), (rw.to(node.args[0], cl),), (("axis", axes), ("keepdims", True)))
+  made = Node(
+      node.name,
+      "op",
+      ops.OpRule(jnp.mean),
+      (rw.to(node.args[0], cl),),
+      (("axis", axes), ("keepdims", True)),
+      module=node.module,
+  )
   return rw.emit(made, Axes(cl))
 
 

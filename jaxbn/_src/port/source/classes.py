@@ -62,6 +62,7 @@ class Class:
   keys: list[str] = dataclasses.field(default_factory=list)  # each call's key
   optional: dict[int, int] = dataclasses.field(default_factory=dict)
   head: int | None = None  # the model's class: the constant of its last Linear's output size
+  stateless: frozenset = frozenset()  # attributes of the stateless modules its calls run as ops (pool)
 
   def fields(self, label=str, sizes: bool = False) -> dict[int, str]:
     """Constant index -> field name, for the constants whose values differ between calls, and
@@ -76,12 +77,14 @@ class Class:
     flags = set(self.optional.values())
     texts = [label(x) for x in self.labels] if sizes else []
     size_columns = {self._column(i) for i, text in enumerate(texts) if text.endswith("features")}
-    for index in range(len(self.labels)):
+    steps = [i for i, label in enumerate(self.labels) if isinstance(label, tuple) and label[0] == "step"]
+    # a series' size step after the sizes, so that it reads the size it equals (a growth rate)
+    for index in [*(i for i in range(len(self.labels)) if i not in steps), *steps]:
       if index in fields:
         continue
       size = sizes and (
           texts[index].endswith("features")
-          or self._depthwise(index, texts[index])
+          or (self._depthwise(index, texts[index]) or index in steps)
           and self._column(index) in size_columns
       )
       present = (
@@ -175,6 +178,7 @@ class Code:
   torch_class: type
   code: tuple
   height: int
+  stateless: frozenset = frozenset()  # attributes of the stateless modules it runs as ops
 
 
 class Classes:
@@ -208,12 +212,13 @@ class Classes:
       level: dict[tuple, Class] = {}
       for key, code in self.codes.items():
         if code.height == height:
-          resolved = self._resolve(code.code)
+          resolved = _accumulated(self._resolve(code.code))
           skeleton, constants, labels = _skeleton(resolved)
           cls = level.setdefault((code.torch_class, skeleton), Class(code.torch_class, skeleton, labels, resolved))
           cls.calls.append(constants)
           cls.keys.append(key)
       for class_key, cls in _merge_optional(level).items():
+        cls.stateless = frozenset().union(*(self.codes[key].stateless for key in cls.keys))
         self.classes[class_key] = cls
         for key, constants in zip(cls.keys, cls.calls, strict=True):
           self.built[key] = (class_key, constants)
@@ -239,7 +244,14 @@ class Classes:
     )
     code = _packed(code)
     height = 1 + max(heights, default=-1)
-    self.codes[some.key] = Code(some.torch_class, code, height)
+    stateless = {
+        _relative(item.module, some.path).partition(".")[0]
+        for block in blocks
+        if block is not None
+        for item in block.items
+        if not isinstance(item, Block) and item.module is not None and item.target.fn is not functional.identity
+    }  # not nn.Identity: the source writes no line for it
+    self.codes[some.key] = Code(some.torch_class, code, height, frozenset(stateless))
     return height
 
   def _collect_child(self, train_block: Block | None, eval_block: Block | None) -> int:
@@ -457,6 +469,8 @@ class Classes:
     """A constant's label as text: a child's constant is named by the child's attribute and field."""
     if isinstance(label, str):
       return label
+    if label[0] == "step":  # how a series' member's size goes up from one member to the next
+      return f"{self.label(label[1])}_step"
     _, attribute, key, index = label
     child = self.classes[key]
     return f"{attribute}_{self.fields(key).get(index) or self.label(child.labels[index])}"
@@ -717,6 +731,129 @@ def _packed(code: tuple) -> tuple:
   if not (inputs and found) or any(reads[name] for name in inputs):  # read only in the list
     return code
   return (("inputs", inputs[:1], "*"), *walk(code[1:], replace=True))
+
+
+SERIES = re.compile(r"^([A-Za-z_]\w*?[A-Za-z_])(\d+)$")  # a numbered child: denselayer12
+
+
+def _accumulated(code: tuple) -> tuple:
+  """Children of one class made alike and numbered in a series (``denselayer1``, ``denselayer2``,
+  ..), each called on every value before it, the whole list then read as one: DenseNet's block,
+  ``features.append(layer(features))`` for each layer, then ``torch.cat(features, 1)``. Such a run is
+  ``("accumulate", call, count, start, prefix)``: the first child's ``call`` with the series' stem
+  for its attribute and no arguments, how many, the first number, the values the list starts with;
+  the list's reader reads the run's value. The count is a constant, so that blocks of different
+  depths are one class with the count a field (were one class per count, each written out layer by
+  layer: ``_DenseBlockWith24Denselayer``)."""
+  reads: collections.Counter = collections.Counter()
+  lists: collections.Counter = collections.Counter()
+
+  def count(e):
+    if not (isinstance(e, tuple) and e) or e[0] in ("const", "element"):
+      return
+    if e[0] == "var" and len(e) == 2:
+      reads[e[1]] += 1
+    elif e[0] == "call":
+      count(e[-1])
+    else:
+      if e[0] == "aggregate" and e[1].value is list and e[3] is None:
+        lists[e[2]] += 1
+      for x in e:
+        count(x)
+
+  count(code)
+  read_as_list: dict[tuple, tuple] = {}  # a run's whole list -> the run's value
+
+  def rolled(statements: tuple) -> tuple:
+    kept, index = [], 0
+    while index < len(statements):
+      run = _series_run(statements, index)
+      if run is None:
+        kept.append(statements[index])
+        index += 1
+        continue
+      end, prefix, outputs, steps = run
+      values = (*prefix, *(("var", y) for y in outputs))
+      if lists[values] != 1 or any(reads[y] != len(outputs) - k for k, y in enumerate(outputs)):
+        kept.append(statements[index])  # a value read on its own, or the list not read whole
+        index += 1
+        continue
+      _, key, constants, attribute, _ = statements[index][2]
+      stem, start = SERIES.match(attribute).groups()
+      constants = [("const", c[1], ("child", stem, *c[2][2:])) for c in constants]
+      constants = [
+          ("progression", c, ("const", step, ("step", c[2]))) if step else c
+          for c, step in zip(constants, steps, strict=True)
+      ]
+      call = ("call", key, tuple(constants), stem, ())
+      total = ("const", len(outputs), f"num_{stem}s")
+      kept.append(("assign", (outputs[-1],), ("accumulate", call, total, int(start), prefix)))
+      read_as_list[values] = ("var", outputs[-1])
+      index = end
+    return tuple(kept)
+
+  code = rolled(code)
+  if code and code[-1][0] == "modes":
+    code = (*code[:-1], ("modes", rolled(code[-1][1]), rolled(code[-1][2])))
+  if not read_as_list:
+    return code
+
+  def replaced(e):
+    if not (isinstance(e, tuple) and e) or e[0] in ("const", "element"):
+      return e
+    if e[0] == "aggregate" and e[1].value is list and e[3] is None and e[2] in read_as_list:
+      return read_as_list[e[2]]
+    if e[0] == "call":
+      return (*e[:-1], replaced(e[-1]))
+    return tuple(replaced(x) for x in e)
+
+  return replaced(code)
+
+
+def _series_run(statements: tuple, index: int) -> tuple[int, tuple, list[str], list] | None:
+  """The run of child calls from ``index`` that ``_accumulated`` rolls: (its end, the values the
+  list starts with, each call's value, each constant's step from one call to the next: 0, or an
+  integer's where the calls' values go up by it, NNX's input sizes); None where fewer than two
+  calls make one."""
+
+  def series_call(statement):
+    if statement[0] != "assign" or len(statement[1]) != 1 or statement[2][0] != "call":
+      return None
+    _, key, constants, attribute, args = statement[2]
+    match = SERIES.match(attribute)
+    if match is None or not args or any(a[0] != "var" for a in args):
+      return None
+    return key, [c[1] for c in constants], match[1], int(match[2]), args
+
+  first = series_call(statements[index])
+  if first is None:
+    return None
+  key, values, stem, number, prefix = first
+  outputs, end, steps = [statements[index][1][0]], index + 1, None
+  while end < len(statements) and (call := series_call(statements[end])) is not None:
+    if (call[0], call[2]) != (key, stem) or call[3] != number + len(outputs):
+      break
+    if call[4] != (*prefix, *(("var", y) for y in outputs)):
+      break
+    if steps is None:
+      steps = [_step(a, b) for a, b in zip(values, call[1], strict=True)]
+    if any(
+        step is None or value_key(value + len(outputs) * step if step else value) != value_key(other)
+        for value, step, other in zip(values, steps, call[1], strict=True)
+    ):
+      break
+    outputs.append(statements[end][1][0])
+    end += 1
+  return (end, prefix, outputs, steps) if len(outputs) > 1 else None
+
+
+def _step(first, second) -> int | None:
+  """How a constant goes from one call to the next: 0 where it stays, an integer's difference
+  where it goes up (an input size: ``num_input_features + i * growth_rate``), else None."""
+  if value_key(first) == value_key(second):
+    return 0
+  integers = type(first) is int and type(second) is int
+  return second - first if integers and second > first else None
 
 
 def _child_pairs(train_block: Block | None, eval_block: Block | None):

@@ -58,7 +58,9 @@ INFIX = {
     operator.or_: "|",
     operator.xor: "^",
 }
-INLINE_CONSTANT = 4096  # values of a tensor written into the source; larger ones go to CONSTANTS_FILE
+# values of a tensor written into the source, as a person writes a short table; larger ones go to
+# CONSTANTS_FILE (was 4096: ultralytics' anchors were 168 numbers, one a line, 500 lines of Detect)
+INLINE_CONSTANT = 16
 CONSTANTS_FILE = "constants.safetensors"
 
 # Names the source uses for other things: a value or container may not take them.
@@ -238,14 +240,16 @@ class Body:
     # children called more than once in a call (EdgeTAM's position encoding, once per level): built
     # once above the calls (Linen names a submodule when it is built), by attribute: (name, constructor)
     self.shared: dict[str, tuple[str, str] | None] = {}
-    self.packed: str | None = None  # the value of inputs taken as ``*xs``
+    self.lists: set[str] = set()  # values that are lists: inputs taken as ``*xs``, accumulated
+    self.starts: dict[str, str] = {}  # an accumulated list -> the value it starts with
+    self.index = ""  # the loop's index while a series' member is written
 
   def parameters(self, code: tuple) -> list[str]:
     parameters = []
     for statement in code:
       if statement[0] == "inputs" and statement[2:] == ("*",):  # a list, packed: classes._packed
         parameters.append("*" + self._take(statement[1][0], "xs"))
-        self.packed = statement[1][0]
+        self.lists.add(statement[1][0])
       elif statement[0] == "inputs":
         names = statement[1]
         for i, name in enumerate(names):
@@ -306,6 +310,9 @@ class Body:
         lines.append(f"return {self.expression(statement[1])}")
         continue
       _, targets, expression = statement
+      if expression[0] == "accumulate":
+        lines += self._accumulate(targets[0], expression)
+        continue
       if expression[0] == "op" and isinstance(expression[1].fn, Guard):
         guard = expression[1].fn
         value = self.expression(expression[2][0])
@@ -349,6 +356,21 @@ class Body:
       kept[end] = ("assign", (total,), ("sum", tuple(values)))
     return [statement for i, statement in enumerate(kept) if i not in removed]
 
+  def _accumulate(self, target: str, e: tuple) -> list[str]:
+    """Children numbered in a series, each called on the list of every value before it
+    (``classes._accumulated``: DenseNet's block), as torch's loop."""
+    _, call, count, start, prefix = e
+    values = self._take(target, "features")
+    self.lists.add(target)
+    self.starts[target] = _first_var(("tuple", prefix))
+    index = self.index = self._take(f"{target}:index", "i")
+    member = self.member(call, f'f"{call[3]}{{{index} + {start}}}"', count, index, values)
+    return [
+        f"{values} = [{', '.join(self.expression(a) for a in prefix)}]",
+        f"for {index} in range({self.expression(count)}):",
+        f"  {values}.append({member})",
+    ]
+
   def _optional(self, statement: tuple, index: int, last_use: dict) -> list[str]:
     """A child call some calls of the class make and others do not: its output is its input then."""
     _, flag, (_, (target,), expression) = statement
@@ -388,6 +410,13 @@ class Body:
     parts = [element if count == "1" else f"*({loop(element, count)})" for element, count in runs]
     return f"layers.Sequential(({', '.join(parts)}{',' if len(parts) == 1 else ''}))"
 
+  def member(self, call: tuple, name: str, count: tuple, index: str, values: str) -> str:
+    """A series' member named ``name`` (an f-string of the loop's ``index``, below ``count``) called
+    on ``values``."""
+    _, key, constants, _, _ = call
+    arguments = [*self.source.field_arguments(key, constants, self.expression), f"name={name}"]
+    return f"{self.source.names[key]}({', '.join(arguments)})(*{values}, train=train)"
+
   def stochastic(self, function: str, kwargs: str) -> str:
     """A Sequential's element for an op that needs the mode and randomness."""
     return f"layers.Stochastic({function}, {kwargs})"
@@ -395,8 +424,10 @@ class Body:
   def _assign(self, targets: tuple, expression: tuple, index: int, last_use: dict) -> str:
     if len(targets) == 1:
       first = _first_var(expression)
-      if first is not None and first == self.packed:  # the list's first value is a tensor: x, not xs
-        return self._take(targets[0], "x")
+      if first is not None and first in self.lists:  # what a list gives is a tensor: x, not xs
+        first = self.starts.get(first)  # an accumulated list's first value, if not read again
+        if first is None or last_use.get(first, -1) > index:
+          return self._take(targets[0], "x")
       if first is not None and last_use.get(first, -1) <= index and first in self.names:
         self.names[targets[0]] = self.names[first]  # the input is not read again: reuse its name
         return self.names[first]
@@ -431,6 +462,8 @@ class Body:
       return self._sequential(e)
     if kind == "held":
       return self._held(e)
+    if kind == "progression":  # a series' member's size: the first member's, going up by a step
+      return f"{self.expression(e[1])} + {self.index} * {self.expression(e[2])}"
     if kind == "sum":
       return f"sum([{', '.join(self.expression(x) for x in e[1])}])"
     if kind == "op":

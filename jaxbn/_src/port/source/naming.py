@@ -1,6 +1,7 @@
 """Class names for emitted source: a torch class emitted as several classes (its calls' code differs
 in shape) gets names that say what differs, as a person would name them: ``InvertedResidualWithSkip``
-(adds its input), ``BasicBlockWithDownsample`` (calls a child the others do not),
+(adds its input), ``BasicBlockWithDownsample`` (calls a child the others do not; ``OsaStageWithPool``
+a stateless module, run as an op),
 ``C2fWith2M`` (two members in ``m``, the others one), ``InvertedResidualWith2Conv`` (a Sequential
 of two), ``MultiheadAttentionWith3Inputs`` (called with a mask), ``_DenseBlockWith12Denselayer``
 (a numbered series of children: ``denselayer1`` .. ``denselayer12``); the one with none of these
@@ -32,6 +33,8 @@ def class_names(classes: dict[tuple, object], reserved: Iterable[str] = ()) -> d
       chosen = {keys[0]: base}
     else:
       features = {key: _features(classes[key].skeleton, classes[key].calls) for key in keys}
+      for key in keys:  # a stateless module it runs as an op (timm's OsaStage's ``pool``) is an attribute too
+        features[key]["attributes"] |= classes[key].stateless
       parts = {key: _described(features[key], [features[k] for k in keys]) for key in keys}
       described = dict(parts)
       named_by_children = set()

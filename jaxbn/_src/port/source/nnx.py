@@ -232,6 +232,22 @@ class Body(base.Body):
 
     return f"{self._build(attribute, make)}({', '.join(self.expression(a) for a in args)})"
 
+  def member(self, call: tuple, name: str, count: tuple, index: str, values: str) -> str:
+    """A series' members are built in ``__init__`` at torch's names (``denselayer1``), as torch's
+    ``add_module`` makes them."""
+    _, key, constants, stem, _ = call
+    if f"{stem}*" not in self.built:
+      self.built.add(f"{stem}*")
+      self.in_init = True
+      try:
+        arguments = self.source.field_arguments(key, constants, self.expression)
+        total = self.expression(count)
+      finally:
+        self.in_init = False
+      constructor = f"{self.source.names[key]}({', '.join([*arguments, 'rngs=rngs'])})"
+      self.construction += [f"for {index} in range({total}):", f"  setattr(self, {name}, {constructor})"]
+    return f"getattr(self, {name})(*{values})"
+
   def sequence(self, elements: list[str]) -> str:
     runs = base.repeats(elements)
     if len(runs) == 1 and runs[0][1] != "1":
