@@ -1005,14 +1005,33 @@ class PooledStage(torch.nn.Module):
     return self.bn(self.conv(x))
 
 
+class SharedActivation(torch.nn.Module):
+  """ultralytics' Conv: ``self.act = self.default_act``, one SiLU module for every Conv, whose torch
+  path is the first Conv's (``model.0.act``) wherever it runs."""
+
+  default_act = torch.nn.SiLU()
+
+  def __init__(self):
+    super().__init__()
+    self.conv, self.bn, self.act = torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4), self.default_act
+
+  def forward(self, x):
+    return self.act(self.bn(self.conv(x)))
+
+
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 def test_a_class_that_runs_a_stateless_module_is_named_for_it(layout, tmp_path):
   """Two calls of a torch class that differ only in a MaxPool2d, run as an op: named for it
   (``PooledStageWithPool``; was ``PooledStage1``, a counter, as timm's ``OsaStage1``), in both
-  layouts (channels-last writes Flax's pool for torch's)."""
+  layouts (channels-last writes Flax's pool for torch's). A stateless module another module holds
+  (ultralytics' shared activation) names nothing, and is no refusal (the first version of this
+  refused every ultralytics model: ``model.1 calls model.0.act, which it does not hold``)."""
   model = torch.nn.Sequential(PooledStage(False), PooledStage(True))
   text = jaxbn.emit(model, torch.zeros(2, 4, 8, 8), tmp_path / "e", layout=layout).read_text()
   assert re.findall(r"^class (\w+)\(", text, re.M) == ["PooledStage", "PooledStageWithPool", "Sequential"], text
+  shared = torch.nn.Sequential(SharedActivation(), SharedActivation())
+  text = jaxbn.emit(shared, torch.zeros(2, 4, 8, 8), tmp_path / "shared", layout=layout).read_text()
+  assert re.findall(r"^class (\w+)\(", text, re.M) == ["SharedActivation", "Sequential"], text
 
 
 class Encoder(torch.nn.Module):

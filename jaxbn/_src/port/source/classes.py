@@ -249,8 +249,12 @@ class Classes:
         for block in blocks
         if block is not None
         for item in block.items
-        if not isinstance(item, Block) and item.module is not None and item.target.fn is not functional.identity
-    }  # not nn.Identity: the source writes no line for it
+        if not isinstance(item, Block)
+        and item.module is not None
+        and item.module.startswith(f"{some.path}." if some.path else "")
+        and item.target.fn is not functional.identity
+    }  # not nn.Identity (the source writes no line for it), nor a module held elsewhere (ultralytics'
+    # Conv.default_act, one SiLU for every Conv: its torch path is the first Conv's)
     self.codes[some.key] = Code(some.torch_class, code, height, frozenset(stateless))
     return height
 
