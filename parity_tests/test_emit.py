@@ -1034,6 +1034,44 @@ def test_a_class_that_runs_a_stateless_module_is_named_for_it(layout, tmp_path):
   assert re.findall(r"^class (\w+)\(", text, re.M) == ["SharedActivation", "Sequential"], text
 
 
+class Levels(torch.nn.Module):
+  """ultralytics' Detect: members of a container built alike, and a last layer whose size equals
+  theirs by chance (Detect's class count and its hidden width, both 80)."""
+
+  def __init__(self):
+    super().__init__()
+    self.levels = torch.nn.ModuleList(
+        torch.nn.Sequential(torch.nn.Conv2d(4, 8, 1), torch.nn.BatchNorm2d(8)) for _ in range(2)
+    )
+    self.out = torch.nn.Conv2d(8, 8, 1)
+
+  def forward(self, x):
+    return self.out(self.levels[0](x) + self.levels[1](x))
+
+
+@pytest.mark.parametrize("api", list(PORTS))
+def test_a_class_called_once_has_a_field_for_each_size_it_sets(api, tmp_path):
+  """In a class called once, equal sizes say nothing of design: each layer's output size is a
+  field of its own (``out``'s; was the members' field, as DenseNet's ``transition1`` read the dense
+  layers' bottleneck width where both were 128), but for one layer in members built alike (one
+  field), and an input size reads the output size it equals (NNX). Eval and a training forward
+  within 1e-6 of torch."""
+  torch.manual_seed(0)
+  x = np.random.default_rng(0).standard_normal((2, 4, 4, 4)).astype(np.float32)
+  model = torch.nn.Sequential(Levels())
+  eval_rel, train_rel, stats_rel = eval_and_training_forward(model, x, PORTS[api](tmp_path))
+  assert eval_rel <= 1e-6 and train_rel <= 1e-6 and stats_rel <= 1e-6, (eval_rel, train_rel, stats_rel)
+  text = (tmp_path / "emitted0" / "model.py").read_text()
+  levels = text.split("class Levels(")[1].split("\nclass ")[0]
+  if api == "linen":
+    assert re.findall(r"^  (\w+): ", levels, re.M) == ["levels_0_0_features", "out_features"], levels
+  else:
+    signature = levels.split("def __init__(")[1].split("*,")[0]
+    fields = re.findall(r"(\w+): int", signature)
+    assert fields == ["levels_0_0_in_features", "levels_0_0_features", "out_features"], levels
+    assert "in_features=levels_0_0_features, features=out_features" in levels, levels
+
+
 class Encoder(torch.nn.Module):
   """smp's segmentation models: a torchvision ResNet below the model, its sizes fields."""
 

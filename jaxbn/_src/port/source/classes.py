@@ -69,9 +69,13 @@ class Class:
     with ``sizes`` every size (``*features``, its layers' and its children's, and a ``groups``
     above one equal to a size: depthwise) even where all calls agree. Equal columns share one
     field, named after the first; a constant of an optional call shares the field of a column it
-    equals wherever the call is made, and is a literal where it is constant there. ``head`` is the
-    field ``num_classes``."""
+    equals wherever the call is made, and is a literal where it is constant there. In a class called
+    once, equal values say nothing of design: each layer's output size is a field of its own (was
+    DenseNet's ``transition1`` reading the dense layers' bottleneck width, both 128) but where it is
+    one layer's in members built alike (``_once``), and an input size reads the latest output size it
+    equals (NNX's ``num_features=conv0_out_features``). ``head`` is the field ``num_classes``."""
     columns: dict[tuple, str] = {}
+    produced: list[tuple[tuple, str, str]] = []  # called once: output sizes' (column, field, role), in order
     fields: dict[int, str] = dict.fromkeys(self._heads(), "num_classes")
     taken: set[str] = set(fields.values())
     flags = set(self.optional.values())
@@ -103,6 +107,9 @@ class Class:
           fields[index] = shared
           continue
         column = ("optional", *column)
+      if sizes and len(self.calls) == 1 and present is None:
+        fields[index] = self._once(index, texts[index], column, produced, columns, taken, label)
+        continue
       if column not in columns:
         name = _identifier(label(self.labels[index]))
         while name in taken:
@@ -111,6 +118,27 @@ class Class:
         columns[column] = name
       fields[index] = columns[column]
     return fields
+
+  def _once(self, index: int, text: str, column: tuple, produced: list, columns: dict, taken: set, label) -> str:
+    """The field of a size in a class called once (see ``fields``). Output sizes of one role (the
+    same layer in members of a container built alike: ``cv2_0_0_conv`` and ``cv2_1_0_conv``, or a
+    child's one field that several of its constants read) share a field where they are equal."""
+    output = text.endswith("features") and not text.endswith(("in_features", "num_features"))
+    role = "_".join("#" if part.isdigit() else part for part in re.split(r"[._]", text))
+    for value, name, made in reversed(produced):
+      if value == column and (made == role or not output):
+        return name
+    if not output and column in columns:
+      return columns[column]
+    name = _identifier(label(self.labels[index]))
+    while name in taken:
+      name += "_"
+    taken.add(name)
+    if output:
+      produced.append((column, name, role))
+    else:
+      columns[column] = name
+    return name
 
   def _depthwise(self, index: int, text: str) -> bool:
     """A convolution's group count that some call sets to more than one: tied to a size where it
