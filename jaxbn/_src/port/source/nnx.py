@@ -226,11 +226,7 @@ class Body(base.Body):
   def _child(self, e) -> str:
     _, key, constants, attribute, args = e
 
-    def make():
-      arguments = self.source.field_arguments(key, constants, self.expression)
-      return f"{self.source.names[key]}({', '.join([*arguments, 'rngs=rngs'])})"
-
-    return f"{self._build(attribute, make)}({', '.join(self.expression(a) for a in args)})"
+    return f"{self._build(attribute, lambda: self._constructed(key, constants))}({', '.join(self.expression(a) for a in args)})"
 
   def member(self, call: tuple, name: str, count: tuple, index: str, values: str) -> str:
     """A series' members are built in ``__init__`` at torch's names (``denselayer1``), as torch's
@@ -240,11 +236,9 @@ class Body(base.Body):
       self.built.add(f"{stem}*")
       self.in_init = True
       try:
-        arguments = self.source.field_arguments(key, constants, self.expression)
-        total = self.expression(count)
+        constructor, total = self._constructed(key, constants), self.expression(count)
       finally:
         self.in_init = False
-      constructor = f"{self.source.names[key]}({', '.join([*arguments, 'rngs=rngs'])})"
       self.construction += [f"for {index} in range({total}):", f"  setattr(self, {name}, {constructor})"]
     return f"getattr(self, {name})(*{values})"
 
@@ -273,10 +267,13 @@ class Body(base.Body):
         raise PortError("emit: a BatchNormAct layer inside a Sequential")
       return f"{constructor}{', ' if constructor[-1] != '(' else ''}rngs=rngs)"
     if e[0] == "element" and e[1] not in self.source.identities:
-      _, key, constants = e
-      arguments = self.source.field_arguments(key, constants, self.expression)
-      return f"{self.source.names[key]}({', '.join([*arguments, 'rngs=rngs'])})"
+      return self._constructed(e[1], e[2])
     return super()._element(e)
+
+  def _constructed(self, key: tuple, constants: tuple) -> str:
+    """A child class built with one call's fields."""
+    arguments = self.source.field_arguments(key, constants, self.expression)
+    return f"{self.source.names[key]}({', '.join([*arguments, 'rngs=rngs'])})"
 
 
 def module_source(
