@@ -1278,6 +1278,84 @@ def test_a_module_that_takes_a_list_is_one_class_taking_its_items(api, tmp_path)
   assert text.count("num_denselayers=3") == 1 and text.count("num_denselayers=2") == 1, text
 
 
+class ConvBnAct(torch.nn.Sequential):
+
+  def __init__(self, inputs, outputs, kernel_size=1):
+    super().__init__(
+        torch.nn.Conv2d(inputs, outputs, kernel_size, padding=kernel_size // 2, bias=False),
+        torch.nn.BatchNorm2d(outputs),
+        torch.nn.SiLU(),
+    )
+
+
+class Bottleneck(torch.nn.Module):
+
+  def __init__(self, channels, shortcut):
+    super().__init__()
+    self.cv1, self.cv2 = ConvBnAct(channels, channels, 3), ConvBnAct(channels, channels, 3)
+    self.add = shortcut
+
+  def forward(self, x):
+    return x + self.cv2(self.cv1(x)) if self.add else self.cv2(self.cv1(x))
+
+
+class C2f(torch.nn.Module):
+  """ultralytics' C2f: each of ``m``'s blocks reads the last value of a list, the list then read whole."""
+
+  def __init__(self, inputs, outputs, depth, shortcut=True):
+    super().__init__()
+    hidden = outputs // 2
+    self.cv1 = ConvBnAct(inputs, 2 * hidden)
+    self.m = torch.nn.ModuleList(Bottleneck(hidden, shortcut) for _ in range(depth))
+    self.cv2 = ConvBnAct((2 + depth) * hidden, outputs)
+
+  def forward(self, x):
+    y = list(self.cv1(x).chunk(2, 1))
+    y.extend(m(y[-1]) for m in self.m)
+    return self.cv2(torch.cat(y, 1))
+
+
+class ChainedStages(torch.nn.Sequential):
+
+  def __init__(self):
+    super().__init__(
+        ConvBnAct(3, 8, 3),
+        C2f(8, 8, 1),
+        C2f(8, 12, 2),
+        C2f(12, 8, 3),
+        C2f(8, 8, 1, shortcut=False),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 5),
+    )
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("api", list(PORTS))
+def test_a_container_whose_members_each_read_the_last_value_of_a_list_is_a_loop(api, layout, tmp_path):
+  """ultralytics' C2f (``y.extend(m(y[-1]) for m in self.m)``, then ``torch.cat(y, 1)``) is torch's
+  loop over its ModuleList, one class with the depth a field for depths 1, 2 and 3 (was one class
+  per depth, each member a statement: ``C2fWith2M``, ``C2fWith3M``; depth 1 a one-member
+  Sequential); the class of the C2f whose blocks add no shortcut, of depth 1 wherever it is
+  called, loops too, its depth a field (not ``range(1)``). Through the harness (float64 lock-step
+  within its 1e-9)."""
+  port_harness.run(Case(ChainedStages, (4, 3, 8, 8), floor=1e-5), via="emit", api=api, layout=layout)
+  text = jaxbn.emit(ChainedStages(), torch.zeros(2, 3, 8, 8), tmp_path / "e", api=api, layout=layout).read_text()
+  classes = [name for name in re.findall(r"^class (\w+)\(", text, re.M) if name.startswith("C2f")]
+  assert len(classes) == 2, classes  # blocks with and without the shortcut
+  for name in classes:
+    block = text.split(f"class {name}(")[1].split("\nclass ")[0]
+    loop = r"features = \[y1, x\]\n *for i in range\(self\.num_m\):\n *features\.append\("
+    assert re.search(loop, block) and "features[-1]" in block and "ops.cat(features, " in block, block
+    built = (
+        r"ModuleList\(\s*\{\s*str\(i\): Bottleneck"
+        if api == "linen"
+        else r"self\.m = nnx\.Dict\(\s*\{\s*str\(i\): Bottleneck"
+    )
+    assert block.count("Bottleneck") == 1 and re.search(built, block) and "for i in range(" in block, block
+  assert [text.count(f"num_m={depth}") for depth in (1, 2, 3)] == [2, 1, 1], text
+
+
 class Embedding(torch.nn.Module):
   """A positional encoding whose buffer its owner reads too (EdgeTAM's shared image embedding)."""
 

@@ -66,8 +66,8 @@ class Class:
 
   def fields(self, label=str, sizes: bool = False) -> dict[int, str]:
     """Constant index -> field name, for the constants whose values differ between calls, and
-    with ``sizes`` every size (``*features``, its layers' and its children's, and a ``groups``
-    above one equal to a size: depthwise) even where all calls agree. Equal columns share one
+    with ``sizes`` every size (``*features``, its layers' and its children's, a ``groups`` above
+    one equal to a size: depthwise, a loop's count) even where all calls agree. Equal columns share one
     field, named after the first; a constant of an optional call shares the field of a column it
     equals wherever the call is made, and is a literal where it is constant there. In a class called
     once, equal values say nothing of design: each layer's output size is a field of its own (was
@@ -82,9 +82,13 @@ class Class:
     texts = [label(x) for x in self.labels] if sizes else []
     size_columns = {self._column(i) for i, text in enumerate(texts) if text.endswith("features")}
     steps = [i for i, label in enumerate(self.labels) if isinstance(label, tuple) and label[0] == "step"]
+    counts = self._loop_counts() if sizes else set()
     # a series' size step after the sizes, so that it reads the size it equals (a growth rate)
     for index in [*(i for i in range(len(self.labels)) if i not in steps), *steps]:
       if index in fields:
+        continue
+      if index in counts:  # a field of its own: equal to a size or another count by chance
+        fields[index] = _untaken(_identifier(label(self.labels[index])), taken)
         continue
       size = sizes and (
           texts[index].endswith("features")
@@ -111,11 +115,7 @@ class Class:
         fields[index] = self._once(index, texts[index], column, produced, columns, taken, label)
         continue
       if column not in columns:
-        name = _identifier(label(self.labels[index]))
-        while name in taken:
-          name += "_"
-        taken.add(name)
-        columns[column] = name
+        columns[column] = _untaken(_identifier(label(self.labels[index])), taken)
       fields[index] = columns[column]
     return fields
 
@@ -130,10 +130,7 @@ class Class:
         return name
     if not output and column in columns:
       return columns[column]
-    name = _identifier(label(self.labels[index]))
-    while name in taken:
-      name += "_"
-    taken.add(name)
+    name = _untaken(_identifier(label(self.labels[index])), taken)
     if output:
       produced.append((column, name, role))
     else:
@@ -156,6 +153,21 @@ class Class:
 
   def _column(self, index: int) -> tuple:
     return tuple(value_key(call[index]) for call in self.calls)
+
+  def _loop_counts(self) -> set[int]:
+    """The constants that count a loop's members (``_accumulated``): fields as sizes are, so that
+    no class loops ``for i in range(1)``."""
+    found = set()
+
+    def walk(e):
+      if isinstance(e, tuple) and e and e[0] not in ("call", "element"):  # not a child's own
+        if e[0] == "accumulate" and e[2][0] == "hole":
+          found.add(e[2][1])
+        for x in e:
+          walk(x)
+
+    walk(self.skeleton)
+    return found
 
   @property
   def identity(self) -> bool:
@@ -238,13 +250,17 @@ class Classes:
     self._collect(train_root, eval_root)
     for height in sorted({code.height for code in self.codes.values()}):
       level: dict[tuple, Class] = {}
-      for key, code in self.codes.items():
-        if code.height == height:
-          resolved = _accumulated(self._resolve(code.code))
-          skeleton, constants, labels = _skeleton(resolved)
-          cls = level.setdefault((code.torch_class, skeleton), Class(code.torch_class, skeleton, labels, resolved))
-          cls.calls.append(constants)
-          cls.keys.append(key)
+      calls = {key: self._resolve(code.code) for key, code in self.codes.items() if code.height == height}
+      rolled = collections.defaultdict(set)  # torch class -> containers some call of it rolls
+      for key, code in calls.items():
+        rolled[self.codes[key].torch_class] |= _rolled_containers(_accumulated(code))
+      for key, call in calls.items():
+        torch_class = self.codes[key].torch_class
+        resolved = _accumulated(call, frozenset(rolled[torch_class]))
+        skeleton, constants, labels = _skeleton(resolved)
+        cls = level.setdefault((torch_class, skeleton), Class(torch_class, skeleton, labels, resolved))
+        cls.calls.append(constants)
+        cls.keys.append(key)
       for class_key, cls in _merge_optional(level).items():
         cls.stateless = frozenset().union(*(self.codes[key].stateless for key in cls.keys))
         self.classes[class_key] = cls
@@ -567,6 +583,14 @@ def linen_fields(path: str, leaf: Leaf) -> tuple[type, tuple]:
 ALWAYS_WRITTEN = ("momentum", "epsilon")  # a BatchNorm's, even at torch's defaults: what a reader checks first
 
 
+def _untaken(name: str, taken: set) -> str:
+  """``name``, or with underscores after it where a field has it; taken from now on."""
+  while name in taken:
+    name += "_"
+  taken.add(name)
+  return name
+
+
 def _labelled(constants, attribute: str, class_key) -> tuple:
   return tuple(("const", value, ("child", attribute, class_key, i)) for i, value in enumerate(constants))
 
@@ -766,17 +790,22 @@ def _packed(code: tuple) -> tuple:
 
 
 SERIES = re.compile(r"^([A-Za-z_]\w*?[A-Za-z_])(\d+)$")  # a numbered child: denselayer12
+MEMBER = re.compile(r"^([A-Za-z_]\w*)\.(\d+)$")  # a container's member: m.0
 
 
-def _accumulated(code: tuple) -> tuple:
-  """Children of one class made alike and numbered in a series (``denselayer1``, ``denselayer2``,
-  ..), each called on every value before it, the whole list then read as one: DenseNet's block,
-  ``features.append(layer(features))`` for each layer, then ``torch.cat(features, 1)``. Such a run is
-  ``("accumulate", call, count, start, prefix)``: the first child's ``call`` with the series' stem
-  for its attribute and no arguments, how many, the first number, the values the list starts with;
-  the list's reader reads the run's value. The count is a constant, so that blocks of different
-  depths are one class with the count a field (were one class per count, each written out layer by
-  layer: ``_DenseBlockWith24Denselayer``)."""
+def _accumulated(code: tuple, single: frozenset = frozenset()) -> tuple:
+  """Children of one class made alike, numbered in a series (``denselayer1``, ``denselayer2``, ..)
+  or a container's members in order (``m.0``, ``m.1``, ..), each called on every value before it
+  (DenseNet's block: ``features.append(layer(features))``) or on the last one (ultralytics' C2f:
+  ``y.extend(m(y[-1]) for m in self.m)``), the whole list then read as one (``torch.cat(y, 1)``).
+  Such a run is ``("accumulate", call, count, start, prefix, each, container)``: the first child's
+  ``call`` with the series' stem (or the container) for its attribute and no arguments, how many,
+  the first number, the values the list starts with, ``"all"`` or ``"last"`` (what each member
+  reads), whether the members are a container's; the list's reader reads the run's value. The count
+  is a constant, so that blocks of different depths are one class with the count a field (were one
+  class per count, each written out member by member: ``_DenseBlockWith24Denselayer``,
+  ``C2fWith2M``). ``single``: containers whose one-member runs roll too (a container of one member
+  is a Sequential; where another call of the class rolls more, the C2f of depth 1 is that class)."""
   reads: collections.Counter = collections.Counter()
   lists: collections.Counter = collections.Counter()
 
@@ -799,27 +828,36 @@ def _accumulated(code: tuple) -> tuple:
   def rolled(statements: tuple) -> tuple:
     kept, index = [], 0
     while index < len(statements):
-      run = _series_run(statements, index)
+      run = _series_run(statements, index, single)
       if run is None:
         kept.append(statements[index])
         index += 1
         continue
-      end, prefix, outputs, steps = run
-      values = (*prefix, *(("var", y) for y in outputs))
-      if lists[values] != 1 or any(reads[y] != len(outputs) - k for k, y in enumerate(outputs)):
+      end, prefix, outputs, steps, each, first = run
+      made = tuple(("var", y) for y in outputs)
+      if each == "last":  # the list: values made before the run, its input, the members' values
+        ending = [items for items in lists if items[-len(outputs) - 1 :] == (*prefix, *made)]
+        prefix = ending[0][: -len(outputs)] if len(ending) == 1 else ()
+        wanted = [2] * (len(outputs) - 1) + [1]  # by the next member and the list; the last by the list
+      else:
+        wanted = [len(outputs) - k for k in range(len(outputs))]  # by every later member and the list
+      values = (*prefix, *made)
+      if not prefix or lists[values] != 1 or [reads[y] for y in outputs] != wanted:
         kept.append(statements[index])  # a value read on its own, or the list not read whole
         index += 1
         continue
-      _, key, constants, attribute, _ = statements[index][2]
-      stem, start = SERIES.match(attribute).groups()
+      _, key, constants, attribute, _ = first
+      container = MEMBER.match(attribute)
+      stem, start = (container or SERIES.match(attribute)).groups()
       constants = [("const", c[1], ("child", stem, *c[2][2:])) for c in constants]
       constants = [
           ("progression", c, ("const", step, ("step", c[2]))) if step else c
           for c, step in zip(constants, steps, strict=True)
       ]
       call = ("call", key, tuple(constants), stem, ())
-      total = ("const", len(outputs), f"num_{stem}s")
-      kept.append(("assign", (outputs[-1],), ("accumulate", call, total, int(start), prefix)))
+      total = ("const", len(outputs), f"num_{stem}" if container else f"num_{stem}s")
+      accumulate = ("accumulate", call, total, int(start), prefix, each, container is not None)
+      kept.append(("assign", (outputs[-1],), accumulate))
       read_as_list[values] = ("var", outputs[-1])
       index = end
     return tuple(kept)
@@ -842,30 +880,51 @@ def _accumulated(code: tuple) -> tuple:
   return replaced(code)
 
 
-def _series_run(statements: tuple, index: int) -> tuple[int, tuple, list[str], list] | None:
+def _rolled_containers(code) -> set[str]:
+  """The containers whose members ``_accumulated`` rolled, at any depth of the code."""
+  if not (isinstance(code, tuple) and code) or code[0] in ("const", "element", "call"):
+    return set()
+  if code[0] == "accumulate" and code[6]:
+    return {code[1][3]}
+  return set().union(*(_rolled_containers(x) for x in code))
+
+
+def _series_run(statements: tuple, index: int, single: frozenset) -> tuple | None:
   """The run of child calls from ``index`` that ``_accumulated`` rolls: (its end, the values the
-  list starts with, each call's value, each constant's step from one call to the next: 0, or an
-  integer's where the calls' values go up by it, NNX's input sizes); None where fewer than two
-  calls make one."""
+  list starts with (``"last"``: the first member's input), each call's value, each constant's step
+  from one call to the next: 0, or an integer's where the calls' values go up by it, NNX's input
+  sizes; what each member reads, ``"all"`` or ``"last"``; the first call). None where fewer than
+  two calls make one; one member of a container in ``single`` (or a one-member Sequential of it)
+  makes one."""
 
   def series_call(statement):
-    if statement[0] != "assign" or len(statement[1]) != 1 or statement[2][0] != "call":
+    if statement[0] != "assign" or len(statement[1]) != 1:
       return None
-    _, key, constants, attribute, args = statement[2]
-    match = SERIES.match(attribute)
+    expression = statement[2]
+    if expression[0] == "sequential" and len(expression[1]) == 1 and expression[1][0][0] == "repeat":
+      (_, element, (_, total, _)), attribute, args = expression[1][0], expression[2], expression[3]
+      if total != 1 or element[0] != "element" or attribute not in single or len(args) != 1:
+        return None
+      expression = ("call", element[1], element[2], f"{attribute}.0", args)  # the one member, called
+    if expression[0] != "call":
+      return None
+    _, key, constants, attribute, args = expression
+    match = SERIES.match(attribute) or MEMBER.match(attribute)
     if match is None or not args or any(a[0] != "var" for a in args):
       return None
-    return key, [c[1] for c in constants], match[1], int(match[2]), args
+    return key, [c[1] for c in constants], match[1], int(match[2]), args, expression
 
   first = series_call(statements[index])
   if first is None:
     return None
-  key, values, stem, number, prefix = first
-  outputs, end, steps = [statements[index][1][0]], index + 1, None
+  key, values, stem, number, prefix, expression = first
+  outputs, end, steps, each = [statements[index][1][0]], index + 1, None, None
   while end < len(statements) and (call := series_call(statements[end])) is not None:
     if (call[0], call[2]) != (key, stem) or call[3] != number + len(outputs):
       break
-    if call[4] != (*prefix, *(("var", y) for y in outputs)):
+    chained = MEMBER.match(expression[3]) and len(prefix) == 1 and call[4] == (("var", outputs[-1]),)
+    following = "last" if chained else "all" if call[4] == (*prefix, *(("var", y) for y in outputs)) else None
+    if following is None or each not in (None, following):
       break
     if steps is None:
       steps = [_step(a, b) for a, b in zip(values, call[1], strict=True)]
@@ -875,8 +934,10 @@ def _series_run(statements: tuple, index: int) -> tuple[int, tuple, list[str], l
     ):
       break
     outputs.append(statements[end][1][0])
-    end += 1
-  return (end, prefix, outputs, steps) if len(outputs) > 1 else None
+    each, end = following, end + 1
+  if len(outputs) == 1 and MEMBER.match(expression[3]) and stem in single and len(prefix) == 1:
+    return end, prefix, outputs, [0] * len(values), "last", expression
+  return (end, prefix, outputs, steps, each, expression) if len(outputs) > 1 else None
 
 
 def _step(first, second) -> int | None:

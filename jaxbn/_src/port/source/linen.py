@@ -357,14 +357,17 @@ class Body:
     return [statement for i, statement in enumerate(kept) if i not in removed]
 
   def _accumulate(self, target: str, e: tuple) -> list[str]:
-    """Children numbered in a series, each called on the list of every value before it
-    (``classes._accumulated``: DenseNet's block), as torch's loop."""
-    _, call, count, start, prefix = e
+    """Children numbered in a series or a container's members, each called on the list of every
+    value before it or on its last (``classes._accumulated``: DenseNet's block, ultralytics' C2f), as
+    torch's loop."""
+    _, call, count, start, prefix, each, container = e
     values = self._take(target, "features")
     self.lists.add(target)
     self.starts[target] = _first_var(("tuple", prefix))
     index = self.index = self._take(f"{target}:index", "i")
-    member = self.member(call, f'f"{call[3]}{{{index} + {start}}}"', count, index, values)
+    number = f"{index} + {start}" if start else index
+    name = f"str({number})" if container else f'f"{call[3]}{{{number}}}"'
+    member = self.member(call, name, count, index, f"*{values}" if each == "all" else f"{values}[-1]", container)
     return [
         f"{values} = [{', '.join(self.expression(a) for a in prefix)}]",
         f"for {index} in range({self.expression(count)}):",
@@ -410,12 +413,17 @@ class Body:
     parts = [element if count == "1" else f"*({loop(element, count)})" for element, count in runs]
     return f"layers.Sequential(({', '.join(parts)}{',' if len(parts) == 1 else ''}))"
 
-  def member(self, call: tuple, name: str, count: tuple, index: str, values: str) -> str:
-    """A series' member named ``name`` (an f-string of the loop's ``index``, below ``count``) called
-    on ``values``."""
-    _, key, constants, _, _ = call
-    arguments = [*self.source.field_arguments(key, constants, self.expression), f"name={name}"]
-    return f"{self.source.names[key]}({', '.join(arguments)})(*{values}, train=train)"
+  def member(self, call: tuple, name: str, count: tuple, index: str, argument: str, container: bool) -> str:
+    """A series' member named ``name`` (an expression of the loop's ``index``, below ``count``)
+    called on ``argument``; a container's members are built in a ``layers.ModuleList`` above."""
+    _, key, constants, attribute, _ = call
+    arguments, cls = self.source.field_arguments(key, constants, self.expression), self.source.names[key]
+    if not container:
+      return f"{cls}({', '.join([*arguments, f'name={name}'])})({argument}, train=train)"
+    if self.shared.get(attribute) is None:  # built once, above the loop (and both modes' branches)
+      members = f"{{{name}: {cls}({', '.join(arguments)}) for {index} in range({self.expression(count)})}}"
+      self.shared[attribute] = (self._take(attribute, attribute), f"layers.ModuleList({members}, name={attribute!r})")
+    return f"{self.shared[attribute][0]}({name}, {argument}, train=train)"
 
   def stochastic(self, function: str, kwargs: str) -> str:
     """A Sequential's element for an op that needs the mode and randomness."""

@@ -228,19 +228,24 @@ class Body(base.Body):
 
     return f"{self._build(attribute, lambda: self._constructed(key, constants))}({', '.join(self.expression(a) for a in args)})"
 
-  def member(self, call: tuple, name: str, count: tuple, index: str, values: str) -> str:
+  def member(self, call: tuple, name: str, count: tuple, index: str, argument: str, container: bool) -> str:
     """A series' members are built in ``__init__`` at torch's names (``denselayer1``), as torch's
-    ``add_module`` makes them."""
-    _, key, constants, stem, _ = call
-    if f"{stem}*" not in self.built:
-      self.built.add(f"{stem}*")
+    ``add_module`` makes them; a container's in an ``nnx.Dict`` by torch's keys."""
+    _, key, constants, attribute, _ = call
+    if f"{attribute}*" not in self.built:
+      self.built.add(f"{attribute}*")
       self.in_init = True
       try:
         constructor, total = self._constructed(key, constants), self.expression(count)
       finally:
         self.in_init = False
-      self.construction += [f"for {index} in range({total}):", f"  setattr(self, {name}, {constructor})"]
-    return f"getattr(self, {name})(*{values})"
+      if container:
+        self.construction.append(
+            f"self.{attribute} = nnx.Dict({{{name}: {constructor} for {index} in range({total})}})"
+        )
+      else:
+        self.construction += [f"for {index} in range({total}):", f"  setattr(self, {name}, {constructor})"]
+    return f"self.{attribute}[{name}]({argument})" if container else f"getattr(self, {name})({argument})"
 
   def sequence(self, elements: list[str]) -> str:
     runs = base.repeats(elements)
