@@ -1134,7 +1134,39 @@ def test_a_check_the_trace_took_twice_is_written_once(tmp_path):
   eval_rel, train_rel, stats_rel = eval_and_training_forward(ChunkList(), x, PORTS["linen"](tmp_path))
   assert eval_rel <= 1e-6 and train_rel <= 1e-6 and stats_rel <= 1e-6, (eval_rel, train_rel, stats_rel)
   text = (tmp_path / "emitted0" / "model.py").read_text()
-  assert text.count("assert ") == 1 and "chunk(2, 1)" in text.split("assert ")[1], text
+  assert text.count("assert ") == 1 and "# torch: test_emit.py:" in text and "assert len(" in text, text
+
+
+class WidthBranch(torch.nn.Module):
+  """A Python branch on the input's shape (ultralytics' Detect: ``if self.shape != shape:``)."""
+
+  def __init__(self):
+    super().__init__()
+    self.bn = torch.nn.BatchNorm2d(3)
+
+  def forward(self, x):
+    if x.shape[-1] != 8:
+      x = x * 2
+    return self.bn(x)
+
+
+@pytest.mark.parametrize("api", list(PORTS))
+def test_a_decision_on_a_shape_is_an_assert_of_the_comparison(api, tmp_path):
+  """The trace took ``if x.shape[-1] != 8:`` as false on the example: the source checks the
+  comparison it decided, ``assert y == 8`` (was three lines: the comparison, ``bool()`` of it, and
+  ``assert y == False``), torch's line a comment above; another width fails there, by that message."""
+  x = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
+  eval_rel, train_rel, stats_rel = eval_and_training_forward(WidthBranch(), x, PORTS[api](tmp_path))
+  assert eval_rel <= 1e-6 and train_rel <= 1e-6 and stats_rel <= 1e-6, (eval_rel, train_rel, stats_rel)
+  path = tmp_path / "emitted0" / "model.py"
+  text = path.read_text()
+  check = (
+      r"# torch: test_emit\.py:\d+: if x\.shape\[-1\] != 8:\n *assert (\w+) == 8, \"specialised to the example input\""
+  )
+  assert re.search(check, text) and "== False" not in text and "bool(" not in text, text
+  loaded = load_source(path, f"emitted_branch_{api}").load()
+  with pytest.raises(AssertionError, match="specialised to the example input"):
+    loaded[0].apply(loaded[1], x[..., :6]) if api == "linen" else loaded(x[..., :6])
 
 
 class NormAct(torch.nn.Module):
@@ -1345,7 +1377,7 @@ def test_a_container_whose_members_each_read_the_last_value_of_a_list_is_a_loop(
   assert len(classes) == 2, classes  # blocks with and without the shortcut
   for name in classes:
     block = text.split(f"class {name}(")[1].split("\nclass ")[0]
-    loop = r"features = \[y1, x\]\n *for i in range\(self\.num_m\):\n *features\.append\("
+    loop = r"features = \[y, x\]\n *for i in range\(self\.num_m\):\n *features\.append\("
     assert re.search(loop, block) and "features[-1]" in block and "ops.cat(features, " in block, block
     built = (
         r"ModuleList\(\s*\{\s*str\(i\): Bottleneck"

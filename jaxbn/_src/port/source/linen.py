@@ -302,7 +302,15 @@ class Body:
     lines = []
     if not context_made and any(_uses_context(s) for s in statements):
       lines.append(self.context())
+    # a check of a comparison read by nothing else: the comparison is written in the check's assert
+    compared = {
+        i: statements[i - 1]
+        for i in range(1, len(statements))
+        if _checks(statements[i - 1], statements[i], last_use, i)
+    }
     for i, statement in enumerate(statements):
+      if i + 1 in compared:
+        continue
       if statement[0] == "optional":
         lines += self._optional(statement, i, last_use)
         continue
@@ -314,15 +322,7 @@ class Body:
         lines += self._accumulate(targets[0], expression)
         continue
       if expression[0] == "op" and isinstance(expression[1].fn, Guard):
-        guard = expression[1].fn
-        value = self.expression(expression[2][0])
-        target = self._assign(targets, expression, i, last_use)
-        sized = "tuple" if isinstance(guard.expected, tuple) else "int"
-        conversion = {"index": "int", "size": sized, "check": "bool"}.get(guard.conversion, guard.conversion)
-        lines.append(f"{target} = {conversion}({value})")
-        lines.append(
-            f"assert {target} == {guard.expected!r}, 'specialised to the example input (torch: {_quoted(guard.where)})'"
-        )
+        lines += self._guard(targets, expression, i, last_use, compared.get(i))
         continue
       rendered = self.expression(expression)
       if rendered is None:  # built where the class is built (NNX's held tensors)
@@ -332,6 +332,24 @@ class Body:
         continue
       lines.append(f"{self._assign(targets, expression, i, last_use)} = {rendered}")
     return lines
+
+  def _guard(self, targets: tuple, expression: tuple, index: int, last_use: dict, comparison) -> list[str]:
+    """A decision the trace took on the example input, checked: ``assert x.shape == (2, 64, 8, 8)``
+    where torch's ``if self.shape != shape:`` was false (the ``comparison``), ``assert len(y) == 2``;
+    the checked value is a line of its own only where code reads it later."""
+    guard = expression[1].fn
+    where, message = f"# torch: {guard.where}", "'specialised to the example input'"
+    if comparison is not None:
+      fn, (a, b) = comparison[2][1].fn, comparison[2][2]
+      fn = fn if guard.expected else NEGATED[fn]
+      return [where, f"assert {self.expression(a)} {INFIX[fn]} {self.expression(b)}, {message}"]
+    sized = "tuple" if isinstance(guard.expected, tuple) else "int"
+    conversion = {"index": "int", "size": sized, "check": "bool"}.get(guard.conversion, guard.conversion)
+    value = f"{conversion}({self.expression(expression[2][0])})"
+    if targets[0] not in last_use:
+      return [where, f"assert {value} == {guard.expected!r}, {message}"]
+    target = self._assign(targets, expression, index, last_use)
+    return [f"{target} = {value}", where, f"assert {target} == {guard.expected!r}, {message}"]
 
   def _sums(self, statements: list, later: set) -> list:
     """Python's ``sum()`` of values (HRNet's fuse layers, an FPN's levels), which torch's trace records
@@ -775,6 +793,37 @@ def _is_dtype(value) -> bool:
   return True
 
 
+NEGATED = {
+    operator.eq: operator.ne,
+    operator.ne: operator.eq,
+    operator.lt: operator.ge,
+    operator.le: operator.gt,
+    operator.gt: operator.le,
+    operator.ge: operator.lt,
+}
+
+
+def _checks(statement: tuple, following: tuple, last_use: dict, index: int) -> bool:
+  """``following`` checks the Python bool of ``statement``'s comparison (``self.shape != shape``),
+  which nothing else reads, and nothing reads the check's value."""
+  if statement[0] != "assign" or following[0] != "assign" or len(statement[1]) != 1:
+    return False
+  comparison, check = statement[2], following[2]
+  return (
+      check[0] == "op"
+      and isinstance(check[1].fn, Guard)
+      and check[1].fn.conversion in ("bool", "check")
+      and isinstance(check[1].fn.expected, bool)
+      and following[1][0] not in last_use
+      and comparison[0] == "op"
+      and comparison[1].fn in NEGATED
+      and len(comparison[2]) == 2
+      and not comparison[3]
+      and check[2] == (("var", statement[1][0]),)
+      and last_use.get(statement[1][0]) == index
+  )
+
+
 def _reads(statement) -> list[str]:
   found = []
 
@@ -881,10 +930,6 @@ def _annotation(values: list) -> str:
     if other in (int, float, bool, str, tuple):
       return f"{other.__name__} | None"
   return "Any"
-
-
-def _quoted(text: str) -> str:
-  return text.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def _torch_name(cls: type) -> str:
