@@ -1347,6 +1347,31 @@ class C2f(torch.nn.Module):
     return self.cv2(torch.cat(y, 1))
 
 
+class ConvUnit(torch.nn.Module):
+
+  def __init__(self, inputs, outputs):
+    super().__init__()
+    self.conv, self.bn = torch.nn.Conv2d(inputs, outputs, 3, padding=1, bias=False), torch.nn.BatchNorm2d(outputs)
+
+  def forward(self, x):
+    return F.relu(self.bn(self.conv(x)))
+
+
+class HGBlock(torch.nn.Module):
+  """ultralytics' HGBlock: the list starts with the input, which the first member reads (NNX: an
+  input size the other members do not have)."""
+
+  def __init__(self, inputs, hidden, outputs, depth):
+    super().__init__()
+    self.m = torch.nn.ModuleList(ConvUnit(inputs if i == 0 else hidden, hidden) for i in range(depth))
+    self.ec = ConvBnAct(inputs + depth * hidden, outputs)
+
+  def forward(self, x):
+    y = [x]
+    y.extend(m(y[-1]) for m in self.m)
+    return self.ec(torch.cat(y, 1))
+
+
 class ChainedStages(torch.nn.Sequential):
 
   def __init__(self):
@@ -1356,6 +1381,7 @@ class ChainedStages(torch.nn.Sequential):
         C2f(8, 12, 2),
         C2f(12, 8, 3),
         C2f(8, 8, 1, shortcut=False),
+        HGBlock(8, 4, 8, 3),
         torch.nn.AdaptiveAvgPool2d(1),
         torch.nn.Flatten(),
         torch.nn.Linear(8, 5),
@@ -1369,8 +1395,10 @@ def test_a_container_whose_members_each_read_the_last_value_of_a_list_is_a_loop(
   loop over its ModuleList, one class with the depth a field for depths 1, 2 and 3 (was one class
   per depth, each member a statement: ``C2fWith2M``, ``C2fWith3M``; depth 1 a one-member
   Sequential); the class of the C2f whose blocks add no shortcut, of depth 1 wherever it is
-  called, loops too, its depth a field (not ``range(1)``). Through the harness (float64 lock-step
-  within its 1e-9)."""
+  called, loops too, its depth a field (not ``range(1)``). A loop builds every member of its
+  container: where the first member differs (HGBlock's, in NNX its input size), none is rolled (was a
+  second ``self.m = nnx.Dict(...)`` for the first, which replaced the loop's). Through the harness
+  (float64 lock-step within its 1e-9)."""
   port_harness.run(Case(ChainedStages, (4, 3, 8, 8), floor=1e-5), via="emit", api=api, layout=layout)
   text = jaxbn.emit(ChainedStages(), torch.zeros(2, 3, 8, 8), tmp_path / "e", api=api, layout=layout).read_text()
   classes = [name for name in re.findall(r"^class (\w+)\(", text, re.M) if name.startswith("C2f")]
@@ -1385,7 +1413,11 @@ def test_a_container_whose_members_each_read_the_last_value_of_a_list_is_a_loop(
         else r"self\.m = nnx\.Dict\(\s*\{\s*str\(i\): Bottleneck"
     )
     assert block.count("Bottleneck") == 1 and re.search(built, block) and "for i in range(" in block, block
-  assert [text.count(f"num_m={depth}") for depth in (1, 2, 3)] == [2, 1, 1], text
+  hgblock = api == "linen"  # its num_m=3 too
+  assert [text.count(f"num_m={depth}") for depth in (1, 2, 3)] == [2, 1, 1 + hgblock], text
+  block = text.split("class HGBlock(")[1].split("\nclass ")[0]
+  assert block.count("ModuleList(" if api == "linen" else "nnx.Dict(") == 1, block
+  assert ("features.append(" in block) == (api == "linen"), block  # NNX: m.0's input size differs
 
 
 class Embedding(torch.nn.Module):

@@ -804,10 +804,12 @@ def _accumulated(code: tuple, single: frozenset = frozenset()) -> tuple:
   reads), whether the members are a container's; the list's reader reads the run's value. The count
   is a constant, so that blocks of different depths are one class with the count a field (were one
   class per count, each written out member by member: ``_DenseBlockWith24Denselayer``,
-  ``C2fWith2M``). ``single``: containers whose one-member runs roll too (a container of one member
+  ``C2fWith2M``); a container's run is every call of its members (HGBlock's first member, which
+  differs, keeps the others written out). ``single``: containers whose one-member runs roll too (a container of one member
   is a Sequential; where another call of the class rolls more, the C2f of depth 1 is that class)."""
   reads: collections.Counter = collections.Counter()
   lists: collections.Counter = collections.Counter()
+  members: collections.Counter = collections.Counter()  # container -> calls of its members
 
   def count(e):
     if not (isinstance(e, tuple) and e) or e[0] in ("const", "element"):
@@ -815,10 +817,13 @@ def _accumulated(code: tuple, single: frozenset = frozenset()) -> tuple:
     if e[0] == "var" and len(e) == 2:
       reads[e[1]] += 1
     elif e[0] == "call":
+      members[e[3].partition(".")[0]] += 1
       count(e[-1])
     else:
       if e[0] == "aggregate" and e[1].value is list and e[3] is None:
         lists[e[2]] += 1
+      if e[0] == "sequential":
+        members[e[2]] += 1
       for x in e:
         count(x)
 
@@ -842,12 +847,13 @@ def _accumulated(code: tuple, single: frozenset = frozenset()) -> tuple:
       else:
         wanted = [len(outputs) - k for k in range(len(outputs))]  # by every later member and the list
       values = (*prefix, *made)
-      if not prefix or lists[values] != 1 or [reads[y] for y in outputs] != wanted:
+      _, key, constants, attribute, _ = first
+      container = MEMBER.match(attribute)
+      whole = container is None or members[container[1]] == len(outputs)  # a loop builds every member
+      if not (prefix and whole) or lists[values] != 1 or [reads[y] for y in outputs] != wanted:
         kept.append(statements[index])  # a value read on its own, or the list not read whole
         index += 1
         continue
-      _, key, constants, attribute, _ = first
-      container = MEMBER.match(attribute)
       stem, start = (container or SERIES.match(attribute)).groups()
       constants = [("const", c[1], ("child", stem, *c[2][2:])) for c in constants]
       constants = [
