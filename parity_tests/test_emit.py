@@ -1388,6 +1388,13 @@ class ChainedStages(torch.nn.Sequential):
     )
 
 
+@pytest.mark.parametrize(("api", "layout"), [("linen", "NCHW"), ("nnx", "NHWC")])
+def test_chained_stages_source_passes_the_port_harness(api, layout):
+  """The source of the next test's model: both APIs, both layouts, through the harness (float64
+  lock-step within its 1e-9)."""
+  port_harness.run(Case(ChainedStages, (4, 3, 8, 8), floor=1e-5), via="emit", api=api, layout=layout)
+
+
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("api", list(PORTS))
 def test_a_container_whose_members_each_read_the_last_value_of_a_list_is_a_loop(api, layout, tmp_path):
@@ -1397,9 +1404,7 @@ def test_a_container_whose_members_each_read_the_last_value_of_a_list_is_a_loop(
   Sequential); the class of the C2f whose blocks add no shortcut, of depth 1 wherever it is
   called, loops too, its depth a field (not ``range(1)``). A loop builds every member of its
   container: where the first member differs (HGBlock's, in NNX its input size), none is rolled (was a
-  second ``self.m = nnx.Dict(...)`` for the first, which replaced the loop's). Through the harness
-  (float64 lock-step within its 1e-9)."""
-  port_harness.run(Case(ChainedStages, (4, 3, 8, 8), floor=1e-5), via="emit", api=api, layout=layout)
+  second ``self.m = nnx.Dict(...)`` for the first, which replaced the loop's, and did not load)."""
   text = jaxbn.emit(ChainedStages(), torch.zeros(2, 3, 8, 8), tmp_path / "e", api=api, layout=layout).read_text()
   classes = [name for name in re.findall(r"^class (\w+)\(", text, re.M) if name.startswith("C2f")]
   assert len(classes) == 2, classes  # blocks with and without the shortcut
