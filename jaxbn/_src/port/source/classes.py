@@ -67,10 +67,10 @@ class Class:
   def fields(self, label=str, sizes: bool = False) -> dict[int, str]:
     """Constant index -> field name, for the constants whose values differ between calls, and
     with ``sizes`` every size (``*features``, its layers' and its children's, a ``groups`` above
-    one equal to a size: depthwise, a loop's count) even where all calls agree. Equal columns share one
-    field, named after the first; a constant of an optional call shares the field of a column it
-    equals wherever the call is made, and is a literal where it is constant there. In a class called
-    once, equal values say nothing of design: each layer's output size is a field of its own (was
+    one equal to a size: depthwise) and a loop's count even where all calls agree. Equal columns
+    share one field, named after the first; a constant of an optional call shares the field of a
+    column it equals wherever the call is made, and is a literal where it is constant there. In a
+    class called once, equal values say nothing of design: each layer's output size is a field of its own (was
     DenseNet's ``transition1`` reading the dense layers' bottleneck width, both 128) but where it is
     one layer's in members built alike (``_once``), and an input size reads the latest output size it
     equals (NNX's ``num_features=conv0_out_features``). ``head`` is the field ``num_classes``."""
@@ -804,9 +804,10 @@ def _accumulated(code: tuple, single: frozenset = frozenset()) -> tuple:
   reads), whether the members are a container's; the list's reader reads the run's value. The count
   is a constant, so that blocks of different depths are one class with the count a field (were one
   class per count, each written out member by member: ``_DenseBlockWith24Denselayer``,
-  ``C2fWith2M``); a container's run is every call of its members (HGBlock's first member, which
-  differs, keeps the others written out). ``single``: containers whose one-member runs roll too (a container of one member
-  is a Sequential; where another call of the class rolls more, the C2f of depth 1 is that class)."""
+  ``C2fWith2M``); a container's run is every call of its members (where HGBlock's first member
+  differs, all are written out). ``single``: containers whose one-member runs roll too (a container
+  of one member is a Sequential; where another call of the class rolls more, the C2f of depth 1 is
+  that class)."""
   reads: collections.Counter = collections.Counter()
   lists: collections.Counter = collections.Counter()
   members: collections.Counter = collections.Counter()  # container -> calls of its members
