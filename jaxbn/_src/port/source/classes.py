@@ -251,12 +251,14 @@ class Classes:
     for height in sorted({code.height for code in self.codes.values()}):
       level: dict[tuple, Class] = {}
       calls = {key: self._resolve(code.code) for key, code in self.codes.items() if code.height == height}
+      accumulated = {key: _accumulated(call) for key, call in calls.items()}
       rolled = collections.defaultdict(set)  # torch class -> containers some call of it rolls
-      for key, code in calls.items():
-        rolled[self.codes[key].torch_class] |= _rolled_containers(_accumulated(code))
-      for key, call in calls.items():
+      for key, code in accumulated.items():
+        rolled[self.codes[key].torch_class] |= _rolled_containers(code)
+      for key, resolved in accumulated.items():
         torch_class = self.codes[key].torch_class
-        resolved = _accumulated(call, frozenset(rolled[torch_class]))
+        if rolled[torch_class]:  # again, rolling those containers' one-member runs too
+          resolved = _accumulated(calls[key], frozenset(rolled[torch_class]))
         skeleton, constants, labels = _skeleton(resolved)
         cls = level.setdefault((torch_class, skeleton), Class(torch_class, skeleton, labels, resolved))
         cls.calls.append(constants)
