@@ -6,6 +6,7 @@ collected, with its module path and source line, into one ``PortError``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import re
@@ -267,17 +268,19 @@ def trace(
   saved = _attributes(model)
   try:
     for train in (True, False):
-      with torch_mode(model, train, recipe):  # the rules read module.training too (dropout's)
-        tracer = Tracer(is_leaf, examples, static_inputs, through_forward)
+      # the rules read module.training too (dropout's); the tracer drops torch's run when done (close)
+      with (
+          torch_mode(model, train, recipe),
+          contextlib.closing(Tracer(is_leaf, examples, static_inputs, through_forward)) as tracer,
+      ):
         untraced = _attributes(model)  # in this mode
 
         def retrace(forced):  # the trace with decisions on values taken the other way (branches.py)
           # from the model as this mode's trace found it (what a trace caches on modules is its own)
           _restore_keeping_literals(model, untraced)
           try:
-            return Tracer(is_leaf, examples, static_inputs, through_forward, forced).trace(
-                model, concrete_args=static_inputs or None
-            )
+            with contextlib.closing(Tracer(is_leaf, examples, static_inputs, through_forward, forced)) as other:
+              return other.trace(model, concrete_args=static_inputs or None)
           finally:
             _restore_keeping_literals(model, untraced)
 
