@@ -15,7 +15,7 @@ import collections
 import dataclasses
 import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -81,9 +81,10 @@ class Class:
     flags = set(self.optional.values())
     texts = [label(x) for x in self.labels] if sizes else []
     size_columns = {self._column(i) for i, text in enumerate(texts) if text.endswith("features")}
-    steps = [i for i, label in enumerate(self.labels) if isinstance(label, tuple) and label[0] == "step"]
+    steps = [i for i, label in enumerate(self.labels) if isinstance(label, tuple) and label[0] in ("step", "rest")]
     counts = self._loop_counts() if sizes else set()
-    # a series' size step after the sizes, so that it reads the size it equals (a growth rate)
+    # a series' size step, and the size of members after the first, after the sizes, so that they
+    # read the size they equal (a growth rate; HGNetV2's ``mid_chs``)
     for index in [*(i for i in range(len(self.labels)) if i not in steps), *steps]:
       if index in fields:
         continue
@@ -252,13 +253,15 @@ class Classes:
       level: dict[tuple, Class] = {}
       calls = {key: self._resolve(code.code) for key, code in self.codes.items() if code.height == height}
       accumulated = {key: _accumulated(call) for key, call in calls.items()}
-      rolled = collections.defaultdict(set)  # torch class -> containers some call of it rolls
+      # torch class -> containers some call of it rolls, with their first member's own constants
+      rolled: dict[type, dict[str, set[int]]] = collections.defaultdict(dict)
       for key, code in accumulated.items():
-        rolled[self.codes[key].torch_class] |= _rolled_containers(code)
+        for container, firsts in _rolled_containers(code).items():
+          rolled[self.codes[key].torch_class].setdefault(container, set()).update(firsts)
       for key, resolved in accumulated.items():
         torch_class = self.codes[key].torch_class
-        if rolled[torch_class]:  # again, rolling those containers' one-member runs too
-          resolved = _accumulated(calls[key], frozenset(rolled[torch_class]))
+        if rolled[torch_class]:  # again, rolling those containers as some call of the class does
+          resolved = _accumulated(calls[key], {c: frozenset(f) for c, f in rolled[torch_class].items()})
         skeleton, constants, labels = _skeleton(resolved)
         cls = level.setdefault((torch_class, skeleton), Class(torch_class, skeleton, labels, resolved))
         cls.calls.append(constants)
@@ -521,6 +524,8 @@ class Classes:
       return label
     if label[0] == "step":  # how a series' member's size goes up from one member to the next
       return f"{self.label(label[1])}_step"
+    if label[0] == "rest":  # the value of members after the first (``classes._varying``)
+      return self.label(label[1])
     _, attribute, key, index = label
     child = self.classes[key]
     return f"{attribute}_{self.fields(key).get(index) or self.label(child.labels[index])}"
@@ -795,7 +800,7 @@ SERIES = re.compile(r"^([A-Za-z_]\w*?[A-Za-z_])(\d+)$")  # a numbered child: den
 MEMBER = re.compile(r"^([A-Za-z_]\w*)\.(\d+)$")  # a container's member: m.0
 
 
-def _accumulated(code: tuple, single: frozenset = frozenset()) -> tuple:
+def _accumulated(code: tuple, class_rolls: Mapping[str, frozenset[int]] | None = None) -> tuple:
   """Children of one class made alike, numbered in a series (``denselayer1``, ``denselayer2``, ..)
   or a container's members in order (``m.0``, ``m.1``, ..), each called on every value before it
   (DenseNet's block: ``features.append(layer(features))``) or on the last one (ultralytics' C2f:
@@ -806,10 +811,13 @@ def _accumulated(code: tuple, single: frozenset = frozenset()) -> tuple:
   reads), whether the members are a container's; the list's reader reads the run's value. The count
   is a constant, so that blocks of different depths are one class with the count a field (were one
   class per count, each written out member by member: ``_DenseBlockWith24Denselayer``,
-  ``C2fWith2M``); a container's run is every call of its members (where HGBlock's first member
-  differs, all are written out). ``single``: containers whose one-member runs roll too (a container
+  ``C2fWith2M``); a container's run is every call of its members, its first member's constants
+  their own where they differ from the others' (HGBlock's input size). ``class_rolls``: what other calls
+  of the class roll (``_rolled_containers``): those containers' one-member runs roll too (a container
   of one member is a Sequential; where another call of the class rolls more, the C2f of depth 1 is
-  that class)."""
+  that class), and their first member's constants that differ there are the first member's own
+  here too, where they are equal (HGNetV2's blocks whose input size is their width: one class with
+  those whose input size differs)."""
   reads: collections.Counter = collections.Counter()
   lists: collections.Counter = collections.Counter()
   members: collections.Counter = collections.Counter()  # container -> calls of its members
@@ -836,7 +844,7 @@ def _accumulated(code: tuple, single: frozenset = frozenset()) -> tuple:
   def rolled(statements: tuple) -> tuple:
     kept, index = [], 0
     while index < len(statements):
-      run = _series_run(statements, index, single)
+      run = _series_run(statements, index, class_rolls or {})
       if run is None:
         kept.append(statements[index])
         index += 1
@@ -859,10 +867,7 @@ def _accumulated(code: tuple, single: frozenset = frozenset()) -> tuple:
         continue
       stem, start = (container or SERIES.match(attribute)).groups()
       constants = [("const", c[1], ("child", stem, *c[2][2:])) for c in constants]
-      constants = [
-          ("progression", c, ("const", step, ("step", c[2]))) if step else c
-          for c, step in zip(constants, steps, strict=True)
-      ]
+      constants = [_varying(c, step, stem) for c, step in zip(constants, steps, strict=True)]
       call = ("call", key, tuple(constants), stem, ())
       total = ("const", len(outputs), f"num_{stem}" if container else f"num_{stem}s")
       accumulate = ("accumulate", call, total, int(start), prefix, each, container is not None)
@@ -889,22 +894,36 @@ def _accumulated(code: tuple, single: frozenset = frozenset()) -> tuple:
   return replaced(code)
 
 
-def _rolled_containers(code) -> set[str]:
-  """The containers whose members ``_accumulated`` rolled, at any depth of the code."""
+def _varying(constant: tuple, step, stem: str) -> tuple:
+  """A rolled member's constant (the first member's), as the loop writes it: itself, going up by a
+  step (``progression``), or another value after the first member's (``first``)."""
+  if isinstance(step, tuple):  # ("first", the other members' value)
+    first = ("const", constant[1], ("child", f"{stem}_0", *constant[2][2:]))
+    return ("first", first, ("const", step[1], ("rest", constant[2])))
+  return ("progression", constant, ("const", step, ("step", constant[2]))) if step else constant
+
+
+def _rolled_containers(code) -> dict[str, set[int]]:
+  """The containers whose members ``_accumulated`` rolled, at any depth of the code, each with
+  the constants its first member has of its own (``"first"``)."""
   if not (isinstance(code, tuple) and code) or code[0] in ("const", "element", "call"):
-    return set()
+    return {}
   if code[0] == "accumulate" and code[6]:
-    return {code[1][3]}
-  return set().union(*(_rolled_containers(x) for x in code))
+    _, _, constants, container, _ = code[1]
+    return {container: {j for j, constant in enumerate(constants) if constant[0] == "first"}}
+  found: dict[str, set[int]] = {}
+  for x in code:
+    for container, firsts in _rolled_containers(x).items():
+      found.setdefault(container, set()).update(firsts)
+  return found
 
 
-def _series_run(statements: tuple, index: int, single: frozenset) -> tuple | None:
+def _series_run(statements: tuple, index: int, class_rolls: Mapping[str, frozenset[int]]) -> tuple | None:
   """The run of child calls from ``index`` that ``_accumulated`` rolls: (its end, the values the
   list starts with (``"last"``: the first member's input), each call's value, each constant's step
-  from one call to the next: 0, or an integer's where the calls' values go up by it, NNX's input
-  sizes; what each member reads, ``"all"`` or ``"last"``; the first call). None where fewer than
-  two calls make one; one member of a container in ``single`` (or a one-member Sequential of it)
-  makes one."""
+  from one call to the next (``_steps``); what each member reads, ``"all"`` or ``"last"``; the first
+  call). None where fewer than two calls make one; one member of a container in ``class_rolls`` (or a
+  one-member Sequential of it) makes one."""
 
   def series_call(statement):
     if statement[0] != "assign" or len(statement[1]) != 1:
@@ -912,7 +931,7 @@ def _series_run(statements: tuple, index: int, single: frozenset) -> tuple | Non
     expression = statement[2]
     if expression[0] == "sequential" and len(expression[1]) == 1 and expression[1][0][0] == "repeat":
       (_, element, (_, total, _)), attribute, args = expression[1][0], expression[2], expression[3]
-      if total != 1 or element[0] != "element" or attribute not in single or len(args) != 1:
+      if total != 1 or element[0] != "element" or attribute not in class_rolls or len(args) != 1:
         return None
       expression = ("call", element[1], element[2], f"{attribute}.0", args)  # the one member, called
     if expression[0] != "call":
@@ -927,26 +946,55 @@ def _series_run(statements: tuple, index: int, single: frozenset) -> tuple | Non
   if first is None:
     return None
   key, values, stem, number, prefix, expression = first
-  outputs, end, steps, each = [statements[index][1][0]], index + 1, None, None
+  container = MEMBER.match(expression[3]) is not None
+  outputs, columns, end, each = [statements[index][1][0]], [values], index + 1, None
   while end < len(statements) and (call := series_call(statements[end])) is not None:
     if (call[0], call[2]) != (key, stem) or call[3] != number + len(outputs):
       break
-    chained = MEMBER.match(expression[3]) and len(prefix) == 1 and call[4] == (("var", outputs[-1]),)
+    chained = container and len(prefix) == 1 and call[4] == (("var", outputs[-1]),)
     following = "last" if chained else "all" if call[4] == (*prefix, *(("var", y) for y in outputs)) else None
     if following is None or each not in (None, following):
       break
-    if steps is None:
-      steps = [_step(a, b) for a, b in zip(values, call[1], strict=True)]
-    if any(
-        step is None or value_key(value + len(outputs) * step if step else value) != value_key(other)
-        for value, step, other in zip(values, steps, call[1], strict=True)
-    ):
-      break
     outputs.append(statements[end][1][0])
+    columns.append(call[1])
     each, end = following, end + 1
-  if len(outputs) == 1 and MEMBER.match(expression[3]) and stem in single and len(prefix) == 1:
-    return end, prefix, outputs, [0] * len(values), "last", expression
-  return (end, prefix, outputs, steps, each, expression) if len(outputs) > 1 else None
+  firsts = class_rolls.get(stem, frozenset()) if container else frozenset()
+  if len(outputs) == 1 and container and stem in class_rolls and len(prefix) == 1:
+    return end, prefix, outputs, [("first", v) if j in firsts else 0 for j, v in enumerate(values)], "last", expression
+  length, steps = _steps(columns, container, firsts)
+  return (index + length, prefix, outputs[:length], steps, each, expression) if length > 1 else None
+
+
+def _steps(calls: list[list], container: bool, firsts: frozenset[int] = frozenset()) -> tuple[int, list]:
+  """How many of ``calls`` (each call's constants) one loop makes, and how each constant goes
+  from one call to the next: 0 where it stays, an integer's step where the calls' values go up by it
+  (NNX's input sizes: ``num_input_features + i * growth_rate``), or, in a container's members,
+  ``("first", the others' value)`` where the first member's differs and the rest agree (timm's
+  HGNetV2 block: ``in_chs if i == 0 else mid_chs``), taken where it makes the whole run; ``firsts``:
+  constants taken so where they are equal too (another call of the class differs there)."""
+
+  def progressions(rows: list[list]) -> list | None:
+    steps = [_step(a, b) for a, b in zip(rows[0], rows[1], strict=True)]
+    fits = all(
+        step is not None and value_key(value + k * step if step else value) == value_key(row[j])
+        for k, row in enumerate(rows)
+        for j, (value, step) in enumerate(zip(rows[0], steps, strict=True))
+    )
+    return steps if fits else None
+
+  def after_first(rows: list[list]) -> list | None:
+    rest = rows[1:]
+    if any(value_key(row[j]) != value_key(rest[0][j]) for row in rest for j in range(len(row))):
+      return None
+    differ = {j for j in range(len(rows[0])) if value_key(rows[0][j]) != value_key(rest[0][j])}
+    return [("first", value) if j in firsts | differ else 0 for j, value in enumerate(rest[0])]
+
+  if container and len(calls) > 1 and (firsts or progressions(calls) is None):
+    steps = after_first(calls)
+    if steps is not None:
+      return len(calls), steps
+  length = next((n for n in range(len(calls), 1, -1) if progressions(calls[:n]) is not None), 1)
+  return length, progressions(calls[:length]) if length > 1 else []
 
 
 def _step(first, second) -> int | None:

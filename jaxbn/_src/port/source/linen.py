@@ -490,6 +490,8 @@ class Body:
       return self._held(e)
     if kind == "progression":  # a series' member's size: the first member's, going up by a step
       return f"{self.expression(e[1])} + {self.index} * {self.expression(e[2])}"
+    if kind == "first":  # a container member's constant: the first member's, then the others'
+      return f"{self.expression(e[1])} if {self.index} == 0 else {self.expression(e[2])}"
     if kind == "sum":
       return f"sum([{', '.join(self.expression(x) for x in e[1])}])"
     if kind == "op":
