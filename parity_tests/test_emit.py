@@ -1281,6 +1281,33 @@ def test_variants_that_differ_in_their_inputs_are_named_for_them(tmp_path):
   assert "ops.multi_head_attention_forward(" in text and "ops.grid_sample(" in text
 
 
+class ActivatedBlock(torch.nn.Module):
+  """MobileNetV3's blocks: torchvision's Conv2dNormActivation (a Sequential) with the block's activation."""
+
+  def __init__(self, activation):
+    super().__init__()
+    self.conv = torchvision.ops.Conv2dNormActivation(4, 4, 3, activation_layer=activation)
+
+  def forward(self, x):
+    return self.conv(x)
+
+
+class TwoActivatedBlocks(torch.nn.Sequential):
+
+  def __init__(self):
+    super().__init__(ActivatedBlock(torch.nn.ReLU), ActivatedBlock(torch.nn.Hardswish))
+
+
+def test_variants_that_differ_in_the_functions_they_run_are_named_for_them(tmp_path):
+  """Two calls of one block class whose Sequentials end in another activation: named for it,
+  ``ActivatedBlockWithRelu`` and ``ActivatedBlockWithHardswish`` (was ``ActivatedBlock1``, as
+  torchvision's MobileNetV3 ``InvertedResidual1``)."""
+  x = np.zeros((2, 4, 6, 6), np.float32)
+  text = jaxbn.emit(TwoActivatedBlocks(), x, tmp_path / "blocks").read_text()
+  classes = re.findall(r"^class (\w+)\(", text, re.M)
+  assert classes[:2] == ["ActivatedBlockWithRelu", "ActivatedBlockWithHardswish"], classes
+
+
 @pytest.mark.parametrize("api", list(PORTS))
 def test_a_module_that_takes_a_list_is_one_class_taking_its_items(api, tmp_path):
   """DenseNet's layer takes the list of every feature map before it: one class, ``__call__(self,

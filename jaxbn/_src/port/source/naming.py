@@ -5,8 +5,9 @@ a stateless module, run as an op),
 ``C2fWith2M`` (two members in ``m``, the others one), ``InvertedResidualWith2Conv`` (a Sequential
 of two), ``MultiheadAttentionWith3Inputs`` (called with a mask), ``_DenseBlockWith12Denselayer``
 (a numbered series of children: ``denselayer1`` .. ``denselayer12``); the one with none of these
-keeps torch's name. Where that does not tell two apart, the child classes they call do
-(``C2fWithBottleneck``), and a number only where nothing does or the name would run past
+keeps torch's name. Where that does not tell two apart, the functions they run do
+(``InvertedResidualWithHardswish``), then the child classes they call (``C2fWithBottleneck``), and
+a number only where nothing does or the name would run past
 ``LONGEST`` with a child's name in it; a name past ``LONGEST`` keeps only what tells it apart."""
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ def class_names(classes: dict[tuple, object], reserved: Iterable[str] = ()) -> d
       for key in keys:  # a stateless module it runs as an op (timm's OsaStage's ``pool``) is an attribute too
         features[key]["attributes"] |= classes[key].stateless
       parts = {key: _described(features[key], [features[k] for k in keys]) for key in keys}
+      for clashing in _clashes({key: "".join(parts[key]) for key in keys}).values():
+        # the functions they call tell them apart (MobileNetV3's blocks: relu or hardswish)
+        ops = {key: features[key]["ops"] for key in clashing}
+        common = set.intersection(*ops.values())
+        for key in clashing:
+          parts[key] = [*parts[key], *(f"With{_camel(op)}" for op in sorted(ops[key] - common))]
       described = dict(parts)
       named_by_children = set()
       for clashing in _clashes({key: "".join(parts[key]) for key in keys}).values():
@@ -133,7 +140,7 @@ def _series(every: list[dict]) -> set[str]:
 def _features(skeleton: tuple, calls: list) -> dict:
   """A class's code as what names can say: whether it adds its input to a value (a skip
   connection), how many inputs it takes, the attributes it calls (first part), how many members or Sequential elements
-  each has, and the child classes it calls."""
+  each has, the child classes it calls and the functions it runs (``relu``)."""
   inputs = next((set(s[1]) for s in skeleton if s[0] == "inputs"), set())
   found = {
       "skip": False,
@@ -141,6 +148,7 @@ def _features(skeleton: tuple, calls: list) -> dict:
       "attributes": set(),
       "counts": collections.Counter(),
       "children": set(),
+      "ops": set(),
   }
   members: dict[str, set] = collections.defaultdict(set)
 
@@ -154,7 +162,9 @@ def _features(skeleton: tuple, calls: list) -> dict:
 
   def elements(items):  # a Sequential's: its layers are named by index, its children are classes
     for item in items:
-      if item[0] == "element":
+      if item[0] == "op":
+        walk(item)
+      elif item[0] == "element":
         found["children"].add(item[1])
       elif item[0] == "sequence":
         elements(item[1])
@@ -179,8 +189,11 @@ def _features(skeleton: tuple, calls: list) -> dict:
       attribute(e[2], _length(e[1], calls))
       elements(e[1])
       return
-    elif kind == "op" and getattr(e[1], "fn", None) is functional.add:
-      found["skip"] |= any(a[:1] == ("var",) and a[1] in inputs for a in e[2])
+    elif kind == "op":
+      function = getattr(e[1], "fn", None)
+      found["ops"].add(getattr(function, "__name__", ""))
+      if function is functional.add:
+        found["skip"] |= any(a[:1] == ("var",) and a[1] in inputs for a in e[2])
     for x in e:
       walk(x)
 
