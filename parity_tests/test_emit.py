@@ -1281,6 +1281,46 @@ def test_variants_that_differ_in_their_inputs_are_named_for_them(tmp_path):
   assert "ops.multi_head_attention_forward(" in text and "ops.grid_sample(" in text
 
 
+class SamePadding(torch.nn.Module):
+  """transformers' MobileNetV2 layers: TensorFlow's "same" padding from the input's size, read as
+  Python ints (a decision the trace takes on the example's shapes)."""
+
+  def __init__(self, stride):
+    super().__init__()
+    self.conv, self.bn = torch.nn.Conv2d(4, 4, 3, stride), torch.nn.BatchNorm2d(4)
+
+  def forward(self, x):
+    in_height = int(x.shape[-2])
+    in_width = int(x.shape[-1])
+    pad_height, pad_width = max(3 - in_height % 2, 0), max(3 - in_width % 2, 0)
+    x = F.pad(x, (pad_width // 2, pad_width - pad_width // 2, pad_height // 2, pad_height - pad_height // 2))
+    return self.bn(self.conv(x))
+
+
+class SamePaddingStages(torch.nn.Sequential):
+
+  def __init__(self):
+    super().__init__(SamePadding(2), SamePadding(1), SamePadding(1))
+
+
+@pytest.mark.parametrize(("api", "layout"), [("linen", "NCHW"), ("nnx", "NHWC")])
+def test_calls_specialised_to_other_sizes_are_one_class_with_the_sizes_as_fields(api, layout, tmp_path):
+  """A layer that reads its input's size as Python ints is specialised to the example's sizes
+  (asserted where it runs); its calls at other sizes are one class, each size a field named for
+  torch's variable, height and width apart where they are equal (was one class per size:
+  ``SamePadding1``, as transformers' MobileNetV2's ``MobileNetV2ConvLayer1`` .. ``4``). Through
+  the harness (float64 lock-step within its 1e-9)."""
+  port_harness.run(Case(SamePaddingStages, (4, 4, 9, 9), floor=1e-5), via="emit", api=api, layout=layout)
+  text = jaxbn.emit(SamePaddingStages(), torch.zeros(2, 4, 9, 9), tmp_path / "e", api=api, layout=layout).read_text()
+  assert [c for c in re.findall(r"^class (\w+)\(", text, re.M) if c.startswith("Same")] == [
+      "SamePadding",
+      "SamePaddingStages",
+  ], text
+  for name in ("in_height", "in_width"):
+    assert re.search(rf"assert int\(\w+\) == self\.{name}, \"specialised to the example input\"", text), text
+  assert text.count("in_height=5") == 2 and text.count("in_height=9") == 1, text  # 9, then 5 after stride 2
+
+
 class ActivatedBlock(torch.nn.Module):
   """MobileNetV3's blocks: torchvision's Conv2dNormActivation (a Sequential) with the block's activation."""
 

@@ -64,7 +64,7 @@ class Class:
   head: int | None = None  # the model's class: the constant of its last Linear's output size
   stateless: frozenset = frozenset()  # attributes of the stateless modules its calls run as ops (pool)
 
-  def fields(self, label=str, sizes: bool = False) -> dict[int, str]:
+  def fields(self, label=str, sizes: bool = False, shape=lambda label: None) -> dict[int, str]:
     """Constant index -> field name, for the constants whose values differ between calls, and
     with ``sizes`` every size (``*features``, its layers' and its children's, a ``groups`` above
     one equal to a size: depthwise) and a loop's count even where all calls agree. Equal columns
@@ -73,7 +73,9 @@ class Class:
     class called once, equal values say nothing of design: each layer's output size is a field of its own (was
     DenseNet's ``transition1`` reading the dense layers' bottleneck width, both 128) but where it is
     one layer's in members built alike (``_once``), and an input size reads the latest output size it
-    equals (NNX's ``num_features=conv0_out_features``). ``head`` is the field ``num_classes``."""
+    equals (NNX's ``num_features=conv0_out_features``). A size a guard expects shares a field only
+    with those of its torch name (``shape(label)``: an input's height is no width where they are equal).
+    ``head`` is the field ``num_classes``."""
     columns: dict[tuple, str] = {}
     produced: list[tuple[tuple, str, str]] = []  # called once: output sizes' (column, field, role), in order
     fields: dict[int, str] = dict.fromkeys(self._heads(), "num_classes")
@@ -104,6 +106,8 @@ class Class:
       column = tuple(value_key(self.calls[i][index]) for i in rows)
       if len(set(column)) <= 1 and index not in flags and not size:
         continue
+      if shape(self.labels[index]) is not None:
+        column = ("shape", shape(self.labels[index]), *column)
       if present is not None:
         shared = next(
             (n for (c, n) in columns.items() if len(c) == len(self.calls) and _restricted(c, present) == column), None
@@ -489,6 +493,9 @@ class Classes:
     op, names = _argument_labels(node)
     args = tuple(_expression(a, label) for a, label in zip(node.args, names, strict=True))
     kwargs = tuple((k, _expression(v, f"{op}_{k}")) for k, v in node.kwargs)
+    guard = getattr(node.target, "fn", None)
+    if isinstance(guard, Guard) and _is_size(guard.expected):
+      return ("assign", (node.name,), _sized_guard(guard, args))
     if node.kind == "module":
       attribute = _relative(node.target, block.path)
       leaf = self.leaves[node.target]
@@ -526,6 +533,8 @@ class Classes:
       return f"{self.label(label[1])}_step"
     if label[0] == "rest":  # the value of members after the first (``classes._varying``)
       return self.label(label[1])
+    if label[0] == "shape":  # the size a guard expects (``_sized_guard``)
+      return label[1]
     _, attribute, key, index = label
     child = self.classes[key]
     return f"{attribute}_{self.fields(key).get(index) or self.label(child.labels[index])}"
@@ -533,8 +542,18 @@ class Classes:
   def fields(self, key) -> dict[int, str]:
     """A class's fields (computed once the classes are built: the source asks for each call)."""
     if key not in self._fields:
-      self._fields[key] = self.classes[key].fields(self.label, sizes=key != self.root)
+      self._fields[key] = self.classes[key].fields(self.label, sizes=key != self.root, shape=self.shape)
     return self._fields[key]
+
+  def shape(self, label) -> str | None:
+    """The torch name of the size a guard expects (``in_height``), where a constant, its own or a
+    child's, is one."""
+    if isinstance(label, str) or label[0] in ("step", "rest"):
+      return None
+    if label[0] == "shape":
+      return label[1]
+    _, _, key, index = label
+    return self.shape(self.classes[key].labels[index])
 
 
 def _runs(elements: tuple, attribute: str) -> tuple:
@@ -1031,6 +1050,26 @@ def _argument_labels(node: Node) -> tuple[str, list[str]]:
   if getattr(node.target, "context", False):
     parameters = parameters[1:]  # the Context, which the source passes first
   return op, [f"{op}_{parameters[i] if i < len(parameters) else i}" for i in range(len(node.args))]
+
+
+def _is_size(value) -> bool:
+  """An int (not a bool) or a tuple of them: a shape."""
+  if isinstance(value, tuple):
+    return all(map(_is_size, value))
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+ASSIGNED = re.compile(r":\s*(\w+)\s*=[^=]")  # a guard's torch line that names its value: in_height = int(...)
+
+
+def _sized_guard(guard: Guard, args: tuple) -> tuple:
+  """A guard on a size (``int(x.shape[-2])`` was 32) with the size it expects a constant,
+  named for the torch variable it was assigned to (``in_height``): calls at other sizes are one
+  class, the size a field (transformers' MobileNetV2 layers, which pad as TensorFlow does from
+  their input's size, were one class per size, ``MobileNetV2ConvLayer1`` .. ``4``)."""
+  named = ASSIGNED.search(guard.where)
+  expected = ("const", guard.expected, ("shape", named[1] if named else "expected_size"))
+  return ("op", functional.OpRule(dataclasses.replace(guard, expected=None)), args, (("expected", expected),))
 
 
 def _item_attribute(item, base: str) -> str | None:

@@ -343,13 +343,15 @@ class Body:
       fn, (a, b) = comparison[2][1].fn, comparison[2][2]
       fn = fn if guard.expected else NEGATED[fn]
       return [where, f"assert {self.expression(a)} {INFIX[fn]} {self.expression(b)}, {message}"]
-    sized = "tuple" if isinstance(guard.expected, tuple) else "int"
+    size = dict(expression[3]).get("expected")  # a size's guard expects a constant (classes._sized_guard)
+    sized = "tuple" if isinstance(guard.expected if size is None else size[1], tuple) else "int"
     conversion = {"index": "int", "size": sized, "check": "bool"}.get(guard.conversion, guard.conversion)
     value = f"{conversion}({self.expression(expression[2][0])})"
+    expected = repr(guard.expected) if size is None else self.expression(size)
     if targets[0] not in last_use:
-      return [where, f"assert {value} == {guard.expected!r}, {message}"]
+      return [where, f"assert {value} == {expected}, {message}"]
     target = self._assign(targets, expression, index, last_use)
-    return [f"{target} = {value}", where, f"assert {target} == {guard.expected!r}, {message}"]
+    return [f"{target} = {value}", where, f"assert {target} == {expected}, {message}"]
 
   def _sums(self, statements: list, later: set) -> list:
     """Python's ``sum()`` of values (HRNet's fuse layers, an FPN's levels), which torch's trace records
