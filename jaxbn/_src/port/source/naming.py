@@ -20,6 +20,10 @@ from jaxbn._src.torchlike import functional
 
 LONGEST = 64  # characters: a longer name keeps only the parts that tell its class apart
 
+# torch.nn.functional's functions (activations, pooling: ``relu``, ``avg_pool2d``) name a class; not
+# arithmetic or reshaping (``floordiv``, ``view``), which say nothing a reader would name it for
+NAMED_FUNCTIONS = frozenset(rule.fn for name, rule in functional.TABLE.items() if name.startswith("F."))
+
 
 def class_names(classes: dict[tuple, object], reserved: Iterable[str] = ()) -> dict[tuple, str]:
   """Class key -> name, for ``Classes.classes`` (children before their callers)."""
@@ -191,7 +195,8 @@ def _features(skeleton: tuple, calls: list) -> dict:
       return
     elif kind == "op":
       function = getattr(e[1], "fn", None)
-      found["ops"].add(getattr(function, "__name__", ""))
+      if function in NAMED_FUNCTIONS:
+        found["ops"].add(function.__name__)
       if function is functional.add:
         found["skip"] |= any(a[:1] == ("var",) and a[1] in inputs for a in e[2])
     for x in e:
