@@ -93,10 +93,14 @@ class Class:
       if index in counts:  # a field of its own: equal to a size or another count by chance
         fields[index] = _untaken(_identifier(label(self.labels[index])), taken)
         continue
-      size = sizes and (
-          texts[index].endswith("features")
-          or (self._depthwise(index, texts[index]) or index in steps)
-          and self._column(index) in size_columns
+      size = (
+          sizes
+          and shape(self.labels[index]) is None
+          and (  # a guard's size: no layer's
+              texts[index].endswith("features")
+              or (self._depthwise(index, texts[index]) or index in steps)
+              and self._column(index) in size_columns
+          )
       )
       present = (
           [i for i, call in enumerate(self.calls) if call[self.optional[index]]] if index in self.optional else None
@@ -494,7 +498,7 @@ class Classes:
     args = tuple(_expression(a, label) for a, label in zip(node.args, names, strict=True))
     kwargs = tuple((k, _expression(v, f"{op}_{k}")) for k, v in node.kwargs)
     guard = getattr(node.target, "fn", None)
-    if isinstance(guard, Guard) and _is_size(guard.expected):
+    if isinstance(guard, Guard) and guard.conversion != "len" and _is_size(guard.expected):
       return ("assign", (node.name,), _sized_guard(guard, args))
     if node.kind == "module":
       attribute = _relative(node.target, block.path)
@@ -1063,7 +1067,8 @@ ASSIGNED = re.compile(r":\s*(\w+)\s*=[^=]")  # a guard's torch line that names i
 
 
 def _sized_guard(guard: Guard, args: tuple) -> tuple:
-  """A guard on a size (``int(x.shape[-2])`` was 32) with the size it expects a constant,
+  """A guard on a size (``int(x.shape[-2])`` was 32; not ``len()``, which the code's structure
+  decides: ``len(x.chunk(2, 1))``) with the size it expects a constant,
   named for the torch variable it was assigned to (``in_height``): calls at other sizes are one
   class, the size a field (transformers' MobileNetV2 layers, which pad as TensorFlow does from
   their input's size, were one class per size, ``MobileNetV2ConvLayer1`` .. ``4``)."""
