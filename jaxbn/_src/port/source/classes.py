@@ -1068,10 +1068,10 @@ ASSIGNED = re.compile(r":\s*(\w+)\s*=[^=]")  # a guard's torch line that names i
 
 def _sized_guard(guard: Guard, args: tuple) -> tuple:
   """A guard on a size (``int(x.shape[-2])`` was 32; not ``len()``, which the code's structure
-  decides: ``len(x.chunk(2, 1))``) with the size it expects a constant,
-  named for the torch variable it was assigned to (``in_height``): calls at other sizes are one
-  class, the size a field (transformers' MobileNetV2 layers, which pad as TensorFlow does from
-  their input's size, were one class per size, ``MobileNetV2ConvLayer1`` .. ``4``)."""
+  decides: ``len(x.chunk(2, 1))``) with the size it expects a constant, named for the torch
+  variable it was assigned to (``in_height``): calls at other sizes are one class, the size a field
+  (transformers' MobileNetV2 layers, which pad as TensorFlow does from their input's size, were one
+  class per size, ``MobileNetV2ConvLayer1`` .. ``4``)."""
   named = ASSIGNED.search(guard.where)
   expected = ("const", guard.expected, ("shape", named[1] if named else "expected_size"))
   return ("op", functional.OpRule(dataclasses.replace(guard, expected=None)), args, (("expected", expected),))
