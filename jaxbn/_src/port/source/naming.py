@@ -41,24 +41,16 @@ def class_names(classes: dict[tuple, object], reserved: Iterable[str] = ()) -> d
       for key in keys:  # a stateless module it runs as an op (timm's OsaStage's ``pool``) is an attribute too
         features[key]["attributes"] |= classes[key].stateless
       parts = {key: _described(features[key], [features[k] for k in keys]) for key in keys}
-      for clashing in _clashes({key: "".join(parts[key]) for key in keys}).values():
-        # the functions they call tell them apart (MobileNetV3's blocks: relu or hardswish)
-        ops = {key: features[key]["ops"] for key in clashing}
-        common = set.intersection(*ops.values())
-        for key in clashing:
-          parts[key] = [*parts[key], *(f"With{_camel(op)}" for op in sorted(ops[key] - common))]
+      # the functions they run tell them apart (MobileNetV3's blocks: relu or hardswish)
+      _told_apart(parts, keys, lambda key: features[key]["ops"], _camel)
       described = dict(parts)
-      named_by_children = set()
-      for clashing in _clashes({key: "".join(parts[key]) for key in keys}).values():
-        # the child classes they call tell them apart, the shortest names first
-        calls = {key: {names.get(child, child[0].__name__) for child in features[key]["children"]} for key in clashing}
-        others = set.intersection(*calls.values())
-        for key in clashing:
-          parts[key] = [
-              *parts[key],
-              *(f"With{child}" for child in sorted(calls[key] - others, key=lambda c: (len(c), c))),
-          ]
-        named_by_children.update(clashing)
+      # then the child classes they call, the shortest names first
+      named_by_children = _told_apart(
+          parts,
+          keys,
+          lambda key: {names.get(child, child[0].__name__) for child in features[key]["children"]},
+          order=lambda child: (len(child), child),
+      )
       chosen = _shortest(base, parts)
       for key in named_by_children & {key for key, name in chosen.items() if len(name) > LONGEST}:
         chosen[key] = base + "".join(described[key])  # a child's name in it, past LONGEST: numbered
@@ -69,6 +61,19 @@ def class_names(classes: dict[tuple, object], reserved: Iterable[str] = ()) -> d
       taken.add(name)
       names[key] = name
   return names
+
+
+def _told_apart(parts: dict[tuple, list[str]], keys: list[tuple], has, named=str, order=None) -> set[tuple]:
+  """Where variants' names clash, each gains ``With`` and the ``named`` form of what ``has(key)``
+  gives it that not every clashing variant has (in ``order``); returns the keys that clashed."""
+  clashed: set[tuple] = set()
+  for clashing in _clashes({key: "".join(parts[key]) for key in keys}).values():
+    found = {key: has(key) for key in clashing}
+    common = set.intersection(*found.values())
+    for key in clashing:
+      parts[key] = [*parts[key], *(f"With{named(x)}" for x in sorted(found[key] - common, key=order))]
+    clashed.update(clashing)
+  return clashed
 
 
 def _shortest(base: str, parts: dict[tuple, list[str]]) -> dict[tuple, str]:
