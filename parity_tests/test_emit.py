@@ -1321,6 +1321,54 @@ def test_calls_specialised_to_other_sizes_are_one_class_with_the_sizes_as_fields
   assert text.count("in_height=5") == 2 and text.count("in_height=9") == 1, text  # 9, then 5 after stride 2
 
 
+class TableAttention(torch.nn.Module):
+  """timm's levit Attention: heads as an attribute read by a reshape, a learned bias per head and
+  position gathered through an index table the module holds outside its state_dict (a
+  non-persistent buffer); each resolution its own table."""
+
+  def __init__(self, channels: int, num_heads: int, resolution: int):
+    super().__init__()
+    self.num_heads, self.key_dim = num_heads, channels // num_heads
+    self.qkv, self.bn = torch.nn.Linear(channels, 3 * channels), torch.nn.BatchNorm1d(channels)
+    self.attention_biases = torch.nn.Parameter(torch.randn(num_heads, resolution))
+    idxs = torch.randint(0, resolution, (resolution, resolution), generator=torch.Generator().manual_seed(resolution))
+    self.register_buffer("attention_bias_idxs", idxs, persistent=False)
+
+  def forward(self, x):
+    batch, tokens, channels = x.shape
+    q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    attention = q @ k.transpose(-2, -1) / self.key_dim**0.5 + self.attention_biases[:, self.attention_bias_idxs]
+    x = (attention.softmax(-1) @ v).transpose(1, 2).reshape(batch, tokens, channels)
+    return self.bn(x.transpose(1, 2)).transpose(1, 2)
+
+
+class TwoTableAttentions(torch.nn.Module):
+
+  def __init__(self):
+    super().__init__()
+    self.first, self.second = TableAttention(8, 2, 16), TableAttention(8, 4, 4)
+
+  def forward(self, x):
+    return self.second(self.first(x)[:, :4])
+
+
+@pytest.mark.parametrize(("api", "layout"), [("linen", "NCHW"), ("nnx", "NHWC")])
+def test_calls_holding_other_tables_and_head_counts_are_one_class(api, layout, tmp_path):
+  """Two calls of one attention class whose index tables (non-persistent buffers) and head counts
+  differ: one class, the table a field holding its key in ``CONSTANTS`` and the head count a field
+  named for the torch attribute that holds it (was ``TableAttention1`` with the tables baked in,
+  and timm's levit_128s 22 classes, 7 numbered, its reshape sizes ``self.reshape_3``). Through
+  the harness (float64 lock-step within its 1e-9)."""
+  port_harness.run(Case(TwoTableAttentions, (4, 16, 8), floor=1e-5), via="emit", api=api, layout=layout)
+  text = jaxbn.emit(TwoTableAttentions(), torch.zeros(2, 16, 8), tmp_path / "e", api=api, layout=layout).read_text()
+  classes = re.findall(r"^class (\w+)\(", text, re.M)
+  assert classes[:1] == ["TableAttention"] and "TableAttention1" not in classes, classes
+  assert re.search(r"ops\.reshape\(\w+, \w+, \w+, 3, self\.num_heads, -1\)", text), text
+  assert "jnp.asarray(CONSTANTS[self.attention_bias_idxs])" in text, text
+  assert len(re.findall(r'attention_bias_idxs="int64_16x16_\w+"', text)) == 1, text
+  assert len(re.findall(r'attention_bias_idxs="int64_4x4_\w+"', text)) == 1, text
+
+
 class ActivatedBlock(torch.nn.Module):
   """MobileNetV3's blocks: torchvision's Conv2dNormActivation (a Sequential) with the block's activation."""
 
@@ -1346,6 +1394,58 @@ def test_variants_that_differ_in_the_functions_they_run_are_named_for_them(tmp_p
   text = jaxbn.emit(TwoActivatedBlocks(), x, tmp_path / "blocks").read_text()
   classes = re.findall(r"^class (\w+)\(", text, re.M)
   assert classes[:2] == ["ActivatedBlockWithRelu", "ActivatedBlockWithHardswish"], classes
+
+
+class ConvNorm(torch.nn.Sequential):
+
+  def __init__(self):
+    super().__init__(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4))
+
+
+class ActivatedConvNorm(torch.nn.Module):
+
+  def __init__(self, activation):
+    super().__init__()
+    self.conv, self.act = ConvNorm(), activation()
+
+  def forward(self, x):
+    return self.act(self.conv(x))
+
+
+class Residual(torch.nn.Module):
+
+  def __init__(self, inner):
+    super().__init__()
+    self.inner = inner
+
+  def forward(self, x):
+    return x + self.inner(x)
+
+
+class ResidualsAroundVariants(torch.nn.Sequential):
+  """efficientvit_m0's ResidualDrop: around a ConvNorm first, then around each of two variants of
+  an attention class."""
+
+  def __init__(self):
+    super().__init__(
+        Residual(ConvNorm()),
+        Residual(ActivatedConvNorm(torch.nn.ReLU)),
+        Residual(ActivatedConvNorm(torch.nn.Hardswish)),
+    )
+
+
+def test_variants_around_variants_are_named_for_their_childrens_names(tmp_path):
+  """A class first called around a plain child, then around two variants of another class: its
+  variants are named once the children's are (was ``ResidualWithActivatedConvNorm1``: the
+  children read by their torch class's name, the same for both, as efficientvit_m0's
+  ``ResidualDropWithLocalWindowAttention1``)."""
+  x = np.zeros((2, 4, 6, 6), np.float32)
+  text = jaxbn.emit(ResidualsAroundVariants(), x, tmp_path / "residuals").read_text()
+  classes = re.findall(r"^class (\w+)\(", text, re.M)
+  assert {c for c in classes if c.startswith("ResidualWithActivated")} == {
+      "ResidualWithActivatedConvNormWithRelu",
+      "ResidualWithActivatedConvNormWithHardswish",
+  }, classes
 
 
 @pytest.mark.parametrize("api", list(PORTS))

@@ -479,7 +479,7 @@ def _tensor(node: fx.Node, model, options, modules, leaves, problem) -> Node:
       attribute in owner._buffers and attribute not in owner._non_persistent_buffers_set
   )
   if not in_state_dict:
-    return Node(node.name, "op", ops.OpRule(Constant(array.tobytes(), array.shape, array.dtype.name)))
+    return Node(node.name, "op", ops.OpRule(Constant(array.tobytes(), array.shape, array.dtype.name, attribute)))
   leaves[node.target] = tensor_leaf(array, options, "params" if attribute in owner._parameters else "buffers")
   return Node(node.name, "module", node.target)
 

@@ -82,6 +82,7 @@ class Constant:
   data: bytes
   shape: tuple[int, ...]
   dtype: str
+  attribute: str = dataclasses.field(default="", compare=False)  # torch's name for it, for emitted source
 
   def __call__(self):
     return jnp.asarray(np.frombuffer(self.data, np.dtype(self.dtype)).reshape(self.shape))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import inspect
 import re
 from collections.abc import Callable, Mapping
@@ -64,7 +65,7 @@ class Class:
   head: int | None = None  # the model's class: the constant of its last Linear's output size
   stateless: frozenset = frozenset()  # attributes of the stateless modules its calls run as ops (pool)
 
-  def fields(self, label=str, sizes: bool = False, shape=lambda label: None) -> dict[int, str]:
+  def fields(self, label=str, sizes: bool = False, shape=lambda label: None, named=None) -> dict[int, str]:
     """Constant index -> field name, for the constants whose values differ between calls, and
     with ``sizes`` every size (``*features``, its layers' and its children's, a ``groups`` above
     one equal to a size: depthwise) and a loop's count even where all calls agree. Equal columns
@@ -75,7 +76,8 @@ class Class:
     one layer's in members built alike (``_once``), and an input size reads the latest output size it
     equals (NNX's ``num_features=conv0_out_features``). A size a guard expects shares a field only
     with those of its torch name (``shape(label)``: an input's height is no width where they are equal).
-    ``head`` is the field ``num_classes``."""
+    ``head`` is the field ``num_classes``; ``named``: index -> a name for it (the torch attribute
+    it is), in place of its label's."""
     columns: dict[tuple, str] = {}
     produced: list[tuple[tuple, str, str]] = []  # called once: output sizes' (column, field, role), in order
     fields: dict[int, str] = dict.fromkeys(self._heads(), "num_classes")
@@ -124,7 +126,7 @@ class Class:
         fields[index] = self._once(index, texts[index], column, produced, columns, taken, label)
         continue
       if column not in columns:
-        columns[column] = _untaken(_identifier(label(self.labels[index])), taken)
+        columns[column] = _untaken(_identifier((named or {}).get(index) or label(self.labels[index])), taken)
       fields[index] = columns[column]
     return fields
 
@@ -206,12 +208,24 @@ class Class:
 REQUIRED = object()
 
 
+def _attributes_holding(module: torch.nn.Module, value) -> set[str]:
+  """The module's public attributes whose value is ``value`` (of its type)."""
+  key = value_key(value)
+  return {
+      name
+      for name, held in vars(module).items()
+      if not name.startswith("_") and name != "training" and value_key(held) == key
+  }
+
+
 def _restricted(column: tuple, rows: list[int]) -> tuple:
   return tuple(column[i] for i in rows)
 
 
 def value_key(value):
   """Values compared for equality (``1 == 1.0 == True`` in Python; not here)."""
+  if isinstance(value, Constant):  # its bytes' digest, not their repr (levit's tables: 300 kB each)
+    return ("Constant", value.dtype, value.shape, hashlib.sha1(value.data).hexdigest())
   return (type(value).__name__, repr(value))
 
 
@@ -240,12 +254,16 @@ class Classes:
       leaves: dict[str, Leaf],
       layer_fields: Callable[[str, Leaf], tuple[type, tuple]] | None = None,
       held: frozenset[str] = frozenset(),
+      module_at: Callable[[str], torch.nn.Module] | None = None,
   ):
     """``layer_fields(path, leaf) -> (class, ((field, value), ...))``: how the source builds the
     layer at ``path``; default: the Linen prototype's class and dataclass fields. ``held``: the
-    paths of tensors of modules forward never calls (``Traced.held``)."""
+    paths of tensors of modules forward never calls (``Traced.held``). ``module_at(path)``: the
+    torch module there, whose attributes name the op arguments that differ between its calls."""
     self.leaves = leaves
     self.held = held
+    self.module_at = module_at
+    self.argument_labels: set[str] = set()  # the labels of ops' arguments (``reshape_3``)
     self.layer_fields = layer_fields or linen_fields
     self.classes: dict[tuple, Class] = {}  # class key -> Class, callers after their children
     self.built: dict[str, tuple] = {}  # call key -> (class key, constants)
@@ -382,7 +400,7 @@ class Classes:
       if item.kind not in ("module", "op") or not _reads_only(item, previous):
         return None
       expression = self._node(block, item)[2]
-      if expression[0] == "op" and isinstance(expression[1].fn, OPAQUE):
+      if expression[0] == "tensor" or expression[0] == "op" and isinstance(expression[1].fn, OPAQUE):
         return None
       if expression[0] == "layer" and expression[3] != str(index):
         return None
@@ -494,9 +512,13 @@ class Classes:
       return ("return", _expression(node.args[0], "output"))
     if node.kind == "unsupported":
       raise PortError(f"emit: {node.target}")
+    if isinstance(getattr(node.target, "fn", None), Constant):  # a hole: calls holding other tables are one class
+      constant = node.target.fn
+      return ("assign", (node.name,), ("tensor", ("const", constant, constant.attribute or "constant")))
     op, names = _argument_labels(node)
     args = tuple(_expression(a, label) for a, label in zip(node.args, names, strict=True))
     kwargs = tuple((k, _expression(v, f"{op}_{k}")) for k, v in node.kwargs)
+    self.argument_labels.update(names, (f"{op}_{k}" for k, _ in node.kwargs))
     guard = getattr(node.target, "fn", None)
     if isinstance(guard, Guard) and guard.conversion != "len" and _is_size(guard.expected):
       return ("assign", (node.name,), _sized_guard(guard, args))
@@ -546,8 +568,29 @@ class Classes:
   def fields(self, key) -> dict[int, str]:
     """A class's fields (computed once the classes are built: the source asks for each call)."""
     if key not in self._fields:
-      self._fields[key] = self.classes[key].fields(self.label, sizes=key != self.root, shape=self.shape)
+      cls = self.classes[key]
+      self._fields[key] = cls.fields(self.label, sizes=key != self.root, shape=self.shape, named=self._named(cls))
     return self._fields[key]
+
+  def _named(self, cls: Class) -> dict[int, str]:
+    """Constant index -> the torch attribute it is, for an op's argument that differs between the
+    class's calls and that one attribute of the torch module equals in every call: levit's
+    ``ops.reshape(x, b, n, self.num_heads, -1)``, not ``self.reshape_3``."""
+    if self.module_at is None or len(cls.calls) < 2:
+      return {}
+    try:
+      modules = [self.module_at(key.partition("@")[0]) for key in cls.keys]
+    except AttributeError:  # a call the tree made of no one module
+      return {}
+    named = {}
+    for index, label in enumerate(cls.labels):
+      column = [call[index] for call in cls.calls]
+      if label not in self.argument_labels or len({value_key(v) for v in column}) < 2:
+        continue
+      held = set.intersection(*(_attributes_holding(m, v) for m, v in zip(modules, column, strict=True)))
+      if len(held) == 1:
+        named[index] = held.pop()
+    return named
 
   def shape(self, label) -> str | None:
     """The torch name of the size a guard expects (``in_height``), where a constant, its own or a

@@ -127,6 +127,13 @@ class Source:
     lines += ["    " + line for line in body.containers_lines() + statements]
     return "\n".join(lines)
 
+  def constant_key(self, constant: Constant) -> str:
+    """The key of a tensor constant in ``constants.safetensors`` (``CONSTANTS``), stored there."""
+    data = constant.data
+    key = f"{constant.dtype}_{'x'.join(map(str, constant.shape))}_{hashlib.sha1(data).hexdigest()[:12]}"
+    self.constants[key] = np.frombuffer(data, np.dtype(constant.dtype)).reshape(constant.shape)
+    return key
+
   def field_arguments(self, key: tuple, constants: tuple, render) -> list[str]:
     """``field=value`` for each of a child class's fields, from the constants of one call."""
     child = self.classes.classes[key]
@@ -498,6 +505,8 @@ class Body:
       return f"sum([{', '.join(self.expression(x) for x in e[1])}])"
     if kind == "op":
       return self._op(e)
+    if kind == "tensor":
+      return self._tensor(e[1])
     raise AssertionError(f"unknown expression {kind}")
 
   def _child(self, e) -> str:
@@ -650,16 +659,20 @@ class Body:
       return f"functools.partial({function}, {', '.join(keywords)})"
     return f"lambda x: {function}(x, {', '.join(rest + keywords)})"
 
+  def _tensor(self, constant: tuple) -> str:
+    """A tensor the model holds outside its state_dict: written out where small, else read from
+    ``CONSTANTS``; a field (calls hold other tensors: levit's attention index tables) is its key."""
+    _, value, _label, index = constant
+    if index in self.fields:
+      return f"jnp.asarray(CONSTANTS[{self.field(self.fields[index])}])"
+    if math.prod(value.shape) <= INLINE_CONSTANT:
+      array = np.frombuffer(value.data, np.dtype(value.dtype)).reshape(value.shape)
+      return f"jnp.asarray(np.array({array.tolist()!r}, np.{value.dtype}))"
+    return f"jnp.asarray(CONSTANTS[{self.source.constant_key(value)!r}])"
+
   def _op(self, e) -> str:
     _, rule, args, kwargs = e
     fn = rule.fn
-    if isinstance(fn, Constant):
-      array = np.frombuffer(fn.data, np.dtype(fn.dtype)).reshape(fn.shape)
-      if array.size <= INLINE_CONSTANT:
-        return f"jnp.asarray(np.array({array.tolist()!r}, np.{fn.dtype}))"
-      key = f"{fn.dtype}_{'x'.join(map(str, fn.shape))}_{hashlib.sha1(fn.data).hexdigest()[:12]}"
-      self.source.constants[key] = array
-      return f"jnp.asarray(CONSTANTS[{key!r}])"
     if isinstance(fn, Metadata):
       return f"jax.ShapeDtypeStruct({fn.shape!r}, jnp.{fn.dtype})"
     a = [self.expression(x) for x in args]
@@ -915,6 +928,8 @@ def literal(value, source: Source) -> str:
     return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
   if isinstance(value, list):
     return f"[{', '.join(literal(v, source) for v in value)}]"
+  if isinstance(value, Constant):  # a field's value: its key in CONSTANTS
+    return repr(source.constant_key(value))
   if dataclasses.is_dataclass(value) and type(value) is linen.Apply:
     source.uses_layers = True
     return f"layers.Apply({source.function(value.fn)}, {literal(value.kwargs, source)})"
@@ -927,6 +942,8 @@ def _annotation(values: list) -> str:
     (kind,) = types
     if kind in (int, float, bool, str, tuple):
       return kind.__name__
+    if kind is Constant:  # its key in CONSTANTS
+      return "str"
   if types <= {int, float}:
     return "float"
   if type(None) in types and len(types) == 2:

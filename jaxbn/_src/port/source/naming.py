@@ -32,7 +32,11 @@ def class_names(classes: dict[tuple, object], reserved: Iterable[str] = ()) -> d
   groups: dict[type, list[tuple]] = collections.defaultdict(list)
   for key, cls in classes.items():
     groups[cls.torch_class].append(key)
-  for torch_class, keys in groups.items():
+  # a torch class's variants once every variant of the classes they call is named (children come
+  # first in ``classes``; a group is named at its last: efficientvit_m0's ResidualDrop, first seen
+  # around a ConvNorm, calls both LocalWindowAttention variants, and was numbered)
+  position = {key: i for i, key in enumerate(classes)}
+  for torch_class, keys in sorted(groups.items(), key=lambda group: position[group[1][-1]]):
     base = torch_class.__name__
     if len(keys) == 1:
       chosen = {keys[0]: base}
