@@ -1448,6 +1448,89 @@ def test_variants_around_variants_are_named_for_their_childrens_names(tmp_path):
   }, classes
 
 
+class IdentityShortcut(torch.nn.Module):
+  """timm's byobnet BottleneckBlock: ``shortcut`` an nn.Identity where it adds its input."""
+
+  def __init__(self, skip: bool):
+    super().__init__()
+    self.conv, self.bn = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+    self.shortcut = torch.nn.Identity() if skip else None
+
+  def forward(self, x):
+    y = self.bn(self.conv(x))
+    return y if self.shortcut is None else y + self.shortcut(x)
+
+
+class FirstOrNot(torch.nn.Module):
+  """selecsls' blocks: a flag decides what forward does."""
+
+  def __init__(self, is_first: bool):
+    super().__init__()
+    self.is_first, self.bn = is_first, torch.nn.BatchNorm2d(4)
+
+  def forward(self, x):
+    return self.bn(x) if self.is_first else self.bn(x) * x
+
+
+class Partition(torch.nn.Module):
+  """maxvit's partition attention: a string setting decides the order of the axes."""
+
+  def __init__(self, partition: str):
+    super().__init__()
+    self.partition, self.bn = partition, torch.nn.BatchNorm2d(4)
+
+  def forward(self, x):
+    return self.bn(x.transpose(2, 3) if self.partition == "grid" else x)
+
+
+class GatedNormAct(torch.nn.Module):
+  """dpn's CatBnAct: a timm BatchNormAct2d whose activation is the only other difference."""
+
+  def __init__(self, act_layer, gate: bool):
+    super().__init__()
+    from timm.layers import BatchNormAct2d
+
+    self.gate, self.bn = gate, BatchNormAct2d(4, act_layer=act_layer)
+
+  def forward(self, x):
+    return self.bn(x) * x if self.gate else self.bn(x)
+
+
+class VariantsOfEveryKind(torch.nn.Sequential):
+
+  def __init__(self):
+    super().__init__(
+        IdentityShortcut(True),
+        IdentityShortcut(False),
+        FirstOrNot(True),
+        FirstOrNot(False),
+        Partition("grid"),
+        Partition("block"),
+        GatedNormAct(torch.nn.ReLU, True),
+        GatedNormAct(torch.nn.SiLU, False),
+    )
+
+
+def test_variants_are_named_for_an_identity_shortcut_a_setting_or_their_norms_activation(tmp_path):
+  """What tells variants apart where their code's attributes do not: adding their input through an
+  nn.Identity (``WithSkip``, was mobilevit_xxs' ``BottleneckBlock1``), a flag or a short string of
+  their torch modules (``IsFirst``, ``Grid``; was selecsls' ``SelecSlsBlock1``), their norm's
+  activation (``WithRelu``; was dpn's ``CatBnAct1``); no class is numbered."""
+  x = np.zeros((2, 4, 6, 6), np.float32)
+  text = jaxbn.emit(VariantsOfEveryKind(), x, tmp_path / "variants").read_text()
+  assert re.findall(r"^class (\w+)\(", text, re.M) == [
+      "IdentityShortcutWithSkip",
+      "IdentityShortcut",
+      "FirstOrNotIsFirst",
+      "FirstOrNot",
+      "PartitionGrid",
+      "PartitionBlock",
+      "GatedNormActWithRelu",
+      "GatedNormActWithSilu",
+      "VariantsOfEveryKind",
+  ], text
+
+
 @pytest.mark.parametrize("api", list(PORTS))
 def test_a_module_that_takes_a_list_is_one_class_taking_its_items(api, tmp_path):
   """DenseNet's layer takes the list of every feature map before it: one class, ``__call__(self,

@@ -19,7 +19,9 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax.linen
 import torch
+from flax import nnx
 
 from jaxbn._src.errors import PortError
 from jaxbn._src.port.graph import Aggregate, Node, Ref, Slice, Static, references
@@ -208,13 +210,17 @@ class Class:
 REQUIRED = object()
 
 
+# what a Flax module has already (``name``, ``parent``, ``train``, ``apply``), and torch's mode: no field's name
+FLAX_MODULE_NAMES = frozenset(dir(flax.linen.Module)) | frozenset(dir(nnx.Module)) | {"name", "parent", "training"}
+
+
 def _attributes_holding(module: torch.nn.Module, value) -> set[str]:
-  """The module's public attributes whose value is ``value`` (of its type)."""
+  """The module's public attributes whose value is ``value`` (of its type), that can name a field."""
   key = value_key(value)
   return {
       name
       for name, held in vars(module).items()
-      if not name.startswith("_") and name != "training" and value_key(held) == key
+      if not name.startswith("_") and name not in FLAX_MODULE_NAMES and value_key(held) == key
   }
 
 
@@ -572,15 +578,21 @@ class Classes:
       self._fields[key] = cls.fields(self.label, sizes=key != self.root, shape=self.shape, named=self._named(cls))
     return self._fields[key]
 
+  def modules(self, cls: Class) -> list[torch.nn.Module] | None:
+    """The torch modules of a class's calls, where each call is one module's."""
+    if self.module_at is None:
+      return None
+    try:
+      return [self.module_at(key.partition("@")[0]) for key in cls.keys]
+    except AttributeError:  # a call the tree made of no one module
+      return None
+
   def _named(self, cls: Class) -> dict[int, str]:
     """Constant index -> the torch attribute it is, for an op's argument that differs between the
     class's calls and that one attribute of the torch module equals in every call: levit's
     ``ops.reshape(x, b, n, self.num_heads, -1)``, not ``self.reshape_3``."""
-    if self.module_at is None or len(cls.calls) < 2:
-      return {}
-    try:
-      modules = [self.module_at(key.partition("@")[0]) for key in cls.keys]
-    except AttributeError:  # a call the tree made of no one module
+    modules = self.modules(cls) if len(cls.calls) > 1 else None
+    if modules is None:
       return {}
     named = {}
     for index, label in enumerate(cls.labels):

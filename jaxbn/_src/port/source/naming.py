@@ -5,17 +5,21 @@ a stateless module, run as an op),
 ``C2fWith2M`` (two members in ``m``, the others one), ``InvertedResidualWith2Conv`` (a Sequential
 of two), ``MultiheadAttentionWith3Inputs`` (called with a mask), ``_DenseBlockWith12Denselayer``
 (a numbered series of children: ``denselayer1`` .. ``denselayer12``); the one with none of these
-keeps torch's name. Where that does not tell two apart, the functions they run do
-(``InvertedResidualWithHardswish``), then the child classes they call (``C2fWithBottleneck``), and
-a number only where nothing does or the name would run past
-``LONGEST`` with a child's name in it; a name past ``LONGEST`` keeps only what tells it apart."""
+keeps torch's name. Where that does not tell two apart, the functions they run do, their norms'
+activations included (``InvertedResidualWithHardswish``, dpn's ``CatBnActWithSilu``), then the
+child classes they call (``C2fWithBottleneck``), then their torch modules' settings (selecsls'
+``SelecSlsBlockIsFirst``, a flag; ``PartitionGrid``, a string), and a number only where nothing
+does or the name would run past ``LONGEST`` with a child's name in it; a name past ``LONGEST`` keeps
+only what tells it apart. An input added through an nn.Identity is a skip connection too (timm's
+``shortcut``)."""
 
 from __future__ import annotations
 
 import collections
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+from jaxbn._src.port.source.classes import identity_input
 from jaxbn._src.torchlike import functional
 
 LONGEST = 64  # characters: a longer name keeps only the parts that tell its class apart
@@ -25,8 +29,12 @@ LONGEST = 64  # characters: a longer name keeps only the parts that tell its cla
 NAMED_FUNCTIONS = frozenset(rule.fn for name, rule in functional.TABLE.items() if name.startswith("F."))
 
 
-def class_names(classes: dict[tuple, object], reserved: Iterable[str] = ()) -> dict[tuple, str]:
-  """Class key -> name, for ``Classes.classes`` (children before their callers)."""
+def class_names(
+    classes: dict[tuple, object], reserved: Iterable[str] = (), modules: Callable[[object], list] | None = None
+) -> dict[tuple, str]:
+  """Class key -> name, for ``Classes.classes`` (children before their callers); ``modules(cls)``:
+  the torch modules of a class's calls (``Classes.modules``), whose settings tell variants apart
+  where nothing else does."""
   names: dict[tuple, str] = {}
   taken = set(reserved)
   groups: dict[type, list[tuple]] = collections.defaultdict(list)
@@ -55,6 +63,10 @@ def class_names(classes: dict[tuple, object], reserved: Iterable[str] = ()) -> d
           lambda key: {names.get(child, child[0].__name__) for child in features[key]["children"]},
           order=lambda child: (len(child), child),
       )
+      # then the settings of torch's modules (selecsls' ``is_first``, maxvit's ``partition_type``)
+      if modules is not None:
+        settings = {key: _settings(modules(classes[key])) for key in keys}
+        _told_apart(parts, keys, settings.get, prefix="")
       chosen = _shortest(base, parts)
       for key in named_by_children & {key for key, name in chosen.items() if len(name) > LONGEST}:
         chosen[key] = base + "".join(described[key])  # a child's name in it, past LONGEST: numbered
@@ -67,15 +79,18 @@ def class_names(classes: dict[tuple, object], reserved: Iterable[str] = ()) -> d
   return names
 
 
-def _told_apart(parts: dict[tuple, list[str]], keys: list[tuple], has, named=str, order=None) -> set[tuple]:
-  """Where variants' names clash, each gains ``With`` and the ``named`` form of what ``has(key)``
-  gives it that not every clashing variant has (in ``order``); returns the keys that clashed."""
+def _told_apart(
+    parts: dict[tuple, list[str]], keys: list[tuple], has, named=str, order=None, prefix: str = "With"
+) -> set[tuple]:
+  """Where variants' names clash, each gains ``prefix`` (``With``) and the ``named`` form of what
+  ``has(key)`` gives it that not every clashing variant has (in ``order``); returns the keys that
+  clashed."""
   clashed: set[tuple] = set()
   for clashing in _clashes({key: "".join(parts[key]) for key in keys}).values():
     found = {key: has(key) for key in clashing}
     common = set.intersection(*found.values())
     for key in clashing:
-      parts[key] = [*parts[key], *(f"With{named(x)}" for x in sorted(found[key] - common, key=order))]
+      parts[key] = [*parts[key], *(f"{prefix}{named(x)}" for x in sorted(found[key] - common, key=order))]
     clashed.update(clashing)
   return clashed
 
@@ -98,6 +113,29 @@ def _shortest(base: str, parts: dict[tuple, list[str]]) -> dict[tuple, str]:
       apart = [differ for differ in apart if best not in differ]
     chosen[key] = base + "".join(part for part in own if part in picked)
   return chosen
+
+
+SETTING = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,15}")  # a string setting that reads as a name: "grid"
+
+
+def _settings(modules: list | None) -> set[str]:
+  """Name parts for the settings all of a class's torch modules share: a flag that is on by its
+  name (``IsFirst``), a short string by its value (``Grid``)."""
+  if not modules:
+    return set()
+  shared = None
+  for module in modules:
+    own = {
+        (name, value)
+        for name, value in vars(module).items()
+        if not name.startswith("_") and name != "training" and type(value) in (bool, str)
+    }
+    shared = own if shared is None else shared & own
+  return {
+      _camel(name) if value is True else _camel(value)
+      for name, value in shared
+      if value is True or isinstance(value, str) and SETTING.fullmatch(value)
+  }
 
 
 def _described(own: dict, every: list[dict]) -> list[str]:
@@ -164,6 +202,9 @@ def _features(skeleton: tuple, calls: list) -> dict:
       "ops": set(),
   }
   members: dict[str, set] = collections.defaultdict(set)
+  for statement in skeleton:  # an identity's output is its input (timm's ``shortcut``, an nn.Identity)
+    if identity_input(statement) in inputs:
+      inputs.add(statement[1][0])
 
   def attribute(path: str, elements: int | None = None):
     first, _, rest = path.partition(".")
@@ -184,12 +225,19 @@ def _features(skeleton: tuple, calls: list) -> dict:
       elif item[0] == "repeat":
         elements(item[1:2])
 
+  def activations(fields):  # a norm's activation (timm's BatchNormAct2d ``after``), where every call has one
+    for name, value in fields:
+      applied = {repr(call[value[1]]) for call in calls} if name == "after" and value[0] == "hole" else ()
+      if len(applied) == 1:
+        found["ops"].update(a.fn.__name__ for a in calls[0][value[1]] or () if a.fn in NAMED_FUNCTIONS)
+
   def walk(e):
     if not (isinstance(e, tuple) and e):
       return
     kind = e[0]
     if kind == "layer":
       attribute(e[3])
+      activations(e[2])
     elif kind == "call":
       found["children"].add(e[1])
       attribute(e[3])
