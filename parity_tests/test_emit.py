@@ -1369,6 +1369,27 @@ def test_calls_holding_other_tables_and_head_counts_are_one_class(api, layout, t
   assert len(re.findall(r'attention_bias_idxs="int64_4x4_\w+"', text)) == 1, text
 
 
+class CheckedSize(torch.nn.Module):
+  """timm's efficientvit_m0: an assert whose message forward formats with the input's size."""
+
+  def __init__(self):
+    super().__init__()
+    self.size, self.bn = 6, torch.nn.BatchNorm2d(4)
+
+  def forward(self, x):
+    height = x.shape[-2]
+    torch._assert(height == self.size, f"input feature has wrong size, expect {self.size}, got {height}")
+    return self.bn(x)
+
+
+def test_a_message_formatted_while_tracing_shows_no_proxy(tmp_path):
+  """fx formats the message with its proxy for the input's height (``got Proxy(getitem_1)``, in
+  efficientvit_m0's source 30 times): the source says ``?`` there; the check itself is kept."""
+  text = jaxbn.emit(CheckedSize(), np.zeros((2, 4, 6, 6), np.float32), tmp_path / "checked").read_text()
+  assert "Proxy(" not in text and "input feature has wrong size, expect 6, got ?" in text, text
+  assert re.search(r"\w+ = \w+ == 6\n", text), text
+
+
 class ActivatedBlock(torch.nn.Module):
   """MobileNetV3's blocks: torchvision's Conv2dNormActivation (a Sequential) with the block's activation."""
 

@@ -1097,7 +1097,7 @@ def _child_pairs(train_block: Block | None, eval_block: Block | None):
 def _argument_labels(node: Node) -> tuple[str, list[str]]:
   """The op's name and a label per positional argument, for field names (``flatten_start_dim``)."""
   fn = getattr(node.target, "fn", None)
-  op = getattr(fn, "__name__", None) or "op"
+  op = (getattr(fn, "__name__", None) or "op").rstrip("_")  # assert_'s message: assert_message
   try:
     parameters = [
         p.name
@@ -1165,6 +1165,9 @@ def _relative(path: str, base: str) -> str:
   return path[len(base) + 1 :] if base else path
 
 
+PROXY = re.compile(r"Proxy\(\w+\)")  # fx's repr of a traced value, as an f-string in forward wrote it
+
+
 def _expression(value, label: str) -> tuple:
   """An encoded node argument as an expression."""
   if isinstance(value, Ref):
@@ -1176,6 +1179,8 @@ def _expression(value, label: str) -> tuple:
     return ("aggregate", value.kind, items, value.keys)
   if isinstance(value, tuple) and any(isinstance(v, (Ref, Slice, Aggregate)) for v in value):
     return ("tuple", tuple(_expression(v, label) for v in value))
+  if isinstance(value, str):  # a message formatted while fx traced: its values were proxies
+    value = PROXY.sub("?", value)
   return ("const", value, label)
 
 
