@@ -1517,10 +1517,24 @@ class GatedNormAct(torch.nn.Module):
     return self.bn(x) * x if self.gate else self.bn(x)
 
 
+class PoolBlock(torch.nn.Module):
+  """smp's PSPBlock: its Sequential has a BatchNorm or, over one pixel, an nn.Identity."""
+
+  def __init__(self, batch_norm: bool):
+    super().__init__()
+    norm = torch.nn.BatchNorm2d(4) if batch_norm else torch.nn.Identity()
+    self.pool = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), norm, torch.nn.ReLU())
+
+  def forward(self, x):
+    return self.pool(x)
+
+
 class VariantsOfEveryKind(torch.nn.Sequential):
 
   def __init__(self):
     super().__init__(
+        PoolBlock(False),
+        PoolBlock(True),
         IdentityShortcut(True),
         IdentityShortcut(False),
         FirstOrNot(True),
@@ -1532,14 +1546,51 @@ class VariantsOfEveryKind(torch.nn.Sequential):
     )
 
 
-def test_variants_are_named_for_an_identity_shortcut_a_setting_or_their_norms_activation(tmp_path):
+class LongNamedDepthwiseSeparableConvolutionNormActLayer(torch.nn.Module):
+  """transformers' EfficientNetDepthwiseLayer: pads where it strides."""
+
+  def __init__(self, pad: bool):
+    super().__init__()
+    self.pad, self.bn = pad, torch.nn.BatchNorm2d(4)
+
+  def forward(self, x):
+    return self.bn(F.pad(x, (0, 1, 0, 1))[..., :-1, :-1] if self.pad else x)
+
+
+class BlockAroundLongNames(torch.nn.Module):
+
+  def __init__(self, pad: bool):
+    super().__init__()
+    self.conv = LongNamedDepthwiseSeparableConvolutionNormActLayer(pad)
+
+  def forward(self, x):
+    return self.conv(x)
+
+
+def test_variants_whose_childrens_names_run_long_are_named_for_what_tells_the_children_apart(tmp_path):
+  """Two calls of a block that differ in their child's variant, whose name with the block's runs
+  past 64 characters: the block is named for what tells the children apart (``WithPad``, was
+  ``BlockAroundLongNames1``, as transformers' ``EfficientNetBlock1`` and ``2``)."""
+  model = torch.nn.Sequential(BlockAroundLongNames(True), BlockAroundLongNames(False))
+  text = jaxbn.emit(model, np.zeros((2, 4, 6, 6), np.float32), tmp_path / "long").read_text()
+  classes = re.findall(r"^class (\w+)\(", text, re.M)
+  assert {c for c in classes if c.startswith("BlockAround")} == {
+      "BlockAroundLongNamesWithPad",
+      "BlockAroundLongNames",
+  }, classes
+
+
+def test_variants_are_named_for_a_shortcut_a_setting_their_norms_activation_or_their_layers(tmp_path):
   """What tells variants apart where their code's attributes do not: adding their input through an
   nn.Identity (``WithSkip``, was mobilevit_xxs' ``BottleneckBlock1``), a flag or a short string of
   their torch modules (``IsFirst``, ``Grid``; was selecsls' ``SelecSlsBlock1``), their norm's
-  activation (``WithRelu``; was dpn's ``CatBnAct1``); no class is numbered."""
+  activation (``WithRelu``; was dpn's ``CatBnAct1``), the layers of their Sequential
+  (``WithBatchNorm``; was smp's ``PSPBlock1``); no class is numbered."""
   x = np.zeros((2, 4, 6, 6), np.float32)
   text = jaxbn.emit(VariantsOfEveryKind(), x, tmp_path / "variants").read_text()
   assert re.findall(r"^class (\w+)\(", text, re.M) == [
+      "PoolBlock",
+      "PoolBlockWithBatchNorm",
       "IdentityShortcutWithSkip",
       "IdentityShortcut",
       "FirstOrNotIsFirst",

@@ -8,7 +8,8 @@ of two), ``MultiheadAttentionWith3Inputs`` (called with a mask), ``_DenseBlockWi
 keeps torch's name. Where that does not tell two apart, the functions they run do, their norms'
 activations included (``InvertedResidualWithHardswish``, dpn's ``CatBnActWithSilu``), then the
 child classes they call (``C2fWithBottleneck``), then their torch modules' settings (selecsls'
-``SelecSlsBlockIsFirst``, a flag; ``PartitionGrid``, a string), and a number only where nothing
+``SelecSlsBlockIsFirst``, a flag; ``PartitionGrid``, a string), then their layers' classes (smp's
+``PSPBlockWithBatchNorm``), and a number only where nothing
 does or the name would run past ``LONGEST`` with a child's name in it; a name past ``LONGEST`` keeps
 only what tells it apart. An input added through an nn.Identity is a skip connection too (timm's
 ``shortcut``)."""
@@ -64,12 +65,26 @@ def class_names(
           order=lambda child: (len(child), child),
       )
       # then the settings of torch's modules (selecsls' ``is_first``, maxvit's ``partition_type``)
-      if modules is not None:
-        settings = {key: _settings(modules(classes[key])) for key in keys}
+      settings = {key: _settings(modules(classes[key])) for key in keys} if modules is not None else None
+      if settings:
         _told_apart(parts, keys, settings.get, prefix="")
+      # then the classes of their layers (smp's PSPBlock: a BatchNorm where the pool is over one
+      # pixel; DPT's ReassembleBlock: a ConvTranspose at ``upsample`` where it upsamples)
+      _told_apart(parts, keys, lambda key: features[key]["layers"])
       chosen = _shortest(base, parts)
-      for key in named_by_children & {key for key, name in chosen.items() if len(name) > LONGEST}:
-        chosen[key] = base + "".join(described[key])  # a child's name in it, past LONGEST: numbered
+      if named_by_children & {key for key, name in chosen.items() if len(name) > LONGEST}:
+        # a child's name past LONGEST: what tells the children apart in its place (transformers'
+        # EfficientNetBlockWithDepthwiseConvPad, was EfficientNetBlock1), else a number
+        by_parts = {key: list(described[key]) for key in keys}
+        _told_apart(
+            by_parts, keys, lambda key: {_own_part(names, c) for c in features[key]["children"]} - {""}, prefix=""
+        )
+        if settings:
+          _told_apart(by_parts, keys, settings.get, prefix="")
+        _told_apart(by_parts, keys, lambda key: features[key]["layers"])
+        shorter = _shortest(base, by_parts)
+        for key in named_by_children & {key for key, name in chosen.items() if len(name) > LONGEST}:
+          chosen[key] = shorter[key] if len(shorter[key]) <= LONGEST else base + "".join(described[key])
     for key in keys:
       name = chosen[key]
       while name in taken:
@@ -77,6 +92,14 @@ def class_names(
       taken.add(name)
       names[key] = name
   return names
+
+
+def _own_part(names: dict[tuple, str], child: tuple) -> str:
+  """What a child class's name says past its torch class's (``WithDepthwiseConvPad``); "" for the
+  variant that keeps torch's name or one named by a number."""
+  name, base = names.get(child, child[0].__name__), child[0].__name__
+  own = name[len(base) :] if name.startswith(base) else name
+  return "" if own.isdigit() else own
 
 
 def _told_apart(
@@ -200,6 +223,7 @@ def _features(skeleton: tuple, calls: list) -> dict:
       "counts": collections.Counter(),
       "children": set(),
       "ops": set(),
+      "layers": set(),  # the classes of its layers
   }
   members: dict[str, set] = collections.defaultdict(set)
   for statement in skeleton:  # an identity's output is its input (timm's ``shortcut``, an nn.Identity)
@@ -218,6 +242,8 @@ def _features(skeleton: tuple, calls: list) -> dict:
     for item in items:
       if item[0] == "op":
         walk(item)
+      elif item[0] == "layer":
+        found["layers"].add(item[1].__name__)
       elif item[0] == "element":
         found["children"].add(item[1])
       elif item[0] == "sequence":
@@ -238,6 +264,7 @@ def _features(skeleton: tuple, calls: list) -> dict:
     if kind == "layer":
       attribute(e[3])
       activations(e[2])
+      found["layers"].add(e[1].__name__)
     elif kind == "call":
       found["children"].add(e[1])
       attribute(e[3])
