@@ -1390,6 +1390,41 @@ def test_a_message_formatted_while_tracing_shows_no_proxy(tmp_path):
   assert re.search(r"\w+ = \w+ == 6\n", text), text
 
 
+class SamePadConv(torch.nn.Module):
+  """transformers' MobileNetV2ConvLayer: TensorFlow's "same" padding, from the kernel's size: 0 on
+  every side for a 1x1 convolution."""
+
+  def __init__(self, kernel: int, activation: bool):
+    super().__init__()
+    self.conv, self.bn = torch.nn.Conv2d(4, 4, kernel), torch.nn.BatchNorm2d(4)
+    self.act = torch.nn.ReLU6() if activation else None
+
+  def forward(self, x):
+    total = self.conv.kernel_size[0] - 1
+    x = F.pad(x, (total // 2, total - total // 2, total // 2, total - total // 2), "constant", 0.0)
+    x = self.bn(self.conv(x))
+    return x if self.act is None else self.act(x)
+
+
+class SamePadConvs(torch.nn.Sequential):
+
+  def __init__(self):
+    super().__init__(SamePadConv(3, True), SamePadConv(6, True), SamePadConv(1, False))
+
+
+@pytest.mark.parametrize(("api", "layout"), [("linen", "NCHW"), ("nnx", "NHWC")])
+def test_pad_amounts_are_named_for_their_sides_and_a_pad_of_nothing_is_left_out(api, layout, tmp_path):
+  """F.pad's amounts that differ between calls are fields named for their sides as torch's
+  documentation names them (``pad_left``; was ``pad_pad`` and ``pad_pad_``: transformers'
+  MobileNetV2), in torch's layout; a pad of 0 on every side is no line (was ``ops.pad(x, (0, 0, 0,
+  0))``). Through the harness (float64 lock-step within its 1e-9)."""
+  port_harness.run(Case(SamePadConvs, (4, 4, 6, 6), floor=1e-5), via="emit", api=api, layout=layout)
+  text = jaxbn.emit(SamePadConvs(), torch.zeros(2, 4, 6, 6), tmp_path / "e", api=api, layout=layout).read_text()
+  assert text.count("ops.pad(") == 1, text  # the 3x3 and 6x6 convolutions' class only
+  if layout == "NCHW":
+    assert re.search(r"ops\.pad\(\w+, \(self\.pad_left, self\.pad_right, self\.pad_left, self\.pad_right\)", text), text
+
+
 class ActivatedBlock(torch.nn.Module):
   """MobileNetV3's blocks: torchvision's Conv2dNormActivation (a Sequential) with the block's activation."""
 

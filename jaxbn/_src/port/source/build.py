@@ -57,11 +57,15 @@ def model_source(
   inline_where_inputs_differ(*roots)
   module_at = torch_model.get_submodule
   if api == "nnx":
-    classes = Classes(dict(traced.leaves), nnx.layer_fields(torch_model), frozenset(traced.held), module_at)
+    classes = Classes(
+        dict(traced.leaves), nnx.layer_fields(torch_model), frozenset(traced.held), module_at, layout == "NCHW"
+    )
     classes.build(*roots)
     text, name, constants = nnx.module_source(classes, type(torch_model), versions(), recipe, axes)
   else:
-    classes = Classes(dict(traced.leaves), held=frozenset(traced.held), module_at=module_at)
+    classes = Classes(
+        dict(traced.leaves), held=frozenset(traced.held), module_at=module_at, torch_order=layout == "NCHW"
+    )
     classes.build(*roots)
     # the dtype JAX makes of it (int64 is int32 without jax_enable_x64)
     examples = [(tuple(x.shape), str(jax.dtypes.canonicalize_dtype(x.dtype))) for x in inputs]

@@ -261,12 +261,15 @@ class Classes:
       layer_fields: Callable[[str, Leaf], tuple[type, tuple]] | None = None,
       held: frozenset[str] = frozenset(),
       module_at: Callable[[str], torch.nn.Module] | None = None,
+      torch_order: bool = True,
   ):
     """``layer_fields(path, leaf) -> (class, ((field, value), ...))``: how the source builds the
     layer at ``path``; default: the Linen prototype's class and dataclass fields. ``held``: the
     paths of tensors of modules forward never calls (``Traced.held``). ``module_at(path)``: the
-    torch module there, whose attributes name the op arguments that differ between its calls."""
+    torch module there, whose attributes name the op arguments that differ between its calls.
+    ``torch_order``: ops' arguments are in torch's layout (F.pad's amounts name their sides)."""
     self.leaves = leaves
+    self.torch_order = torch_order
     self.held = held
     self.module_at = module_at
     self.argument_labels: set[str] = set()  # the labels of ops' arguments (``reshape_3``)
@@ -523,6 +526,8 @@ class Classes:
       return ("assign", (node.name,), ("tensor", ("const", constant, constant.attribute or "constant")))
     op, names = _argument_labels(node)
     args = tuple(_expression(a, label) for a, label in zip(node.args, names, strict=True))
+    if getattr(node.target, "fn", None) is functional.pad and len(args) > 1 and self.torch_order:
+      args = (args[0], _sides(args[1]), *args[2:])
     kwargs = tuple((k, _expression(v, f"{op}_{k}")) for k, v in node.kwargs)
     self.argument_labels.update(names, (f"{op}_{k}" for k, _ in node.kwargs))
     guard = getattr(node.target, "fn", None)
@@ -1109,6 +1114,22 @@ def _argument_labels(node: Node) -> tuple[str, list[str]]:
   if getattr(node.target, "context", False):
     parameters = parameters[1:]  # the Context, which the source passes first
   return op, [f"{op}_{parameters[i] if i < len(parameters) else i}" for i in range(len(node.args))]
+
+
+PAD_SIDES = ("pad_left", "pad_right", "pad_top", "pad_bottom", "pad_front", "pad_back")  # F.pad's order
+
+
+def _sides(amounts: tuple) -> tuple:
+  """F.pad's amounts, each labelled for its side as torch's documentation names it (transformers'
+  MobileNetV2 pads as TensorFlow does, from its input's size: ``self.pad_left``, was
+  ``self.pad_pad``); channels-last source lists other axes first: not there."""
+  if amounts[0] != "aggregate" or len(amounts[2]) > len(PAD_SIDES):
+    return amounts
+  items = tuple(
+      ("const", item[1], side) if item[0] == "const" else item
+      for item, side in zip(amounts[2], PAD_SIDES, strict=False)
+  )
+  return (amounts[0], amounts[1], items, amounts[3])
 
 
 def _is_size(value) -> bool:

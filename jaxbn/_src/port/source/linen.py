@@ -284,10 +284,12 @@ class Body:
       self.shared.update({a: None for a in called if a is not None and "." not in a and called.count(a) > 1})
     # identities left out of the statements both modes begin with and of each branch
     renamed: dict[str, str] = {}
-    statements = _without_identities(statements, self.source.identities, renamed)
+    statements = _without_identities(statements, self.source.identities, renamed, self.fields)
     if modes is None:
       return self._run(statements)
-    train_code, eval_code = (_without_identities(c, self.source.identities, dict(renamed)) for c in modes[1:])
+    train_code, eval_code = (
+        _without_identities(c, self.source.identities, dict(renamed), self.fields) for c in modes[1:]
+    )
     later = {name for s in (*train_code, *eval_code) for name in _reads(s)}
     lines = self._run(statements, later)
     above = any(_uses_context(s) for s in statements)  # ctx is made above the branches: theirs too
@@ -858,21 +860,48 @@ def _reads(statement) -> list[str]:
   return found
 
 
-def _without_identities(statements: list, identities: set = frozenset(), renamed: dict | None = None) -> list:
+def _without_identities(
+    statements: list, identities: set = frozenset(), renamed: dict | None = None, fields: dict | None = None
+) -> list:
   """The statements without identities (timm's ``nn.Identity()`` placeholders, ``.contiguous()``,
-  calls of ``identities``, classes that return their input): a later read of their value reads
-  their input, so that the source has no line that does nothing. ``renamed`` (filled): what was
-  left out, and its input, for statements that follow these."""
+  calls of ``identities``, classes that return their input, a pad of 0 on every side where no
+  field sets it): a later read of their value reads their input, so that the source has no line
+  that does nothing. ``renamed`` (filled): what was left out, and its input, for statements that
+  follow these."""
   kept, renamed = [], {} if renamed is None else renamed
   for statement in statements:
     for old, new in renamed.items():
       statement = substituted(statement, old, new)
-    read = identity_input(statement, identities)
+    read = identity_input(statement, identities) or _padding_nothing(statement, fields or {})
     if read is not None:
       renamed[statement[1][0]] = read
       continue
     kept.append(statement)
   return kept
+
+
+def _padding_nothing(statement: tuple, fields: dict) -> str | None:
+  """The variable a constant pad of 0 on every side reads (transformers' MobileNetV2 pads its 1x1
+  convolutions so: ``ops.pad(x, (0, 0, 0, 0))``), where no field sets the amounts; else None."""
+  if statement[0] != "assign" or len(statement[1]) != 1 or statement[2][0] != "op":
+    return None
+  _, rule, args, kwargs = statement[2]
+  if rule.fn is not functional.pad or not args or args[0][0] != "var":
+    return None
+  given = dict(zip(("x", "pad", "mode", "value"), args, strict=False)) | dict(kwargs)
+  amounts, mode = given.get("pad"), given.get("mode")
+
+  def literal(e, wanted) -> bool:
+    return e[0] == "const" and e[3] not in fields and value_key(e[1]) == value_key(wanted)
+
+  if amounts is None or mode is not None and not literal(mode, "constant"):
+    return None
+  if amounts[0] == "aggregate":
+    zero = all(literal(item, 0) for item in amounts[2])
+  else:
+    zero = amounts[0] == "const" and amounts[3] not in fields and isinstance(amounts[1], tuple)
+    zero = zero and all(value_key(amount) == value_key(0) for amount in amounts[1])
+  return args[0][1] if zero else None
 
 
 def _addition(statement: tuple, fields: dict):
