@@ -145,9 +145,10 @@ def _module_of(key: str) -> str:
 
 
 def _return_freed_memory() -> None:
-  """Hands what the last phase freed back to the system. glibc keeps freed memory in per-thread
-  arenas that XLA's compiler threads and torch's autograd do not share: nasnetalarge's float32
-  phase left 8.2 GB resident, 5.8 GB after this, and the float64 phase grows from there."""
+  """Hands what the float32 phase freed back to the system before the float64 phase. glibc keeps
+  freed memory in per-thread arenas that XLA's compiler threads and torch's autograd do not share:
+  nasnetalarge's float32 phase left 8.2 GB resident, 5.8 GB after this. Once a verification: a
+  collection after every phase cost the test suite minutes."""
   gc.collect()
   try:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -175,7 +176,6 @@ class _Run:
     start = time.perf_counter()
     result = call(*args)
     self.seconds[what] += time.perf_counter() - start
-    _return_freed_memory()
     return result
 
   def _torch(self, model, exact: bool = False) -> TorchRun:
@@ -197,6 +197,7 @@ class _Run:
     self.native["step"] = self._timed("jax", flax.step, inputs, labels)
     self.order = torch_run.order
     del built, flax, torch_run  # float32's models freed before float64's are made (yolov3: 20 GB at once)
+    _return_freed_memory()
     model64 = copy.deepcopy(self.initial).double()
     torch64 = self._torch(model64, exact=True)
     with jax.enable_x64(True):

@@ -1,0 +1,308 @@
+"""What emitted classes are and what they are named: calls holding other tensor tables or pad
+amounts are one class, with fields named for torch's attributes and F.pad's sides; variants are
+named for what tells them apart (a shortcut, a setting, a norm's activation, a layer, their
+children's names); no line that does nothing, no fx proxy in a message. Parity through the port
+harness (float64 lock-step within its 1e-9) where the source's numbers could change."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import jaxbn
+from parity_tests import port_harness
+from parity_tests.port_harness import Case
+
+
+class TableAttention(torch.nn.Module):
+  """timm's levit Attention: heads as an attribute read by a reshape, a learned bias per head and
+  position gathered through an index table the module holds outside its state_dict (a
+  non-persistent buffer); each resolution its own table."""
+
+  def __init__(self, channels: int, num_heads: int, resolution: int):
+    super().__init__()
+    self.num_heads, self.key_dim = num_heads, channels // num_heads
+    self.qkv, self.bn = torch.nn.Linear(channels, 3 * channels), torch.nn.BatchNorm1d(channels)
+    self.attention_biases = torch.nn.Parameter(torch.randn(num_heads, resolution))
+    idxs = torch.randint(0, resolution, (resolution, resolution), generator=torch.Generator().manual_seed(resolution))
+    self.register_buffer("attention_bias_idxs", idxs, persistent=False)
+
+  def forward(self, x):
+    batch, tokens, channels = x.shape
+    q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    attention = q @ k.transpose(-2, -1) / self.key_dim**0.5 + self.attention_biases[:, self.attention_bias_idxs]
+    x = (attention.softmax(-1) @ v).transpose(1, 2).reshape(batch, tokens, channels)
+    return self.bn(x.transpose(1, 2)).transpose(1, 2)
+
+
+class TwoTableAttentions(torch.nn.Module):
+
+  def __init__(self):
+    super().__init__()
+    self.first, self.second = TableAttention(8, 2, 16), TableAttention(8, 4, 4)
+
+  def forward(self, x):
+    return self.second(self.first(x)[:, :4])
+
+
+@pytest.mark.parametrize(("api", "layout"), [("linen", "NCHW"), ("nnx", "NHWC")])
+def test_calls_holding_other_tables_and_head_counts_are_one_class(api, layout, tmp_path):
+  """Two calls of one attention class whose index tables (non-persistent buffers) and head counts
+  differ: one class, the table a field holding its key in ``CONSTANTS`` and the head count a field
+  named for the torch attribute that holds it (was ``TableAttention1`` with the tables baked in,
+  and timm's levit_128s 22 classes, 7 numbered, its reshape sizes ``self.reshape_3``). Through
+  the harness (float64 lock-step within its 1e-9)."""
+  port_harness.run(Case(TwoTableAttentions, (4, 16, 8), floor=1e-5), via="emit", api=api, layout=layout)
+  text = jaxbn.emit(TwoTableAttentions(), torch.zeros(2, 16, 8), tmp_path / "e", api=api, layout=layout).read_text()
+  classes = re.findall(r"^class (\w+)\(", text, re.M)
+  assert classes[:1] == ["TableAttention"] and "TableAttention1" not in classes, classes
+  assert re.search(r"ops\.reshape\(\w+, \w+, \w+, 3, self\.num_heads, -1\)", text), text
+  assert "jnp.asarray(CONSTANTS[self.attention_bias_idxs])" in text, text
+  assert len(re.findall(r'attention_bias_idxs="int64_16x16_\w+"', text)) == 1, text
+  assert len(re.findall(r'attention_bias_idxs="int64_4x4_\w+"', text)) == 1, text
+
+
+class CheckedSize(torch.nn.Module):
+  """timm's efficientvit_m0: an assert whose message forward formats with the input's size."""
+
+  def __init__(self):
+    super().__init__()
+    self.size, self.bn = 6, torch.nn.BatchNorm2d(4)
+
+  def forward(self, x):
+    height = x.shape[-2]
+    torch._assert(height == self.size, f"input feature has wrong size, expect {self.size}, got {height}")
+    return self.bn(x)
+
+
+def test_a_message_formatted_while_tracing_shows_no_proxy(tmp_path):
+  """fx formats the message with its proxy for the input's height (``got Proxy(getitem_1)``, in
+  efficientvit_m0's source 30 times): the source says ``?`` there; the check itself is kept."""
+  text = jaxbn.emit(CheckedSize(), np.zeros((2, 4, 6, 6), np.float32), tmp_path / "checked").read_text()
+  assert "Proxy(" not in text and "input feature has wrong size, expect 6, got ?" in text, text
+  assert re.search(r"\w+ = \w+ == 6\n", text), text
+
+
+class SamePadConv(torch.nn.Module):
+  """transformers' MobileNetV2ConvLayer: TensorFlow's "same" padding, from the kernel's size: 0 on
+  every side for a 1x1 convolution."""
+
+  def __init__(self, kernel: int, activation: bool):
+    super().__init__()
+    self.conv, self.bn = torch.nn.Conv2d(4, 4, kernel), torch.nn.BatchNorm2d(4)
+    self.act = torch.nn.ReLU6() if activation else None
+
+  def forward(self, x):
+    total = self.conv.kernel_size[0] - 1
+    x = F.pad(x, (total // 2, total - total // 2, total // 2, total - total // 2), "constant", 0.0)
+    x = self.bn(self.conv(x))
+    return x if self.act is None else self.act(x)
+
+
+class SamePadConvs(torch.nn.Sequential):
+
+  def __init__(self):
+    super().__init__(SamePadConv(3, True), SamePadConv(6, True), SamePadConv(1, False))
+
+
+@pytest.mark.parametrize(("api", "layout"), [("linen", "NCHW"), ("nnx", "NHWC")])
+def test_pad_amounts_are_named_for_their_sides_and_a_pad_of_nothing_is_left_out(api, layout, tmp_path):
+  """F.pad's amounts that differ between calls are fields named for their sides as torch's
+  documentation names them (``pad_left``; was ``pad_pad`` and ``pad_pad_``: transformers'
+  MobileNetV2), in torch's layout; a pad of 0 on every side is no line (was ``ops.pad(x, (0, 0, 0,
+  0))``). Through the harness (float64 lock-step within its 1e-9)."""
+  port_harness.run(Case(SamePadConvs, (4, 4, 6, 6), floor=1e-5), via="emit", api=api, layout=layout)
+  text = jaxbn.emit(SamePadConvs(), torch.zeros(2, 4, 6, 6), tmp_path / "e", api=api, layout=layout).read_text()
+  assert text.count("ops.pad(") == 1, text  # the 3x3 and 6x6 convolutions' class only
+  if layout == "NCHW":
+    assert re.search(r"ops\.pad\(\w+, \(self\.pad_left, self\.pad_right, self\.pad_left, self\.pad_right\)", text), text
+
+
+class ConvNorm(torch.nn.Sequential):
+
+  def __init__(self):
+    super().__init__(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4))
+
+
+class ActivatedConvNorm(torch.nn.Module):
+
+  def __init__(self, activation):
+    super().__init__()
+    self.conv, self.act = ConvNorm(), activation()
+
+  def forward(self, x):
+    return self.act(self.conv(x))
+
+
+class Residual(torch.nn.Module):
+
+  def __init__(self, inner):
+    super().__init__()
+    self.inner = inner
+
+  def forward(self, x):
+    return x + self.inner(x)
+
+
+class ResidualsAroundVariants(torch.nn.Sequential):
+  """efficientvit_m0's ResidualDrop: around a ConvNorm first, then around each of two variants of
+  an attention class."""
+
+  def __init__(self):
+    super().__init__(
+        Residual(ConvNorm()),
+        Residual(ActivatedConvNorm(torch.nn.ReLU)),
+        Residual(ActivatedConvNorm(torch.nn.Hardswish)),
+    )
+
+
+def test_variants_around_variants_are_named_for_their_childrens_names(tmp_path):
+  """A class first called around a plain child, then around two variants of another class: its
+  variants are named once the children's are (was ``ResidualWithActivatedConvNorm1``: the
+  children read by their torch class's name, the same for both, as efficientvit_m0's
+  ``ResidualDropWithLocalWindowAttention1``)."""
+  x = np.zeros((2, 4, 6, 6), np.float32)
+  text = jaxbn.emit(ResidualsAroundVariants(), x, tmp_path / "residuals").read_text()
+  classes = re.findall(r"^class (\w+)\(", text, re.M)
+  assert {c for c in classes if c.startswith("ResidualWithActivated")} == {
+      "ResidualWithActivatedConvNormWithRelu",
+      "ResidualWithActivatedConvNormWithHardswish",
+  }, classes
+
+
+class IdentityShortcut(torch.nn.Module):
+  """timm's byobnet BottleneckBlock: ``shortcut`` an nn.Identity where it adds its input."""
+
+  def __init__(self, skip: bool):
+    super().__init__()
+    self.conv, self.bn = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+    self.shortcut = torch.nn.Identity() if skip else None
+
+  def forward(self, x):
+    y = self.bn(self.conv(x))
+    return y if self.shortcut is None else y + self.shortcut(x)
+
+
+class FirstOrNot(torch.nn.Module):
+  """selecsls' blocks: a flag decides what forward does."""
+
+  def __init__(self, is_first: bool):
+    super().__init__()
+    self.is_first, self.bn = is_first, torch.nn.BatchNorm2d(4)
+
+  def forward(self, x):
+    return self.bn(x) if self.is_first else self.bn(x) * x
+
+
+class Partition(torch.nn.Module):
+  """maxvit's partition attention: a string setting decides the order of the axes."""
+
+  def __init__(self, partition: str):
+    super().__init__()
+    self.partition, self.bn = partition, torch.nn.BatchNorm2d(4)
+
+  def forward(self, x):
+    return self.bn(x.transpose(2, 3) if self.partition == "grid" else x)
+
+
+class GatedNormAct(torch.nn.Module):
+  """dpn's CatBnAct: a timm BatchNormAct2d whose activation is the only other difference."""
+
+  def __init__(self, act_layer, gate: bool):
+    super().__init__()
+    from timm.layers import BatchNormAct2d
+
+    self.gate, self.bn = gate, BatchNormAct2d(4, act_layer=act_layer)
+
+  def forward(self, x):
+    return self.bn(x) * x if self.gate else self.bn(x)
+
+
+class PoolBlock(torch.nn.Module):
+  """smp's PSPBlock: its Sequential has a BatchNorm or, over one pixel, an nn.Identity."""
+
+  def __init__(self, batch_norm: bool):
+    super().__init__()
+    norm = torch.nn.BatchNorm2d(4) if batch_norm else torch.nn.Identity()
+    self.pool = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), norm, torch.nn.ReLU())
+
+  def forward(self, x):
+    return self.pool(x)
+
+
+class VariantsOfEveryKind(torch.nn.Sequential):
+
+  def __init__(self):
+    super().__init__(
+        PoolBlock(False),
+        PoolBlock(True),
+        IdentityShortcut(True),
+        IdentityShortcut(False),
+        FirstOrNot(True),
+        FirstOrNot(False),
+        Partition("grid"),
+        Partition("block"),
+        GatedNormAct(torch.nn.ReLU, True),
+        GatedNormAct(torch.nn.SiLU, False),
+    )
+
+
+class LongNamedDepthwiseSeparableConvolutionNormActLayer(torch.nn.Module):
+  """transformers' EfficientNetDepthwiseLayer: pads where it strides."""
+
+  def __init__(self, pad: bool):
+    super().__init__()
+    self.pad, self.bn = pad, torch.nn.BatchNorm2d(4)
+
+  def forward(self, x):
+    return self.bn(F.pad(x, (0, 1, 0, 1))[..., :-1, :-1] if self.pad else x)
+
+
+class BlockAroundLongNames(torch.nn.Module):
+
+  def __init__(self, pad: bool):
+    super().__init__()
+    self.conv = LongNamedDepthwiseSeparableConvolutionNormActLayer(pad)
+
+  def forward(self, x):
+    return self.conv(x)
+
+
+def test_variants_whose_childrens_names_run_long_are_named_for_what_tells_the_children_apart(tmp_path):
+  """Two calls of a block that differ in their child's variant, whose name with the block's runs
+  past 64 characters: the block is named for what tells the children apart (``WithPad``, was
+  ``BlockAroundLongNames1``, as transformers' ``EfficientNetBlock1`` and ``2``)."""
+  model = torch.nn.Sequential(BlockAroundLongNames(True), BlockAroundLongNames(False))
+  text = jaxbn.emit(model, np.zeros((2, 4, 6, 6), np.float32), tmp_path / "long").read_text()
+  classes = re.findall(r"^class (\w+)\(", text, re.M)
+  assert {c for c in classes if c.startswith("BlockAround")} == {
+      "BlockAroundLongNamesWithPad",
+      "BlockAroundLongNames",
+  }, classes
+
+
+def test_variants_are_named_for_a_shortcut_a_setting_their_norms_activation_or_their_layers(tmp_path):
+  """What tells variants apart where their code's attributes do not: adding their input through an
+  nn.Identity (``WithSkip``, was mobilevit_xxs' ``BottleneckBlock1``), a flag or a short string of
+  their torch modules (``IsFirst``, ``Grid``; was selecsls' ``SelecSlsBlock1``), their norm's
+  activation (``WithRelu``; was dpn's ``CatBnAct1``), the layers of their Sequential
+  (``WithBatchNorm``; was smp's ``PSPBlock1``); no class is numbered."""
+  x = np.zeros((2, 4, 6, 6), np.float32)
+  text = jaxbn.emit(VariantsOfEveryKind(), x, tmp_path / "variants").read_text()
+  assert re.findall(r"^class (\w+)\(", text, re.M) == [
+      "PoolBlock",
+      "PoolBlockWithBatchNorm",
+      "IdentityShortcutWithSkip",
+      "IdentityShortcut",
+      "FirstOrNotIsFirst",
+      "FirstOrNot",
+      "PartitionGrid",
+      "PartitionBlock",
+      "GatedNormActWithRelu",
+      "GatedNormActWithSilu",
+      "VariantsOfEveryKind",
+  ], text
