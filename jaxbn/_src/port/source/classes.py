@@ -521,18 +521,17 @@ class Classes:
       return ("return", _expression(node.args[0], "output"))
     if node.kind == "unsupported":
       raise PortError(f"emit: {node.target}")
-    if isinstance(getattr(node.target, "fn", None), Constant):  # a hole: calls holding other tables are one class
-      constant = node.target.fn
-      return ("assign", (node.name,), ("tensor", ("const", constant, constant.attribute or "constant")))
+    fn = getattr(node.target, "fn", None)
+    if isinstance(fn, Constant):  # a hole: calls holding other tables are one class
+      return ("assign", (node.name,), ("tensor", ("const", fn, fn.attribute or "constant")))
     op, names = _argument_labels(node)
     args = tuple(_expression(a, label) for a, label in zip(node.args, names, strict=True))
-    if getattr(node.target, "fn", None) is functional.pad and len(args) > 1 and self.torch_order:
+    if fn is functional.pad and len(args) > 1 and self.torch_order:
       args = (args[0], _sides(args[1]), *args[2:])
     kwargs = tuple((k, _expression(v, f"{op}_{k}")) for k, v in node.kwargs)
     self.argument_labels.update(names, (f"{op}_{k}" for k, _ in node.kwargs))
-    guard = getattr(node.target, "fn", None)
-    if isinstance(guard, Guard) and guard.conversion != "len" and _is_size(guard.expected):
-      return ("assign", (node.name,), _sized_guard(guard, args))
+    if isinstance(fn, Guard) and fn.conversion != "len" and _is_size(fn.expected):
+      return ("assign", (node.name,), _sized_guard(fn, args))
     if node.kind == "module":
       attribute = _relative(node.target, block.path)
       leaf = self.leaves[node.target]

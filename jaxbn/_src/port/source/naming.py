@@ -20,7 +20,7 @@ import collections
 import re
 from collections.abc import Callable, Iterable
 
-from jaxbn._src.port.source.classes import identity_input
+from jaxbn._src.port.source.classes import identity_input, value_key
 from jaxbn._src.torchlike import functional
 
 LONGEST = 64  # characters: a longer name keeps only the parts that tell its class apart
@@ -57,33 +57,31 @@ def class_names(
       # the functions they run tell them apart (MobileNetV3's blocks: relu or hardswish)
       _told_apart(parts, keys, lambda key: features[key]["ops"], _camel)
       described = dict(parts)
-      # then the child classes they call, the shortest names first
-      named_by_children = _told_apart(
-          parts,
-          keys,
-          lambda key: {names.get(child, child[0].__name__) for child in features[key]["children"]},
-          order=lambda child: (len(child), child),
+      settings = {key: _settings(modules(classes[key])) for key in keys} if modules is not None else {}
+
+      def by_children(parts: dict, children, **form) -> set[tuple]:
+        """The child classes they call tell them apart, then the settings of torch's modules
+        (selecsls' ``is_first``, maxvit's ``partition_type``), then their layers' classes (smp's
+        PSPBlock: a BatchNorm where the pool is over one pixel); the keys the children named."""
+        named = _told_apart(parts, keys, lambda key: children(features[key]["children"]), **form)
+        if settings:
+          _told_apart(parts, keys, settings.get, prefix="")
+        _told_apart(parts, keys, lambda key: features[key]["layers"])
+        return named
+
+      # the children by name, the shortest names first
+      named_by_children = by_children(
+          parts, lambda children: {names.get(c, c[0].__name__) for c in children}, order=lambda c: (len(c), c)
       )
-      # then the settings of torch's modules (selecsls' ``is_first``, maxvit's ``partition_type``)
-      settings = {key: _settings(modules(classes[key])) for key in keys} if modules is not None else None
-      if settings:
-        _told_apart(parts, keys, settings.get, prefix="")
-      # then the classes of their layers (smp's PSPBlock: a BatchNorm where the pool is over one
-      # pixel; DPT's ReassembleBlock: a ConvTranspose at ``upsample`` where it upsamples)
-      _told_apart(parts, keys, lambda key: features[key]["layers"])
       chosen = _shortest(base, parts)
-      if named_by_children & {key for key, name in chosen.items() if len(name) > LONGEST}:
+      long = named_by_children & {key for key, name in chosen.items() if len(name) > LONGEST}
+      if long:
         # a child's name past LONGEST: what tells the children apart in its place (transformers'
         # EfficientNetBlockWithDepthwiseConvPad, was EfficientNetBlock1), else a number
         by_parts = {key: list(described[key]) for key in keys}
-        _told_apart(
-            by_parts, keys, lambda key: {_own_part(names, c) for c in features[key]["children"]} - {""}, prefix=""
-        )
-        if settings:
-          _told_apart(by_parts, keys, settings.get, prefix="")
-        _told_apart(by_parts, keys, lambda key: features[key]["layers"])
+        by_children(by_parts, lambda children: {_own_part(names, c) for c in children} - {""}, prefix="")
         shorter = _shortest(base, by_parts)
-        for key in named_by_children & {key for key, name in chosen.items() if len(name) > LONGEST}:
+        for key in long:
           chosen[key] = shorter[key] if len(shorter[key]) <= LONGEST else base + "".join(described[key])
     for key in keys:
       name = chosen[key]
@@ -253,7 +251,7 @@ def _features(skeleton: tuple, calls: list) -> dict:
 
   def activations(fields):  # a norm's activation (timm's BatchNormAct2d ``after``), where every call has one
     for name, value in fields:
-      applied = {repr(call[value[1]]) for call in calls} if name == "after" and value[0] == "hole" else ()
+      applied = {value_key(call[value[1]]) for call in calls} if name == "after" and value[0] == "hole" else ()
       if len(applied) == 1:
         found["ops"].update(a.fn.__name__ for a in calls[0][value[1]] or () if a.fn in NAMED_FUNCTIONS)
 
