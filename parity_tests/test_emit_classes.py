@@ -306,3 +306,89 @@ def test_variants_are_named_for_a_shortcut_a_setting_their_norms_activation_or_t
       "GatedNormActWithSilu",
       "VariantsOfEveryKind",
   ], text
+
+
+class Tree(torch.nn.Module):
+  """timm's DlaTree: a tree holds a tree (or a leaf norm); its variants differ in the variant of
+  the tree they hold."""
+
+  def __init__(self, depth: int, project: bool):
+    super().__init__()
+    self.project = torch.nn.Conv2d(4, 4, 1) if project and depth == 1 else None
+    self.tree = Tree(depth - 1, project) if depth > 1 else torch.nn.BatchNorm2d(4)
+
+  def forward(self, x):
+    return self.tree(x if self.project is None else self.project(x))
+
+
+def test_variants_holding_variants_of_their_own_class_are_named_for_them(tmp_path):
+  """Trees of trees that differ only in the tree they hold are named for its name once it has
+  one (was ``TreeWithTree1``, as timm dla46x_c's ``DlaTreeWithDownsample1``: the held trees read
+  by their torch class's name, the same for both, while their own group was being named)."""
+  model = torch.nn.Sequential(Tree(2, True), Tree(2, False), Tree(1, False))
+  text = jaxbn.emit(model, np.zeros((2, 4, 6, 6), np.float32), tmp_path / "trees").read_text()
+  assert set(re.findall(r"^class (Tree\w*)\(", text, re.M)) == {
+      "TreeWithProject",
+      "Tree",
+      "TreeWithTreeWithProject",
+      "TreeWithTree",
+  }, text
+
+
+class Attention(torch.nn.Module):
+  """smp's ``Attention(None)``: a placeholder (its nn.Identity returns its input), which the
+  source leaves out."""
+
+  def __init__(self):
+    super().__init__()
+    self.attention = torch.nn.Identity()
+
+  def forward(self, x):
+    return self.attention(x)
+
+
+class _Gate(torch.nn.Module):
+  """smp mix_transformer's Attention: another library's class of the same name, which the source
+  writes."""
+
+  def __init__(self):
+    super().__init__()
+    self.bn = torch.nn.BatchNorm2d(8)
+
+  def forward(self, x):
+    return x * torch.sigmoid(self.bn(x))
+
+
+_Gate.__name__ = "Attention"
+
+
+class DecoderBlock(torch.nn.Module):
+  """smp's UnetDecoderBlock: ``attention1`` (a placeholder) runs only where a skip is concatenated."""
+
+  def __init__(self):
+    super().__init__()
+    self.attention1, self.gate = Attention(), _Gate()
+
+  def forward(self, x, skip=None):
+    if skip is not None:
+      x = self.attention1(torch.cat([x, -skip], dim=1))
+    return self.gate(x)
+
+
+class Decoder(torch.nn.Module):
+
+  def __init__(self):
+    super().__init__()
+    self.first, self.second = DecoderBlock(), DecoderBlock()
+
+  def forward(self, x):
+    return self.second(self.first(x, torch.relu(x)))
+
+
+def test_a_class_the_source_leaves_out_takes_no_name_and_names_nothing(tmp_path):
+  """A placeholder class (it returns its input: no class in the source) named ``Attention`` beside
+  a written class of that name: the written one keeps it (was ``Attention1``, smp mit_b0's), and
+  the placeholder's attribute names no variant (was ``DecoderBlockWithAttention1``)."""
+  text = jaxbn.emit(Decoder(), np.zeros((2, 4, 6, 6), np.float32), tmp_path / "decoder").read_text()
+  classes = re.findall(r"^class (\w+)\(", text, re.M)
+  assert classes == ["Attention", "DecoderBlock", "DecoderBlockWith1Inputs", "Decoder"], text

@@ -96,9 +96,9 @@ class Source:
     self.uses_layers = False  # jaxbn.layers, which NNX source imports only where it is used
     self.constants: dict[str, np.ndarray] = {}  # tensors too large to write: constants.safetensors
     self.tables: dict[str, str] = {}  # stage tables (name -> text), written before the model's class
-    self.names = class_names(classes.classes, modules=classes.modules)
     root = next(reversed(classes.classes), None)
     self.identities = {key for key, cls in classes.classes.items() if cls.identity and key != root}
+    self.names = class_names(classes.classes, modules=classes.modules, unwritten=self.identities)
 
   # --- classes ---------------------------------------------------------------------------------
 

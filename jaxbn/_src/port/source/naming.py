@@ -31,11 +31,16 @@ NAMED_FUNCTIONS = frozenset(rule.fn for name, rule in functional.TABLE.items() i
 
 
 def class_names(
-    classes: dict[tuple, object], reserved: Iterable[str] = (), modules: Callable[[object], list] | None = None
+    classes: dict[tuple, object],
+    reserved: Iterable[str] = (),
+    modules: Callable[[object], list] | None = None,
+    unwritten: Iterable[tuple] = (),
 ) -> dict[tuple, str]:
   """Class key -> name, for ``Classes.classes`` (children before their callers); ``modules(cls)``:
   the torch modules of a class's calls (``Classes.modules``), whose settings tell variants apart
-  where nothing else does."""
+  where nothing else does. ``unwritten``: classes the source leaves out (identities), named last
+  so that they take no name from a written one (smp's Attention placeholder made mit_b0's
+  ``Attention1``)."""
   names: dict[tuple, str] = {}
   taken = set(reserved)
   groups: dict[type, list[tuple]] = collections.defaultdict(list)
@@ -45,44 +50,26 @@ def class_names(
   # first in ``classes``; a group is named at its last: efficientvit_m0's ResidualDrop, first seen
   # around a ConvNorm, calls both LocalWindowAttention variants, and was numbered)
   position = {key: i for i, key in enumerate(classes)}
-  for torch_class, keys in sorted(groups.items(), key=lambda group: position[group[1][-1]]):
+  unwritten = set(unwritten)
+  ordered = sorted(groups.items(), key=lambda group: (set(group[1]) <= unwritten, position[group[1][-1]]))
+  for torch_class, keys in ordered:
     base = torch_class.__name__
     if len(keys) == 1:
       chosen = {keys[0]: base}
     else:
-      features = {key: _features(classes[key].skeleton, classes[key].calls) for key in keys}
+      features = {key: _features(classes[key].skeleton, classes[key].calls, unwritten) for key in keys}
       for key in keys:  # a stateless module it runs as an op (timm's OsaStage's ``pool``) is an attribute too
         features[key]["attributes"] |= classes[key].stateless
-      parts = {key: _described(features[key], [features[k] for k in keys]) for key in keys}
-      # the functions they run tell them apart (MobileNetV3's blocks: relu or hardswish)
-      _told_apart(parts, keys, lambda key: features[key]["ops"], _camel)
-      described = dict(parts)
       settings = {key: _settings(modules(classes[key])) for key in keys} if modules is not None else {}
-
-      def by_children(parts: dict, children, **form) -> set[tuple]:
-        """The child classes they call tell them apart, then the settings of torch's modules
-        (selecsls' ``is_first``, maxvit's ``partition_type``), then their layers' classes (smp's
-        PSPBlock: a BatchNorm where the pool is over one pixel); the keys the children named."""
-        named = _told_apart(parts, keys, lambda key: children(features[key]["children"]), **form)
-        if settings:
-          _told_apart(parts, keys, settings.get, prefix="")
-        _told_apart(parts, keys, lambda key: features[key]["layers"])
-        return named
-
-      # the children by name, the shortest names first
-      named_by_children = by_children(
-          parts, lambda children: {names.get(c, c[0].__name__) for c in children}, order=lambda c: (len(c), c)
-      )
-      chosen = _shortest(base, parts)
-      long = named_by_children & {key for key, name in chosen.items() if len(name) > LONGEST}
-      if long:
-        # a child's name past LONGEST: what tells the children apart in its place (transformers'
-        # EfficientNetBlockWithDepthwiseConvPad, was EfficientNetBlock1), else a number
-        by_parts = {key: list(described[key]) for key in keys}
-        by_children(by_parts, lambda children: {_own_part(names, c) for c in children} - {""}, prefix="")
-        shorter = _shortest(base, by_parts)
-        for key in long:
-          chosen[key] = shorter[key] if len(shorter[key]) <= LONGEST else base + "".join(described[key])
+      chosen = _variant_names(base, keys, features, settings, names)
+      # variants that call variants of their own torch class (DLA's trees of trees) are named again
+      # with those children's names, until no name changes (was DlaTreeWithDownsample1)
+      nested = any(features[key]["children"] & set(keys) for key in keys)
+      for _ in keys if nested else ():
+        again = _variant_names(base, keys, features, settings, {**names, **chosen})
+        if again == chosen:
+          break
+        chosen = again
     for key in keys:
       name = chosen[key]
       while name in taken:
@@ -90,6 +77,41 @@ def class_names(
       taken.add(name)
       names[key] = name
   return names
+
+
+def _variant_names(base: str, keys: list, features: dict, settings: dict, names: dict) -> dict[tuple, str]:
+  """A torch class's variants' names (before numbering clashes), from what their code has
+  (``features``), their torch modules' settings and the names of the classes they call."""
+  parts = {key: _described(features[key], [features[k] for k in keys]) for key in keys}
+  # the functions they run tell them apart (MobileNetV3's blocks: relu or hardswish)
+  _told_apart(parts, keys, lambda key: features[key]["ops"], _camel)
+  described = dict(parts)
+
+  def by_children(parts: dict, children, **form) -> set[tuple]:
+    """The child classes they call tell them apart, then the settings of torch's modules
+    (selecsls' ``is_first``, maxvit's ``partition_type``), then their layers' classes (smp's
+    PSPBlock: a BatchNorm where the pool is over one pixel); the keys the children named."""
+    named = _told_apart(parts, keys, lambda key: children(features[key]["children"]), **form)
+    if settings:
+      _told_apart(parts, keys, settings.get, prefix="")
+    _told_apart(parts, keys, lambda key: features[key]["layers"])
+    return named
+
+  # the children by name, the shortest names first
+  named_by_children = by_children(
+      parts, lambda children: {names.get(c, c[0].__name__) for c in children}, order=lambda c: (len(c), c)
+  )
+  chosen = _shortest(base, parts)
+  long = named_by_children & {key for key, name in chosen.items() if len(name) > LONGEST}
+  if long:
+    # a child's name past LONGEST: what tells the children apart in its place (transformers'
+    # EfficientNetBlockWithDepthwiseConvPad, was EfficientNetBlock1), else a number
+    by_parts = {key: list(described[key]) for key in keys}
+    by_children(by_parts, lambda children: {_own_part(names, c) for c in children} - {""}, prefix="")
+    shorter = _shortest(base, by_parts)
+    for key in long:
+      chosen[key] = shorter[key] if len(shorter[key]) <= LONGEST else base + "".join(described[key])
+  return chosen
 
 
 def _own_part(names: dict[tuple, str], child: tuple) -> str:
@@ -209,10 +231,11 @@ def _series(every: list[dict]) -> set[str]:
   return {_stem(a) for attributes in shapes.values() if len(attributes) > 3 for a in attributes}
 
 
-def _features(skeleton: tuple, calls: list) -> dict:
+def _features(skeleton: tuple, calls: list, unwritten: Iterable[tuple] = ()) -> dict:
   """A class's code as what names can say: whether it adds its input to a value (a skip
   connection), how many inputs it takes, the attributes it calls (first part), how many members or Sequential elements
-  each has, the child classes it calls and the functions it runs (``relu``)."""
+  each has, the child classes it calls and the functions it runs (``relu``). A call of an
+  ``unwritten`` class (an identity the source leaves out: smp's ``attention1``) says nothing."""
   inputs = next((set(s[1]) for s in skeleton if s[0] == "inputs"), set())
   found = {
       "skip": False,
@@ -264,6 +287,8 @@ def _features(skeleton: tuple, calls: list) -> dict:
       activations(e[2])
       found["layers"].add(e[1].__name__)
     elif kind == "call":
+      if e[1] in unwritten:
+        return
       found["children"].add(e[1])
       attribute(e[3])
       walk(e[4])
