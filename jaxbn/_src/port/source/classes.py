@@ -214,13 +214,19 @@ REQUIRED = object()
 FLAX_MODULE_NAMES = frozenset(dir(flax.linen.Module)) | frozenset(dir(nnx.Module)) | {"name", "parent", "training"}
 
 
+def module_attributes(module: torch.nn.Module) -> dict[str, Any]:
+  """A torch module's own public settings (``vars``: not its submodules, parameters or buffers),
+  without torch's mode."""
+  return {name: value for name, value in vars(module).items() if not name.startswith("_") and name != "training"}
+
+
 def _attributes_holding(module: torch.nn.Module, value) -> set[str]:
   """The module's public attributes whose value is ``value`` (of its type), that can name a field."""
   key = value_key(value)
   return {
       name
-      for name, held in vars(module).items()
-      if not name.startswith("_") and name not in FLAX_MODULE_NAMES and value_key(held) == key
+      for name, held in module_attributes(module).items()
+      if name not in FLAX_MODULE_NAMES and value_key(held) == key
   }
 
 

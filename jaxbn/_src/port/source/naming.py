@@ -20,7 +20,7 @@ import collections
 import re
 from collections.abc import Callable, Iterable
 
-from jaxbn._src.port.source.classes import identity_input, value_key
+from jaxbn._src.port.source.classes import identity_input, module_attributes, value_key
 from jaxbn._src.torchlike import functional
 
 LONGEST = 64  # characters: a longer name keeps only the parts that tell its class apart
@@ -168,11 +168,7 @@ def _settings(modules: list | None) -> set[str]:
     return set()
   shared = None
   for module in modules:
-    own = {
-        (name, value)
-        for name, value in vars(module).items()
-        if not name.startswith("_") and name != "training" and type(value) in (bool, str)
-    }
+    own = {(name, value) for name, value in module_attributes(module).items() if type(value) in (bool, str)}
     shared = own if shared is None else shared & own
   return {
       _camel(name) if value is True else _camel(value)
