@@ -392,3 +392,62 @@ def test_a_class_the_source_leaves_out_takes_no_name_and_names_nothing(tmp_path)
   text = jaxbn.emit(Decoder(), np.zeros((2, 4, 6, 6), np.float32), tmp_path / "decoder").read_text()
   classes = re.findall(r"^class (\w+)\(", text, re.M)
   assert classes == ["Attention", "DecoderBlock", "DecoderBlockWith1Inputs", "Decoder"], text
+
+
+class RepBranches(torch.nn.Module):
+  """transformers' TextNetRepConvLayer (a RepVGG layer): a main convolution, and a vertical, a
+  horizontal and an identity branch, each added where the layer has it."""
+
+  def __init__(self, vertical: bool, horizontal: bool, identity: bool):
+    super().__init__()
+    self.main_conv, self.main_bn = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4)
+    self.vertical_conv = torch.nn.Conv2d(4, 4, (3, 1), padding=(1, 0), bias=False) if vertical else None
+    self.vertical_bn = torch.nn.BatchNorm2d(4) if vertical else None
+    self.horizontal_conv = torch.nn.Conv2d(4, 4, (1, 3), padding=(0, 1), bias=False) if horizontal else None
+    self.horizontal_bn = torch.nn.BatchNorm2d(4) if horizontal else None
+    self.identity = torch.nn.BatchNorm2d(4) if identity else None
+
+  def forward(self, x):
+    y = self.main_bn(self.main_conv(x))
+    if self.vertical_conv is not None:
+      y = y + self.vertical_bn(self.vertical_conv(x))
+    if self.horizontal_conv is not None:
+      y = y + self.horizontal_bn(self.horizontal_conv(x))
+    if self.identity is not None:
+      y = y + self.identity(x)
+    return torch.relu(y)
+
+
+class RepStage(torch.nn.Module):
+  """TextNet's TextNetStage: RepBranches layers in a Sequential."""
+
+  def __init__(self, *branches: tuple[bool, bool, bool]):
+    super().__init__()
+    self.stage = torch.nn.Sequential(*(RepBranches(*b) for b in branches))
+
+  def forward(self, x):
+    return self.stage(x)
+
+
+class RepStages(torch.nn.Sequential):
+  """Two stages whose layers have different branches: TextNet's encoder."""
+
+  def __init__(self):
+    super().__init__(
+        RepStage((True, True, True), (True, True, False)), RepStage((True, False, True), (False, True, True))
+    )
+
+
+@pytest.mark.parametrize(("api", "layout"), [("linen", "NCHW"), ("nnx", "NHWC")])
+def test_layers_that_add_other_branches_are_one_class_with_a_flag_per_branch(api, layout, tmp_path):
+  """A RepVGG layer whose calls add different branches to their main one (a convolution and its
+  norm, or a norm alone) is one class, each branch behind a flag (was four classes,
+  ``TextNetRepConvLayerWithHorizontalBatchNormWithRbrIdentity`` .., and the stages above them
+  numbered: ``TextNetStage1``, ``TextNetStage2``); the stages are one class whose calls set the flags.
+  Through the harness (float64 lock-step within its 1e-9)."""
+  port_harness.run(Case(RepStages, (4, 4, 6, 6), floor=1e-5), via="emit", api=api, layout=layout)
+  text = jaxbn.emit(RepStages(), torch.zeros(2, 4, 6, 6), tmp_path / "e", api=api, layout=layout).read_text()
+  assert re.findall(r"^class (\w+)\(", text, re.M) == ["RepBranches", "RepStage", "RepStages"], text
+  for flag in ("with_vertical_conv", "with_horizontal_conv", "with_identity"):
+    assert f"{flag}: bool = False" in text or api == "nnx", text
+    assert re.search(rf"(self\.{flag}|self\.{flag.removeprefix('with_')} is not None):\n", text), (flag, text)

@@ -15,6 +15,7 @@ import collections
 import dataclasses
 import hashlib
 import inspect
+import itertools
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -67,7 +68,9 @@ class Class:
   head: int | None = None  # the model's class: the constant of its last Linear's output size
   stateless: frozenset = frozenset()  # attributes of the stateless modules its calls run as ops (pool)
 
-  def fields(self, label=str, sizes: bool = False, shape=lambda label: None, named=None) -> dict[int, str]:
+  def fields(
+      self, label=str, sizes: bool = False, shape=lambda label: None, named=None, written=lambda label: True
+  ) -> dict[int, str]:
     """Constant index -> field name, for the constants whose values differ between calls, and
     with ``sizes`` every size (``*features``, its layers' and its children's, a ``groups`` above
     one equal to a size: depthwise) and a loop's count even where all calls agree. Equal columns
@@ -79,7 +82,9 @@ class Class:
     equals (NNX's ``num_features=conv0_out_features``). A size a guard expects shares a field only
     with those of its torch name (``shape(label)``: an input's height is no width where they are equal).
     ``head`` is the field ``num_classes``; ``named``: index -> a name for it (the torch attribute
-    it is), in place of its label's."""
+    it is), in place of its label's. ``written(label)``: whether the constant reaches the source (a
+    child's constant the child writes as a literal does not: it differs between calls only where
+    some make the child's optional part and others do not)."""
     columns: dict[tuple, str] = {}
     produced: list[tuple[tuple, str, str]] = []  # called once: output sizes' (column, field, role), in order
     fields: dict[int, str] = dict.fromkeys(self._heads(), "num_classes")
@@ -92,7 +97,7 @@ class Class:
     # a series' size step, and the size of members after the first, after the sizes, so that they
     # read the size they equal (a growth rate; HGNetV2's ``mid_chs``)
     for index in [*(i for i in range(len(self.labels)) if i not in steps), *steps]:
-      if index in fields:
+      if index in fields or not written(self.labels[index]):
         continue
       if index in counts:  # a field of its own: equal to a size or another count by chance
         fields[index] = _untaken(_identifier(label(self.labels[index])), taken)
@@ -585,8 +590,19 @@ class Classes:
     """A class's fields (computed once the classes are built: the source asks for each call)."""
     if key not in self._fields:
       cls = self.classes[key]
-      self._fields[key] = cls.fields(self.label, sizes=key != self.root, shape=self.shape, named=self._named(cls))
+      self._fields[key] = cls.fields(
+          self.label, sizes=key != self.root, shape=self.shape, named=self._named(cls), written=self._written
+      )
     return self._fields[key]
+
+  def _written(self, label) -> bool:
+    """Whether a constant reaches the source: a child's only where it gives a field of the child
+    its value (the first of the constants that share the field: ``field_arguments``)."""
+    if isinstance(label, tuple) and label[0] == "child":
+      _, _, key, index = label
+      fields = self.fields(key)
+      return index in fields and next(i for i, name in fields.items() if name == fields[index]) == index
+    return True
 
   def modules(self, cls: Class) -> list[torch.nn.Module] | None:
     """The torch modules of a class's calls, where each call is one module's."""
@@ -706,19 +722,21 @@ def _relabelled(elements: tuple, prefix: str) -> tuple:
 
 
 def _merge_optional(level: dict[tuple, Class]) -> dict[tuple, Class]:
-  """Variants of one torch class that differ by one child call, made by some calls and not by
-  others (``if self.downsample is not None``), as one class with that call behind a flag."""
+  """Variants of one torch class that differ by child calls some calls make and others do not
+  (``if self.downsample is not None``) or by terms some calls add and others do not (a RepVGG
+  block's ``if self.identity is not None: out = out + self.identity(x)``), as one class with each
+  behind a flag: a variant merges into one that has what it lacks, one such part at a time."""
   classes = dict(level)
   merged = True
   while merged:
     merged = False
     for (key_a, a), (key_b, b) in [(x, y) for x in classes.items() for y in classes.items() if x[0] != y[0]]:
-      if a.torch_class is not b.torch_class:
+      if a.torch_class is not b.torch_class or b.optional:
         continue
-      flagged = _optional_form(a.example, b.skeleton)
-      if flagged is None:
+      found = _optional_form(a.example, b.skeleton)
+      if found is None:
         continue
-      combined = _combine(a, b, flagged)
+      combined = _combine(a, b, *found)
       del classes[key_a], classes[key_b]
       classes[(a.torch_class, combined.skeleton)] = combined
       merged = True
@@ -726,23 +744,139 @@ def _merge_optional(level: dict[tuple, Class]) -> dict[tuple, Class]:
   return classes
 
 
-def _optional_form(code: tuple, other_skeleton: tuple) -> tuple | None:
-  """``code`` with one child call behind a flag, if leaving that call out (its output read as its
-  input) gives code of ``other_skeleton``'s shape."""
-  for index, statement in enumerate(code):
-    if statement[0] != "assign" or len(statement[1]) != 1 or statement[2][0] not in ("call", "sequential"):
-      continue
-    expression = statement[2]
-    args = expression[4] if expression[0] == "call" else expression[3]
-    if len(args) != 1 or args[0][0] != "var":
-      continue
-    output, source = statement[1][0], args[0][1]
-    reduced = substituted(code[:index] + code[index + 1 :], output, source)
-    if _skeleton(reduced)[0] == other_skeleton:
-      attribute = expression[3] if expression[0] == "call" else expression[2]
-      flag = ("const", True, f"with_{attribute}")
-      return code[:index] + (("optional", flag, statement),) + code[index + 1 :]
+MOST_FLAGS = 4  # optional parts of one class: each merge tries every present/absent choice of those it has
+
+
+def _optional_form(code: tuple, other_skeleton: tuple) -> tuple[tuple, int | None, tuple[bool, ...]] | None:
+  """``(code with the part behind a new flag, the statement index of that flag's optional, the
+  choice of its earlier flags that gives other_skeleton)``, if leaving one removable part of
+  ``code`` out (``_removable``), and the parts already behind flags in or out as chosen, gives code
+  of ``other_skeleton``'s shape; no new part where the choice alone does (index None)."""
+  flags = [i for i, statement in enumerate(code) if statement[0] == "optional"]
+  if len(flags) > MOST_FLAGS:
+    return None
+  parts = [None, *_removable(code)] if flags else _removable(code)
+  for part in parts:
+    reduced = code if part is None else _without(code, *part)
+    for choice in itertools.product((True, False), repeat=len(flags)):
+      resolved = _resolved(reduced, choice)
+      if len(resolved) == len(other_skeleton) and _skeleton(resolved)[0] == other_skeleton:
+        if part is None:
+          return code, None, choice
+        start, end, _, _ = part
+        attribute = next(filter(None, map(_part_attribute, code[start : end + 1])))
+        flag = ("const", True, f"with_{attribute}")
+        optional = ("optional", flag, code[start:end], code[end])
+        return code[:start] + (optional,) + code[end + 1 :], start, choice
   return None
+
+
+def _removable(code: tuple) -> list[tuple[int, int, str, str]]:
+  """The parts of ``code`` that can be behind a flag, as ``(first statement, last statement, the
+  value it makes, the value read in its place without it)``: a child call on one value (without
+  it, its output is its input), and a term added to a value (without it, the sum is that value):
+  the statements that make the term, read by nothing else, and the addition that ends them
+  (TextNet's ``y = y + self.horizontal_batch_norm(self.horizontal_conv(x))``)."""
+  readers: dict[str, list[int]] = collections.defaultdict(list)
+  for index, statement in enumerate(code):
+    for name in _statement_reads(statement):
+      readers[name].append(index)
+  parts = []
+  for index, statement in enumerate(code):
+    if statement[0] != "assign" or len(statement[1]) != 1:
+      continue
+    output, expression = statement[1][0], statement[2]
+    if expression[0] in ("call", "sequential"):
+      args = expression[4] if expression[0] == "call" else expression[3]
+      if len(args) == 1 and args[0][0] == "var":
+        parts.append((index, index, output, args[0][1]))
+      continue
+    if not (expression[0] == "op" and getattr(expression[1], "fn", None) is functional.add and not expression[3]):
+      continue
+    args = expression[2]
+    if len(args) != 2 or any(a[0] != "var" for a in args) or args[0] == args[1] or index == 0:
+      continue
+    made = code[index - 1]
+    if made[0] != "assign" or len(made[1]) != 1 or made[1][0] not in (args[0][1], args[1][1]):
+      continue
+    term = made[1][0]
+    kept = args[1][1] if term == args[0][1] else args[0][1]
+    start, inside = index - 1, {index - 1}
+    # earlier statements whose values only the term's statements read are the term's too
+    while start > 0 and code[start - 1][0] == "assign" and _reads_only_within(code[start - 1], readers, inside):
+      start -= 1
+      inside.add(start)
+    # a term made by a child or layer, which names its flag (an input added as it is: a skip)
+    if readers[term] == [index] and any(_part_attribute(code[i]) for i in inside):
+      parts.append((start, index, output, kept))
+  return parts
+
+
+def _reads_only_within(statement: tuple, readers: dict, inside: set[int]) -> bool:
+  """Whether every value ``statement`` makes is read, and only by statements ``inside``."""
+  made = statement[1] if statement[0] == "assign" else ()
+  return bool(made) and all(readers[name] and set(readers[name]) <= inside for name in made)
+
+
+def _statement_reads(statement) -> list[str]:
+  """The values a statement reads (a child call's arguments, not its class key or constants)."""
+  found = []
+
+  def walk(e):
+    if isinstance(e, tuple) and e:
+      if e[0] == "var" and len(e) == 2:
+        found.append(e[1])
+      elif e[0] == "call":
+        walk(e[4])
+      elif e[0] == "assign":
+        walk(e[2])
+      elif e[0] not in ("const", "element"):
+        for x in e:
+          walk(x)
+
+  walk(statement)
+  return found
+
+
+def _without(code: tuple, start: int, end: int, output: str, kept: str) -> tuple:
+  """``code`` without statements ``start`` to ``end``: what read ``output`` reads ``kept``."""
+  return substituted(code[:start] + code[end + 1 :], output, kept)
+
+
+def _resolved(code: tuple, present: tuple[bool, ...]) -> tuple:
+  """``code`` with its optional parts (the ``n``-th: ``present[n]``) written out or left out."""
+  out, number = [], 0
+  rest = list(code)
+  while rest:
+    statement = rest.pop(0)
+    if statement[0] != "optional":
+      out.append(statement)
+      continue
+    _, _, prefix, last = statement
+    if present[number]:
+      out += [*prefix, last]
+    else:
+      made, kept = last[1][0], passed_on(statement)
+      rest = [substituted(s, made, kept) for s in rest]
+    number += 1
+  return tuple(out)
+
+
+def passed_on(optional: tuple) -> str:
+  """The value an optional part's output is where the part is left out: the one its last
+  statement reads that its own statements do not make."""
+  _, _, prefix, last = optional
+  made = {name for s in prefix for name in s[1]}
+  return next(name for name in _statement_reads(last) if name not in made)
+
+
+def _part_attribute(statement: tuple) -> str | None:
+  """The attribute a statement's child or layer sits at (``horizontal_conv``), if it calls one."""
+  if statement[0] != "assign":
+    return None
+  expression = statement[2]
+  position = {"call": 3, "layer": 3, "sequential": 2}.get(expression[0])
+  return expression[position] if position is not None else None
 
 
 def substituted(e, old: str, new: str):
@@ -759,25 +893,35 @@ def substituted(e, old: str, new: str):
   return e
 
 
-def _combine(a: Class, b: Class, flagged: tuple) -> Class:
+def _combine(a: Class, b: Class, flagged: tuple, part: int | None, choice: tuple[bool, ...]) -> Class:
+  """One class of ``a`` and ``b``: ``flagged`` is ``a``'s code with the new optional part at
+  statement ``part`` (None: none new), ``choice`` what ``b`` makes of ``a``'s earlier ones. Each
+  call's constants in the combined order: ``a``'s with the new flag True, ``b``'s with every flag
+  as it makes the part and None for the constants of the parts it lacks."""
   skeleton, _, labels = _skeleton(flagged)
   numbered_code = numbered(flagged)
-  optional = {}
-  for statement in numbered_code:
+  optional, flag_of_statement = {}, {}
+  for index, statement in enumerate(numbered_code):
     if statement[0] == "optional":
-      flag = statement[1][3]
-      for index in _constant_indices(statement[2]):
-        optional[index] = flag
+      flag_of_statement[index] = statement[1][3]
+      for constant in _constant_indices(statement[2:]):
+        optional[constant] = statement[1][3]
   combined = Class(a.torch_class, skeleton, labels, flagged, optional=optional)
-  flag = next(iter(set(optional.values())))
-  for calls, keys, present in ((a.calls, a.keys, True), (b.calls, b.keys, False)):
+  new_flag = flag_of_statement.get(part)
+  earlier = [flag for index, flag in flag_of_statement.items() if index != part]
+  present = dict(zip(earlier, choice, strict=True))
+  if new_flag is not None:
+    present[new_flag] = False
+  for calls, keys, theirs in ((a.calls, a.keys, False), (b.calls, b.keys, True)):
     for call, key in zip(calls, keys, strict=True):
       values = iter(call)
       row = []
       for index in range(len(labels)):
-        if index == flag:
-          row.append(present)
-        elif index in optional and not present:
+        if index == new_flag:
+          row.append(not theirs)
+        elif theirs and index in present:
+          row.append(present[index])
+        elif theirs and index in optional and not present[optional[index]]:
           row.append(None)
         else:
           row.append(next(values))

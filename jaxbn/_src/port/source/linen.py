@@ -32,6 +32,7 @@ from jaxbn._src.port.source.classes import (
     Classes,
     identity_input,
     numbered,
+    passed_on,
     substituted,
     value_key,
 )
@@ -142,14 +143,11 @@ class Source:
     for index, name in self.classes.fields(key).items():
       if name not in seen:
         seen[name] = None
-        value = constants[index]
-        if (
-            value[0] == "const"
-            and child.default(index) is not REQUIRED
-            and value_key(value[1]) == value_key(child.default(index))
-        ):
-          continue  # the field's default: an optional child this call does not make
-        arguments.append(f"{name}={render(value)}")
+        value, default = constants[index], child.default(index)
+        text = render(value)
+        if value[0] == "const" and default is not REQUIRED and text == literal(default, self):
+          continue  # the field's default (an optional part this call does not make), where no field sets it
+        arguments.append(f"{name}={text}")
     return arguments
 
   def stage_table(self, attribute: str, stages: list) -> str:
@@ -226,7 +224,7 @@ class Source:
 def _called_attribute(statement: tuple) -> str | None:
   """The attribute of the child a statement calls (a layer, a class, a Sequential), if it calls one."""
   if statement[0] == "optional":
-    statement = statement[2]
+    statement = statement[3]
   if statement[0] != "assign":
     return None
   expression = statement[2]
@@ -404,17 +402,22 @@ class Body:
     ]
 
   def _optional(self, statement: tuple, index: int, last_use: dict) -> list[str]:
-    """A child call some calls of the class make and others do not: its output is its input then."""
-    _, flag, (_, (target,), expression) = statement
-    source = _first_var(expression)
+    """A part some calls of the class make and others do not (a child call, a term added): without
+    it, its output is the value it passes on (the child's input, the sum's other term)."""
+    _, flag, prefix, last = statement
+    target, source = last[1][0], passed_on(statement)
     lines = []
     if last_use.get(source, -1) <= index:
       self.names[target] = self.names[source]
     else:
       name = self._take(target, "y")
       lines.append(f"{name} = {self.names[source]}")
-    lines.append(f"if {self.present(flag, expression)}:")
-    lines.append(f"  {self.names[target]} = {self.expression(expression)}")
+    attribute = next(filter(None, map(_called_attribute, (*prefix, last))))
+    lines.append(f"if {self.present(flag, attribute)}:")
+    # the term's own values take no name a later line reads
+    later = {name for name, use in last_use.items() if use > index} | set(_reads(last))
+    lines += ["  " + line for line in self._run(list(prefix), later, context_made=True)]
+    lines.append(f"  {self.names[target]} = {self.expression(last[2])}")
     return lines
 
   # --- what differs between the APIs ---------------------------------------------------------------
@@ -427,8 +430,8 @@ class Body:
     """The line that makes ``ctx`` for ops that need the mode and randomness (dropout)."""
     return 'ctx = ops.Context(train, lambda: self.make_rng("dropout"))'
 
-  def present(self, flag, expression) -> str:
-    """The condition of an optional child call."""
+  def present(self, flag, attribute: str) -> str:
+    """The condition of an optional part (``attribute``: its first child or layer)."""
     return self.expression(flag)
 
   def field(self, name: str) -> str:
@@ -856,7 +859,7 @@ def _reads(statement) -> list[str]:
         for x in e:
           walk(x)
 
-  walk(statement[2] if statement[0] in ("assign", "optional") else statement[1])
+  walk(statement[2:] if statement[0] in ("assign", "optional") else statement[1])
   return found
 
 

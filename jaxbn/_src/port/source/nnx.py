@@ -162,8 +162,7 @@ class Body(base.Body):
   def stochastic(self, function: str, kwargs: str) -> str:
     return f"jaxbn.nnx.Stochastic({function}, {kwargs}, rngs=rngs)"
 
-  def present(self, flag, expression) -> str:
-    attribute = expression[3] if expression[0] == "call" else expression[2]
+  def present(self, flag, attribute: str) -> str:
     return f"{_self_attribute(attribute)} is not None"
 
   def _optional(self, statement: tuple, index: int, last_use: dict) -> list[str]:
