@@ -443,11 +443,14 @@ def test_layers_that_add_other_branches_are_one_class_with_a_flag_per_branch(api
   """A RepVGG layer whose calls add different branches to their main one (a convolution and its
   norm, or a norm alone) is one class, each branch behind a flag (was four classes,
   ``TextNetRepConvLayerWithHorizontalBatchNormWithRbrIdentity`` .., and the stages above them
-  numbered: ``TextNetStage1``, ``TextNetStage2``); the stages are one class whose calls set the flags.
-  Through the harness (float64 lock-step within its 1e-9)."""
+  numbered: ``TextNetStage1``, ``TextNetStage2``); the stages are one class whose calls set the flags,
+  each from a field of its own name. Through the harness (float64 lock-step within its 1e-9)."""
   port_harness.run(Case(RepStages, (4, 4, 6, 6), floor=1e-5), via="emit", api=api, layout=layout)
   text = jaxbn.emit(RepStages(), torch.zeros(2, 4, 6, 6), tmp_path / "e", api=api, layout=layout).read_text()
   assert re.findall(r"^class (\w+)\(", text, re.M) == ["RepBranches", "RepStage", "RepStages"], text
   for flag in ("with_vertical_conv", "with_horizontal_conv", "with_identity"):
     assert f"{flag}: bool = False" in text or api == "nnx", text
     assert re.search(rf"(self\.{flag}|self\.{flag.removeprefix('with_')} is not None):\n", text), (flag, text)
+  # a flag is set from a field of its own name: flags equal by chance share none
+  passed = re.findall(r"\b(with_\w+)=(?:self\.)?\w*?(with_\w+)\b", text)
+  assert passed and all(flag == field for flag, field in passed), passed

@@ -121,6 +121,10 @@ class Class:
         continue
       if shape(self.labels[index]) is not None:
         column = ("shape", shape(self.labels[index]), *column)
+      elif index not in flags and all(type(self.calls[i][index]) is bool for i in rows):
+        # flags equal by chance say nothing of each other: one shares a field only with flags of
+        # its name (a stage's blocks' ``with_identity``), not another's (``with_vertical_conv``)
+        column = ("flag", re.sub(r"\d+", "#", label(self.labels[index])), *column)
       if present is not None:
         shared = next(
             (n for (c, n) in columns.items() if len(c) == len(self.calls) and _restricted(c, present) == column), None
