@@ -406,6 +406,7 @@ class RepBranches(torch.nn.Module):
     self.horizontal_conv = torch.nn.Conv2d(4, 4, (1, 3), padding=(0, 1), bias=False) if horizontal else None
     self.horizontal_bn = torch.nn.BatchNorm2d(4) if horizontal else None
     self.identity = torch.nn.BatchNorm2d(4) if identity else None
+    self.drop_path = torch.nn.Identity()  # timm's DropPath at rate 0
 
   def forward(self, x):
     y = self.main_bn(self.main_conv(x))
@@ -414,7 +415,7 @@ class RepBranches(torch.nn.Module):
     if self.horizontal_conv is not None:
       y = y + self.horizontal_bn(self.horizontal_conv(x))
     if self.identity is not None:
-      y = y + self.identity(x)
+      y = y + self.drop_path(self.identity(x))
     return torch.relu(y)
 
 
@@ -443,14 +444,16 @@ def test_layers_that_add_other_branches_are_one_class_with_a_flag_per_branch(api
   """A RepVGG layer whose calls add different branches to their main one (a convolution and its
   norm, or a norm alone) is one class, each branch behind a flag (was four classes,
   ``TextNetRepConvLayerWithHorizontalBatchNormWithRbrIdentity`` .., and the stages above them
-  numbered: ``TextNetStage1``, ``TextNetStage2``); the stages are one class whose calls set the flags,
-  each from a field of its own name. Through the harness (float64 lock-step within its 1e-9)."""
+  numbered: ``TextNetStage1``, ``TextNetStage2``), without the branches' identities (a DropPath at
+  rate 0); the stages are one class whose calls set the flags, each from a field of its own name. Through the harness (float64 lock-step within its 1e-9).
+  """
   port_harness.run(Case(RepStages, (4, 4, 6, 6), floor=1e-5), via="emit", api=api, layout=layout)
   text = jaxbn.emit(RepStages(), torch.zeros(2, 4, 6, 6), tmp_path / "e", api=api, layout=layout).read_text()
   assert re.findall(r"^class (\w+)\(", text, re.M) == ["RepBranches", "RepStage", "RepStages"], text
   for flag in ("with_vertical_conv", "with_horizontal_conv", "with_identity"):
     assert f"{flag}: bool = False" in text or api == "nnx", text
     assert re.search(rf"(self\.{flag}|self\.{flag.removeprefix('with_')} is not None):\n", text), (flag, text)
+  assert "identity(" not in text.replace("self.identity(", ""), text  # no line that does nothing in a branch
   # a flag is set from a field of its own name: flags equal by chance share none
   passed = re.findall(r"\b(with_\w+)=(?:self\.)?\w*?(with_\w+)\b", text)
   assert passed and all(flag == field for flag, field in passed), passed

@@ -406,6 +406,10 @@ class Body:
     it, its output is the value it passes on (the child's input, the sum's other term)."""
     _, flag, prefix, last = statement
     target, source = last[1][0], passed_on(statement)
+    renamed: dict[str, str] = {}  # the term's identities (a DropPath at rate 0) left out, as above
+    prefix = _without_identities(list(prefix), self.source.identities, renamed, self.fields)
+    for old, new in renamed.items():
+      last = substituted(last, old, new)
     lines = []
     if last_use.get(source, -1) <= index:
       self.names[target] = self.names[source]
@@ -416,7 +420,7 @@ class Body:
     lines.append(f"if {self.present(flag, attribute)}:")
     # the term's own values take no name a later line reads
     later = {name for name, use in last_use.items() if use > index} | set(_reads(last))
-    lines += ["  " + line for line in self._run(list(prefix), later, context_made=True)]
+    lines += ["  " + line for line in self._run(prefix, later, context_made=True)]
     lines.append(f"  {self.names[target]} = {self.expression(last[2])}")
     return lines
 
