@@ -783,7 +783,7 @@ def _removable(code: tuple) -> list[tuple[int, int, str, str]]:
   (TextNet's ``y = y + self.horizontal_batch_norm(self.horizontal_conv(x))``)."""
   readers: dict[str, list[int]] = collections.defaultdict(list)
   for index, statement in enumerate(code):
-    for name in _statement_reads(statement):
+    for name in statement_reads(statement):
       readers[name].append(index)
   parts = []
   for index, statement in enumerate(code):
@@ -822,7 +822,7 @@ def _reads_only_within(statement: tuple, readers: dict, inside: set[int]) -> boo
   return bool(made) and all(readers[name] and set(readers[name]) <= inside for name in made)
 
 
-def _statement_reads(statement) -> list[str]:
+def statement_reads(statement) -> list[str]:
   """The values a statement reads (a child call's arguments, not its class key or constants)."""
   found = []
 
@@ -871,7 +871,7 @@ def passed_on(optional: tuple) -> str:
   statement reads that its own statements do not make."""
   _, _, prefix, last = optional
   made = {name for s in prefix for name in s[1]}
-  return next(name for name in _statement_reads(last) if name not in made)
+  return next(name for name in statement_reads(last) if name not in made)
 
 
 def _part_attribute(statement: tuple) -> str | None:

@@ -33,6 +33,7 @@ from jaxbn._src.port.source.classes import (
     identity_input,
     numbered,
     passed_on,
+    statement_reads,
     substituted,
     value_key,
 )
@@ -288,7 +289,7 @@ class Body:
     train_code, eval_code = (
         _without_identities(c, self.source.identities, dict(renamed), self.fields) for c in modes[1:]
     )
-    later = {name for s in (*train_code, *eval_code) for name in _reads(s)}
+    later = {name for s in (*train_code, *eval_code) for name in statement_reads(s)}
     lines = self._run(statements, later)
     above = any(_uses_context(s) for s in statements)  # ctx is made above the branches: theirs too
     names = dict(self.names)
@@ -304,7 +305,7 @@ class Body:
     statements = self._sums(statements, later)
     last_use: dict[str, int] = {name: len(statements) for name in later}
     for i, statement in enumerate(statements):
-      for name in _reads(statement):
+      for name in statement_reads(statement):
         last_use[name] = max(i, last_use.get(name, i))
     lines = []
     if not context_made and any(_uses_context(s) for s in statements):
@@ -368,7 +369,7 @@ class Body:
     reads = collections.Counter(later)
     readers = {}  # a value read once -> the index of the statement that reads it
     for i, statement in enumerate(statements):
-      for name in _reads(statement):
+      for name in statement_reads(statement):
         reads[name] += 1
         readers[name] = i
     kept, removed = list(statements), set()
@@ -419,7 +420,7 @@ class Body:
     attribute = next(filter(None, map(_called_attribute, (*prefix, last))))
     lines.append(f"if {self.present(flag, attribute)}:")
     # the term's own values take no name a later line reads
-    later = {name for name, use in last_use.items() if use > index} | set(_reads(last))
+    later = {name for name, use in last_use.items() if use > index} | set(statement_reads(last))
     lines += ["  " + line for line in self._run(prefix, later, context_made=True)]
     lines.append(f"  {self.names[target]} = {self.expression(last[2])}")
     return lines
@@ -850,23 +851,6 @@ def _checks(statement: tuple, following: tuple, last_use: dict, index: int) -> b
   )
 
 
-def _reads(statement) -> list[str]:
-  found = []
-
-  def walk(e):
-    if isinstance(e, tuple) and e:
-      if e[0] == "var" and len(e) == 2:
-        found.append(e[1])
-      elif e[0] == "call":
-        walk(e[4])
-      elif e[0] not in ("const", "element"):
-        for x in e:
-          walk(x)
-
-  walk(statement[2:] if statement[0] in ("assign", "optional") else statement[1])
-  return found
-
-
 def _without_identities(
     statements: list, identities: set = frozenset(), renamed: dict | None = None, fields: dict | None = None
 ) -> list:
@@ -926,7 +910,7 @@ def _addition(statement: tuple, fields: dict):
 
 
 def _first_var(expression) -> str | None:
-  reads = _reads(("return", expression))
+  reads = statement_reads(("return", expression))
   return reads[0] if reads else None
 
 
