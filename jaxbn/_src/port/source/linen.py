@@ -407,6 +407,7 @@ class Body:
     it, its output is the value it passes on (the child's input, the sum's other term)."""
     _, flag, prefix, last = statement
     target, source = last[1][0], passed_on(statement)
+    attribute = next(filter(None, map(_called_attribute, (*prefix, last))))
     renamed: dict[str, str] = {}  # the term's identities (a DropPath at rate 0) left out, as above
     prefix = _without_identities(list(prefix), self.source.identities, renamed, self.fields)
     for old, new in renamed.items():
@@ -417,7 +418,6 @@ class Body:
     else:
       name = self._take(target, "y")
       lines.append(f"{name} = {self.names[source]}")
-    attribute = next(filter(None, map(_called_attribute, (*prefix, last))))
     lines.append(f"if {self.present(flag, attribute)}:")
     # the term's own values take no name a later line reads
     later = {name for name, use in last_use.items() if use > index} | set(statement_reads(last))
