@@ -407,11 +407,14 @@ class Body:
     it, its output is the value it passes on (the child's input, the sum's other term)."""
     _, flag, prefix, last = statement
     target, source = last[1][0], passed_on(statement)
-    attribute = next(filter(None, map(_called_attribute, (*prefix, last))))
+    statements = (*prefix, last)
     renamed: dict[str, str] = {}  # the term's identities (a DropPath at rate 0) left out, as above
     prefix = _without_identities(list(prefix), self.source.identities, renamed, self.fields)
     for old, new in renamed.items():
       last = substituted(last, old, new)
+    # its first child or layer the source writes; where it writes none (a term that is only an
+    # identity placeholder), the placeholder's
+    attribute = next(filter(None, map(_called_attribute, (*prefix, last, *statements))))
     lines = []
     if last_use.get(source, -1) <= index:
       self.names[target] = self.names[source]
