@@ -760,11 +760,15 @@ def _optional_form(code: tuple, other_skeleton: tuple) -> tuple[tuple, int | Non
   if len(flags) > MOST_FLAGS:
     return None
   parts = [None, *_removable(code)] if flags else _removable(code)
+  sizes = [len(code[i][2]) + 1 for i in flags]  # an optional part's statements where it is made
   for part in parts:
-    reduced = code if part is None else _without(code, *part)
+    removed = 0 if part is None else part[1] - part[0] + 1
     for choice in itertools.product((True, False), repeat=len(flags)):
-      resolved = _resolved(reduced, choice)
-      if len(resolved) == len(other_skeleton) and _skeleton(resolved)[0] == other_skeleton:
+      made = sum(size for size, present in zip(sizes, choice, strict=True) if present)
+      if len(code) - removed - len(flags) + made != len(other_skeleton):  # cheap: no code rewritten
+        continue
+      resolved = _resolved(code if part is None else _without(code, *part), choice)
+      if _skeleton(resolved)[0] == other_skeleton:
         if part is None:
           return code, None, choice
         start, end, _, _ = part
