@@ -294,6 +294,7 @@ class Classes:
     self.codes: dict[str, Code] = {}  # call key -> its code
     self.sequences: set[str] = set()  # call keys of Sequentials written as layers.Sequential
     self._fields: dict[tuple, dict[int, str]] = {}
+    self._setting: dict[tuple, set[int]] = {}  # per class: the constants that give each field its value
     self.root: tuple | None = None  # the model's class key, once built
 
   def build(self, train_root: Block, eval_root: Block) -> tuple:
@@ -604,8 +605,9 @@ class Classes:
     its value (the first of the constants that share the field: ``field_arguments``)."""
     if isinstance(label, tuple) and label[0] == "child":
       _, _, key, index = label
-      fields = self.fields(key)
-      return index in fields and next(i for i, name in fields.items() if name == fields[index]) == index
+      if key not in self._setting:
+        self._setting[key] = set({name: i for i, name in reversed(self.fields(key).items())}.values())
+      return index in self._setting[key]
     return True
 
   def modules(self, cls: Class) -> list[torch.nn.Module] | None:
