@@ -774,7 +774,7 @@ def _optional_form(code: tuple, other_skeleton: tuple) -> tuple[tuple, int | Non
         if part is None:
           return code, None, choice
         start, end, _, _ = part
-        attribute = next(filter(None, map(_part_attribute, code[start : end + 1])))
+        attribute = next(filter(None, map(called_attribute, code[start : end + 1])))
         flag = ("const", True, f"with_{attribute}")
         optional = ("optional", flag, code[start:end], code[end])
         return code[:start] + (optional,) + code[end + 1 :], start, choice
@@ -817,7 +817,7 @@ def _removable(code: tuple) -> list[tuple[int, int, str, str]]:
       start -= 1
       inside.add(start)
     # a term made by a child or layer, which names its flag (an input added as it is: a skip)
-    if readers[term] == [index] and any(_part_attribute(code[i]) for i in inside):
+    if readers[term] == [index] and any(called_attribute(code[i]) for i in inside):
       parts.append((start, index, output, kept))
   return parts
 
@@ -880,8 +880,11 @@ def passed_on(optional: tuple) -> str:
   return next(name for name in statement_reads(last) if name not in made)
 
 
-def _part_attribute(statement: tuple) -> str | None:
-  """The attribute a statement's child or layer sits at (``horizontal_conv``), if it calls one."""
+def called_attribute(statement: tuple) -> str | None:
+  """The attribute of the child a statement calls (a layer, a class, a Sequential: ``horizontal_conv``),
+  if it calls one; an optional part's, its last statement's."""
+  if statement[0] == "optional":
+    statement = statement[3]
   if statement[0] != "assign":
     return None
   expression = statement[2]

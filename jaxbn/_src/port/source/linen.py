@@ -30,6 +30,7 @@ from jaxbn._src.port.source.classes import (
     REQUIRED,
     Class,
     Classes,
+    called_attribute,
     identity_input,
     numbered,
     passed_on,
@@ -222,17 +223,6 @@ class Source:
     return f"{module}.{name}"
 
 
-def _called_attribute(statement: tuple) -> str | None:
-  """The attribute of the child a statement calls (a layer, a class, a Sequential), if it calls one."""
-  if statement[0] == "optional":
-    statement = statement[3]
-  if statement[0] != "assign":
-    return None
-  expression = statement[2]
-  position = {"call": 3, "layer": 3, "sequential": 2}.get(expression[0])
-  return expression[position] if position is not None else None
-
-
 class Body:
   """One class's ``__call__``: statements with value names chosen as a person would (a value takes
   over its input's name when that input is not read again)."""
@@ -279,7 +269,7 @@ class Body:
     modes = statements.pop() if statements and statements[-1][0] == "modes" else None
     branches = (statements + list(modes[1]), statements + list(modes[2])) if modes else (statements,)
     for branch in branches:
-      called = [_called_attribute(s) for s in branch]
+      called = [called_attribute(s) for s in branch]
       self.shared.update({a: None for a in called if a is not None and "." not in a and called.count(a) > 1})
     # identities left out of the statements both modes begin with and of each branch
     renamed: dict[str, str] = {}
@@ -414,7 +404,7 @@ class Body:
       last = substituted(last, old, new)
     # its first child or layer the source writes; where it writes none (a term that is only an
     # identity placeholder), the placeholder's
-    attribute = next(filter(None, map(_called_attribute, (*prefix, last, *statements))))
+    attribute = next(filter(None, map(called_attribute, (*prefix, last, *statements))))
     lines = []
     if last_use.get(source, -1) <= index:
       self.names[target] = self.names[source]
