@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import jaxbn
 from parity_tests import port_harness
 from parity_tests.port_harness import Case
+from parity_tests.test_emit import load_source
 
 
 class TableAttention(torch.nn.Module):
@@ -306,6 +307,103 @@ def test_variants_are_named_for_a_shortcut_a_setting_their_norms_activation_or_t
       "GatedNormActWithSilu",
       "VariantsOfEveryKind",
   ], text
+
+
+class KernelConvNorm(torch.nn.Module):
+
+  def __init__(self, kernel_size, padding):
+    super().__init__()
+    self.conv = torch.nn.Conv2d(4, 4, kernel_size, padding=padding, bias=False)
+    self.bn = torch.nn.BatchNorm2d(4)
+
+  def forward(self, x):
+    return self.bn(self.conv(x))
+
+
+class FactorisedConvs(torch.nn.Module):
+  """inception's convolutions: a square kernel given as an int, a factorised one as a tuple."""
+
+  def __init__(self):
+    super().__init__()
+    self.square, self.wide = KernelConvNorm(3, 1), KernelConvNorm((1, 3), (0, 1))
+
+  def forward(self, x):
+    return self.wide(self.square(x))
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_a_field_given_an_int_in_one_call_and_a_tuple_in_another_is_annotated_with_both(api, tmp_path):
+  """A kernel size that is 3 in one call and (1, 3) in another is ``int | tuple`` (was ``Any``, as
+  in every inception's and mc3_18's source); the class body evaluates it."""
+  path = jaxbn.emit(FactorisedConvs(), np.zeros((2, 4, 6, 6), np.float32), tmp_path / "e", api=api)
+  text = path.read_text()
+  annotations = dict(re.findall(r"\b(conv_kernel_size|conv_padding): ([\w |]+?)(?:,|$)", text, re.M))
+  # NNX's Conv takes the kernel size as a tuple (torch's 3 is written (3, 3))
+  kernel_size = "int | tuple" if api == "linen" else "tuple"
+  assert annotations == {"conv_kernel_size": kernel_size, "conv_padding": "int | tuple"}, text
+  assert "Any" not in text, text
+  load_source(path, f"factorised_{api}")
+
+
+class PlaceholderHeads(torch.nn.Module):
+  """smp's heads: identity placeholders (no upsampling, no activation) after a convolution, one
+  before a function, and one before a layer, whose path counts it."""
+
+  def __init__(self):
+    super().__init__()
+    identity = torch.nn.Identity
+    self.head = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), identity(), identity())
+    self.pool = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), identity(), torch.nn.ReLU())
+    self.kept = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), identity(), torch.nn.BatchNorm2d(4))
+
+  def forward(self, x):
+    return self.kept(self.pool(self.head(x)))
+
+
+@pytest.mark.parametrize(("api", "layout"), [("linen", "NCHW"), ("nnx", "NHWC")])
+def test_identities_no_later_layer_counts_are_left_out_of_a_sequential(api, layout, tmp_path):
+  """A Sequential's ``nn.Identity()`` placeholders after its last layer are no element (was
+  ``ops.identity, ops.identity`` in every smp model's segmentation head); one before a layer stays,
+  as the layer's path is its index. Through the harness (float64 lock-step within its 1e-9; its
+  strict load checks every path)."""
+  port_harness.run(Case(PlaceholderHeads, (2, 4, 6, 6), floor=1e-5), via="emit", api=api, layout=layout)
+  text = jaxbn.emit(PlaceholderHeads(), np.zeros((2, 4, 6, 6), np.float32), tmp_path / "e", api=api, layout=layout)
+  text = text.read_text()
+  assert text.count("ops.identity") == 1 and re.search(r"ops\.identity,\s+jaxbn\.(nnx\.)?BatchNorm\(", text), text
+  assert text.count("Sequential(") == 3 and re.search(r"\), ops\.relu[\])]", text), text
+
+
+class ShapeItems(torch.nn.Module):
+  """Sizes and tensors unpacked as torch code does: ``B, C, H, W = x.shape``, an item not read
+  (``b, _, w = ...shape[:3]``), ``q, k, v = qkv.unbind(1)``, ``height, width = x.shape[-2:]``."""
+
+  def __init__(self):
+    super().__init__()
+    self.bn, self.qkv = torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 12, 1)
+
+  def forward(self, x):
+    B, C, H, W = x.shape
+    b, _, w = self.bn(x).shape[:3]
+    q, k, v = self.qkv(x).reshape(B, 3, C, H * W).unbind(1)
+    height, width = x.shape[-2:]
+    return (q * k + v).reshape(b, C, H, w) * height / width
+
+
+@pytest.mark.parametrize(("api", "layout"), [("linen", "NCHW"), ("nnx", "NHWC")])
+def test_items_taken_in_turn_are_one_unpacking(api, layout, tmp_path):
+  """Consecutive lines that take items of one value (torch's trace of ``B, C, H, W = x.shape``)
+  are one line, ``y, y1, y2, y3 = x.shape[:4]`` (was five: ``y = x.shape``, ``y1 = y[0]``, ...);
+  channels-last takes torch's sizes in its own order; a slice of as many items needs no second
+  slice. Through the harness (float64 lock-step within its 1e-9)."""
+  port_harness.run(Case(ShapeItems, (2, 4, 6, 6), floor=1e-5), via="emit", api=api, layout=layout)
+  text = jaxbn.emit(ShapeItems(), np.zeros((2, 4, 6, 6), np.float32), tmp_path / "e", api=api, layout=layout)
+  body = text.read_text().split("def __call__")[1].split("return")[0]
+  unpacked = re.findall(r"^\s+(\w+(?:, \w+)+) = (.*)$", body, re.M)
+  assert [len(targets.split(", ")) for targets, _ in unpacked] == [4, 3, 3, 2], body
+  assert unpacked[0][1] == "x.shape[:4]" and unpacked[1][0].split(", ")[1] == "_", body
+  assert unpacked[2][1].startswith("ops.unbind(") and unpacked[2][1].endswith(")[:3]"), body
+  assert unpacked[3][1] == ("x.shape[-2:]" if layout == "NCHW" else "x.shape[1:3]"), body
+  assert not re.search(r"\w\[\d+\]$", body, re.M), body  # no item taken on a line of its own
 
 
 class Tree(torch.nn.Module):

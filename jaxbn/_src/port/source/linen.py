@@ -292,7 +292,7 @@ class Body:
   def _run(self, statements: list, later: set = frozenset(), context_made: bool = False) -> list[str]:
     """The statements' lines (identities already left out); ``later``: the values read after them
     (in the branches that follow); ``context_made``: ``ctx`` is made above them."""
-    statements = self._sums(statements, later)
+    statements = self._unpacked(self._sums(statements, later), later)
     last_use: dict[str, int] = {name: len(statements) for name in later}
     for i, statement in enumerate(statements):
       for name in statement_reads(statement):
@@ -373,6 +373,56 @@ class Body:
         total, values = statements[end][1][0], [*values, statements[end][2][2][1]]
       kept[end] = ("assign", (total,), ("sum", tuple(values)))
     return [statement for i, statement in enumerate(kept) if i not in removed]
+
+  def _unpacked(self, statements: list, later: set) -> list:
+    """torch's ``B, C, H, W = x.shape`` (or ``q, k, v = qkv``), which torch's trace records as one
+    item taken per line: ``y, y1, y2, y3 = x.shape[:4]`` where consecutive lines take items 0, 1,
+    ... of one value in turn (an item nothing reads is ``_``); the value no line of its own where
+    nothing else reads it. The slice keeps torch's meaning where the value holds more items; a
+    value that is a slice of as many (``x.shape[-2:]``) needs none."""
+    reads = collections.Counter(later)
+    for statement in statements:
+      reads.update(statement_reads(statement))
+    kept: list = []
+    i = 0
+    while i < len(statements):
+      run = _item_run(statements, i, self.fields)
+      if run is None:
+        kept.append(statements[i])
+        i += 1
+        continue
+      source, items = run
+      i += len(items)  # the items after the last one read: no line
+      read = {index: target for index, target in items.items() if reads[target]}
+      if len(read) < 2:
+        kept += [statements[i - len(items) + position] for position, index in enumerate(items) if index in read]
+        continue
+      targets = [read.get(index) for index in range(max(read) + 1)]
+      expression = self._made(kept, source, reads, len(items))
+      if expression[0] == "op" and expression[1].fn is functional.getitem and _sliced(expression[2][1]) is not None:
+        expression = ("op", expression[1], (self._made(kept, expression[2][0], reads, 1, True), expression[2][1]), ())
+      exact = (
+          expression[0] == "op" and expression[1].fn is functional.getitem and _sliced(expression[2][1]) == len(targets)
+      )
+      kept.append(("assign", tuple(targets), ("unpack", expression, None if exact else len(targets))))
+    return kept
+
+  def _made(self, kept: list, value, reads: dict, count: int, size_only: bool = False) -> tuple:
+    """The expression that makes ``value`` (a name, or an expression), taken out of ``kept`` where
+    its line is the last there and only the ``count`` reads that follow read it (``size_only``: a
+    ``x.shape``); else the value."""
+    if isinstance(value, tuple):
+      if value[0] != "var":
+        return value
+      value = value[1]
+    made = kept[-1] if kept else None
+    if made is None or made[0] != "assign" or made[1] != (value,) or reads[value] != count:
+      return ("var", value)
+    expression = made[2]
+    if expression[0] == "call" or expression[0] == "op" and _atomic(expression, size_only):
+      kept.pop()
+      return expression
+    return ("var", value)
 
   def _accumulate(self, target: str, e: tuple) -> list[str]:
     """Children numbered in a series or a container's members, each called on the list of every
@@ -470,7 +520,11 @@ class Body:
         self.names[targets[0]] = self.names[first]  # the input is not read again: reuse its name
         return self.names[first]
       return self._take(targets[0], "y")
-    return ", ".join(self._take(t, "y") for t in targets)
+    reused, first = None, _first_var(expression)  # an input read by nothing after: its last item's name
+    if expression[0] == "unpack" and first is not None and last_use.get(first, -1) <= index and first in self.names:
+      reused = [t for t in targets if t is not None][-1]
+      self.names[reused] = self.names[first]
+    return ", ".join("_" if t is None else self.names[t] if t == reused else self._take(t, "y") for t in targets)
 
   # --- expressions -------------------------------------------------------------------------------
 
@@ -506,6 +560,8 @@ class Body:
       return f"{self.expression(e[1])} if {self.index} == 0 else {self.expression(e[2])}"
     if kind == "sum":
       return f"sum([{', '.join(self.expression(x) for x in e[1])}])"
+    if kind == "unpack":  # an item run's value (_unpacked)
+      return self.expression(e[1]) + ("" if e[2] is None else f"[:{e[2]}]")
     if kind == "op":
       return self._op(e)
     if kind == "tensor":
@@ -536,7 +592,7 @@ class Body:
     if table is not None:
       constructor = f"layers.Sequential(tuple(stage(runs) for runs in {table})"
     else:
-      constructor = self.sequence([self._element(x) for x in elements])[:-1]
+      constructor = self.sequence([self._element(x) for x in self._members(elements)])[:-1]
     return self._placed(attribute, constructor, [self.expression(args[0]), "train=train"])
 
   def _stages(self, elements: tuple, attribute: str) -> str | None:
@@ -631,6 +687,27 @@ class Body:
       value = f"{self.source.function(apply.fn)}({value}{extra})"
     return value
 
+  def _members(self, elements: tuple) -> tuple:
+    """A Sequential's elements without the identities after its last layer: torch's placeholders
+    (smp's segmentation head's ``nn.Identity()`` upsampling and activation), which no later
+    layer's path counts (a Sequential's layers are at torch's indices)."""
+    layers = [i for i, e in enumerate(elements) if self._positional(e)]
+    last = layers[-1] if layers else 0
+    return elements[: last + 1] + tuple(e for e in elements[last + 1 :] if not self._placeholder(e))
+
+  def _positional(self, e) -> bool:
+    """Whether a Sequential's element is a module, named for its index."""
+    if e[0] == "op":
+      return bool(e[1].context)  # dropout: a layer
+    return not self._placeholder(e)
+
+  def _placeholder(self, e) -> bool:
+    if e[0] == "repeat":  # a run of one element
+      return self._placeholder(e[1])
+    if e[0] == "element":
+      return e[1] in self.source.identities
+    return e[0] == "op" and e[1].fn is functional.identity
+
   def _element(self, e) -> str | tuple[str, str]:
     """A Sequential's element as source; a run of one block as (source, count)."""
     if e[0] == "repeat":
@@ -646,7 +723,7 @@ class Body:
         return self.source.function(functional.identity)
       return f"{self.source.names[key]}({', '.join(self.source.field_arguments(key, constants, self.expression))})"
     if e[0] == "sequence":
-      return self.sequence([self._element(x) for x in e[1]])
+      return self.sequence([self._element(x) for x in self._members(e[1])])
     _, rule, args, kwargs = e  # an op of the previous value
     function = self.source.function(rule.fn)
     if rule.context:  # dropout: a layer that gets the mode (the op's own ``training`` flag is the mode too)
@@ -902,6 +979,55 @@ def _addition(statement: tuple, fields: dict):
   return first if first[0] == "var" else None
 
 
+def _item_run(statements: list, start: int, fields: dict) -> tuple[str, dict[int, str]] | None:
+  """``(the value, {index: target})`` where ``statements[start:]`` begin with two or more lines
+  that each take one item of one value at a literal index, each index once (in any order: the
+  channels-last source takes torch's ``B, C, H, W`` as items 0, 3, 1, 2); else None."""
+  source, items = None, {}
+  for statement in statements[start:]:
+    if statement[0] != "assign" or len(statement[1]) != 1 or statement[2][0] != "op":
+      break
+    _, rule, args, kwargs = statement[2]
+    if rule.fn is not functional.getitem or kwargs or args[0][0] != "var" or args[1][0] != "const":
+      break
+    index = args[1][1]
+    if type(index) is not int or index < 0 or args[1][3] in fields or index in items:
+      break
+    if source not in (None, args[0][1]) or statement[1][0] == args[0][1]:
+      break
+    source = args[0][1]
+    items[index] = statement[1][0]
+  if len(items) < 2:
+    return None
+  return source, items
+
+
+def _atomic(expression: tuple, size_only: bool) -> bool:
+  """Whether an op's source reads as one term, so that ``[:n]`` after it slices its value: a call,
+  an attribute, an item (not ``a + b``, ``-a``); ``size_only``: ``x.shape``."""
+  _, rule, args, kwargs = expression
+  if size_only:
+    size = rule.fn is functional.size and len(args) == 1
+    return not kwargs and (size or rule.fn is functional.tensor_attribute and args[1][1] == "shape")
+  return not isinstance(rule.fn, Guard) and rule.fn not in INFIX and rule.fn not in (functional.neg, operator.invert)
+
+
+def _sliced(index: tuple) -> int | None:
+  """The most items ``value[index]`` holds: k for ``[:k]``, ``[-k:]``, ``[j:j + k]`` (both ends
+  of one sign); None for another index. A run that takes item k - 1 of it finds exactly k."""
+  if index[0] != "slice":
+    return None
+  start, stop, step = (e[1] if e[0] == "const" else ... for e in index[1:])
+  start = 0 if start is None else start
+  if step is not None or type(start) is not int:
+    return None
+  if stop is None:
+    return -start if start < 0 else None
+  if type(stop) is int and (start < 0) == (stop < 0) and stop > start:
+    return stop - start
+  return None
+
+
 def _first_var(expression) -> str | None:
   reads = statement_reads(("return", expression))
   return reads[0] if reads else None
@@ -949,21 +1075,23 @@ def literal(value, source: Source) -> str:
   raise PortError(f"emit: cannot write a {type(value).__name__} constant ({value!r}) as source")
 
 
+ANNOTATED = (bool, int, float, str, tuple)  # a field's types written as its annotation, in this order
+
+
 def _annotation(values: list) -> str:
+  """A field's annotation from the values its calls give it: their type, or the union of their
+  types (``int | tuple``: a kernel size given as 3 in one call and (1, 7) in another), ``| None``
+  where a call leaves it out; ``Any`` for other values."""
   types = {type(v) for v in values}
-  if len(types) == 1:
-    (kind,) = types
-    if kind in (int, float, bool, str, tuple):
-      return kind.__name__
-    if kind is Constant:  # its key in CONSTANTS
-      return "str"
-  if types <= {int, float}:
+  if types == {Constant}:  # its key in CONSTANTS
+    return "str"
+  if types == {int, float}:
     return "float"
-  if type(None) in types and len(types) == 2:
-    (other,) = types - {type(None)}
-    if other in (int, float, bool, str, tuple):
-      return f"{other.__name__} | None"
-  return "Any"
+  given = types - {type(None)}
+  if not given or not given <= set(ANNOTATED):
+    return "Any"
+  names = [kind.__name__ for kind in ANNOTATED if kind in given]
+  return " | ".join(names + (["None"] if type(None) in types else []))
 
 
 def _torch_name(cls: type) -> str:

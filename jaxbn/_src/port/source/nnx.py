@@ -260,7 +260,7 @@ class Body(base.Body):
       table = self._stages(elements, attribute)
       if table is not None:
         return f"jaxbn.nnx.Sequential([stage(runs, rngs) for runs in {table}])"
-      return self.sequence([self._element(x) for x in elements])
+      return self.sequence([self._element(x) for x in self._members(elements)])
 
     return f"{self._build(attribute, make)}({self.expression(args[0])})"
 
