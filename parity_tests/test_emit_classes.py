@@ -406,6 +406,33 @@ def test_items_taken_in_turn_are_one_unpacking(api, layout, tmp_path):
   assert not re.search(r"\w\[\d+\]$", body, re.M), body  # no item taken on a line of its own
 
 
+class PadIfNeeded(torch.nn.Module):
+  """timm's ``if pad_h or pad_w:`` and tiny_vit's ``padding = pad_b > 0; if padding:``."""
+
+  def forward(self, x):
+    pad = -x.shape[-1] % 4
+    if pad:
+      x = F.pad(x, (0, pad))
+    padding = x.shape[-2] > 2
+    if padding:
+      x = x * 2
+    if padding:
+      x = x + 1
+    return x
+
+
+def test_a_truth_the_trace_took_is_asserted_as_torch_tests_it(tmp_path):
+  """``assert not y`` and ``assert y`` (was ``assert bool(y) == False``); a size read once is taken
+  where it is read (``y = x.shape[-1]``, was ``y = x.shape`` and ``y = y[-1]``); the source runs."""
+  path = jaxbn.emit(PadIfNeeded(), np.zeros((2, 3, 4, 8), np.float32), tmp_path / "e")
+  text = path.read_text()
+  asserts = re.findall(r"^\s+assert (.*), \"specialised to the example input\"$", text, re.M)
+  assert [re.sub(r"y\d*", "y", a) for a in asserts] == ["not y", "y", "y"], text
+  assert re.findall(r"= x\.shape(.*)$", text, re.M) == ["[-1]", "[-2]"], text
+  module, variables = load_source(path, "pad_if_needed").load()
+  np.testing.assert_array_equal(module.apply(variables, np.ones((2, 3, 4, 8), np.float32)), 3)
+
+
 class Tree(torch.nn.Module):
   """timm's DlaTree: a tree holds a tree (or a leaf norm); its variants differ in the variant of
   the tree they hold."""

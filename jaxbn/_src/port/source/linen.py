@@ -346,6 +346,9 @@ class Body:
     conversion = {"index": "int", "size": sized, "check": "bool"}.get(guard.conversion, guard.conversion)
     value = f"{conversion}({self.expression(expression[2][0])})"
     expected = repr(guard.expected) if size is None else self.expression(size)
+    if targets[0] not in last_use and conversion == "bool" and size is None and isinstance(guard.expected, bool):
+      truth = self.expression(expression[2][0])  # torch's ``if padding:``
+      return [where, f"assert {truth if guard.expected else f'not {truth}'}, {message}"]
     if targets[0] not in last_use:
       return [where, f"assert {value} == {expected}, {message}"]
     target = self._assign(targets, expression, index, last_use)
@@ -388,14 +391,16 @@ class Body:
     while i < len(statements):
       run = _item_run(statements, i, self.fields)
       if run is None:
-        kept.append(statements[i])
+        kept.append(self._item_of_size(kept, statements[i], reads))
         i += 1
         continue
       source, items = run
       i += len(items)  # the items after the last one read: no line
       read = {index: target for index, target in items.items() if reads[target]}
       if len(read) < 2:
-        kept += [statements[i - len(items) + position] for position, index in enumerate(items) if index in read]
+        for position, index in enumerate(items):
+          if index in read:
+            kept.append(self._item_of_size(kept, statements[i - len(items) + position], reads))
         continue
       targets = [read.get(index) for index in range(max(read) + 1)]
       expression = self._made(kept, source, reads, len(items))
@@ -406,6 +411,16 @@ class Body:
       )
       kept.append(("assign", tuple(targets), ("unpack", expression, None if exact else len(targets))))
     return kept
+
+  def _item_of_size(self, kept: list, statement: tuple, reads: dict) -> tuple:
+    """``y = x.shape[-1]`` for ``y = x.shape``, ``y = y[-1]`` (the size read by nothing else)."""
+    if statement[0] != "assign" or len(statement[1]) != 1 or statement[2][0] != "op":
+      return statement
+    _, rule, args, kwargs = statement[2]
+    if rule.fn is not functional.getitem or kwargs or args[0][0] != "var":
+      return statement
+    size = self._made(kept, args[0], reads, 1, True)
+    return statement if size[0] == "var" else ("assign", statement[1], ("op", rule, (size, args[1]), kwargs))
 
   def _made(self, kept: list, value, reads: dict, count: int, size_only: bool = False) -> tuple:
     """The expression that makes ``value`` (a name, or an expression), taken out of ``kept`` where
