@@ -375,7 +375,8 @@ def test_identities_no_later_layer_counts_are_left_out_of_a_sequential(api, layo
 
 class ShapeItems(torch.nn.Module):
   """Sizes and tensors unpacked as torch code does: ``B, C, H, W = x.shape``, an item not read
-  (``b, _, w = ...shape[:3]``), ``q, k, v = qkv.unbind(1)``, ``height, width = x.shape[-2:]``."""
+  (``b, _, w = ...shape[:3]``), ``q, k, v = qkv.unbind(1)``, ``height, width = x.shape[-2:]``,
+  ``_, _, h, w = x.shape``."""
 
   def __init__(self):
     super().__init__()
@@ -386,7 +387,8 @@ class ShapeItems(torch.nn.Module):
     b, _, w = self.bn(x).shape[:3]
     q, k, v = self.qkv(x).reshape(B, 3, C, H * W).unbind(1)
     height, width = x.shape[-2:]
-    return (q * k + v).reshape(b, C, H, w) * height / width
+    _, _, h, w2 = x.shape
+    return (q * k + v).reshape(b, C, H, w) * height / width + h * w2
 
 
 @pytest.mark.parametrize(("api", "layout"), [("linen", "NCHW"), ("nnx", "NHWC")])
@@ -399,10 +401,11 @@ def test_items_taken_in_turn_are_one_unpacking(api, layout, tmp_path):
   text = jaxbn.emit(ShapeItems(), np.zeros((2, 4, 6, 6), np.float32), tmp_path / "e", api=api, layout=layout)
   body = text.read_text().split("def __call__")[1].split("return")[0]
   unpacked = re.findall(r"^\s+(\w+(?:, \w+)+) = (.*)$", body, re.M)
-  assert [len(targets.split(", ")) for targets, _ in unpacked] == [4, 3, 3, 2], body
+  assert [len(targets.split(", ")) for targets, _ in unpacked] == [4, 3, 3, 2, 2], body
   assert unpacked[0][1] == "x.shape[:4]" and unpacked[1][0].split(", ")[1] == "_", body
   assert unpacked[2][1].startswith("ops.unbind(") and unpacked[2][1].endswith(")[:3]"), body
   assert unpacked[3][1] == ("x.shape[-2:]" if layout == "NCHW" else "x.shape[1:3]"), body
+  assert unpacked[4][1] == ("x.shape[2:4]" if layout == "NCHW" else "x.shape[1:3]"), body  # _, _, h, w
   assert not re.search(r"\w\[\d+\]$", body, re.M), body  # no item taken on a line of its own
 
 

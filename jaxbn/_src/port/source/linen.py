@@ -380,7 +380,8 @@ class Body:
   def _unpacked(self, statements: list, later: set) -> list:
     """torch's ``B, C, H, W = x.shape`` (or ``q, k, v = qkv``), which torch's trace records as one
     item taken per line: ``y, y1, y2, y3 = x.shape[:4]`` where consecutive lines take items 0, 1,
-    ... of one value in turn (an item nothing reads is ``_``); the value no line of its own where
+    ... of one value in turn (an item nothing reads is ``_``, and none before the first one read:
+    ``y, y1 = x.shape[2:4]``); the value no line of its own where
     nothing else reads it. The slice keeps torch's meaning where the value holds more items; a
     value that is a slice of as many (``x.shape[-2:]``) needs none."""
     reads = collections.Counter(later)
@@ -402,14 +403,18 @@ class Body:
           if index in read:
             kept.append(self._item_of_size(kept, statements[i - len(items) + position], reads))
         continue
-      targets = [read.get(index) for index in range(max(read) + 1)]
+      first = min(read)  # items before the first one read: sliced off (``x.shape[2:4]``), no ``_``
+      targets = [read.get(index) for index in range(first, max(read) + 1)]
       expression = self._made(kept, source, reads, len(items))
       if expression[0] == "op" and expression[1].fn is functional.getitem and _sliced(expression[2][1]) is not None:
         expression = ("op", expression[1], (self._made(kept, expression[2][0], reads, 1, True), expression[2][1]), ())
       exact = (
-          expression[0] == "op" and expression[1].fn is functional.getitem and _sliced(expression[2][1]) == len(targets)
+          expression[0] == "op"
+          and expression[1].fn is functional.getitem
+          and _sliced(expression[2][1]) == len(targets)
+          and first == 0
       )
-      kept.append(("assign", tuple(targets), ("unpack", expression, None if exact else len(targets))))
+      kept.append(("assign", tuple(targets), ("unpack", expression, None if exact else (first, first + len(targets)))))
     return kept
 
   def _item_of_size(self, kept: list, statement: tuple, reads: dict) -> tuple:
@@ -575,8 +580,9 @@ class Body:
       return f"{self.expression(e[1])} if {self.index} == 0 else {self.expression(e[2])}"
     if kind == "sum":
       return f"sum([{', '.join(self.expression(x) for x in e[1])}])"
-    if kind == "unpack":  # an item run's value (_unpacked)
-      return self.expression(e[1]) + ("" if e[2] is None else f"[:{e[2]}]")
+    if kind == "unpack":  # an item run's value (_unpacked), sliced to the items it takes
+      items = "" if e[2] is None else f"[{e[2][0] or ''}:{e[2][1]}]"
+      return self.expression(e[1]) + items
     if kind == "op":
       return self._op(e)
     if kind == "tensor":
