@@ -379,11 +379,11 @@ class Body:
 
   def _unpacked(self, statements: list, later: set) -> list:
     """torch's ``B, C, H, W = x.shape`` (or ``q, k, v = qkv``), which torch's trace records as one
-    item taken per line: ``y, y1, y2, y3 = x.shape[:4]`` where consecutive lines take items 0, 1,
-    ... of one value in turn (an item nothing reads is ``_``, and none before the first one read:
-    ``y, y1 = x.shape[2:4]``); the value no line of its own where
-    nothing else reads it. The slice keeps torch's meaning where the value holds more items; a
-    value that is a slice of as many (``x.shape[-2:]``) needs none."""
+    item taken per line: ``y, y1, y2, y3 = x.shape[:4]`` where consecutive lines take items of one
+    value (an item nothing reads between two that are read is ``_``; none before the first or after
+    the last one read: ``y, y1 = x.shape[2:4]``); the value no line of its own where nothing else
+    reads it. The slice keeps torch's meaning where the value holds more items; a value that is a
+    slice of as many (``x.shape[-2:]``) needs none."""
     reads = collections.Counter(later)
     for statement in statements:
       reads.update(statement_reads(statement))
@@ -396,8 +396,8 @@ class Body:
         i += 1
         continue
       source, items = run
-      i += len(items)  # the items after the last one read: no line
-      read = {index: target for index, target in items.items() if reads[target]}
+      i += len(items)
+      read = {index: target for index, target in items.items() if reads[target]}  # the others: no line
       if len(read) < 2:
         for position, index in enumerate(items):
           if index in read:
@@ -723,6 +723,7 @@ class Body:
     return not self._placeholder(e)
 
   def _placeholder(self, e) -> bool:
+    """Whether a Sequential's element is an identity (``nn.Identity()``, a class that returns its input)."""
     if e[0] == "repeat":  # a run of one element
       return self._placeholder(e[1])
     if e[0] == "element":
