@@ -406,35 +406,26 @@ class Body:
       first = min(read)  # items before the first one read: sliced off (``x.shape[2:4]``), no ``_``
       targets = [read.get(index) for index in range(first, max(read) + 1)]
       expression = self._made(kept, source, reads, len(items))
-      if expression[0] == "op" and expression[1].fn is functional.getitem and _sliced(expression[2][1]) is not None:
-        expression = ("op", expression[1], (self._made(kept, expression[2][0], reads, 1, True), expression[2][1]), ())
-      exact = (
-          expression[0] == "op"
-          and expression[1].fn is functional.getitem
-          and _sliced(expression[2][1]) == len(targets)
-          and first == 0
-      )
+      sliced = _sliced(expression)
+      if sliced is not None and expression[2][0][0] == "var":  # the slice of a size: x.shape[-2:]
+        size = self._made(kept, expression[2][0][1], reads, 1, True)
+        expression = ("op", expression[1], (size, expression[2][1]), ())
+      exact = sliced == len(targets) and first == 0
       kept.append(("assign", tuple(targets), ("unpack", expression, None if exact else (first, first + len(targets)))))
     return kept
 
   def _item_of_size(self, kept: list, statement: tuple, reads: dict) -> tuple:
     """``y = x.shape[-1]`` for ``y = x.shape``, ``y = y[-1]`` (the size read by nothing else)."""
-    if statement[0] != "assign" or len(statement[1]) != 1 or statement[2][0] != "op":
+    taken = _taken_item(statement)
+    if taken is None:
       return statement
-    _, rule, args, kwargs = statement[2]
-    if rule.fn is not functional.getitem or kwargs or args[0][0] != "var":
-      return statement
-    size = self._made(kept, args[0], reads, 1, True)
-    return statement if size[0] == "var" else ("assign", statement[1], ("op", rule, (size, args[1]), kwargs))
+    size = self._made(kept, taken[0], reads, 1, True)
+    rule, index = statement[2][1], statement[2][2][1]
+    return statement if size[0] == "var" else ("assign", statement[1], ("op", rule, (size, index), ()))
 
-  def _made(self, kept: list, value, reads: dict, count: int, size_only: bool = False) -> tuple:
-    """The expression that makes ``value`` (a name, or an expression), taken out of ``kept`` where
-    its line is the last there and only the ``count`` reads that follow read it (``size_only``: a
-    ``x.shape``); else the value."""
-    if isinstance(value, tuple):
-      if value[0] != "var":
-        return value
-      value = value[1]
+  def _made(self, kept: list, value: str, reads: dict, count: int, size_only: bool = False) -> tuple:
+    """The expression that makes ``value``, taken out of ``kept`` where its line is the last there
+    and only the ``count`` reads that follow read it (``size_only``: a ``x.shape``); else the value."""
     made = kept[-1] if kept else None
     if made is None or made[0] != "assign" or made[1] != (value,) or reads[value] != count:
       return ("var", value)
@@ -1007,21 +998,29 @@ def _item_run(statements: list, start: int, fields: dict) -> tuple[str, dict[int
   channels-last source takes torch's ``B, C, H, W`` as items 0, 3, 1, 2); else None."""
   source, items = None, {}
   for statement in statements[start:]:
-    if statement[0] != "assign" or len(statement[1]) != 1 or statement[2][0] != "op":
+    taken = _taken_item(statement)
+    if taken is None or taken[1][0] != "const":
       break
-    _, rule, args, kwargs = statement[2]
-    if rule.fn is not functional.getitem or kwargs or args[0][0] != "var" or args[1][0] != "const":
+    index = taken[1][1]
+    if type(index) is not int or index < 0 or taken[1][3] in fields or index in items:
       break
-    index = args[1][1]
-    if type(index) is not int or index < 0 or args[1][3] in fields or index in items:
+    if source not in (None, taken[0]) or statement[1][0] == taken[0]:
       break
-    if source not in (None, args[0][1]) or statement[1][0] == args[0][1]:
-      break
-    source = args[0][1]
+    source = taken[0]
     items[index] = statement[1][0]
   if len(items) < 2:
     return None
   return source, items
+
+
+def _taken_item(statement: tuple) -> tuple[str, tuple] | None:
+  """``(the value, the index)`` of a line that takes one item of a value (``y = x[0]``); else None."""
+  if statement[0] != "assign" or len(statement[1]) != 1 or statement[2][0] != "op":
+    return None
+  _, rule, args, kwargs = statement[2]
+  if rule.fn is not functional.getitem or kwargs or args[0][0] != "var":
+    return None
+  return args[0][1], args[1]
 
 
 def _atomic(expression: tuple, size_only: bool) -> bool:
@@ -1034,11 +1033,13 @@ def _atomic(expression: tuple, size_only: bool) -> bool:
   return not isinstance(rule.fn, Guard) and rule.fn not in INFIX and rule.fn not in (functional.neg, operator.invert)
 
 
-def _sliced(index: tuple) -> int | None:
+def _sliced(expression: tuple) -> int | None:
   """The most items ``value[index]`` holds: k for ``[:k]``, ``[-k:]``, ``[j:j + k]`` (both ends
-  of one sign); None for another index. A run that takes item k - 1 of it finds exactly k."""
-  if index[0] != "slice":
+  of one sign); None for another index or expression. A run that takes item k - 1 of it finds
+  exactly k."""
+  if expression[0] != "op" or expression[1].fn is not functional.getitem or expression[2][1][0] != "slice":
     return None
+  index = expression[2][1]
   start, stop, step = (e[1] if e[0] == "const" else ... for e in index[1:])
   start = 0 if start is None else start
   if step is not None or type(start) is not int:
