@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 
 import jaxbn
 from jaxbn._src.port import autocast
-from parity_tests.test_port_models import CI, HandWritten
+from parity_tests.test_port_models import FULL, HandWritten
 from parity_tests.test_port_ops import CASES
 from parity_tests.test_resnet_parity import relative_l2
 
@@ -249,7 +249,7 @@ PORTED = {  # CI: the hand-written model holds every port mechanism (FrozenBatch
     "handwritten": (HandWritten, (8, 3, 16, 16)),
 }
 PORTED_FULL = {  # make test-models
-    "torchvision:mobilenet_v3_small": (CI["torchvision:mobilenet_v3_small"].build, (8, 3, 32, 32)),
+    "torchvision:mobilenet_v3_small": (FULL["torchvision:mobilenet_v3_small"].build, (8, 3, 32, 32)),
     "torchvision:resnet18": (functools.partial(torchvision.models.resnet18, num_classes=10), (8, 3, 32, 32)),
 }
 
