@@ -19,6 +19,20 @@ from parity_tests.port_harness import Case
 from parity_tests.test_emit import load_source
 
 
+def assert_eval_output_is_torchs(path, model, x, api, layout):
+  """The emitted source loads strictly (every torch path) and its eval output is torch's within
+  float32 rounding (1e-5 relative): for source whose change computes nothing new."""
+  loaded = load_source(path, f"emitted_{api}_{layout}_{id(path)}").load()
+  x_in = x if layout == "NCHW" else x.transpose(0, 2, 3, 1)
+  if api == "linen":
+    output = loaded[0].apply(loaded[1], x_in)
+  else:
+    loaded.eval()
+    output = loaded(x_in)
+  output = np.asarray(output) if layout == "NCHW" else np.asarray(output).transpose(0, 3, 1, 2)
+  np.testing.assert_allclose(output, model(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
 class TableAttention(torch.nn.Module):
   """timm's levit Attention: heads as an attribute read by a reshape, a learned bias per head and
   position gathered through an index table the module holds outside its state_dict (a
@@ -371,18 +385,46 @@ def test_identities_no_later_layer_counts_are_left_out_of_a_sequential(api, layo
   model(torch.randn(8, 4, 6, 6))  # running statistics a trained layer would hold
   x = np.random.default_rng(0).standard_normal((2, 4, 6, 6)).astype(np.float32)
   path = jaxbn.emit(model.eval(), x, tmp_path / "e", api=api, layout=layout)
-  loaded = load_source(path, f"placeholder_heads_{api}").load()
-  x_in = x if layout == "NCHW" else x.transpose(0, 2, 3, 1)
-  if api == "linen":
-    output = loaded[0].apply(loaded[1], x_in)
-  else:
-    loaded.eval()
-    output = loaded(x_in)
-  output = np.asarray(output) if layout == "NCHW" else np.asarray(output).transpose(0, 3, 1, 2)
-  np.testing.assert_allclose(output, model(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-6)
+  assert_eval_output_is_torchs(path, model, x, api, layout)
   text = path.read_text()
   assert text.count("ops.identity") == 1 and re.search(r"ops\.identity,\s+jaxbn\.(nnx\.)?BatchNorm\(", text), text
   assert text.count("Sequential(") == 3 and re.search(r"\), ops\.relu[\])]", text), text
+
+
+class SamePaddingConv(torch.nn.Conv2d):
+  """efficientnet_pytorch's Conv2dStaticSamePadding (smp's efficientnet encoders): its stride a
+  list where it is 2, torch's tuple where it is 1, passed to F.conv2d."""
+
+  def __init__(self, inputs: int, outputs: int, stride: int):
+    super().__init__(inputs, outputs, 3, stride=stride)
+    self.stride = self.stride if stride == 1 else [self.stride[0]] * 2
+
+  def forward(self, x):
+    return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ListAndTupleStrides(torch.nn.Module):
+
+  def __init__(self):
+    super().__init__()
+    self.first, self.second, self.bn = SamePaddingConv(3, 4, 1), SamePaddingConv(4, 4, 2), torch.nn.BatchNorm2d(4)
+
+  def forward(self, x):
+    return self.bn(self.second(self.first(x)))
+
+
+@pytest.mark.parametrize(("api", "layout"), [("linen", "NCHW"), ("nnx", "NCHW")])  # F.conv2d: NCHW in both
+def test_a_size_given_as_a_list_in_one_call_and_a_tuple_in_another_is_one_class(api, layout, tmp_path):
+  """torch's ``int[]`` arguments take a list or a tuple: calls that differ only in which are one
+  class, the stride a field (was ``SamePaddingConv`` and ``SamePaddingConv1``)."""
+  torch.manual_seed(0)
+  model = ListAndTupleStrides().eval()
+  x = np.random.default_rng(0).standard_normal((2, 3, 12, 12)).astype(np.float32)
+  path = jaxbn.emit(model, x, tmp_path / "e", api=api, layout=layout)
+  text = path.read_text()
+  assert re.findall(r"^class (\w+)\(", text, re.M) == ["SamePaddingConv", "ListAndTupleStrides"], text
+  assert "(self.conv_stride, self.conv_stride)" in text, text
+  assert_eval_output_is_torchs(path, model, x, api, layout)
 
 
 class ShapeItems(torch.nn.Module):

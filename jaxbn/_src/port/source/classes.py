@@ -541,7 +541,8 @@ class Classes:
     if isinstance(fn, Constant):  # a hole: calls holding other tables are one class
       return ("assign", (node.name,), ("tensor", ("const", fn, fn.attribute or "constant")))
     op, names = _argument_labels(node)
-    args = tuple(_expression(a, label) for a, label in zip(node.args, names, strict=True))
+    node_args = node.args if _indexes(fn) else tuple(map(_listed_numbers_as_tuple, node.args))
+    args = tuple(_expression(a, label) for a, label in zip(node_args, names, strict=True))
     if fn is functional.pad and len(args) > 1 and self.torch_order:
       args = (args[0], _sides(args[1]), *args[2:])
     kwargs = tuple((k, _expression(v, f"{op}_{k}")) for k, v in node.kwargs)
@@ -1292,6 +1293,22 @@ def _sides(amounts: tuple) -> tuple:
       for item, side in zip(amounts[2], PAD_SIDES, strict=False)
   )
   return (amounts[0], amounts[1], items, amounts[3])
+
+
+def _indexes(fn) -> bool:
+  """Whether a list in the op's arguments means other than a tuple: an index (``x[[0, 2]]`` takes
+  rows, ``x[0, 2]`` one item) or a Python operator's operand (``size == [7, 7]`` is False)."""
+  return fn in (functional.getitem, functional.setitem) or getattr(fn, "__module__", None) == "_operator"
+
+
+def _listed_numbers_as_tuple(value):
+  """A list of numbers as a tuple: torch's ``int[]`` arguments take either (efficientnet_pytorch's
+  same-padding convolution keeps its stride a list where it is 2, torch's tuple where it is 1: one
+  class, was ``Conv2dStaticSamePadding`` and ``...1``)."""
+  if isinstance(value, Aggregate) and value.kind.value is list and value.keys is None:
+    if all(isinstance(item, (int, float)) for item in value.items):
+      return Aggregate(Static(tuple), value.items)
+  return value
 
 
 def _is_size(value) -> bool:
