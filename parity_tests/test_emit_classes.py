@@ -427,6 +427,65 @@ def test_a_size_given_as_a_list_in_one_call_and_a_tuple_in_another_is_one_class(
   assert_eval_output_is_torchs(path, model, x, api, layout)
 
 
+class ChannelsFirstLayerNorm(torch.nn.LayerNorm):
+  """smp's mit LayerNorm: channels-first images through their channels, tokens as they are."""
+
+  def forward(self, x):
+    if x.ndim == 4:
+      batch, channels, height, width = x.shape
+      x = super().forward(x.view(batch, channels, -1).transpose(1, 2))
+      return x.transpose(1, 2).view(batch, channels, height, width)
+    return super().forward(x)
+
+
+class ImagesAndTokens(torch.nn.Module):
+
+  def __init__(self):
+    super().__init__()
+    self.image_norm, self.token_norm, self.bn = (
+        ChannelsFirstLayerNorm(4),
+        ChannelsFirstLayerNorm(6),
+        torch.nn.BatchNorm1d(4),
+    )
+
+  def forward(self, x):
+    return self.bn(self.token_norm(self.image_norm(x).flatten(2)))
+
+
+def test_variants_that_took_other_python_branches_are_named_for_them(tmp_path):
+  """Variants whose code differs where torch's line branches on one comparison are named for the
+  branch each took (was ``ChannelsFirstLayerNorm`` and ``ChannelsFirstLayerNorm1``); the source
+  loads strictly and computes torch's eval output."""
+  torch.manual_seed(0)
+  model = ImagesAndTokens().eval()
+  x = np.random.default_rng(0).standard_normal((2, 4, 2, 3)).astype(np.float32)
+  path = jaxbn.emit(model, x, tmp_path / "e")
+  names = re.findall(r"^class (\w+)\(", path.read_text(), re.M)
+  assert names == ["ChannelsFirstLayerNormIfNdimIs4", "ChannelsFirstLayerNormIfNdimIsNot4", "ImagesAndTokens"], names
+  assert_eval_output_is_torchs(path, model, x, "linen", "NCHW")
+
+
+def test_a_branch_is_named_only_for_one_comparison_of_a_name_with_a_number():
+  """``if x.ndim == 4:``, ``elif h > 7:``, ``if padding:`` name the branch taken; a line with more
+  than one condition, or a comparison with no number, names none (numbered, as before)."""
+  guard = jaxbn._src.port.tracer.Guard
+  branch = jaxbn._src.port.source.naming._branch
+  taken = {
+      ("bool", True, "m.py:3: if x.ndim == 4:"): "IfNdimIs4",
+      ("bool", False, "m.py:3: if x.ndim == 4:"): "IfNdimIsNot4",
+      ("bool", True, "m.py:3: elif h > 7:"): "IfHAbove7",
+      ("bool", False, "m.py:3: elif h > 7:"): "IfHAtMost7",
+      ("bool", False, "m.py:3: if self.pad_h <= -1:"): "IfPadHAboveMinus1",
+      ("bool", True, "m.py:3: if padding:"): "IfPadding",
+      ("bool", False, "m.py:3: if padding:"): "IfNotPadding",
+      ("bool", True, "m.py:3: if h > 7 and w > 7:"): None,
+      ("bool", True, "m.py:3: if x.shape == y.shape:"): None,
+      ("bool", True, "m.py:3: y = x if h > 7 else z"): None,
+      ("int", 3, "m.py:3: if x.ndim == 4:"): None,
+  }
+  assert {key: branch(guard(*key)) for key in taken} == taken
+
+
 class ShapeItems(torch.nn.Module):
   """Sizes and tensors unpacked as torch code does: ``B, C, H, W = x.shape``, an item not read
   (``b, _, w = ...shape[:3]``), ``q, k, v = qkv.unbind(1)``, ``height, width = x.shape[-2:]``,

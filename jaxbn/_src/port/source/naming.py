@@ -16,11 +16,13 @@ only what tells it apart. An input added through an nn.Identity is a skip connec
 
 from __future__ import annotations
 
+import ast
 import collections
 import re
 from collections.abc import Callable, Iterable
 
 from jaxbn._src.port.source.classes import identity_input, module_attributes, value_key
+from jaxbn._src.port.tracer import Guard
 from jaxbn._src.torchlike import functional
 
 LONGEST = 64  # characters: a longer name keeps only the parts that tell its class apart
@@ -101,6 +103,8 @@ def _variant_names(base: str, keys: list, features: dict, settings: dict, names:
   named_by_children = by_children(
       parts, lambda children: {names.get(c, c[0].__name__) for c in children}, order=lambda c: (len(c), c)
   )
+  # last, the Python branch each took (smp's mit LayerNorm: ``if x.ndim == 4:``, was LayerNorm1)
+  _told_apart(parts, keys, lambda key: features[key]["branches"], prefix="")
   chosen = _shortest(base, parts)
   long = named_by_children & {key for key, name in chosen.items() if len(name) > LONGEST}
   if long:
@@ -241,6 +245,7 @@ def _features(skeleton: tuple, calls: list, unwritten: Iterable[tuple] = ()) -> 
       "children": set(),
       "ops": set(),
       "layers": set(),  # the classes of its layers
+      "branches": set(),  # the Python branches the trace took, as name parts (``IfNdimIs4``)
   }
   members: dict[str, set] = collections.defaultdict(set)
   for statement in skeleton:  # an identity's output is its input (timm's ``shortcut``, an nn.Identity)
@@ -298,6 +303,8 @@ def _features(skeleton: tuple, calls: list, unwritten: Iterable[tuple] = ()) -> 
       return
     elif kind == "op":
       function = getattr(e[1], "fn", None)
+      if isinstance(function, Guard):
+        found["branches"].update(filter(None, [_branch(function)]))
       if function in NAMED_FUNCTIONS:
         found["ops"].add(function.__name__)
       if function is functional.add:
@@ -309,6 +316,41 @@ def _features(skeleton: tuple, calls: list, unwritten: Iterable[tuple] = ()) -> 
   for first, keys in members.items():
     found["counts"][first] = len(keys)
   return found
+
+
+COMPARED = {ast.Eq: "Is", ast.NotEq: "IsNot", ast.Gt: "Above", ast.LtE: "AtMost", ast.Lt: "Below", ast.GtE: "AtLeast"}
+CONDITION = re.compile(r"(?:el)?if (.+):")  # torch's line of a branch on one condition
+
+
+def _branch(guard: Guard) -> str | None:
+  """The branch a guard's trace took, as a name part, where torch's line branches on one comparison
+  of a name with a number (``if x.ndim == 4:`` -> ``IfNdimIs4``, or ``IfNdimIsNot4``) or on a
+  name's truth (``if padding:`` -> ``IfPadding``, ``IfNotPadding``); None for any other."""
+  if guard.conversion != "bool" or not isinstance(guard.expected, bool):
+    return None
+  line = CONDITION.fullmatch(guard.where.partition(": ")[2].strip())
+  try:
+    condition = ast.parse(line[1], mode="eval").body if line else None
+  except SyntaxError:
+    return None
+  if isinstance(condition, ast.Compare) and len(condition.ops) == 1 and type(condition.ops[0]) in COMPARED:
+    subject = condition.left
+    try:
+      number = ast.literal_eval(condition.comparators[0])
+    except ValueError:  # not a literal
+      return None
+    if type(number) is not int:
+      return None
+    words = list(COMPARED.values())
+    word = COMPARED[type(condition.ops[0])]
+    word = word if guard.expected else words[words.index(word) ^ 1]  # each word's negation is its pair
+    tail = f"{word}{number}".replace("-", "Minus")
+  else:
+    subject, tail = condition, ""
+  name = subject.attr if isinstance(subject, ast.Attribute) else getattr(subject, "id", None)
+  if name is None:
+    return None
+  return f"If{'' if guard.expected or tail else 'Not'}{_camel(name)}{tail}"
 
 
 def _length(elements: tuple, calls: list) -> int | None:
