@@ -9,7 +9,8 @@ keeps torch's name. Where that does not tell two apart, the functions they run d
 activations included (``InvertedResidualWithHardswish``, dpn's ``CatBnActWithSilu``), then the
 child classes they call (``C2fWithBottleneck``), then their torch modules' settings (selecsls'
 ``SelecSlsBlockIsFirst``, a flag; ``PartitionGrid``, a string), then their layers' classes (smp's
-``PSPBlockWithBatchNorm``), and a number only where nothing
+``PSPBlockWithBatchNorm``), then the Python branch each took (smp's mit ``LayerNormIfNdimIs4``: torch's
+``if x.ndim == 4:``), and a number only where nothing
 does or the name would run past ``LONGEST`` with a child's name in it; a name past ``LONGEST`` keeps
 only what tells it apart. An input added through an nn.Identity is a skip connection too (timm's
 ``shortcut``)."""
@@ -330,8 +331,8 @@ def _branch(guard: Guard) -> str | None:
     return None
   line = CONDITION.fullmatch(guard.where.partition(": ")[2].strip())
   try:
-    condition = ast.parse(line[1], mode="eval").body if line else None
-  except SyntaxError:
+    condition = ast.parse(line[1], mode="eval").body
+  except (TypeError, SyntaxError):  # no line of one condition (None), or not one Python expression
     return None
   if isinstance(condition, ast.Compare) and len(condition.ops) == 1 and type(condition.ops[0]) in COMPARED:
     subject = condition.left
