@@ -12,8 +12,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import jaxbn
+from jaxbn._src.port.source import linen as linen_source
+from jaxbn._src.torchlike import functional
 from parity_tests import port_harness
 from parity_tests.port_harness import Case
 from parity_tests.test_emit import load_source
@@ -99,7 +103,7 @@ def test_a_message_formatted_while_tracing_shows_no_proxy(tmp_path):
   efficientvit_m0's source 30 times): the source says ``?`` there; the check itself is kept."""
   text = jaxbn.emit(CheckedSize(), np.zeros((2, 4, 6, 6), np.float32), tmp_path / "checked").read_text()
   assert "Proxy(" not in text and "input feature has wrong size, expect 6, got ?" in text, text
-  assert re.search(r"\w+ = \w+ == 6\n", text), text
+  assert re.search(r"\w+ = x\.shape\[-2\] == 6\n", text), text
 
 
 class SamePadConv(torch.nn.Module):
@@ -539,14 +543,98 @@ class PadIfNeeded(torch.nn.Module):
 
 def test_a_truth_the_trace_took_is_asserted_as_torch_tests_it(tmp_path):
   """``assert not y`` and ``assert y`` (was ``assert bool(y) == False``); a size read once is taken
-  where it is read (``y = x.shape[-1]``, was ``y = x.shape`` and ``y = y[-1]``); the source runs."""
+  where it is read, and torch's arithmetic on it is one line (``y = -x.shape[-1] % 4``, was
+  ``y = x.shape``, ``y = y[-1]``, ``y = -y``, ``y = y % 4``); the source runs."""
   path = jaxbn.emit(PadIfNeeded(), np.zeros((2, 3, 4, 8), np.float32), tmp_path / "e")
   text = path.read_text()
   asserts = re.findall(r"^\s+assert (.*), \"specialised to the example input\"$", text, re.M)
   assert [re.sub(r"y\d*", "y", a) for a in asserts] == ["not y", "y", "y"], text
-  assert re.findall(r"= x\.shape(.*)$", text, re.M) == ["[-1]", "[-2]"], text
+  assert re.findall(r"^\s+\w+ = (.*x\.shape.*)$", text, re.M) == ["-x.shape[-1] % 4", "x.shape[-2] > 2"], text
   module, variables = load_source(path, "pad_if_needed").load()
   np.testing.assert_array_equal(module.apply(variables, np.ones((2, 3, 4, 8), np.float32)), 3)
+
+
+class Arithmetic(torch.nn.Module):
+  """timm's same padding, and arithmetic whose order Python's precedence alone cannot write."""
+
+  def __init__(self):
+    super().__init__()
+    self.bn = torch.nn.BatchNorm2d(3)
+
+  def forward(self, x):
+    height, width = x.shape[-2:]
+    pad = (-(height // -2) - 1) * 2 + 3 - width
+    x = self.bn(x).abs() + 1
+    a = x - (x * 0.5 - pad)
+    b = -((a - 1) ** 2)
+    c = (b**2) ** 0.5 + a**x**0.5
+    return c * ((c > 1) == (a < 2)) + b
+
+
+def test_arithmetic_the_trace_took_apart_is_one_line_with_the_parentheses_it_needs(tmp_path):
+  """Arithmetic torch writes as one expression and its trace records one operation a line is one
+  line again (timm's same padding: ``(-(y // -2) - 1) * 2 + 3 - y1``, was six lines), with the
+  parentheses Python needs to compute the trace's operations in their order and no others; the
+  eval output is torch's (1e-5 relative)."""
+  torch.manual_seed(0)
+  model = Arithmetic()
+  model(torch.randn(8, 3, 5, 7))  # running statistics a trained layer would hold
+  x = np.random.default_rng(0).standard_normal((2, 3, 5, 7)).astype(np.float32)
+  path = jaxbn.emit(model.eval(), x, tmp_path / "e")
+  body = path.read_text().split("def __call__")[1].split("\nEXAMPLE_INPUTS")[0]
+  for written in (  # as the source's formatter lays them out (``a**b`` where both are names)
+      r"= \(-\(y // -2\) - 1\) \* 2 \+ 3 - y1$",  # a size's arithmetic, torch's line
+      r"= x - \(x \* 0\.5 - y\)$",  # a - (b - c): the same binding on the right
+      r"= -\(\(\w+ - 1\) \*\* 2\)$",  # -(x - 1) ** 2 (the formatter's outer parentheses)
+      r"= \(\w+\*\*2\) \*\* 0\.5$",  # ** binds right to left
+      r"= \w+ \+ \w+\*\*x\*\*0\.5$",
+      r"= \w+ \* \(\w+ == \(\w+ < 2\)\) \+ \w+$",  # Python chains comparisons
+  ):
+    assert re.search(written, body, re.M), (written, body)
+  assert_eval_output_is_torchs(path, model, x, "linen", "NCHW")
+
+
+def _constant(value: int) -> tuple:
+  return ("const", value, "c", None)
+
+
+def _applied(symbol: str, *operands) -> tuple:
+  table = linen_source.PREFIX if len(operands) == 1 else linen_source.INFIX
+  return ("op", functional.OpRule(next(fn for fn, written in table.items() if written == symbol)), operands, ())
+
+
+def _computed(e: tuple):
+  """The expression's value, each operation applied to its operands' values: the trace's order."""
+  if e[0] == "const":
+    return e[1]
+  values = [_computed(operand) for operand in e[2]]
+  symbol = linen_source.PREFIX.get(e[1].fn) or linen_source.INFIX[e[1].fn]
+  return eval(f"{symbol}a" if len(values) == 1 else f"a {symbol} b", dict(zip("ab", values, strict=False)))
+
+
+BINARY = ("+", "-", "*", "//", "%", "**", "<", "==", "|", "&")
+EXPRESSIONS = st.recursive(
+    st.integers(-3, 3).map(_constant),
+    lambda operands: st.one_of(
+        st.builds(_applied, st.sampled_from(BINARY), operands, operands), st.builds(_applied, st.just("-"), operands)
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(EXPRESSIONS)
+def test_an_expression_is_written_with_the_parentheses_that_keep_its_order(expression):
+  """Any nesting of Python's operators over numbers (negative ones too), as the source writes it,
+  computes what its operations compute in their order (``_folded``'s lines)."""
+  try:
+    expected = _computed(expression)
+  except (ZeroDivisionError, OverflowError, TypeError):  # x // 0, 3.0 ** 999, 1 | 0.5: no value
+    assume(False)
+  body = linen_source.Body.__new__(linen_source.Body)
+  body.fields, body.names, body.source = {}, {}, None
+  written = body.expression(expression)
+  assert eval(written) == expected, written  # Python reads the source as it will in the file
 
 
 class Tree(torch.nn.Module):

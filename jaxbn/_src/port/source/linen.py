@@ -61,6 +61,14 @@ INFIX = {
     operator.or_: "|",
     operator.xor: "^",
 }
+# Python's binding strength of each operator the source writes (higher binds tighter): an operand
+# that binds less tightly than its operator is parenthesised
+PRECEDENCE = dict.fromkeys(("==", "!=", "<", "<=", ">", ">="), 1) | {"|": 2, "^": 3, "&": 4, "+": 6, "-": 6}
+PRECEDENCE |= dict.fromkeys(("*", "@", "//", "%"), 7) | {"**": 9}
+UNARY, TERM = 8, 10  # ``-x`` and ``~x``; a name, a call, an item, a literal
+PREFIX = {functional.neg: "-", operator.invert: "~"}
+FOLDED = 8  # operators at most in one line made of lines the trace recorded one by one
+
 # values of a tensor written into the source, as a person writes a short table; larger ones go to
 # CONSTANTS_FILE (was 4096: ultralytics' anchors were 168 numbers, one a line, 500 lines of Detect)
 INLINE_CONSTANT = 16
@@ -292,7 +300,7 @@ class Body:
   def _run(self, statements: list, later: set = frozenset(), context_made: bool = False) -> list[str]:
     """The statements' lines (identities already left out); ``later``: the values read after them
     (in the branches that follow); ``context_made``: ``ctx`` is made above them."""
-    statements = self._unpacked(self._sums(statements, later), later)
+    statements = _folded(self._unpacked(self._sums(statements, later), later), later)
     last_use: dict[str, int] = {name: len(statements) for name in later}
     for i, statement in enumerate(statements):
       for name in statement_reads(statement):
@@ -340,7 +348,7 @@ class Body:
     if comparison is not None:
       fn, (a, b) = comparison[2][1].fn, comparison[2][2]
       fn = fn if guard.expected else NEGATED[fn]
-      return [where, f"assert {self.expression(a)} {INFIX[fn]} {self.expression(b)}, {message}"]
+      return [where, f"assert {self.infix(INFIX[fn], a, b)}, {message}"]
     size = dict(expression[3]).get("expected")  # a size's guard expects a constant (classes._sized_guard)
     sized = "tuple" if isinstance(guard.expected if size is None else size[1], tuple) else "int"
     conversion = {"index": "int", "size": sized, "check": "bool"}.get(guard.conversion, guard.conversion)
@@ -772,10 +780,8 @@ class Body:
     k = [f"{name}={self.expression(v)}" for name, v in self._keywords(fn, kwargs)]
     if fn is functional.getitem:
       return f"{a[0]}[{self._index(args[1])}]"
-    if fn is functional.neg:
-      return f"-{a[0]}"
-    if fn is operator.invert:
-      return f"~{a[0]}"
+    if fn in PREFIX:
+      return PREFIX[fn] + self._operand(args[0], lambda binds: binds <= UNARY)
     if fn is functional.tensor_attribute:
       if args[1][1] == "data":  # torch's values outside autograd; a JAX array has no .data
         return f"{self.source.function(functional.detach)}({a[0]})"
@@ -785,9 +791,37 @@ class Body:
     if fn is functional.ndim:
       return f"{a[0]}.ndim"
     if INFIX.get(fn) and not k and len(a) == 2:
-      return f"{a[0]} {INFIX[fn]} {a[1]}"
+      return self.infix(INFIX[fn], *args)
     call = [*(["ctx"] if rule.context else []), *a, *k]
     return f"{self.source.function(fn)}({', '.join(call)})"
+
+  def infix(self, symbol: str, left: tuple, right: tuple) -> str:
+    """``left symbol right`` with the parentheses Python needs to read it as the trace's operations,
+    and no others: ``(a - b) * c``, ``a - (b - c)`` (same binding, on the right: left to right
+    otherwise), ``(a ** b) ** c``, ``(a < b) == c`` (Python chains comparisons)."""
+    own = PRECEDENCE[symbol]
+    chained = symbol == "**" or own == PRECEDENCE["=="]
+    first = self._operand(left, lambda binds: binds < own or binds == own and chained)
+    second = self._operand(right, lambda binds: binds <= own and symbol != "**" or binds < own)
+    return f"{first} {symbol} {second}"
+
+  def _operand(self, e: tuple, parenthesised) -> str:
+    text = self.expression(e)
+    return f"({text})" if parenthesised(self._binding(e)) else text
+
+  def _binding(self, e: tuple) -> int:
+    """How tightly an expression's source binds (``PRECEDENCE``): a negative literal as ``-x``."""
+    if e[0] == "op" and INFIX.get(e[1].fn) and len(e[2]) == 2 and not e[3]:
+      return PRECEDENCE[INFIX[e[1].fn]]
+    if e[0] == "op" and e[1].fn in PREFIX:
+      return UNARY
+    if e[0] == "const" and e[3] not in self.fields and isinstance(e[1], (int, float)) and e[1] < 0:
+      return UNARY
+    if e[0] in ("not_train", "first"):  # ``not train``, ``a if i == 0 else b``
+      return 0
+    if e[0] == "progression":  # ``a + i * b``
+      return PRECEDENCE["+"]
+    return TERM
 
   def _keywords(self, fn, kwargs: tuple) -> list:
     """Keyword arguments in the function's order, without those at its defaults."""
@@ -1049,6 +1083,51 @@ def _sliced(expression: tuple) -> int | None:
   if type(stop) is int and (start < 0) == (stop < 0) and stop > start:
     return stop - start
   return None
+
+
+def _folded(statements: list, later: set) -> list:
+  """Arithmetic torch writes as one expression and its trace records one operation a line (timm's
+  same padding: ``y2 = y // -2``, ``y2 = -y2``, ``y2 = y2 - 1``, ...): a value that only the next
+  line's operator reads, made by an operator or as an item or attribute, is written into that line
+  (``y2 = (-(y // -2) - 1) * 2 + 3 - y``), up to ``FOLDED`` operators a line. The operations and
+  their order are the trace's; ``Body.infix`` writes the parentheses they need."""
+  reads = collections.Counter(later)
+  for statement in statements:
+    reads.update(statement_reads(statement))
+  kept: list = []
+  for statement in statements:
+    operation = _operation(statement)
+    made = kept[-1] if kept else None
+    if operation is not None and made is not None and made[0] == "assign" and len(made[1]) == 1:
+      value, expression = made[1][0], made[2]
+      _, rule, args, kwargs = operation
+      foldable = _operation(made) is not None or expression[0] == "op" and expression[1].fn in TAKEN
+      if foldable and reads[value] == 1 and ("var", value) in args:
+        folded = ("op", rule, tuple(expression if a == ("var", value) else a for a in args), kwargs)
+        if _operators(folded) <= FOLDED:
+          kept[-1] = ("assign", statement[1], folded)
+          continue
+    kept.append(statement)
+  return kept
+
+
+TAKEN = (functional.getitem, functional.size, functional.ndim, functional.tensor_attribute)  # x[i], x.shape
+
+
+def _operation(statement: tuple) -> tuple | None:
+  """The expression of a line that applies one of Python's operators (``a - b``, ``-a``), if it is one."""
+  if statement[0] != "assign" or len(statement[1]) != 1 or statement[2][0] != "op":
+    return None
+  _, rule, args, kwargs = statement[2]
+  infix = INFIX.get(rule.fn) and len(args) == 2
+  return statement[2] if not kwargs and (infix or rule.fn in PREFIX and len(args) == 1) else None
+
+
+def _operators(e) -> int:
+  if not (isinstance(e, tuple) and e and e[0] == "op"):
+    return 0
+  own = 1 if INFIX.get(e[1].fn) or e[1].fn in PREFIX else 0
+  return own + sum(_operators(a) for a in e[2])
 
 
 def _first_var(expression) -> str | None:
