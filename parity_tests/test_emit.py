@@ -1153,16 +1153,15 @@ class WidthBranch(torch.nn.Module):
 @pytest.mark.parametrize("api", list(PORTS))
 def test_a_decision_on_a_shape_is_an_assert_of_the_comparison(api, tmp_path):
   """The trace took ``if x.shape[-1] != 8:`` as false on the example: the source checks the
-  comparison it decided, ``assert y == 8`` (was three lines: the comparison, ``bool()`` of it, and
-  ``assert y == False``), torch's line a comment above; another width fails there, by that message."""
+  comparison it decided, ``assert x.shape[-1] == 8`` (was three lines: the comparison, ``bool()`` of
+  it, and ``assert y == False``), torch's line a comment above; another width fails there, by that
+  message."""
   x = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
   eval_rel, train_rel, stats_rel = eval_and_training_forward(WidthBranch(), x, PORTS[api](tmp_path))
   assert eval_rel <= 1e-6 and train_rel <= 1e-6 and stats_rel <= 1e-6, (eval_rel, train_rel, stats_rel)
   path = tmp_path / "emitted0" / "model.py"
   text = path.read_text()
-  check = (
-      r"# torch: test_emit\.py:\d+: if x\.shape\[-1\] != 8:\n *assert (\w+) == 8, \"specialised to the example input\""
-  )
+  check = r"# torch: test_emit\.py:\d+: if x\.shape\[-1\] != 8:\n *assert x\.shape\[-1\] == 8, \"specialised to the example input\""
   assert re.search(check, text) and "== False" not in text and "bool(" not in text, text
   loaded = load_source(path, f"emitted_branch_{api}").load()
   with pytest.raises(AssertionError, match="specialised to the example input"):
