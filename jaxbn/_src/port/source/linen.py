@@ -811,8 +811,8 @@ class Body:
 
   def _binding(self, e: tuple) -> int:
     """How tightly an expression's source binds (``PRECEDENCE``): a negative literal as ``-x``."""
-    if e[0] == "op" and INFIX.get(e[1].fn) and len(e[2]) == 2 and not e[3]:
-      return PRECEDENCE[INFIX[e[1].fn]]
+    if e[0] == "op" and INFIX.get(e[1].fn) and len(e[2]) == 2 and not self._keywords(e[1].fn, e[3]):
+      return PRECEDENCE[INFIX[e[1].fn]]  # written as ``_op`` writes it: an operator where no keyword is given
     if e[0] == "op" and e[1].fn in PREFIX:
       return UNARY
     if e[0] == "const" and e[3] not in self.fields and isinstance(e[1], (int, float)) and e[1] < 0:
