@@ -1,7 +1,9 @@
 """What emitted classes are and what they are named: calls holding other tensor tables or pad
 amounts are one class, with fields named for torch's attributes and F.pad's sides; variants are
 named for what tells them apart (a shortcut, a setting, a norm's activation, a layer, their
-children's names); no line that does nothing, no fx proxy in a message. Parity through the port
+children's names, the Python branch they took); a list of numbers and a tuple are one shape;
+arithmetic the trace took apart is one line with the parentheses it needs; no line that does
+nothing, no fx proxy in a message. Parity through the port
 harness (float64 lock-step within its 1e-9) where the source's numbers could change."""
 
 from __future__ import annotations

@@ -99,8 +99,8 @@ CI = {
     "torchvision:mobilenet_v3_small[:5]": Case(mobilenet_v3_small_blocks(5), image(32)),
 }
 FULL = {
-    # timm's BatchNormAct2d in 34 layers (in CI through test_port's timm tests: eval, frozen, per layer)
     "torchvision:mobilenet_v3_small": Case(torchvision_model("mobilenet_v3_small"), image(32)),
+    # timm's BatchNormAct2d in 34 layers (in CI through test_port's timm tests: eval, frozen, per layer)
     "timm:mobilenetv3_small_050": Case(lambda: timm_model("mobilenetv3_small_050")(), image(32), steps=1),
     "torchvision:googlenet": Case(torchvision_model("googlenet", aux_logits=True, init_weights=True), image(64, 2)),
     "torchvision:mobilenet_v2": Case(torchvision_model("mobilenet_v2"), image(64)),
