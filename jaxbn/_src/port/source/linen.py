@@ -811,10 +811,11 @@ class Body:
 
   def _binding(self, e: tuple) -> int:
     """How tightly an expression's source binds (``PRECEDENCE``): a negative literal as ``-x``."""
-    if e[0] == "op" and INFIX.get(e[1].fn) and len(e[2]) == 2 and not self._keywords(e[1].fn, e[3]):
-      return PRECEDENCE[INFIX[e[1].fn]]  # written as ``_op`` writes it: an operator where no keyword is given
-    if e[0] == "op" and e[1].fn in PREFIX:
+    symbol = _symbol(e)
+    if symbol is not None and len(e[2]) == 1:
       return UNARY
+    if symbol is not None and not self._keywords(e[1].fn, e[3]):  # as ``_op`` writes it: no keyword left
+      return PRECEDENCE[symbol]
     if e[0] == "const" and e[3] not in self.fields and isinstance(e[1], (int, float)) and e[1] < 0:
       return UNARY
     if e[0] in ("not_train", "first"):  # ``not train``, ``a if i == 0 else b``
@@ -1064,7 +1065,7 @@ def _atomic(expression: tuple, size_only: bool) -> bool:
   if size_only:
     size = rule.fn is functional.size and len(args) == 1
     return not kwargs and (size or rule.fn is functional.tensor_attribute and args[1][1] == "shape")
-  return not isinstance(rule.fn, Guard) and rule.fn not in INFIX and rule.fn not in (functional.neg, operator.invert)
+  return not isinstance(rule.fn, Guard) and rule.fn not in INFIX and rule.fn not in PREFIX
 
 
 def _sliced(expression: tuple) -> int | None:
@@ -1114,20 +1115,26 @@ def _folded(statements: list, later: set) -> list:
 TAKEN = (functional.getitem, functional.size, functional.ndim, functional.tensor_attribute)  # x[i], x.shape
 
 
-def _operation(statement: tuple) -> tuple | None:
-  """The expression of a line that applies one of Python's operators (``a - b``, ``-a``), if it is one."""
-  if statement[0] != "assign" or len(statement[1]) != 1 or statement[2][0] != "op":
+def _symbol(expression: tuple) -> str | None:
+  """The Python operator an op applies (``a - b``, ``-a``), given as many operands as it takes."""
+  if expression[0] != "op":
     return None
-  _, rule, args, kwargs = statement[2]
-  infix = INFIX.get(rule.fn) and len(args) == 2
-  return statement[2] if not kwargs and (infix or rule.fn in PREFIX and len(args) == 1) else None
+  _, rule, args, _ = expression
+  return INFIX.get(rule.fn) if len(args) == 2 else PREFIX.get(rule.fn) if len(args) == 1 else None
+
+
+def _operation(statement: tuple) -> tuple | None:
+  """The expression of a line that applies one of Python's operators with no keyword, if it is one."""
+  if statement[0] != "assign" or len(statement[1]) != 1:
+    return None
+  expression = statement[2]
+  return expression if _symbol(expression) is not None and not expression[3] else None
 
 
 def _operators(e) -> int:
   if not (isinstance(e, tuple) and e and e[0] == "op"):
     return 0
-  own = 1 if INFIX.get(e[1].fn) or e[1].fn in PREFIX else 0
-  return own + sum(_operators(a) for a in e[2])
+  return (_symbol(e) is not None) + sum(_operators(a) for a in e[2])
 
 
 def _first_var(expression) -> str | None:
