@@ -1,10 +1,11 @@
 """What emitted classes are and what they are named: calls holding other tensor tables or pad
 amounts are one class, with fields named for torch's attributes and F.pad's sides; variants are
 named for what tells them apart (a shortcut, a setting, a norm's activation, a layer, their
-children's names, the Python branch they took); a list of numbers and a tuple are one shape;
-arithmetic the trace took apart is one line with the parentheses it needs; no line that does
-nothing, no fx proxy in a message. Parity through the port
-harness (float64 lock-step within its 1e-9) where the source's numbers could change."""
+children's names without the model family's words, the Python branch they took); a module some
+calls hold where others hold an ``nn.Identity()`` is behind a flag; a list of numbers and a tuple
+are one shape; arithmetic the trace took apart is one line with the parentheses it needs; no line
+that does nothing, no fx proxy in a message. Parity through the port harness (float64 lock-step
+within its 1e-9) where the source's numbers could change."""
 
 from __future__ import annotations
 
@@ -492,6 +493,48 @@ def test_a_branch_is_named_only_for_one_comparison_of_a_name_with_a_number():
   assert {key: branch(guard(*key)) for key in taken} == taken
 
 
+def test_a_child_is_named_without_the_model_familys_words_its_caller_shares():
+  """A child class named with the words its caller's name begins with too (a model family's
+  prefix) gives a part without them: HGNetV2Stage calling HGNetV2BasicLayer is
+  ``HGNetV2StageWithBasicLayer`` (was ``HGNetV2StageWithHGNetV2BasicLayer``). Words end where a
+  lower-case letter or a digit meets an upper-case letter; a name that extends the other whole
+  keeps all its words."""
+  unshared = jaxbn._src.port.source.naming._unshared
+  parts = {
+      ("HGNetV2Stage", "HGNetV2BasicLayer"): "BasicLayer",
+      ("PPLCNetV3Block", "PPLCNetV3DepthwiseSeparableConvLayer"): "DepthwiseSeparableConvLayer",
+      ("LevitResidualLayer", "LevitAttention"): "Attention",
+      ("UVDocResNetStage", "UVDocResidualBlock"): "ResidualBlock",  # Res is no word of ResNet
+      ("PPLCNetV3Block", "PPOCRV6SmallDetNeck"): "PPOCRV6SmallDetNeck",  # PP is no word
+      ("ConvNorm", "ConvNormAct"): "ConvNormAct",
+      ("Bottleneck", "SqueezeExcite"): "SqueezeExcite",
+  }
+  assert {key: unshared(*key) for key in parts} == parts
+
+
+def test_a_long_name_keeps_a_part_that_tells_it_from_what_every_other_variant_has():
+  """transformers' PPLCNetV3DepthwiseSeparableConvLayer: three variants, ``plain`` (named first,
+  for nothing: its children's names were never needed) calls ``RepWithIdentity`` and
+  ``RepWithAct``; ``small`` calls ``RepWithSmall`` and ``RepWithAct``; ``identity`` calls
+  ``RepWithIdentity`` twice. ``small``'s name runs long and keeps one part: ``WithRepWithSmall``,
+  which no other has, not ``WithRepWithAct``, which ``plain`` has too (was chosen, as ``plain``'s
+  name lists no child; the name said what it shares)."""
+  shortest = jaxbn._src.port.source.naming._shortest
+  base = "PPLCNetV3DepthwiseSeparableConvLayer"
+  parts = {
+      "plain": [],
+      "small": ["WithSqueezeExcitationModule", "WithRepWithAct", "WithRepWithSmall"],
+      "identity": ["WithSqueezeExcitationModule", "WithRepWithIdentity"],
+  }
+  every = {
+      "plain": {"WithRepWithIdentity", "WithRepWithAct"},
+      "small": {"WithRepWithSmall", "WithRepWithAct"},
+      "identity": {"WithRepWithIdentity"},
+  }
+  assert shortest(base, parts, every)["small"] == base + "WithRepWithSmall"
+  assert shortest(base, parts)["small"] == base + "WithRepWithAct"  # what ``every`` mends
+
+
 class ShapeItems(torch.nn.Module):
   """Sizes and tensors unpacked as torch code does: ``B, C, H, W = x.shape``, an item not read
   (``b, _, w = ...shape[:3]``), ``q, k, v = qkv.unbind(1)``, ``height, width = x.shape[-2:]``,
@@ -788,3 +831,52 @@ def test_layers_that_add_other_branches_are_one_class_with_a_flag_per_branch(api
   # a flag is set from a field of its own name: flags equal by chance share none
   passed = re.findall(r"\b(with_\w+)=(?:self\.)?\w*?(with_\w+)\b", text)
   assert passed and all(flag == field for flag, field in passed), passed
+
+
+class SqueezeExcite(torch.nn.Module):
+
+  def __init__(self, channels: int):
+    super().__init__()
+    self.reduce, self.expand = torch.nn.Conv2d(channels, 2, 1), torch.nn.Conv2d(2, channels, 1)
+
+  def forward(self, x):
+    return x * torch.sigmoid(self.expand(torch.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
+
+
+class MaybeExcited(torch.nn.Module):
+  """transformers' PPLCNetV3DepthwiseSeparableConvLayer, timm's blocks: a module or, where the
+  block has none, an ``nn.Identity()`` placeholder in its place."""
+
+  def __init__(self, channels: int, use_se: bool):
+    super().__init__()
+    self.conv, self.bn = torch.nn.Conv2d(4, channels, 3, padding=1), torch.nn.BatchNorm2d(channels)
+    self.se = SqueezeExcite(channels) if use_se else torch.nn.Identity()
+
+  def forward(self, x):
+    return self.bn(self.se(self.conv(x)))
+
+
+class ExcitedAndNot(torch.nn.Module):
+
+  def __init__(self):
+    super().__init__()
+    self.plain, self.excited = MaybeExcited(4, use_se=False), MaybeExcited(4, use_se=True)
+
+  def forward(self, x):
+    return self.excited(self.plain(x))
+
+
+@pytest.mark.parametrize(("api", "layout"), [("linen", "NCHW"), ("nnx", "NHWC")])
+def test_a_module_or_its_placeholder_is_one_class_with_a_flag(api, layout, tmp_path):
+  """A block holding a module where others hold an ``nn.Identity()`` in its place is one class, the
+  module behind a flag (was ``MaybeExcited`` and ``MaybeExcitedWithSe``: the source writes no line
+  for the placeholder, so the two differed only by the module); it loads strictly and its eval
+  output is torch's."""
+  model = ExcitedAndNot().eval()
+  x = np.random.default_rng(0).standard_normal((2, 4, 6, 6)).astype(np.float32)
+  path = jaxbn.emit(model, x, tmp_path / "e", api=api, layout=layout)
+  text = path.read_text()
+  assert re.findall(r"^class (\w+)\(", text, re.M) == ["SqueezeExcite", "MaybeExcited", "ExcitedAndNot"], text
+  assert re.search(r"if self\.(with_se|se is not None):\n", text), text
+  assert "identity(" not in text, text
+  assert_eval_output_is_torchs(path, model, x, api, layout)

@@ -300,6 +300,7 @@ class Classes:
   def build(self, train_root: Block, eval_root: Block) -> tuple:
     """Every class; returns the model's class key."""
     self._collect(train_root, eval_root)
+    self._level()
     for height in sorted({code.height for code in self.codes.values()}):
       level: dict[tuple, Class] = {}
       calls = {key: self._resolve(code.code) for key, code in self.codes.items() if code.height == height}
@@ -325,6 +326,42 @@ class Classes:
     self.root = self.built[train_root.key][0]
     self.classes[self.root].head = _head(self.classes[self.root].skeleton)
     return self.root
+
+  def _level(self) -> None:
+    """Every call of a torch class at the height of its tallest, and its callers above it, so that
+    variants with and without an optional child (taller for it: ``se = SqueezeExcite(c) if use_se
+    else nn.Identity()``) are compared on one level; not a class with a call below another of its
+    own (DLA's trees of trees), nor where classes call each other's variants (no height holds)."""
+    callees = {key: _refs(code.code) for key, code in self.codes.items()}
+    below: dict[str, set] = {}
+
+    def descendants(key: str) -> set:
+      if key not in below:
+        below[key] = set().union(*({c, *descendants(c)} for c in callees[key]))
+      return below[key]
+
+    nested = {
+        self.codes[key].torch_class
+        for key in self.codes
+        if any(self.codes[c].torch_class is self.codes[key].torch_class for c in descendants(key))
+    }
+    heights = {key: code.height for key, code in self.codes.items()}
+    for _ in range(len(heights) + 1):
+      tallest: dict[type, int] = collections.defaultdict(int)
+      for key, height in heights.items():
+        tallest[self.codes[key].torch_class] = max(tallest[self.codes[key].torch_class], height)
+      levelled = {
+          key: max(
+              1 + max((heights[c] for c in callees[key]), default=-1),
+              0 if self.codes[key].torch_class in nested else tallest[self.codes[key].torch_class],
+          )
+          for key in heights
+      }
+      if levelled == heights:
+        for key, height in heights.items():
+          self.codes[key].height = height
+        return
+      heights = levelled
 
   # --- phase 1: each call's code -----------------------------------------------------------------
 
@@ -648,6 +685,15 @@ class Classes:
     return self.shape(self.classes[key].labels[index])
 
 
+def _refs(code: tuple) -> set[str]:
+  """The keys of the children a call's code calls (``("ref", key)``), its Sequentials' items too."""
+  if not (isinstance(code, tuple) and code) or code[0] == "const":
+    return set()
+  if code[0] == "ref" and len(code) == 2 and isinstance(code[1], str):
+    return {code[1]}
+  return set().union(*map(_refs, code))
+
+
 def _runs(elements: tuple, attribute: str) -> tuple:
   """A Sequential's children made the same way several times in a row (a stage's blocks after its
   first, torchvision's ``for _ in range(1, blocks)``) as ``("repeat", element, count)``: the count
@@ -762,16 +808,20 @@ def _optional_form(code: tuple, other_skeleton: tuple) -> tuple[tuple, int | Non
   flags = [i for i, statement in enumerate(code) if statement[0] == "optional"]
   if len(flags) > MOST_FLAGS:
     return None
-  parts = [None, *_removable(code)] if flags else _removable(code)
+  other = _without_placeholders(other_skeleton)
+  ours = sum(identity_input(s) is not None for s in code) + sum(
+      identity_input(s) is not None for i in flags for s in code[i][2]
+  )  # placeholders the code may make, optional parts' included
   sizes = [len(code[i][2]) + 1 for i in flags]  # an optional part's statements where it is made
-  for part in parts:
+  for part in [None, *_removable(code)]:
     removed = 0 if part is None else part[1] - part[0] + 1
     for choice in itertools.product((True, False), repeat=len(flags)):
       made = sum(size for size, present in zip(sizes, choice, strict=True) if present)
-      if len(code) - removed - len(flags) + made != len(other_skeleton):  # cheap: no code rewritten
+      # cheap, no code rewritten: as many statements, but for placeholders on either side
+      if not len(other) - len(other_skeleton) <= len(code) - removed - len(flags) + made - len(other_skeleton) <= ours:
         continue
       resolved = _resolved(code if part is None else _without(code, *part), choice)
-      if _skeleton(resolved)[0] == other_skeleton:
+      if _without_placeholders(_skeleton(resolved)[0]) == other:
         if part is None:
           return code, None, choice
         start, end, _, _ = part
@@ -780,6 +830,30 @@ def _optional_form(code: tuple, other_skeleton: tuple) -> tuple[tuple, int | Non
         optional = ("optional", flag, code[start:end], code[end])
         return code[:start] + (optional,) + code[end + 1 :], start, choice
   return None
+
+
+def _without_placeholders(code: tuple) -> tuple:
+  """``code`` without its ``nn.Identity()`` placeholders (what read one reads its input), its values
+  renamed in order. The source writes no line for a placeholder, so variants equal but for them are
+  one class: a block holding a SqueezeExcite where others hold ``nn.Identity()`` in its place, the
+  SqueezeExcite behind a flag."""
+  return _canonical(tuple(without_identities(list(code))))
+
+
+def without_identities(statements: list, read=identity_input, renamed: dict | None = None) -> list:
+  """The statements without those that pass a value on unchanged (``read(statement)``: the value
+  it passes on, else None): a later read of their value reads their input. ``renamed`` (filled):
+  what was left out, and its input, for statements that follow these."""
+  kept, renamed = [], {} if renamed is None else renamed
+  for statement in statements:
+    for old, new in renamed.items():
+      statement = substituted(statement, old, new)
+    passed = read(statement)
+    if passed is not None:
+      renamed[statement[1][0]] = passed
+      continue
+    kept.append(statement)
+  return kept
 
 
 def _removable(code: tuple) -> list[tuple[int, int, str, str]]:

@@ -37,6 +37,7 @@ from jaxbn._src.port.source.classes import (
     statement_reads,
     substituted,
     value_key,
+    without_identities,
 )
 from jaxbn._src.port.source.naming import class_names, next_name
 from jaxbn._src.port.tracer import Guard
@@ -977,16 +978,9 @@ def _without_identities(
   field sets it): a later read of their value reads their input, so that the source has no line
   that does nothing. ``renamed`` (filled): what was left out, and its input, for statements that
   follow these."""
-  kept, renamed = [], {} if renamed is None else renamed
-  for statement in statements:
-    for old, new in renamed.items():
-      statement = substituted(statement, old, new)
-    read = identity_input(statement, identities) or _padding_nothing(statement, fields or {})
-    if read is not None:
-      renamed[statement[1][0]] = read
-      continue
-    kept.append(statement)
-  return kept
+  return without_identities(
+      statements, lambda s: identity_input(s, identities) or _padding_nothing(s, fields or {}), renamed
+  )
 
 
 def _padding_nothing(statement: tuple, fields: dict) -> str | None:

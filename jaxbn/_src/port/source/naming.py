@@ -102,21 +102,48 @@ def _variant_names(base: str, keys: list, features: dict, settings: dict, names:
 
   # the children by name, the shortest names first
   named_by_children = by_children(
-      parts, lambda children: {names.get(c, c[0].__name__) for c in children}, order=lambda c: (len(c), c)
+      parts,
+      lambda children: {_unshared(base, names.get(c, c[0].__name__)) for c in children},
+      order=lambda c: (len(c), c),
   )
   # last, the Python branch each took (smp's mit LayerNorm: ``if x.ndim == 4:``, was LayerNorm1)
   _told_apart(parts, keys, lambda key: features[key]["branches"], prefix="")
-  chosen = _shortest(base, parts)
+  children = {
+      key: {f"With{_unshared(base, names.get(c, c[0].__name__))}" for c in features[key]["children"]} for key in keys
+  }
+  chosen = _shortest(base, parts, children)
   long = named_by_children & {key for key, name in chosen.items() if len(name) > LONGEST}
   if long:
     # a child's name past LONGEST: what tells the children apart in its place (transformers'
     # EfficientNetBlockWithDepthwiseConvPad, was EfficientNetBlock1), else a number
-    by_parts = {key: list(described[key]) for key in keys}
-    by_children(by_parts, lambda children: {_own_part(names, c) for c in children} - {""}, prefix="")
+    # every variant's, clashing or not: a part tells a variant apart only from those that lack it
+    by_parts = {
+        key: [*described[key], *sorted({_own_part(names, c) for c in features[key]["children"]} - {""}, key=len)]
+        for key in keys
+    }
+    if settings:
+      _told_apart(by_parts, keys, settings.get, prefix="")
+    _told_apart(by_parts, keys, lambda key: features[key]["layers"])
     shorter = _shortest(base, by_parts)
     for key in long:
       chosen[key] = shorter[key] if len(shorter[key]) <= LONGEST else base + "".join(described[key])
   return chosen
+
+
+def _unshared(base: str, name: str) -> str:
+  """``name`` without the words it begins with that ``base`` begins with too, a model family's
+  prefix (HGNetV2Stage's child HGNetV2BasicLayer names it HGNetV2StageWithBasicLayer); a word ends
+  where a lower-case letter or digit meets an upper-case one in both (PPLCNetV3 and PPOCRV6 share
+  no word). A name that begins with the other whole (ConvNorm's child ConvNormAct) keeps it all."""
+  if name.startswith(base) or base.startswith(name):
+    return name
+  end = 0
+  for i in range(1, min(len(base), len(name))):
+    if base[i - 1] != name[i - 1]:
+      break
+    if not base[i - 1].isupper() and base[i].isupper() and name[i].isupper():
+      end = i
+  return name[end:]
 
 
 def _own_part(names: dict[tuple, str], child: tuple) -> str:
@@ -143,16 +170,19 @@ def _told_apart(
   return clashed
 
 
-def _shortest(base: str, parts: dict[tuple, list[str]]) -> dict[tuple, str]:
+def _shortest(base: str, parts: dict[tuple, list[str]], every: dict[tuple, set[str]] | None = None) -> dict[tuple, str]:
   """Each variant's name: all its parts, or where that is longer than LONGEST, as few of them as
   say, for every other variant, something it has that the other has not (where it has any):
-  greedy, the part that tells it from most others first."""
+  greedy, the part that tells it from most others first. ``every``: the parts each variant would
+  have were it named for all it has (the children its name leaves out): a part that another
+  variant has there tells the two nothing apart."""
+  every = every or {}
   chosen = {}
   for key, own in parts.items():
     if len(base + "".join(own)) <= LONGEST:
       chosen[key] = base + "".join(own)
       continue
-    apart = [set(own) - set(other) for k, other in parts.items() if k != key]
+    apart = [set(own) - set(other) - every.get(k, set()) for k, other in parts.items() if k != key]
     apart = [differ for differ in apart if differ]
     picked: set[str] = set()
     while apart:
