@@ -37,14 +37,10 @@ def test_batchnorm_bench_writes_one_row_per_mode(tmp_path):
 
 
 def test_resnet_step_writes_one_row_per_implementation(tmp_path):
-  # the flax and port rows share the code of the rows run here; each row compiles a train step
-  arguments = "--models resnet18 --batch 2 --size 32 --reps 1 --no-compile --autocast".split()
-  rows = run_script("resnet_step.py", [*arguments, "--only", "torch eager", "autocast"], tmp_path / "resnet.md")
-  assert [row[1].strip() for row in rows] == [
-      "jaxbn.BatchNorm",
-      "torch eager channels_last",
-      "jaxbn.models, dtype=bfloat16 (autocast)",
-      "torch eager channels_last, autocast bfloat16",
-  ]
+  # the flax, port and autocast rows share the code of the rows run here (jax_step, torch_step);
+  # each jaxbn row compiles a train step (~17 s): the bfloat16 model itself is test_autocast's
+  arguments = "--models resnet18 --batch 2 --size 32 --reps 1 --no-compile".split()
+  rows = run_script("resnet_step.py", [*arguments, "--only", "torch eager"], tmp_path / "resnet.md")
+  assert [row[1].strip() for row in rows] == ["jaxbn.BatchNorm", "torch eager channels_last"]
   assert all(float(row[3]) > 0 for row in rows)  # images/s
   assert float(rows[0][4]) == 1.0  # jaxbn's time over itself
