@@ -400,14 +400,16 @@ def test_identities_no_later_layer_counts_are_left_out_of_a_sequential(api, layo
 
 class SamePaddingConv(torch.nn.Conv2d):
   """efficientnet_pytorch's Conv2dStaticSamePadding (smp's efficientnet encoders): its stride a
-  list where it is 2, torch's tuple where it is 1, passed to F.conv2d."""
+  list where it is 2, torch's tuple where it is 1, passed to F.conv2d; its dilation a list or a tuple
+  with it, passed by keyword."""
 
   def __init__(self, inputs: int, outputs: int, stride: int):
-    super().__init__(inputs, outputs, 3, stride=stride)
+    super().__init__(inputs, outputs, 3, stride=stride, dilation=3 - stride)
     self.stride = self.stride if stride == 1 else [self.stride[0]] * 2
+    self.dilation = self.dilation if stride == 1 else [self.dilation[0]] * 2  # 1 here, 2 in the other
 
   def forward(self, x):
-    return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+    return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, dilation=self.dilation, groups=self.groups)
 
 
 class ListAndTupleStrides(torch.nn.Module):
@@ -422,8 +424,9 @@ class ListAndTupleStrides(torch.nn.Module):
 
 @pytest.mark.parametrize(("api", "layout"), [("linen", "NCHW"), ("nnx", "NCHW")])  # F.conv2d: NCHW in both
 def test_a_size_given_as_a_list_in_one_call_and_a_tuple_in_another_is_one_class(api, layout, tmp_path):
-  """torch's ``int[]`` arguments take a list or a tuple: calls that differ only in which are one
-  class, the stride a field (was ``SamePaddingConv`` and ``SamePaddingConv1``)."""
+  """torch's ``int[]`` arguments take a list or a tuple, by position or by keyword: calls that
+  differ only in which are one class, the stride and dilation fields (was ``SamePaddingConv`` and
+  ``SamePaddingConv1``)."""
   torch.manual_seed(0)
   model = ListAndTupleStrides().eval()
   x = np.random.default_rng(0).standard_normal((2, 3, 12, 12)).astype(np.float32)
@@ -431,6 +434,7 @@ def test_a_size_given_as_a_list_in_one_call_and_a_tuple_in_another_is_one_class(
   text = path.read_text()
   assert re.findall(r"^class (\w+)\(", text, re.M) == ["SamePaddingConv", "ListAndTupleStrides"], text
   assert "(self.conv_stride, self.conv_stride)" in text, text
+  assert re.search(r"dilation=\(self\.\w*dilation\w*, self\.\w*dilation\w*\)", text), text
   assert_eval_output_is_torchs(path, model, x, api, layout)
 
 

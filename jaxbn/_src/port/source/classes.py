@@ -578,11 +578,11 @@ class Classes:
     if isinstance(fn, Constant):  # a hole: calls holding other tables are one class
       return ("assign", (node.name,), ("tensor", ("const", fn, fn.attribute or "constant")))
     op, names = _argument_labels(node)
-    node_args = node.args if _indexes(fn) else tuple(map(_listed_numbers_as_tuple, node.args))
-    args = tuple(_expression(a, label) for a, label in zip(node_args, names, strict=True))
+    as_given = (lambda value: value) if _indexes(fn) else _listed_numbers_as_tuple
+    args = tuple(_expression(as_given(a), label) for a, label in zip(node.args, names, strict=True))
     if fn is functional.pad and len(args) > 1 and self.torch_order:
       args = (args[0], _sides(args[1]), *args[2:])
-    kwargs = tuple((k, _expression(v, f"{op}_{k}")) for k, v in node.kwargs)
+    kwargs = tuple((k, _expression(as_given(v), f"{op}_{k}")) for k, v in node.kwargs)
     self.argument_labels.update(names, (f"{op}_{k}" for k, _ in node.kwargs))
     if isinstance(fn, Guard) and fn.conversion != "len" and _is_size(fn.expected):
       return ("assign", (node.name,), _sized_guard(fn, args))
