@@ -516,6 +516,52 @@ def test_a_child_is_named_without_the_model_familys_words_its_caller_shares():
   assert {key: unshared(*key) for key in parts} == parts
 
 
+class MaybePadded(torch.nn.Module):
+  """transformers' EfficientNetDepthwiseLayer: pads where it strides."""
+
+  def __init__(self, pad: bool):
+    super().__init__()
+    self.pad, self.bn = pad, torch.nn.BatchNorm2d(4)
+
+  def forward(self, x):
+    return self.bn(F.pad(x, (1, 1, 1, 1))[..., 1:-1, 1:-1] if self.pad else x)
+
+
+class MaybeSkipped(torch.nn.Module):
+  """transformers' EfficientNetFinalBlockLayer: adds the block's input where it has a skip."""
+
+  def __init__(self, skip: bool):
+    super().__init__()
+    self.skip, self.bn = skip, torch.nn.BatchNorm2d(4)
+
+  def forward(self, x, inputs):
+    return self.bn(x) + inputs if self.skip else self.bn(x)
+
+
+class PaddedOrSkipped(torch.nn.Module):
+  """transformers' EfficientNetBlock: its variants differ only by their children's variants."""
+
+  def __init__(self, pad: bool, skip: bool):
+    super().__init__()
+    self.depthwise, self.projection = MaybePadded(pad), MaybeSkipped(skip)
+
+  def forward(self, x):
+    return self.projection(self.depthwise(x), x)
+
+
+def test_a_child_that_keeps_its_classs_name_names_no_variant(tmp_path):
+  """Variants that differ by the variants of the children they call: the one calling the plain
+  children keeps torch's name (was ``PaddedOrSkippedWithMaybePaddedWithMaybeSkipped``, as
+  transformers' ``EfficientNetBlockWithDepthwiseLayerWithFinalBlockLayer``), the others are named
+  for the children that differ."""
+  model = torch.nn.Sequential(PaddedOrSkipped(True, False), PaddedOrSkipped(False, True), PaddedOrSkipped(False, False))
+  text = jaxbn.emit(model, np.zeros((2, 4, 6, 6), np.float32), tmp_path / "blocks").read_text()
+  classes = re.findall(r"^class (PaddedOrSkipped\w*)\(", text, re.M)
+  assert sorted(classes) == sorted(
+      ["PaddedOrSkipped", "PaddedOrSkippedWithMaybePaddedWithPad", "PaddedOrSkippedWithMaybeSkippedWithSkipWith2Inputs"]
+  ), text
+
+
 def test_a_long_name_keeps_a_part_that_tells_it_from_what_every_other_variant_has():
   """transformers' PPLCNetV3DepthwiseSeparableConvLayer: three variants, ``plain`` (named first,
   for nothing: its children's names were never needed) calls ``RepWithIdentity`` and

@@ -100,18 +100,27 @@ def _variant_names(base: str, keys: list, features: dict, settings: dict, names:
     _told_apart(parts, keys, lambda key: features[key]["layers"])
     return named
 
-  # the children by name, the shortest names first
+  # the children by name, the shortest names first, without the model family's words
+  # (HGNetV2StageWithBasicLayer); a child that keeps its torch class's name where the variants call
+  # others of that class names nothing (transformers' EfficientNetBlock calls the plain
+  # DepthwiseLayer, EfficientNetBlockWithDepthwiseLayerWithDepthwiseConvPad another)
+  variants: dict[type, set] = collections.defaultdict(set)
+  for key in keys:
+    for child in features[key]["children"]:
+      variants[child[0]].add(child)
+
+  def child_part(child) -> str:
+    if len(variants[child[0]]) > 1 and not _own_part(names, child) and child[0].__name__ != base:
+      return ""  # not a tree's own class (DLA's TreeWithTree holds the plain Tree)
+    return "With" + _unshared(base, names.get(child, child[0].__name__))
+
   named_by_children = by_children(
-      parts,
-      lambda children: {_unshared(base, names.get(c, c[0].__name__)) for c in children},
-      order=lambda c: (len(c), c),
+      parts, lambda children: {child_part(c) for c in children} - {""}, order=lambda c: (len(c), c), prefix=""
   )
   # last, the Python branch each took (smp's mit LayerNorm: ``if x.ndim == 4:``, was LayerNorm1)
   _told_apart(parts, keys, lambda key: features[key]["branches"], prefix="")
-  children = {
-      key: {f"With{_unshared(base, names.get(c, c[0].__name__))}" for c in features[key]["children"]} for key in keys
-  }
-  chosen = _shortest(base, parts, children)
+  every = {key: {child_part(c) for c in features[key]["children"]} - {""} for key in keys}
+  chosen = _shortest(base, parts, every)
   long = named_by_children & {key for key, name in chosen.items() if len(name) > LONGEST}
   if long:
     # a child's name past LONGEST: what tells the children apart in its place (transformers'
