@@ -110,8 +110,9 @@ def _variant_names(base: str, keys: list, features: dict, settings: dict, names:
       variants[child[0]].add(child)
 
   def child_part(child) -> str:
+    # a tree's own class names it still: DLA's TreeWithTree holds the plain Tree
     if len(variants[child[0]]) > 1 and not _own_part(names, child) and child[0].__name__ != base:
-      return ""  # not a tree's own class (DLA's TreeWithTree holds the plain Tree)
+      return ""
     return "With" + _unshared(base, names.get(child, child[0].__name__))
 
   named_by_children = by_children(
