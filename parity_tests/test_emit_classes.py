@@ -500,15 +500,16 @@ def test_a_branch_is_named_only_for_one_comparison_of_a_name_with_a_number():
 def test_a_child_is_named_without_the_model_familys_words_its_caller_shares():
   """A child class named with the words its caller's name begins with too (a model family's
   prefix) gives a part without them: HGNetV2Stage calling HGNetV2BasicLayer is
-  ``HGNetV2StageWithBasicLayer`` (was ``HGNetV2StageWithHGNetV2BasicLayer``). Words end where a
-  lower-case letter or a digit meets an upper-case letter; a name that extends the other whole
-  keeps all its words."""
+  ``HGNetV2StageWithBasicLayer`` (was ``HGNetV2StageWithHGNetV2BasicLayer``). A word starts at an
+  upper-case letter after a lower-case one or a digit, or before a lower-case one (RepVGG, VGG
+  Stage); a name that extends the other whole keeps all its words."""
   unshared = jaxbn._src.port.source.naming._unshared
   parts = {
       ("HGNetV2Stage", "HGNetV2BasicLayer"): "BasicLayer",
       ("PPLCNetV3Block", "PPLCNetV3DepthwiseSeparableConvLayer"): "DepthwiseSeparableConvLayer",
       ("LevitResidualLayer", "LevitAttention"): "Attention",
       ("UVDocResNetStage", "UVDocResidualBlock"): "ResidualBlock",  # Res is no word of ResNet
+      ("EfficientLoFTRRepVGGStage", "EfficientLoFTRRepVGGBlock"): "Block",  # VGG and Stage: two words
       ("PPLCNetV3Block", "PPOCRV6SmallDetNeck"): "PPOCRV6SmallDetNeck",  # PP is no word
       ("ConvNorm", "ConvNormAct"): "ConvNormAct",
       ("Bottleneck", "SqueezeExcite"): "SqueezeExcite",

@@ -140,20 +140,20 @@ def _variant_names(base: str, keys: list, features: dict, settings: dict, names:
   return chosen
 
 
+WORD_START = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")  # Lo|FTR|Rep|VGG|Stage
+
+
 def _unshared(base: str, name: str) -> str:
   """``name`` without the words it begins with that ``base`` begins with too, a model family's
-  prefix (HGNetV2Stage's child HGNetV2BasicLayer names it HGNetV2StageWithBasicLayer); a word ends
-  where a lower-case letter or digit meets an upper-case one in both (PPLCNetV3 and PPOCRV6 share
-  no word). A name that begins with the other whole (ConvNorm's child ConvNormAct) keeps it all."""
+  prefix (HGNetV2Stage's child HGNetV2BasicLayer names it HGNetV2StageWithBasicLayer); a word starts
+  at an upper-case letter after a lower-case one or a digit, or before a lower-case one (RepVGG is
+  two words, VGGStage two, PPOCRV6 one). A name that begins with the other whole (ConvNorm's child
+  ConvNormAct) keeps it all."""
   if name.startswith(base) or base.startswith(name):
     return name
-  end = 0
-  for i in range(1, min(len(base), len(name))):
-    if base[i - 1] != name[i - 1]:
-      break
-    if not base[i - 1].isupper() and base[i].isupper() and name[i].isupper():
-      end = i
-  return name[end:]
+  starts = {m.start() for m in WORD_START.finditer(base)} & {m.start() for m in WORD_START.finditer(name)}
+  shared = [i for i in starts if base[:i] == name[:i]]
+  return name[max(shared, default=0) :]
 
 
 def _own_part(names: dict[tuple, str], child: tuple) -> str:
