@@ -90,15 +90,13 @@ def _variant_names(base: str, keys: list, features: dict, settings: dict, names:
   _told_apart(parts, keys, lambda key: features[key]["ops"], _camel)
   described = dict(parts)
 
-  def by_children(parts: dict, children, **form) -> set[tuple]:
-    """The child classes they call tell them apart, then the settings of torch's modules
-    (selecsls' ``is_first``, maxvit's ``partition_type``), then their layers' classes (smp's
-    PSPBlock: a BatchNorm where the pool is over one pixel); the keys the children named."""
-    named = _told_apart(parts, keys, lambda key: children(features[key]["children"]), **form)
+  def by_settings(parts: dict) -> None:
+    """After the children they call: the settings of torch's modules tell them apart (selecsls'
+    ``is_first``, maxvit's ``partition_type``), then their layers' classes (smp's PSPBlock: a
+    BatchNorm where the pool is over one pixel)."""
     if settings:
       _told_apart(parts, keys, settings.get, prefix="")
     _told_apart(parts, keys, lambda key: features[key]["layers"])
-    return named
 
   # the children by name, the shortest names first, without the model family's words
   # (HGNetV2StageWithBasicLayer); a child that keeps its torch class's name where the variants call
@@ -115,12 +113,11 @@ def _variant_names(base: str, keys: list, features: dict, settings: dict, names:
       return ""
     return "With" + _unshared(base, names.get(child, child[0].__name__))
 
-  named_by_children = by_children(
-      parts, lambda children: {child_part(c) for c in children} - {""}, order=lambda c: (len(c), c), prefix=""
-  )
+  every = {key: {child_part(c) for c in features[key]["children"]} - {""} for key in keys}
+  named_by_children = _told_apart(parts, keys, every.get, order=lambda c: (len(c), c), prefix="")
+  by_settings(parts)
   # last, the Python branch each took (smp's mit LayerNorm: ``if x.ndim == 4:``, was LayerNorm1)
   _told_apart(parts, keys, lambda key: features[key]["branches"], prefix="")
-  every = {key: {child_part(c) for c in features[key]["children"]} - {""} for key in keys}
   chosen = _shortest(base, parts, every)
   long = named_by_children & {key for key, name in chosen.items() if len(name) > LONGEST}
   if long:
@@ -131,9 +128,7 @@ def _variant_names(base: str, keys: list, features: dict, settings: dict, names:
         key: [*described[key], *sorted({_own_part(names, c) for c in features[key]["children"]} - {""}, key=len)]
         for key in keys
     }
-    if settings:
-      _told_apart(by_parts, keys, settings.get, prefix="")
-    _told_apart(by_parts, keys, lambda key: features[key]["layers"])
+    by_settings(by_parts)
     shorter = _shortest(base, by_parts)
     for key in long:
       chosen[key] = shorter[key] if len(shorter[key]) <= LONGEST else base + "".join(described[key])
