@@ -86,19 +86,41 @@ class Sequence1d(torch.nn.Module):
 
 
 class Unruled(torch.nn.Module):
-  """An op the pass has no rule for (a functional convolution with a fixed filter, timm's blur
-  pool): its input is transposed to torch's layout there and back after, and the result is torch's."""
+  """An op the pass has no rule for (a cumulative sum over channels): its input is transposed to
+  torch's layout there and back after, and the result is torch's."""
 
   def __init__(self):
     super().__init__()
     self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
     self.bn = torch.nn.BatchNorm2d(4)
-    self.register_buffer("blur", torch.full((4, 1, 2, 2), 0.25), persistent=False)
     self.out = torch.nn.Conv2d(4, 4, 1)
 
   def forward(self, x):
-    x = F.conv2d(self.bn(self.conv(x)), self.blur, stride=2, groups=4)
+    x = torch.cumsum(self.bn(self.conv(x)), dim=1)
     return self.out(x)
+
+
+class SamePadded(torch.nn.Module):
+  """TensorFlow's "SAME" padding as timm writes it (nasnet, every tf_* model): Conv2dSame, a
+  depthwise one, and MaxPool2dSame, which pad by sizes read in forward; and a functional
+  convolution with a fixed filter (timm's blur pool) on a padded input."""
+
+  def __init__(self):
+    super().__init__()
+    from timm.layers import Conv2dSame
+    from timm.layers.pool2d_same import MaxPool2dSame
+
+    self.stem = Conv2dSame(3, 8, 3, stride=2)
+    self.depthwise = Conv2dSame(8, 8, 5, stride=2, groups=8, bias=False)
+    self.bn = torch.nn.BatchNorm2d(8)
+    self.pool = MaxPool2dSame(3, 2)
+    self.register_buffer("blur", torch.full((8, 1, 2, 2), 0.25), persistent=False)
+    self.head = torch.nn.Linear(8, 10)
+
+  def forward(self, x):
+    x = self.pool(self.bn(self.depthwise(F.relu(self.stem(x)))))
+    x = F.conv2d(F.pad(x, (0, 1, 0, 1)), self.blur, stride=2, groups=8)
+    return self.head(x.mean((2, 3)))
 
 
 def emitted(model, x, tmp_path, api="linen") -> str:
@@ -165,8 +187,31 @@ def test_an_op_without_a_rule_runs_in_torch_layout(tmp_path):
   model = Unruled()
   verified(model, (2, 3, 8, 8), "linen")
   text = emitted(model, np.zeros((2, 3, 8, 8), np.float32), tmp_path)
-  assert re.search(r"jnp\.transpose\(\w+, \(0, 3, 1, 2\)\)\n\s+\w+ = ops\.conv\(", text), text
+  assert re.search(r"jnp\.transpose\(\w+, \(0, 3, 1, 2\)\)\n\s+\w+ = ops\.cumsum\(", text), text
   assert "jnp.transpose(x, (0, 2, 3, 1))" in text  # back to channels-last for the next Conv
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_same_padding_and_a_functional_convolution_stay_channels_last(api, tmp_path):
+  """Conv2dSame is Flax's own convolution with its default padding, "SAME" (TensorFlow's, which
+  pad_same computes); the pads computed from sizes and F.conv2d's filter, kept in torch's
+  (out, in / groups, kH, kW), take channels-last input: the source transposes nothing. Odd sizes
+  (23 px) pad one more pixel after than before."""
+  pytest.importorskip("timm", reason="timm is in the test extra")
+  torch.manual_seed(0)
+  model = SamePadded()
+  verified(model, (2, 3, 23, 23), api)
+  text = emitted(model, np.zeros((2, 3, 23, 23), np.float32), tmp_path, api)
+  assert not re.search(r"jnp\.transpose\(\w+, \(", text), text  # (the header names jnp.transpose(x, axes))
+  stem = (
+      'nn.Conv(features=8, kernel_size=(3, 3), strides=2, name="stem")'
+      if api == "linen"
+      else "nnx.Conv(in_features=3, out_features=8, kernel_size=(3, 3), strides=2, rngs=rngs)"
+  )
+  assert stem in text
+  assert re.search(r"ops\.pad\(\w+, \(0, 0, \w+, \w+, \w+, \w+\), value=-math\.inf\)", text), text  # (C, W, H)
+  assert "ops.pad(x, (0, 0, 0, 1, 0, 1))" in text  # F.pad's (W, H) as (C, W, H) from the last axis
+  assert "ops.conv(x, y, stride=2, groups=8, channels_last=True)" in text
 
 
 def test_global_pooling_and_flatten_need_no_transpose(tmp_path):

@@ -737,8 +737,8 @@ def pad(rw: Rewriter, node: Node) -> Any:
   axis backwards, (0, 0) for axes not padded."""
   perm = rw.perm(node.args[0])
   call = Arguments(node)
-  widths = _constant(call.get("pad"))
-  if perm is None or not isinstance(widths, tuple) or not all(isinstance(w, int) for w in widths):
+  widths = _widths(rw, call.get("pad"))
+  if perm is None or widths is None:
     return fallback(rw, node)
   rank = len(perm)
   pairs = {rank - 1 - i: (widths[2 * i], widths[2 * i + 1]) for i in range(len(widths) // 2)}
@@ -746,6 +746,20 @@ def pad(rw: Rewriter, node: Node) -> Any:
   written = [w for j in range(rank - 1, first - 1, -1) for w in pairs.get(perm[j], (0, 0))]
   call.set("pad", _tuple(tuple(written)))
   return rw.emit(call.rebuilt(), Axes(perm))
+
+
+def _widths(rw: Rewriter, pad) -> tuple | None:
+  """F.pad's widths as a tuple of ints, or of the Python ints computed in forward from shapes
+  (timm's pad_same: its entries are torch's whatever the layout); None where they are not known
+  one by one."""
+  widths = _constant(pad)
+  if isinstance(widths, Aggregate) and widths.keys is None:
+    widths = widths.items
+  if isinstance(widths, tuple) and all(
+      isinstance(w, int) or (isinstance(w, Ref) and isinstance(rw.values.get(w.name), int)) for w in widths
+  ):
+    return widths
+  return None
 
 
 def _spatial(rw: Rewriter, node: Node, fn: Callable | None = None) -> Any:
@@ -759,6 +773,17 @@ def _spatial(rw: Rewriter, node: Node, fn: Callable | None = None) -> Any:
   call.args[0] = rw.to(x, cl)
   call.kwargs["channels_last"] = True
   return rw.emit(call.rebuilt(fn), Axes(cl))
+
+
+@rule(ops.conv)
+def functional_conv(rw: Rewriter, node: Node) -> Any:
+  """``F.conv2d`` (timm's Conv2dSame, a standardised weight) on channels-last input; its weight
+  and bias, arrays the model computes, as torch's (out, in / groups, *kernel)."""
+  call = Arguments(node)
+  for name in ("weight", "bias"):
+    if name in call:
+      call.set(name, rw.as_torch(call.get(name)))
+  return _spatial(rw, call.rebuilt())
 
 
 rule(

@@ -179,14 +179,14 @@ def _padding(m, n):
 
 
 @register(torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
-def conv(m, options):
+def conv(m, options, padding=None):
   n = len(m.kernel_size)
   return Leaf(
       Conv(
           m.out_channels,
           compact(tuple(m.kernel_size)),
           compact(tuple(m.stride)),
-          compact(_padding(m, n)),
+          compact(_padding(m, n)) if padding is None else padding,
           compact(tuple(m.dilation)),
           m.groups,
           m.bias is not None,
@@ -377,9 +377,12 @@ except ImportError:  # torchvision is optional
 
 
 def _register_timm():
-  from timm.layers import BatchNormAct2d, DropPath, activations
+  from timm.layers import BatchNormAct2d, Conv2dSame, DropPath, activations
   from timm.layers import Linear as TimmLinear
   from timm.layers.drop import drop_path
+
+  # its forward pads as TensorFlow's "SAME" (pad_same: the odd pixel after), then convolves
+  register(Conv2dSame)(lambda m, o: conv(m, o, padding="SAME"))
 
   register(DropPath)(
       lambda m, o: call(drop_path, drop_prob=m.drop_prob, training=m.training, scale_by_keep=m.scale_by_keep)

@@ -51,13 +51,18 @@ def _channels_last_dimension_numbers(n: int):
 
 
 def conv(x, kernel, bias, *, strides=1, padding=0, dilation=1, groups=1, padding_mode="zeros", dtype=None):
-  """torch's convolution of channels-first ``x`` with a Flax-layout kernel ``(*k, in / groups, out)``,
+  """torch's convolution of channels-first ``x`` with a Flax-layout kernel ``(*k, in / groups, out)``
+  (``padding="SAME"``: XLA's, which is timm's Conv2dSame's),
   computed channels-last between two transposes, which XLA cancels between neighbouring
   convolutions and BatchNorms (``compute_channels_last``): resnet50's CPU train step took 1.16x
   jaxbn.models' with channels-first dimension numbers, 0.95x this way
   (benchmarks/results-port-step-cpu.md)."""
   n = x.ndim - 2
-  pads = pairs(padding, n)
+  if padding == "SAME":  # TensorFlow's, as timm's Conv2dSame pads: the odd pixel after
+    window = [d * (k - 1) + 1 for d, k in zip(per_axis(dilation, n), kernel.shape[:n], strict=True)]
+    pads = tuple(jax.lax.padtype_to_pads(x.shape[2:], window, per_axis(strides, n), "SAME"))
+  else:
+    pads = pairs(padding, n)
   if padding_mode != "zeros":
     x = jnp.pad(x, ((0, 0), (0, 0), *pads), mode=ops.PAD_MODES[padding_mode])
     pads = ((0, 0),) * n

@@ -795,9 +795,10 @@ def plus_bias(y, bias):
 
 
 @register("F.conv1d", "F.conv2d", "F.conv3d")
-def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-  """torch's functional convolution on channels-first input with a torch-layout weight
-  (out, in / groups, *kernel); padding as torch takes it (ints, 'same', 'valid')."""
+def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, channels_last=False):
+  """torch's functional convolution with a torch-layout weight (out, in / groups, *kernel) on
+  channels-first input (channels-last with ``channels_last``); padding as torch takes it (ints,
+  'same', 'valid')."""
   n = x.ndim - 2
   dilation = _tuple(dilation, n)
   if padding == "valid":
@@ -807,17 +808,20 @@ def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     pads = [(t // 2, t - t // 2) for t in totals]
   else:
     pads = [(p, p) for p in _tuple(padding, n)]
-  spec = (0, 1, *range(2, n + 2))
+  torch_spec = (0, 1, *range(2, n + 2))
+  spec = (0, n + 1, *range(1, n + 1)) if channels_last else torch_spec
   y = jax.lax.conv_general_dilated(
       x,
       weight.astype(x.dtype),
       _tuple(stride, n),
       pads,
       rhs_dilation=dilation,
-      dimension_numbers=jax.lax.ConvDimensionNumbers(spec, spec, spec),
+      dimension_numbers=jax.lax.ConvDimensionNumbers(spec, torch_spec, spec),
       feature_group_count=groups,
   )
-  return y if bias is None else plus_bias(y, bias.reshape(-1, *(1,) * n))
+  if bias is None:
+    return y
+  return plus_bias(y, bias if channels_last else bias.reshape(-1, *(1,) * n))
 
 
 # --- attention and patches ---------------------------------------------------------------------
