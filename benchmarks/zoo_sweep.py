@@ -379,7 +379,7 @@ def unshrunk_batchnorms(model) -> bool:
   return True
 
 
-def run_one(spec: str, emit_only: bool = False, layouts=LAYOUTS, apis=APIS) -> dict:
+def run_one(spec: str, emit_only: bool = False, layouts=LAYOUTS, apis=APIS, float32: bool = False) -> dict:
   """One model through ``jaxbn.verify`` (the port for 2 steps, then jaxbn.emit's source, Linen and
   NNX, for 1), in this process; the result as a JSON-able dict."""
   import torch
@@ -396,7 +396,8 @@ def run_one(spec: str, emit_only: bool = False, layouts=LAYOUTS, apis=APIS) -> d
     jaxbn.verification.warm_up(model, example)  # non-trivial statistics
     rtol = FLOAT32_INSIDE_GRAD64 if computes_in_float32(model, example) else None
     if emit_only:
-      emitted = emit_check(model, example, rtol, layouts, apis)
+      check = float32_check if float32 else emit_check
+      emitted = check(model, example, rtol, layouts, apis)
       status = "pass" if all(" pass" in cell for cell in emitted.split("; ")) else "emit"
       return {"status": status, "seconds": time.perf_counter() - start, "emit": emitted}
     result = jaxbn.verify(model, example, steps=2, rtol=rtol)
@@ -482,6 +483,70 @@ def emit_check(model, example, rtol, layouts=LAYOUTS, apis=APIS) -> str:
   return "; ".join(cells)
 
 
+def float32_check(model, example, rtol, layouts=LAYOUTS, apis=APIS) -> str:
+  """``--float32``: jaxbn.emit's source against torch float32 from identical parameters (its eval
+  output, a train-mode forward and its running statistics) within verify's float32 floor
+  (statistics 1e-5) or, where float32 cannot resolve that, within 10x of jaxbn.port's own distance
+  in the same check. For models whose float64 lock-step does not fit this machine: XLA's CPU
+  convolutions compute a depthwise convolution's gradient as a dense (C, k, k, C) one, and
+  nasnetalarge's float64 step holds 11 GB of such temporaries."""
+  import tempfile
+
+  import jax.numpy as jnp
+  import numpy as np
+
+  import jaxbn
+  from jaxbn._src.verify.api import FLOOR
+  from jaxbn._src.verify.measures import SPREAD_FACTOR
+  from parity_tests.test_emit import NnxAsLinen, eval_and_training_forward, load_source
+
+  del rtol  # float64's
+  x = np.random.default_rng(0).standard_normal(example.shape).astype(np.float32)
+
+  class Transposed:
+    """Channels-last source behind torch's layout: its input transposed by ``INPUT_AXES``."""
+
+    def __init__(self, module, axes):
+      self.module, self.axes = module, axes
+
+    def apply(self, variables, x, **kwargs):
+      return self.module.apply(variables, jnp.transpose(x, self.axes), **kwargs)
+
+  def emitted(api, layout, directory):
+    def port(model, x):
+      path = jaxbn.emit(model, x, pathlib.Path(directory) / "model", api=api, layout=layout)
+      source = load_source(path, f"emitted_{api}_{layout}")
+      loaded = source.load()
+      module, variables = (NnxAsLinen(loaded), jaxbn.nnx.to_variables(loaded)) if api == "nnx" else loaded
+      return (Transposed(module, tuple(source.INPUT_AXES[0])) if layout == "NHWC" else module), variables
+
+    return port
+
+  ported = eval_and_training_forward(copy.deepcopy(model), x, jaxbn.port)
+  cells = []
+  for layout in layouts:
+    for api in apis:
+      what = api if layout == "NCHW" else f"{api} {layout}"
+      try:
+        with tempfile.TemporaryDirectory() as directory:
+          eval_rel, train_rel, stats_rel = eval_and_training_forward(
+              copy.deepcopy(model), x, emitted(api, layout, directory)
+          )
+        worst = max(eval_rel, train_rel)
+        ok = (worst <= FLOOR and stats_rel <= 1e-5) or (
+            worst <= SPREAD_FACTOR * max(ported[:2]) and stats_rel <= max(1e-5, SPREAD_FACTOR * ported[2])
+        )
+        cells.append(
+            f"{what} {'pass' if ok else 'MISMATCH'} {worst:.1e} (float32 only, port {max(ported[:2]):.1e}, statistics"
+            f" {stats_rel:.1e}, port's {ported[2]:.1e})"
+        )
+      except jaxbn.PortError as error:
+        cells.append(f"{what} refused: {str(error).splitlines()[0][:80]}")
+      except Exception as error:  # noqa: BLE001 - reported in the table
+        cells.append(f"{what} failed: {failure(error)['reason'][:80]}")
+  return "; ".join(cells)
+
+
 def failure(error: BaseException) -> dict:
   """A failed run, with where the error was raised."""
   frame = traceback.extract_tb(error.__traceback__)[-1]
@@ -517,10 +582,17 @@ def main() -> int:
       default=list(APIS),
       help="the emitted source's APIs to check (none: the port only)",
   )
+  parser.add_argument(
+      "--float32",
+      action="store_true",
+      help="with --emit-only: the source's float32 check only, for models whose float64 lock-step does not fit memory",
+  )
   parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one model, JSON out
   args = parser.parse_args()
+  if args.float32 and not args.emit_only:
+    parser.error("--float32 checks the emitted source: give --emit-only too")
   if args.one:
-    print(json.dumps(run_one(args.one, args.emit_only, tuple(args.layouts), tuple(args.apis))))
+    print(json.dumps(run_one(args.one, args.emit_only, tuple(args.layouts), tuple(args.apis), args.float32)))
     return 0
   zoos = {
       "timm": timm_models,
@@ -546,6 +618,7 @@ def main() -> int:
               "--apis",
               *args.apis,
               *(["--emit-only"] if args.emit_only else []),
+              *(["--float32"] if args.float32 else []),
           ],
           capture_output=True,
           text=True,
@@ -562,12 +635,12 @@ def main() -> int:
     rows.append((spec, result))
     print(spec, json.dumps(result), flush=True)
     if args.out:  # rewritten after every model, so that a stopped sweep keeps what it measured
-      pathlib.Path(args.out).write_text(report(rows, len(specs), args.layouts, args.apis, args.emit_only))
-  print(report(rows, len(specs), args.layouts, args.apis, args.emit_only).split("\n\n")[1])
+      pathlib.Path(args.out).write_text(report(rows, len(specs), args.layouts, args.apis, args.emit_only, args.float32))
+  print(report(rows, len(specs), args.layouts, args.apis, args.emit_only, args.float32).split("\n\n")[1])
   return 0
 
 
-def report(rows: list, planned: int, layouts=LAYOUTS, apis=APIS, emit_only: bool = False) -> str:
+def report(rows: list, planned: int, layouts=LAYOUTS, apis=APIS, emit_only: bool = False, float32: bool = False) -> str:
   import timm
   import torch
   import torchvision
@@ -616,6 +689,16 @@ def report(rows: list, planned: int, layouts=LAYOUTS, apis=APIS, emit_only: bool
   names = {"linen": "Linen", "nnx": "NNX", "NCHW": "torch's layout", "NHWC": "channels-last (NHWC)"}
   sources = f"{' and '.join(names[a] for a in apis)}, in {' and '.join(names[x] for x in layouts)}"
   emitted = f"jaxbn.verify(via='emit', steps=1), {sources}" if apis else "not checked in this run (--apis)"
+  if emit_only and float32:
+    return (
+        f"Measured by benchmarks/zoo_sweep.py --emit-only --float32: jaxbn.emit's model.py ({sources}) loaded;"
+        " its eval output, a train-mode forward and its running statistics against torch float32 from identical"
+        " parameters (float32_check: no float64 lock-step). A model passes when every source does.\n\n"
+        + summary
+        + "\n\n"
+        + table
+        + "\n"
+    )
   if emit_only:
     return (
         f"Measured by benchmarks/zoo_sweep.py --emit-only: jaxbn.emit's model.py ({sources}) loaded and checked"
