@@ -214,6 +214,17 @@ def test_same_padding_and_a_functional_convolution_stay_channels_last(api, tmp_p
   assert "ops.conv(x, y, stride=2, groups=8, channels_last=True)" in text
 
 
+def test_same_padding_is_a_convolution_layer_in_torchs_layout_too(tmp_path):
+  pytest.importorskip("timm", reason="timm is in the test extra")
+  torch.manual_seed(0)
+  model, example = SamePadded(), np.zeros((2, 3, 23, 23), np.float32)
+  jaxbn.verification.warm_up(model, example)
+  result = jaxbn.verify(model, example, via="emit", steps=1, floor=FLOOR)
+  assert result.passed, result.summary()
+  text = jaxbn.emit(model, example, tmp_path / "nchw").read_text()
+  assert 'layers.Conv(features=8, kernel_size=3, strides=2, padding="SAME", name="stem")' in text
+
+
 def test_global_pooling_and_flatten_need_no_transpose(tmp_path):
   """torchvision's resnet head: a mean over space and a flatten of (N, C, 1, 1), as written by hand."""
   import torchvision

@@ -777,8 +777,9 @@ def _spatial(rw: Rewriter, node: Node, fn: Callable | None = None) -> Any:
 
 @rule(ops.conv)
 def functional_conv(rw: Rewriter, node: Node) -> Any:
-  """``F.conv2d`` (timm's Conv2dSame, a standardised weight) on channels-last input; its weight
-  and bias, arrays the model computes, as torch's (out, in / groups, *kernel)."""
+  """``F.conv2d`` (timm's BlurPool, a standardised weight, efficientnet_pytorch's same-padding
+  convolution) on channels-last input; its weight and bias, arrays the model reads or computes,
+  as torch's (out, in / groups, *kernel)."""
   call = Arguments(node)
   for name in ("weight", "bias"):
     if name in call:
