@@ -735,16 +735,21 @@ class LoopedStages(torch.nn.Module):
     return x.mean((2, 3))
 
 
+@pytest.mark.parametrize(("api", "layout"), [("linen", "NCHW"), ("nnx", "NHWC")])
+def test_looped_stages_source_passes_the_port_harness(api, layout):
+  """The next test's model through the port's harness (float64 lock-step over 2 steps; outputs
+  within 1e-5 of the largest, float32): each API and each layout once."""
+  port_harness.run(
+      Case(LoopedStages, (4, 3, 16, 16), floor=1e-5, loss="mean_square"), via="emit", api=api, layout=layout
+  )
+
+
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("api", list(PORTS))
 def test_a_container_iterated_in_forward_is_a_sequential_and_its_depth_a_field(api, layout, tmp_path):
   """``for layer in self.layers: x = layer(x)`` is the container called as a Sequential; stages
   that differ only in how many blocks repeat are one class with that count a field (transformers'
-  ResNet: was a class per depth, and NNX refused the deeper one's optional member). The port's
-  harness (float64 lock-step over 2 steps; outputs within 1e-5 of the largest, float32)."""
-  port_harness.run(
-      Case(LoopedStages, (4, 3, 16, 16), floor=1e-5, loss="mean_square"), via="emit", api=api, layout=layout
-  )
+  ResNet: was a class per depth, and NNX refused the deeper one's optional member)."""
   path = jaxbn.emit(LoopedStages(), torch.zeros(1, 3, 16, 16), tmp_path / "looped", api=api, layout=layout)
   text = path.read_text()
   classes = re.findall(r"^class (\w+)\(", text, re.M)
