@@ -464,23 +464,13 @@ def emit_check(model, example, rtol, layouts=LAYOUTS, apis=APIS) -> str:
   steps=1)``; or why not."""
   import jaxbn
 
-  cells = []
-  for layout in layouts:
-    for api in apis:
-      what = api if layout == "NCHW" else f"{api} {layout}"
-      try:
-        result = jaxbn.verify(model, example, via="emit", api=api, layout=layout, steps=1, rtol=rtol)
-        if result.passed:
-          cells.append(f"{what} pass {measured(result)['train_rel']:.1e}")
-        else:
-          cells.append(
-              f"{what} MISMATCH: {result.divergence.describe()[:80] if result.divergence else result.failed[0].name}"
-          )
-      except jaxbn.PortError as error:
-        cells.append(f"{what} refused: {str(error).splitlines()[0][:80]}")
-      except Exception as error:  # noqa: BLE001 - reported in the table
-        cells.append(f"{what} failed: {failure(error)['reason'][:80]}")
-  return "; ".join(cells)
+  def check(api, layout):
+    result = jaxbn.verify(model, example, via="emit", api=api, layout=layout, steps=1, rtol=rtol)
+    if result.passed:
+      return f"pass {measured(result)['train_rel']:.1e}"
+    return f"MISMATCH: {result.divergence.describe()[:80] if result.divergence else result.failed[0].name}"
+
+  return each_source(check, layouts, apis)
 
 
 def float32_check(model, example, rtol, layouts=LAYOUTS, apis=APIS) -> str:
@@ -492,54 +482,73 @@ def float32_check(model, example, rtol, layouts=LAYOUTS, apis=APIS) -> str:
   nasnetalarge's float64 step holds 11 GB of such temporaries."""
   import tempfile
 
-  import jax.numpy as jnp
   import numpy as np
 
   import jaxbn
   from jaxbn._src.verify.api import FLOOR
   from jaxbn._src.verify.measures import SPREAD_FACTOR
-  from parity_tests.test_emit import NnxAsLinen, eval_and_training_forward, load_source
+  from jaxbn._src.verify.targets import _from_source
+  from parity_tests.test_emit import NnxAsLinen, eval_and_training_forward
 
   del rtol  # float64's
   x = np.random.default_rng(0).standard_normal(example.shape).astype(np.float32)
 
-  class Transposed:
-    """Channels-last source behind torch's layout: its input transposed by ``INPUT_AXES``."""
+  class AsTorchLayout:
+    """Channels-last source behind torch's layout: verify's ``Layout`` moves its inputs by
+    ``INPUT_AXES`` and its outputs back."""
 
-    def __init__(self, module, axes):
-      self.module, self.axes = module, axes
+    def __init__(self, module, layout):
+      self.module, self.layout = module, layout
 
-    def apply(self, variables, x, **kwargs):
-      return self.module.apply(variables, jnp.transpose(x, self.axes), **kwargs)
+    def apply(self, variables, *inputs, train=False, mutable=()):
+      result = self.module.apply(variables, *self.layout.model_inputs(inputs), train=train, mutable=mutable)
+      if mutable:
+        return self.layout.torch_output(result[0], train), result[1]
+      return self.layout.torch_output(result, train)
 
   def emitted(api, layout, directory):
+    """``jaxbn.port``'s signature through the source verify loads (``model.py``'s ``load()``)."""
+    build = _from_source(api, pathlib.Path(directory), layout)
+
     def port(model, x):
-      path = jaxbn.emit(model, x, pathlib.Path(directory) / "model", api=api, layout=layout)
-      source = load_source(path, f"emitted_{api}_{layout}")
-      loaded = source.load()
-      module, variables = (NnxAsLinen(loaded), jaxbn.nnx.to_variables(loaded)) if api == "nnx" else loaded
-      return (Transposed(module, tuple(source.INPUT_AXES[0])) if layout == "NHWC" else module), variables
+      built = build(model, (x,), None)
+      module, variables = built.module, built.variables
+      if api == "nnx":
+        module, variables = NnxAsLinen(built.module), jaxbn.nnx.to_variables(built.module)
+      return (module if built.layout is None else AsTorchLayout(module, built.layout)), variables
 
     return port
 
   ported = eval_and_training_forward(copy.deepcopy(model), x, jaxbn.port)
+
+  def check(api, layout):
+    with tempfile.TemporaryDirectory() as directory:
+      eval_rel, train_rel, stats_rel = eval_and_training_forward(
+          copy.deepcopy(model), x, emitted(api, layout, directory)
+      )
+    worst = max(eval_rel, train_rel)
+    ok = (worst <= FLOOR and stats_rel <= 1e-5) or (
+        worst <= SPREAD_FACTOR * max(ported[:2]) and stats_rel <= max(1e-5, SPREAD_FACTOR * ported[2])
+    )
+    return (
+        f"{'pass' if ok else 'MISMATCH'} {worst:.1e} (float32 only, port {max(ported[:2]):.1e}, statistics"
+        f" {stats_rel:.1e}, port's {ported[2]:.1e})"
+    )
+
+  return each_source(check, layouts, apis)
+
+
+def each_source(check, layouts=LAYOUTS, apis=APIS) -> str:
+  """``check(api, layout)``'s cell for each emitted source (Linen then NNX, in each layout), named
+  ``linen``, ``nnx NHWC``, ...; or why not (refused, failed)."""
+  import jaxbn
+
   cells = []
   for layout in layouts:
     for api in apis:
       what = api if layout == "NCHW" else f"{api} {layout}"
       try:
-        with tempfile.TemporaryDirectory() as directory:
-          eval_rel, train_rel, stats_rel = eval_and_training_forward(
-              copy.deepcopy(model), x, emitted(api, layout, directory)
-          )
-        worst = max(eval_rel, train_rel)
-        ok = (worst <= FLOOR and stats_rel <= 1e-5) or (
-            worst <= SPREAD_FACTOR * max(ported[:2]) and stats_rel <= max(1e-5, SPREAD_FACTOR * ported[2])
-        )
-        cells.append(
-            f"{what} {'pass' if ok else 'MISMATCH'} {worst:.1e} (float32 only, port {max(ported[:2]):.1e}, statistics"
-            f" {stats_rel:.1e}, port's {ported[2]:.1e})"
-        )
+        cells.append(f"{what} {check(api, layout)}")
       except jaxbn.PortError as error:
         cells.append(f"{what} refused: {str(error).splitlines()[0][:80]}")
       except Exception as error:  # noqa: BLE001 - reported in the table
